@@ -1,0 +1,1 @@
+"""LLaVA vision-language models in JAX / Flax NNX."""
