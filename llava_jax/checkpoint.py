@@ -1,0 +1,184 @@
+"""A llava-jax model directory: config, orbax parameters, and the files needed to run it.
+
+    DIR/llava_config.json    LlavaConfig.to_dict()
+    DIR/params/              orbax checkpoint of the parameter tree (nested dict of arrays)
+    DIR/assets/              tokenizer, image-processor, chat-template and generation files
+
+A directory is written under a temporary name and renamed into place when complete, so an
+interrupted conversion never leaves something that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from llava_jax.config import LlavaConfig
+from llava_jax.models.llava import LlavaModel
+
+CONFIG_FILE = "llava_config.json"
+PARAMS_DIR = "params"
+ASSETS_DIR = "assets"
+
+
+class CheckpointError(ValueError):
+    """A model directory that is missing, incomplete, or does not fit its config."""
+
+
+def flat_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = nested
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def nested_to_flat(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in nested.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(nested_to_flat(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def abstract_model(cfg: LlavaConfig) -> LlavaModel:
+    """The model with ShapeDtypeStruct parameters: no memory allocated."""
+    return nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def abstract_params(cfg: LlavaConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat {"a/b/c": ShapeDtypeStruct} of every parameter of `LlavaModel(cfg)`."""
+    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    return nested_to_flat(state)
+
+
+def save_model_dir(
+    out_dir: str | os.PathLike,
+    cfg: LlavaConfig,
+    params: Mapping[str, Any],
+    assets_from: str | os.PathLike | None = None,
+    asset_files: list[str] | None = None,
+) -> Path:
+    """Writes a model directory atomically.
+
+    Args:
+      out_dir: the directory to create; it must not exist yet, or be empty.
+      cfg: the model config.
+      params: flat {"a/b/c": array} or nested dict of numpy or jax arrays.
+      assets_from: a directory to copy `asset_files` from (an HF checkpoint or model dir).
+      asset_files: file names relative to `assets_from`.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        nested = params if not any("/" in k for k in params) else flat_to_nested(params)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, nested)
+            ckptr.wait_until_finished()
+        assets = tmp / ASSETS_DIR
+        assets.mkdir()
+        for name in asset_files or []:
+            shutil.copy2(Path(assets_from) / name, assets / name)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_config(model_dir: str | os.PathLike) -> LlavaConfig:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no {CONFIG_FILE}; not a llava-jax model directory")
+    try:
+        return LlavaConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: malformed config: {e}") from None
+
+
+def load_params(
+    model_dir: str | os.PathLike,
+    cfg: LlavaConfig | None = None,
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    dtype: Any = None,
+) -> dict[str, jax.Array]:
+    """Restores the flat parameter dict, each array straight into its sharding.
+
+    Args:
+      model_dir: a directory written by `save_model_dir`.
+      cfg: the config to check shapes against (default: the directory's own).
+      shardings: flat {path: Sharding}; default: every array on the first local device.
+      dtype: cast every parameter to this dtype while restoring (default: as stored).
+    """
+    cfg = cfg or load_config(model_dir)
+    params_dir = Path(model_dir).absolute() / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ (incomplete checkpoint?)")
+    expected = abstract_params(cfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            stored = nested_to_flat(ckptr.metadata(params_dir).item_metadata.tree)
+        except Exception as e:  # orbax raises several types for unreadable metadata
+            raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({e})") from None
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{params_dir}: parameters do not fit the config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {}
+        for path, want in expected.items():
+            got = tuple(stored[path].shape)
+            if got != tuple(want.shape):
+                raise CheckpointError(
+                    f"{params_dir}: {path} has shape {got}, the config expects {want.shape}"
+                )
+            sharding = shardings[path] if shardings else device
+            target[path] = jax.ShapeDtypeStruct(got, dtype or stored[path].dtype, sharding=sharding)
+        restored = ckptr.restore(params_dir, flat_to_nested(target))
+    return nested_to_flat(restored)
+
+
+def load_model(model_dir: str | os.PathLike, **overrides: Any) -> LlavaModel:
+    """A ready `LlavaModel` from a model directory; `overrides` replace config fields
+    (execution switches such as `dtype`, `scan_layers`, `remat_policy`)."""
+    cfg = load_config(model_dir).replace(**overrides)
+    params = load_params(model_dir, cfg, dtype=cfg.param_dtype)
+    model = abstract_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, flat_to_nested(params))
+    nnx.update(model, state)
+    return model
+
+
+def model_params(model: LlavaModel) -> dict[str, np.ndarray]:
+    """Flat {path: array} of a model's parameters."""
+    return nested_to_flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

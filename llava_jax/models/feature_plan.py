@@ -1,0 +1,252 @@
+"""Where each image token's feature comes from, computed on the host.
+
+Every family's feature packing (algorithms.md §5) is a fixed linear map from the projected
+view features to the image tokens: LLaVA-1.5 copies the 576 tokens of its one view; NeXT
+copies the base view, then the unpadded crop grid row by row with `image_newline` after each
+row; OneVision also downsamples the grid bilinearly (anyres_max_N), gives a multi-image
+sample one view + one newline per image, and pools each video frame 27x27 -> 14x14 with one
+newline per video. Each token is written as K taps (index, weight); K is 1 for copies and 4
+for bilinear families, so the device does one gather and one weighted sum with static shapes.
+
+Index space of one sample: view v, token p -> v * P + p; `image_newline` -> max_views * P.
+Order: all image tokens in image order, then all video tokens (as HF fills them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from llava_jax.config import Family, LlavaConfig
+from llava_jax.data import anyres
+
+
+@dataclasses.dataclass(frozen=True)
+class Media:
+    """One image or video of a sample, as the preprocessor saw it."""
+
+    kind: Literal["image", "video"]
+    image_hw: tuple[int, int] = (0, 0)  # original (height, width) of an image
+    num_frames: int = 0  # frames of a video
+
+    @classmethod
+    def image(cls, height: int, width: int) -> Media:
+        return cls("image", (int(height), int(width)))
+
+    @classmethod
+    def video(cls, num_frames: int) -> Media:
+        return cls("video", num_frames=int(num_frames))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePlan:
+    """The model's image-feature inputs for one batch.
+
+    Attributes:
+      taps: int32[B, I, K] indices into a sample's V*P view tokens (V*P = image_newline).
+      weights: float32[B, I, K].
+      num_image_tokens: per sample, how many image-token positions the text must have.
+      num_video_tokens: per sample, the same for video tokens.
+      num_views: per sample, how many views (crops, frames) its pixel rows hold.
+    """
+
+    taps: np.ndarray
+    weights: np.ndarray
+    num_image_tokens: tuple[int, ...]
+    num_video_tokens: tuple[int, ...]
+    num_views: tuple[int, ...]
+
+
+def num_taps(cfg: LlavaConfig) -> int:
+    """Taps per token: bilinear resampling (OneVision) needs 4, copies need 1."""
+    return 4 if cfg.family == Family.LLAVA_ONEVISION else 1
+
+
+def _uses_anyres(cfg: LlavaConfig, media: Media, images_in_sample: int) -> bool:
+    if media.kind != "image" or cfg.family == Family.LLAVA:
+        return False
+    # OneVision treats a sample with several images as multi-image: one view each
+    # (HF `batch_num_images`; orig-NeXT train.py).
+    return cfg.family == Family.LLAVA_NEXT or images_in_sample == 1
+
+
+def _layout(cfg: LlavaConfig, image_hw: tuple[int, int]) -> anyres.AnyresLayout:
+    max_patches = None
+    if cfg.family == Family.LLAVA_ONEVISION:
+        max_patches = anyres.parse_anyres_max(cfg.vision_aspect_ratio or "anyres")
+    return anyres.anyres_layout(
+        image_hw,
+        cfg.image_grid_pinpoints,
+        cfg.vision.image_size,
+        cfg.vision.patches_per_side,
+        max_num_patches=max_patches,
+    )
+
+
+def num_views(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> int:
+    """How many views (crops or frames) the preprocessor produces for `media`."""
+    if media.kind == "video":
+        return media.num_frames
+    if _uses_anyres(cfg, media, images_in_sample):
+        rows, cols = _layout(cfg, media.image_hw).grid
+        return 1 + rows * cols
+    return 1
+
+
+def _copy(indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    taps = np.zeros((len(indices), k), np.int64)
+    weights = np.zeros((len(indices), k), np.float64)
+    taps[:, 0], weights[:, 0] = indices, 1.0
+    return taps, weights
+
+
+def _bilinear(grid: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """4-tap bilinear resampling of an index grid int[h, w] to out_hw (torch, no antialias)."""
+    y0, y1, wy0, wy1 = anyres.bilinear_taps(grid.shape[0], out_hw[0])
+    x0, x1, wx0, wx1 = anyres.bilinear_taps(grid.shape[1], out_hw[1])
+    taps = np.stack([grid[np.ix_(y0, x0)], grid[np.ix_(y0, x1)],
+                     grid[np.ix_(y1, x0)], grid[np.ix_(y1, x1)]], axis=-1)
+    weights = np.stack([np.outer(wy0, wx0), np.outer(wy0, wx1),
+                        np.outer(wy1, wx0), np.outer(wy1, wx1)], axis=-1)
+    return taps, weights
+
+
+def _with_newlines(taps, weights, newline: int) -> tuple[np.ndarray, np.ndarray]:
+    """[h, w, K] grids -> [h * (w + 1), K] rows with a newline token closing each row."""
+    h, _, k = taps.shape
+    nl_taps, nl_weights = _copy(np.full(h, newline), k)
+    taps = np.concatenate([taps, nl_taps[:, None]], axis=1).reshape(-1, k)
+    weights = np.concatenate([weights, nl_weights[:, None]], axis=1).reshape(-1, k)
+    return taps, weights
+
+
+def _image_taps(cfg, media, first_view, anyres_view, k, newline):
+    p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
+    base = _copy(first_view * p + np.arange(p), k)
+    if not anyres_view:
+        if not cfg.has_image_newline:
+            return base
+        nl = _copy(np.array([newline]), k)
+        return np.concatenate([base[0], nl[0]]), np.concatenate([base[1], nl[1]])
+    if p != g * g:
+        raise ValueError(
+            f"AnyRes needs {g}x{g} tokens per view, but feature selection leaves {p}; "
+            "check vision_feature_select_strategy"
+        )
+    layout = _layout(cfg, media.image_hw)
+    rows, cols = layout.grid
+    # The crops tile a (rows*g, cols*g) grid; entry (y, x) is token (y%g, x%g) of crop
+    # (y//g, x//g), which is view 1 + crop index.
+    y, x = np.meshgrid(np.arange(rows * g), np.arange(cols * g), indexing="ij")
+    grid = (first_view + 1 + (y // g) * cols + (x // g)) * p + (y % g) * g + (x % g)
+    top, bottom, left, right = layout.unpad
+    grid = grid[top:bottom, left:right]
+    if layout.target_hw is not None:
+        taps, weights = _bilinear(grid, layout.target_hw)
+    else:
+        taps, weights = _copy(grid.reshape(-1), k)
+        taps, weights = taps.reshape(*grid.shape, k), weights.reshape(*grid.shape, k)
+    taps, weights = _with_newlines(taps, weights, newline)
+    return np.concatenate([base[0], taps]), np.concatenate([base[1], weights])
+
+
+def _video_taps(cfg, media, first_view, k, newline):
+    p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
+    pooled = anyres.pooled_tokens_per_side(g)
+    parts = []
+    for f in range(media.num_frames):
+        grid = (first_view + f) * p + np.arange(g * g).reshape(g, g)
+        taps, weights = _bilinear(grid, (pooled, pooled))
+        parts.append((taps.reshape(-1, 4), weights.reshape(-1, 4)))
+    parts.append(_copy(np.array([newline]), k))
+    return np.concatenate([t for t, _ in parts]), np.concatenate([w for _, w in parts])
+
+
+def sample_plan(cfg: LlavaConfig, media: Sequence[Media], max_views: int):
+    """Taps for one sample: (taps int[I, K], weights float64[I, K], image tokens, video tokens)."""
+    if any(m.kind == "video" for m in media) and cfg.family != Family.LLAVA_ONEVISION:
+        raise ValueError(f"family {cfg.family} has no video support")
+    k, p = num_taps(cfg), cfg.tokens_per_view
+    newline = max_views * p
+    n_images = sum(m.kind == "image" for m in media)
+    ordered = [m for m in media if m.kind == "image"] + [m for m in media if m.kind == "video"]
+    views = [num_views(cfg, m, n_images) for m in ordered]
+    if sum(views) > max_views:
+        raise ValueError(f"sample needs {sum(views)} views but max_views is {max_views}")
+    parts, counts, first = [], {"image": 0, "video": 0}, 0
+    for m, n in zip(ordered, views, strict=True):
+        if m.kind == "image":
+            part = _image_taps(cfg, m, first, _uses_anyres(cfg, m, n_images), k, newline)
+        else:
+            part = _video_taps(cfg, m, first, k, newline)
+        parts.append(part)
+        counts[m.kind] += len(part[0])
+        first += n
+    if not parts:
+        return np.zeros((0, k), np.int64), np.zeros((0, k)), 0, 0
+    taps = np.concatenate([t for t, _ in parts])
+    weights = np.concatenate([w for _, w in parts])
+    return taps, weights, counts["image"], counts["video"]
+
+
+def build_feature_plan(
+    cfg: LlavaConfig,
+    batch_media: Sequence[Sequence[Media]],
+    max_views: int,
+    max_tokens: int | None = None,
+) -> FeaturePlan:
+    """The feature plan of a batch, padded to `max_tokens` image tokens per sample.
+
+    Args:
+      cfg: the model config.
+      batch_media: per sample, its media in order of appearance.
+      max_views: the V of the pixel_values array float[B, V, S, S, C].
+      max_tokens: the I to pad to; defaults to the batch maximum.
+    """
+    plans = [sample_plan(cfg, media, max_views) for media in batch_media]
+    longest = max([len(t) for t, *_ in plans] + [1])
+    max_tokens = longest if max_tokens is None else max_tokens
+    if longest > max_tokens:
+        raise ValueError(f"a sample needs {longest} image tokens but max_tokens is {max_tokens}")
+    k = num_taps(cfg)
+    taps = np.zeros((len(plans), max_tokens, k), np.int32)
+    weights = np.zeros((len(plans), max_tokens, k), np.float32)
+    for b, (t, w, *_) in enumerate(plans):
+        taps[b, : len(t)], weights[b, : len(t)] = t, w
+    n_images = [sum(m.kind == "image" for m in media) for media in batch_media]
+    return FeaturePlan(
+        taps=taps,
+        weights=weights,
+        num_image_tokens=tuple(p[2] for p in plans),
+        num_video_tokens=tuple(p[3] for p in plans),
+        num_views=tuple(
+            sum(num_views(cfg, m, n) for m in media)
+            for media, n in zip(batch_media, n_images, strict=True)
+        ),
+    )
+
+
+def check_placeholders(cfg: LlavaConfig, input_ids: np.ndarray, plan: FeaturePlan) -> None:
+    """Raises unless every row has exactly the image and video tokens its plan fills.
+
+    JAX clamps out-of-range gathers silently, so this check on the host is what stands
+    between a miscounted prompt and a wrong answer.
+    """
+    input_ids = np.asarray(input_ids)
+    for b, row in enumerate(input_ids):
+        found = int((row == cfg.image_token_id).sum())
+        if found != plan.num_image_tokens[b]:
+            raise ValueError(
+                f"Image features and image tokens do not match in sample {b}: "
+                f"tokens: {found}, features: {plan.num_image_tokens[b]}"
+            )
+        if cfg.video_token_id is not None:
+            found = int((row == cfg.video_token_id).sum())
+            if found != plan.num_video_tokens[b]:
+                raise ValueError(
+                    f"Video features and video tokens do not match in sample {b}: "
+                    f"tokens: {found}, features: {plan.num_video_tokens[b]}"
+                )

@@ -1,0 +1,186 @@
+"""The decoder LLM: one implementation for LLaMA / Vicuna / Mistral and Qwen2.
+
+Qwen2 is LLaMA plus q/k/v biases (`attention_bias`), another RoPE theta and, for the small
+models, tied embeddings. Names mirror HF `LlamaForCausalLM`. Axis legend: B batch, T query
+length, S key/value length, D width, F MLP width, N query heads, K key/value heads,
+H head dim, L layers, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from llava_jax.config import Activation, LlavaConfig, TextConfig
+from llava_jax.nn.attention import causal_mask, dot_product_attention
+from llava_jax.nn.layers import RMSNorm, activation, dense, partitioned
+from llava_jax.nn.rotary import apply_rope
+from llava_jax.nn.stack import run_stacked, stacked
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding, as an explicit pytree.
+
+    All rows write at the same slot (`index`); left padding is expressed by segment 0.
+
+    Attributes:
+      k: float[L, B, S, K, H].
+      v: float[L, B, S, K, H].
+      segment: int32[B, S], 0 where nothing (or padding) has been written.
+      index: int32[], the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class DecoderAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = dense(d, n * h, ("embed", "q_heads"), use_bias=cfg.attention_bias, **kw)
+        self.k_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
+        self.v_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
+        self.o_proj = dense(n * h, d, ("q_heads", "embed"), use_bias=False, **kw)
+
+    def __call__(self, x, positions, mask, kv=None, index=None):
+        """x float[B, T, D]; kv (float[B, S, K, H] x2) is the cache to write into at `index`."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        if kv is not None:
+            cache_k, cache_v = kv
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+            kv = (k, v)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, t, -1)), kv
+
+
+class DecoderMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = dense(d, f, ("embed", "mlp"), **kw)
+        self.up_proj = dense(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = dense(f, d, ("mlp", "embed"), **kw)
+        self.act = activation(Activation.SILU)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.self_attn = DecoderAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.mlp = DecoderMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, mask, kv=None, index=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LanguageModel(nnx.Module):
+    """A causal LM: `embed_tokens`, stacked `layers`, final `norm`, `lm_head` unless tied."""
+
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        t = cfg.text
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.embed_tokens = nnx.Embed(
+            t.vocab_size,
+            t.hidden_size,
+            embedding_init=partitioned(nnx.initializers.normal(0.02), "vocab", "embed"),
+            **kw,
+        )
+        self.layers = stacked(lambda r: DecoderLayer(t, **{**kw, "rngs": r}), t.num_hidden_layers, rngs)
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        if not t.tie_word_embeddings:
+            self.lm_head = dense(t.hidden_size, t.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs the decoder stack.
+
+        Args:
+          inputs_embeds: float[B, T, D].
+          positions: int32[B, T] RoPE positions.
+          segment_ids: int32[B, T]; 0 marks padding, tokens attend only within their segment.
+          cache: when given, the T new keys/values are written at `cache.index` and the
+            queries attend to everything written so far.
+
+        Returns:
+          (hidden float[B, T, D] after the final norm, the updated cache or None).
+        """
+        t = self.cfg.text
+        b, seq = segment_ids.shape
+        steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
+        if cache is None:
+            mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
+            xs = None
+        else:
+            segment = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids, cache.index, 1)
+            kv_steps = jnp.broadcast_to(jnp.arange(segment.shape[1], dtype=jnp.int32), segment.shape)
+            mask = causal_mask(steps + cache.index, kv_steps, segment_ids, segment, t.sliding_window)
+            xs = (cache.k, cache.v)
+
+        def layer_fn(layer, h, kv):
+            h, kv = layer(h, positions, mask, kv, None if cache is None else cache.index)
+            return h, kv
+
+        h, kv = run_stacked(
+            self.layers,
+            inputs_embeds.astype(self.cfg.dtype),
+            xs,
+            fn=layer_fn,
+            num_layers=t.num_hidden_layers,
+            scan=self.cfg.scan_layers,
+            remat=self.cfg.remat_policy,
+        )
+        if cache is not None:
+            cache = dataclasses.replace(
+                cache, k=kv[0], v=kv[1], segment=segment, index=cache.index + seq
+            )
+        return self.norm(h), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float[B, T, D] -> float32[B, T, V], the matmul accumulated in float32."""
+        if self.cfg.text.tie_word_embeddings:
+            table = self.embed_tokens.embedding[...]
+            return jnp.einsum("BTD,VD->BTV", hidden, table.astype(hidden.dtype),
+                              preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel[...]
+        return jnp.einsum("BTD,DV->BTV", hidden, kernel.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)

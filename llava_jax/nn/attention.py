@@ -1,0 +1,65 @@
+"""Scaled dot-product attention with grouped query heads and float32 softmax.
+
+Axis legend: B batch, T query length, S key/value length, N query heads, K key/value heads,
+G query heads per key/value head (N = K * G), H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """Softmax(q k^T / sqrt(H)) v, computed with the softmax in float32.
+
+    Args:
+      q: float[B, T, N, H].
+      k: float[B, S, K, H].
+      v: float[B, S, K, H].
+      mask: bool[B, T, S] (True = attend), or None for full bidirectional attention.
+
+    Returns:
+      float[B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(b, t, num_kv, n // num_kv, h)  # BTKGH
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def causal_mask(
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    q_segment: jax.Array,
+    kv_segment: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Decoder mask: causal, within one segment, never onto padding (segment 0).
+
+    Args:
+      q_index: int[B, T] position of each query in the key/value timeline.
+      kv_index: int[B, S] position of each key in the same timeline.
+      q_segment: int[B, T] segment id of each query (0 = padding).
+      kv_segment: int[B, S] segment id of each key (0 = padding or not yet written).
+      sliding_window: keys more than this many steps back are masked (Mistral).
+
+    Returns:
+      bool[B, T, S].
+    """
+    dist = q_index[:, :, None] - kv_index[:, None, :]
+    mask = dist >= 0
+    if sliding_window is not None:
+        mask &= dist < sliding_window
+    same = q_segment[:, :, None] == kv_segment[:, None, :]
+    return mask & same & (kv_segment[:, None, :] != 0)
