@@ -15,6 +15,7 @@ import hf_tiny
 from llava_jax.checkpoint import abstract_model, abstract_params, load_model
 from llava_jax.config import PRESETS, LlavaConfig, RematPolicy
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+from llava_jax.models.feature_plan import Media, build_feature_plan
 from llava_jax.models.llm import KVCache
 from test_parity import assert_close
 
@@ -128,3 +129,39 @@ def test_remat_changes_nothing_numerically(llava_dir, policy):
     assert_close("loss", loss, base_loss, atol=1e-6)
     for (k, a), (_, b) in zip(nnx.to_flat_state(grad), nnx.to_flat_state(base_grad)):
         assert_close(f"grad {k}", a.get_value(), b.get_value(), atol=1e-6)
+
+
+def test_forward_compiles_once_per_shape_bucket(tmp_path):
+    """Different image sizes padded to one (views, image tokens, text length) bucket share one
+    compiled forward, and padding changes nothing at the real positions."""
+    hf = hf_tiny.llava_next()
+    hf.save_pretrained(tmp_path / "hf")
+    convert_hf_to_jax(tmp_path / "hf", tmp_path / "jax")
+    model = load_model(tmp_path / "jax")
+    graph, state = nnx.split(model)
+    traces = []
+
+    @jax.jit
+    def forward(state, ids, pixels, taps, weights, segment):
+        traces.append(1)
+        m = nnx.merge(graph, state)
+        return m(ids, pixel_values=pixels, taps=taps, tap_weights=weights, segment_ids=segment).logits
+
+    max_views, max_tokens, length = 4, 40, 48
+    rng = np.random.RandomState(3)
+    for hw in [(42, 42), (30, 50), (100, 40)]:
+        media = [Media.image(*hw)]
+        exact = build_feature_plan(model.cfg, [media], max_views=max_views)
+        padded = build_feature_plan(model.cfg, [media], max_views=max_views, max_tokens=max_tokens)
+        n = exact.num_image_tokens[0]
+        row = np.array([1, 7, 8] + [hf_tiny.IMAGE_TOKEN] * n + [9, 10], np.int32)
+        pixels = np.zeros((1, max_views, 42, 42, 3), np.float32)
+        pixels[0, : exact.num_views[0]] = rng.randn(exact.num_views[0], 42, 42, 3)
+        ids = np.zeros((1, length), np.int32)
+        segment = np.zeros((1, length), np.int32)
+        ids[0, : len(row)], segment[0, : len(row)] = row, 1
+        got = forward(state, ids, pixels, padded.taps, padded.weights, segment)
+        want = model(row[None], pixel_values=pixels[:, : exact.num_views[0]], taps=exact.taps,
+                     tap_weights=exact.weights).logits
+        assert_close(f"bucketed logits {hw}", np.asarray(got)[0, : len(row)], want[0])
+    assert len(traces) == 1, f"forward traced {len(traces)} times for one shape bucket"

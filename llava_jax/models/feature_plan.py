@@ -8,7 +8,8 @@ sample one view + one newline per image, and pools each video frame 27x27 -> 14x
 newline per video. Each token is written as K taps (index, weight); K is 1 for copies and 4
 for bilinear families, so the device does one gather and one weighted sum with static shapes.
 
-Index space of one sample: view v, token p -> v * P + p; `image_newline` -> max_views * P.
+Index space of one sample: `image_newline` -> 0; view v, token p -> 1 + v * P + p. (The
+newline comes first so that no index depends on how many views the batch is padded to.)
 Order: all image tokens in image order, then all video tokens (as HF fills them).
 """
 
@@ -22,6 +23,8 @@ import numpy as np
 
 from llava_jax.config import Family, LlavaConfig
 from llava_jax.data import anyres
+
+NEWLINE = 0  # tap index of `image_newline`; view tokens start at 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,7 @@ class FeaturePlan:
     """The model's image-feature inputs for one batch.
 
     Attributes:
-      taps: int32[B, I, K] indices into a sample's V*P view tokens (V*P = image_newline).
+      taps: int32[B, I, K] indices into [image_newline, the sample's V*P view tokens].
       weights: float32[B, I, K].
       num_image_tokens: per sample, how many image-token positions the text must have.
       num_video_tokens: per sample, the same for video tokens.
@@ -114,22 +117,22 @@ def _bilinear(grid: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, np
     return taps, weights
 
 
-def _with_newlines(taps, weights, newline: int) -> tuple[np.ndarray, np.ndarray]:
+def _with_newlines(taps, weights) -> tuple[np.ndarray, np.ndarray]:
     """[h, w, K] grids -> [h * (w + 1), K] rows with a newline token closing each row."""
     h, _, k = taps.shape
-    nl_taps, nl_weights = _copy(np.full(h, newline), k)
+    nl_taps, nl_weights = _copy(np.full(h, NEWLINE), k)
     taps = np.concatenate([taps, nl_taps[:, None]], axis=1).reshape(-1, k)
     weights = np.concatenate([weights, nl_weights[:, None]], axis=1).reshape(-1, k)
     return taps, weights
 
 
-def _image_taps(cfg, media, first_view, anyres_view, k, newline):
+def _image_taps(cfg, media, first_view, anyres_view, k):
     p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
-    base = _copy(first_view * p + np.arange(p), k)
+    base = _copy(1 + first_view * p + np.arange(p), k)
     if not anyres_view:
         if not cfg.has_image_newline:
             return base
-        nl = _copy(np.array([newline]), k)
+        nl = _copy(np.array([NEWLINE]), k)
         return np.concatenate([base[0], nl[0]]), np.concatenate([base[1], nl[1]])
     if p != g * g:
         raise ValueError(
@@ -141,7 +144,7 @@ def _image_taps(cfg, media, first_view, anyres_view, k, newline):
     # The crops tile a (rows*g, cols*g) grid; entry (y, x) is token (y%g, x%g) of crop
     # (y//g, x//g), which is view 1 + crop index.
     y, x = np.meshgrid(np.arange(rows * g), np.arange(cols * g), indexing="ij")
-    grid = (first_view + 1 + (y // g) * cols + (x // g)) * p + (y % g) * g + (x % g)
+    grid = 1 + (first_view + 1 + (y // g) * cols + (x // g)) * p + (y % g) * g + (x % g)
     top, bottom, left, right = layout.unpad
     grid = grid[top:bottom, left:right]
     if layout.target_hw is not None:
@@ -149,39 +152,38 @@ def _image_taps(cfg, media, first_view, anyres_view, k, newline):
     else:
         taps, weights = _copy(grid.reshape(-1), k)
         taps, weights = taps.reshape(*grid.shape, k), weights.reshape(*grid.shape, k)
-    taps, weights = _with_newlines(taps, weights, newline)
+    taps, weights = _with_newlines(taps, weights)
     return np.concatenate([base[0], taps]), np.concatenate([base[1], weights])
 
 
-def _video_taps(cfg, media, first_view, k, newline):
+def _video_taps(cfg, media, first_view, k):
     p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
     pooled = anyres.pooled_tokens_per_side(g)
     parts = []
     for f in range(media.num_frames):
-        grid = (first_view + f) * p + np.arange(g * g).reshape(g, g)
+        grid = 1 + (first_view + f) * p + np.arange(g * g).reshape(g, g)
         taps, weights = _bilinear(grid, (pooled, pooled))
         parts.append((taps.reshape(-1, 4), weights.reshape(-1, 4)))
-    parts.append(_copy(np.array([newline]), k))
+    parts.append(_copy(np.array([NEWLINE]), k))
     return np.concatenate([t for t, _ in parts]), np.concatenate([w for _, w in parts])
 
 
-def sample_plan(cfg: LlavaConfig, media: Sequence[Media], max_views: int):
+def sample_plan(cfg: LlavaConfig, media: Sequence[Media], max_views: int | None = None):
     """Taps for one sample: (taps int[I, K], weights float64[I, K], image tokens, video tokens)."""
     if any(m.kind == "video" for m in media) and cfg.family != Family.LLAVA_ONEVISION:
         raise ValueError(f"family {cfg.family} has no video support")
-    k, p = num_taps(cfg), cfg.tokens_per_view
-    newline = max_views * p
+    k = num_taps(cfg)
     n_images = sum(m.kind == "image" for m in media)
     ordered = [m for m in media if m.kind == "image"] + [m for m in media if m.kind == "video"]
     views = [num_views(cfg, m, n_images) for m in ordered]
-    if sum(views) > max_views:
+    if max_views is not None and sum(views) > max_views:
         raise ValueError(f"sample needs {sum(views)} views but max_views is {max_views}")
     parts, counts, first = [], {"image": 0, "video": 0}, 0
     for m, n in zip(ordered, views, strict=True):
         if m.kind == "image":
-            part = _image_taps(cfg, m, first, _uses_anyres(cfg, m, n_images), k, newline)
+            part = _image_taps(cfg, m, first, _uses_anyres(cfg, m, n_images), k)
         else:
-            part = _video_taps(cfg, m, first, k, newline)
+            part = _video_taps(cfg, m, first, k)
         parts.append(part)
         counts[m.kind] += len(part[0])
         first += n
@@ -195,7 +197,7 @@ def sample_plan(cfg: LlavaConfig, media: Sequence[Media], max_views: int):
 def build_feature_plan(
     cfg: LlavaConfig,
     batch_media: Sequence[Sequence[Media]],
-    max_views: int,
+    max_views: int | None = None,
     max_tokens: int | None = None,
 ) -> FeaturePlan:
     """The feature plan of a batch, padded to `max_tokens` image tokens per sample.
@@ -203,7 +205,7 @@ def build_feature_plan(
     Args:
       cfg: the model config.
       batch_media: per sample, its media in order of appearance.
-      max_views: the V of the pixel_values array float[B, V, S, S, C].
+      max_views: the V of the pixel_values array float[B, V, S, S, C], checked if given.
       max_tokens: the I to pad to; defaults to the batch maximum.
     """
     plans = [sample_plan(cfg, media, max_views) for media in batch_media]

@@ -73,7 +73,7 @@ class LlavaModel(nnx.Module):
 
         Args:
           projected: float[B, V, P, D].
-          taps: int32[B, I, K] indices into the V*P view tokens, or V*P for `image_newline`.
+          taps: int32[B, I, K] indices into [image_newline, the V*P view tokens].
           weights: float32[B, I, K] interpolation weights (one tap of weight 1 for a copy).
 
         Returns:
@@ -83,7 +83,7 @@ class LlavaModel(nnx.Module):
         rows = projected.reshape(b, v * p, d)
         newline = self.image_newline[...] if self.cfg.has_image_newline else jnp.zeros((d,))
         newline = jnp.broadcast_to(newline.astype(rows.dtype), (b, 1, d))
-        rows = jnp.concatenate([rows, newline], axis=1)  # [B, V*P + 1, D]
+        rows = jnp.concatenate([newline, rows], axis=1)  # [B, 1 + V*P, D]
         i, k = taps.shape[1:]
         gathered = jnp.take_along_axis(rows, taps.reshape(b, i * k, 1), axis=1)
         gathered = gathered.reshape(b, i, k, d)
