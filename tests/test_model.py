@@ -62,10 +62,20 @@ def llava_dir(tmp_path_factory):
     return hf, tmp / "jax"
 
 
+@pytest.fixture(scope="module")
+def onevision_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onevision")
+    hf = hf_tiny.llava_onevision()
+    hf.save_pretrained(tmp / "hf")
+    convert_hf_to_jax(tmp / "hf", tmp / "jax")
+    return hf, tmp / "jax"
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2, 3, -1, -2, -4])
-def test_vision_tower_every_layer(llava_dir, layer):
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_vision_tower_every_layer(request, tower, layer):
     """The tower's hidden state at every depth equals HF's `hidden_states[layer]`."""
-    hf, path = llava_dir
+    hf, path = request.getfixturevalue({"clip": "llava_dir", "siglip": "onevision_dir"}[tower])
     model = load_model(path, vision_feature_layer=layer)
     pixels = np.random.RandomState(layer % 7).randn(2, 3, 42, 42).astype(np.float32)
     with torch.no_grad():

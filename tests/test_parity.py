@@ -46,13 +46,12 @@ def assert_close(name: str, got, want, atol=ATOL):
 def run_ours(model, ids, views_nchw: list[np.ndarray], media: list[Media]):
     """views_nchw: per media item, its views float[V, C, S, S] in HF layout."""
     cfg = model.cfg
-    n_images = sum(m.kind == "image" for m in media)
-    ordered = [v for v, m in zip(views_nchw, media) if m.kind == "image"]
-    ordered += [v for v, m in zip(views_nchw, media) if m.kind == "video"]
+    # Pixel rows follow the plan's order: all images, then all videos.
+    pairs = list(zip(views_nchw, media, strict=True))
+    ordered = [v for v, m in pairs if m.kind == "image"] + [v for v, m in pairs if m.kind == "video"]
     pixels = np.concatenate(ordered)[None].transpose(0, 1, 3, 4, 2)  # [1, V, S, S, C]
     plan = build_feature_plan(cfg, [media], max_views=pixels.shape[1])
     check_placeholders(cfg, ids, plan)
-    del n_images
     return model(ids, pixel_values=pixels, taps=plan.taps, tap_weights=plan.weights), plan
 
 
@@ -141,7 +140,7 @@ def test_llava_next_mistral_sliding_window(tmp_path):
 @pytest.mark.parametrize(
     "image_hw",
     [(42, 42), (40, 55), (150, 170), (250, 250), (60, 240)],
-    ids=["1x1", "2x2", "6x6-downsampled", "6x6-square", "1x4"],
+    ids=["grid1x1", "grid1x2", "grid4x5-downsampled", "grid6x6-downsampled", "grid2x6"],
 )
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_onevision_single_image(tmp_path, image_hw, tie):
@@ -163,10 +162,11 @@ def test_onevision_single_image(tmp_path, image_hw, tie):
     assert_close("logits", out.logits, ref)
 
 
-def test_onevision_multi_image_and_video(tmp_path):
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_onevision_multi_image_and_video(tmp_path, scan):
     """Two images (one view + one newline each) and a 3-frame video in one prompt."""
     hf = hf_tiny.llava_onevision(kv_heads=1)
-    model = convert(hf, tmp_path)
+    model = convert(hf, tmp_path, scan_layers=scan)
     rng = np.random.RandomState(5)
     media = [Media.image(50, 80), Media.video(3), Media.image(90, 30)]
     plan = build_feature_plan(model.cfg, [media], max_views=8)
