@@ -5,9 +5,7 @@ For each family: build a tiny random transformers model in-process (nothing is d
 same random image prompt (non-square for the AnyRes families, so unpadding and the grid
 really happen) and compare the image features and the logits, float32 on CPU.
 
-The builders are a trimmed copy of tests/hf_tiny.py (library code does not import tests):
-small shapes that keep the structure (GQA, Qwen2 biases, tied embeddings, CLIP with CLS,
-SigLIP without, anyres_max downsampling).
+The models come from `llava_jax.tiny_hf`, the same builders the test suite uses.
 """
 
 from __future__ import annotations
@@ -23,12 +21,6 @@ import numpy as np
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 ATOL = 1e-4  # float32; observed ~1e-6
 
-VOCAB = 160
-IMAGE_TOKEN = 150
-VIDEO_TOKEN = 151
-CROP = 42  # 3 x 3 patches of 14
-NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
-OV_PINPOINTS = [[42 * i, 42 * j] for i in range(1, 7) for j in range(1, 7)]
 # Image (height, width) per family: NeXT 1x2 grid with unpadding, OneVision 2x2 grid.
 IMAGE_HW = {"llava": (42, 42), "llava_next": (30, 50), "llava_onevision": (40, 55)}
 
@@ -47,98 +39,20 @@ class CheckResult:
         return self.max_feature_diff <= ATOL and self.max_logit_diff <= ATOL
 
 
-def _transformers():
-    # Quiet transformers' import-time and load-time warnings unless the user asked for them.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar
-    return transformers
-
-
-def _vision_config(transformers, kind: str):
-    common = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=CROP,
-        patch_size=14,
-    )
-    if kind == "clip":
-        return transformers.CLIPVisionConfig(projection_dim=16, **common)
-    return transformers.SiglipVisionConfig(vision_use_head=False, **common)
-
-
-def _text_config(transformers, kind: str):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    if kind == "llama":
-        return transformers.LlamaConfig(head_dim=12, rms_norm_eps=1e-5, **common)
-    return transformers.Qwen2Config(
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
-        **common,
-    )
-
-
 def build_tiny_hf_model(family: str):
     """A tiny random transformers model of `family`, in eval mode."""
-    import torch
+    from llava_jax import tiny_hf
 
-    transformers = _transformers()
-    torch.manual_seed(0)
-    if family == "llava":
-        cfg = transformers.LlavaConfig(
-            vision_config=_vision_config(transformers, "clip"),
-            text_config=_text_config(transformers, "llama"),
-            image_token_index=IMAGE_TOKEN,
-            image_seq_length=9,
-        )
-        model = transformers.LlavaForConditionalGeneration(cfg)
-    elif family == "llava_next":
-        cfg = transformers.LlavaNextConfig(
-            vision_config=_vision_config(transformers, "clip"),
-            text_config=_text_config(transformers, "llama"),
-            image_token_index=IMAGE_TOKEN,
-            image_grid_pinpoints=NEXT_PINPOINTS,
-        )
-        model = transformers.LlavaNextForConditionalGeneration(cfg)
-    elif family == "llava_onevision":
-        cfg = transformers.LlavaOnevisionConfig(
-            vision_config=_vision_config(transformers, "siglip"),
-            text_config=_text_config(transformers, "qwen2"),
-            image_token_index=IMAGE_TOKEN,
-            video_token_index=VIDEO_TOKEN,
-            image_grid_pinpoints=OV_PINPOINTS,
-            vision_aspect_ratio="anyres_max_9",
-            tie_word_embeddings=True,
-        )
-        model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
-    else:
+    if family not in tiny_hf.BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
-    # Random init leaves LayerNorm at (1, 0) and biases at 0, which would hide a swapped
-    # weight/bias; perturb them.
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 or "bias" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return tiny_hf.BUILDERS[family]()
 
 
 def check_family(family: str, workdir: str | os.PathLike) -> CheckResult:
     """Builds, saves, converts and compares one family; files go under `workdir`."""
     import torch
 
+    from llava_jax import tiny_hf
     from llava_jax.checkpoint import load_model, model_params
     from llava_jax.convert.hf_to_jax import convert_hf_to_jax
     from llava_jax.models.feature_plan import (
@@ -158,13 +72,13 @@ def check_family(family: str, workdir: str | os.PathLike) -> CheckResult:
     rng = np.random.RandomState(0)
     image_hw = IMAGE_HW[family]
     media = [Media.image(*image_hw)]
-    # HF layout [V, C, S, S]. The plan's index space is sized by max_views, so it must
-    # equal the number of pixel rows.
-    views = rng.randn(num_views(model.cfg, media[0]), 3, CROP, CROP).astype(np.float32)
+    # HF layout [V, C, S, S].
+    crop = tiny_hf.CROP
+    views = rng.randn(num_views(model.cfg, media[0]), 3, crop, crop).astype(np.float32)
     plan = build_feature_plan(model.cfg, [media], max_views=len(views))
     num_tokens = plan.num_image_tokens[0]
     text = lambda n: list(rng.randint(2, 140, size=n))  # noqa: E731
-    ids = np.array([[1, *text(3), *[IMAGE_TOKEN] * num_tokens, *text(4)]], np.int32)
+    ids = np.array([[1, *text(3), *[tiny_hf.IMAGE_TOKEN] * num_tokens, *text(4)]], np.int32)
     check_placeholders(model.cfg, ids, plan)
 
     pixels = views[None].transpose(0, 1, 3, 4, 2)  # ours: [B, V, S, S, C]
