@@ -24,15 +24,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
+from llava_jax.convert.tensor_io import CheckpointError  # one error type for all checkpoints
 from llava_jax.models.llava import LlavaModel
 
 CONFIG_FILE = "llava_config.json"
 PARAMS_DIR = "params"
 ASSETS_DIR = "assets"
-
-
-class CheckpointError(ValueError):
-    """A model directory that is missing, incomplete, or does not fit its config."""
 
 
 def flat_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,7 +82,7 @@ def save_model_dir(
       asset_files: file names relative to `assets_from`.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -163,7 +160,11 @@ def load_params(
                 )
             sharding = shardings[path] if shardings else device
             target[path] = jax.ShapeDtypeStruct(got, dtype or stored[path].dtype, sharding=sharding)
-        restored = ckptr.restore(params_dir, flat_to_nested(target))
+        try:
+            restored = ckptr.restore(params_dir, flat_to_nested(target))
+        except Exception as e:  # tensorstore raises a bare Exception for a truncated data file
+            reason = (str(e).splitlines() or [type(e).__name__])[0].split(" See full")[0]
+            raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({reason})") from e
     return nested_to_flat(restored)
 
 

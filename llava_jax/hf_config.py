@@ -13,6 +13,8 @@ import json
 from typing import Any
 
 from llava_jax.config import (
+    NEXT_PINPOINTS,
+    ONEVISION_PINPOINTS,
     Activation,
     Family,
     FeatureSelect,
@@ -53,6 +55,36 @@ _BENIGN = {
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
     "suppress_tokens", "begin_suppress_tokens", "output_past", "projection_dim",
     "image_seq_length", "ignore_index", "model_type", "max_window_layers", "rope_type",
+    # Top level: the text config's pad_token_id is the one used. vision_config: llava-hf's CLIP
+    # configs carry the text vocab_size, which the vision tower never reads.
+    "pad_token_id", "vocab_size",
+}
+
+# A field missing from config.json means what it means to transformers: the defaults of the
+# sub-config class that `model_type` names (llava-1.5-7b-hf's text_config lists seven fields).
+_TEXT_DEFAULTS = {
+    TextKind.LLAMA: dict(vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                         sliding_window=None),
+    TextKind.MISTRAL: dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+                           max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2,
+                           sliding_window=4096),
+    TextKind.QWEN2: dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                         max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+                         sliding_window=4096),
+}
+# A whole sub-config missing: the text model_type, and the vision config transformers' LLaVA
+# classes build (`sub_configs_defaults`), per family.
+_DEFAULT_TEXT_TYPE = {Family.LLAVA_ONEVISION: "qwen2"}
+_CLIP_L336 = {
+    "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+    "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+    "vocab_size": 32000, "projection_dim": 768,
+}
+_SIGLIP_SO400M = {
+    "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+    "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+    "vision_use_head": False,
 }
 
 
@@ -89,13 +121,15 @@ def _rope_theta(d: dict, where: str, consumed: set[str]) -> float:
     return float(params.get("rope_theta", _take(d, where, consumed, "rope_theta", 10_000.0)))
 
 
-def _text_from_hf(d: dict[str, Any]) -> tuple[TextConfig, dict]:
+def _text_from_hf(d: dict[str, Any], default_type: str = "llama") -> tuple[TextConfig, dict]:
     where, seen = "text_config", set()
-    model_type = _take(d, where, seen, "model_type", "llama")
+    model_type = _take(d, where, seen, "model_type", default_type)
     if model_type not in _TEXT_KINDS:
         _refuse(where, "model_type", model_type, f"supported: {sorted(_TEXT_KINDS)}")
     kind = _TEXT_KINDS[model_type]
+    defaults = _TEXT_DEFAULTS[kind]
     get = lambda key, default=None: _take(d, where, seen, key, default)  # noqa: E731
+    std = lambda key: _take(d, where, seen, key, defaults[key])  # noqa: E731
     if get("hidden_act", "silu") != "silu":
         _refuse(where, "hidden_act", d["hidden_act"], "the decoder MLP is SwiGLU (silu)")
     if get("mlp_bias", False):
@@ -105,7 +139,7 @@ def _text_from_hf(d: dict[str, Any]) -> tuple[TextConfig, dict]:
     bias = get("attention_bias", kind == TextKind.QWEN2)
     if kind != TextKind.QWEN2 and bias:
         _refuse(where, "attention_bias", bias, "LLaMA's attention_bias also biases o_proj")
-    sliding = get("sliding_window")
+    sliding = std("sliding_window")
     if kind == TextKind.QWEN2:
         if get("use_sliding_window", False):
             _refuse(where, "use_sliding_window", True, "Qwen2 sliding windows are not implemented")
@@ -114,40 +148,43 @@ def _text_from_hf(d: dict[str, Any]) -> tuple[TextConfig, dict]:
         _refuse(where, "sliding_window", sliding, "LLaMA has no sliding window")
     layer_types = get("layer_types")
     if layer_types and set(layer_types) != {"full_attention"} and sliding is None:
-        _refuse(where, "layer_types", sorted(set(layer_types)), "only full attention is implemented")
+        _refuse(where, "layer_types", sorted(set(layer_types)),
+                "only full attention is implemented")
     hidden = get("hidden_size", 4096)
     heads = get("num_attention_heads", 32)
+    eos = std("eos_token_id")
     cfg = TextConfig(
         kind=kind,
-        vocab_size=get("vocab_size", 32000),
+        vocab_size=std("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=get("intermediate_size", 11008),
+        intermediate_size=std("intermediate_size"),
         num_hidden_layers=get("num_hidden_layers", 32),
         num_attention_heads=heads,
-        num_key_value_heads=get("num_key_value_heads") or heads,
+        num_key_value_heads=std("num_key_value_heads") or heads,
         head_dim=get("head_dim") or hidden // heads,
         rms_norm_eps=get("rms_norm_eps", 1e-6),
         rope_theta=_rope_theta(d, where, seen),
-        max_position_embeddings=get("max_position_embeddings", 2048),
+        max_position_embeddings=std("max_position_embeddings"),
         attention_bias=bool(bias),
         tie_word_embeddings=get("tie_word_embeddings", False),
         sliding_window=sliding,
-        bos_token_id=get("bos_token_id"),
-        eos_token_id=get("eos_token_id"),
+        bos_token_id=std("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,  # frozen config: no lists
         pad_token_id=get("pad_token_id"),
     )
     return cfg, _leftovers(d, seen, where)
 
 
-def _vision_from_hf(d: dict[str, Any]) -> tuple[VisionConfig, dict]:
+def _vision_from_hf(d: dict[str, Any], default_type: str) -> tuple[VisionConfig, dict]:
     where, seen = "vision_config", set()
     get = lambda key, default=None: _take(d, where, seen, key, default)  # noqa: E731
-    model_type = get("model_type", "clip_vision_model")
+    model_type = get("model_type", default_type)
     if model_type not in _VISION_KINDS:
         _refuse(where, "model_type", model_type, f"supported: {sorted(_VISION_KINDS)}")
     kind = _VISION_KINDS[model_type]
-    if get("attention_dropout", 0.0) or get("dropout", 0.0):
-        _refuse(where, "attention_dropout", d.get("attention_dropout"), "dropout is not implemented")
+    for key in ("attention_dropout", "dropout"):
+        if get(key, 0.0):
+            _refuse(where, key, d[key], "dropout is not implemented")
     if kind == VisionKind.SIGLIP and get("vision_use_head", True):
         _refuse(where, "vision_use_head", True, "LLaVA reads hidden states; the pooling head "
                 "would be silently unused (HF OneVision configs set it to false)")
@@ -179,7 +216,9 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
     """
     where, seen = "config", set()
     get = lambda key, default=None: _take(hf, where, seen, key, default)  # noqa: E731
-    archs = [a for a in hf.get("architectures") or [] if a in _ARCHITECTURES]
+    # Both are rewritten by `to_hf_config` from the family, so they are not kept in hf_extra.
+    get("model_type")
+    archs = [a for a in get("architectures") or [] if a in _ARCHITECTURES]
     if archs:
         family = _ARCHITECTURES[archs[0]]
     elif "vision_aspect_ratio" in hf or "video_token_index" in hf:
@@ -188,22 +227,32 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
         family = Family.LLAVA_NEXT
     else:
         family = Family.LLAVA
-    text, text_extra = _text_from_hf(dict(get("text_config") or {}))
-    vision, vision_extra = _vision_from_hf(dict(get("vision_config") or {}))
-    if get("projector_hidden_act", "gelu") != "gelu":
-        _refuse(where, "projector_hidden_act", hf["projector_hidden_act"], "the connector is mlp2x_gelu")
+    text, text_extra = _text_from_hf(
+        dict(get("text_config") or {}), _DEFAULT_TEXT_TYPE.get(family, "llama")
+    )
     is_ov = family == Family.LLAVA_ONEVISION
+    vision_hf = get("vision_config")
+    if vision_hf is None:
+        vision_hf = _SIGLIP_SO400M if is_ov else _CLIP_L336
+    vision, vision_extra = _vision_from_hf(
+        dict(vision_hf), "siglip_vision_model" if is_ov else "clip_vision_model"
+    )
+    if get("projector_hidden_act", "gelu") != "gelu":
+        _refuse(where, "projector_hidden_act", hf["projector_hidden_act"],
+                "the connector is mlp2x_gelu")
     layer = get("vision_feature_layer", -1 if is_ov else -2)
     tie = bool(get("tie_word_embeddings", False)) or text.tie_word_embeddings
     text = dataclasses.replace(text, tie_word_embeddings=tie)
     pinpoints = get("image_grid_pinpoints")
-    if family == Family.LLAVA_NEXT and pinpoints is None:
-        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    if pinpoints is None:  # transformers' defaults
+        pinpoints = {Family.LLAVA_NEXT: NEXT_PINPOINTS, Family.LLAVA_ONEVISION: ONEVISION_PINPOINTS}
+        pinpoints = pinpoints.get(family)
     if not get("use_image_newline_parameter", True):
         _refuse(where, "use_image_newline_parameter", False, "NeXT without image_newline")
     vocab = get("vocab_size")
     if vocab is not None and vocab != text.vocab_size:
-        _refuse(where, "vocab_size", vocab, f"differs from text_config.vocab_size={text.vocab_size}")
+        _refuse(where, "vocab_size", vocab,
+                f"differs from text_config.vocab_size={text.vocab_size}")
     video_default = 151647 if is_ov else None
     cfg = LlavaConfig(
         family=family,
@@ -219,12 +268,14 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
         video_token_id=get("video_token_index", get("video_token_id", video_default)),
         image_grid_pinpoints=tuple(tuple(p) for p in pinpoints) if pinpoints else None,
         vision_aspect_ratio=get("vision_aspect_ratio", "anyres_max_9" if is_ov else None),
-        hf_extra=json.dumps(
-            {"": _leftovers(hf, seen, where), "text_config": text_extra, "vision_config": vision_extra},
-            sort_keys=True,
-        ),
+        hf_extra=_extra_json(_leftovers(hf, seen, where), text_extra, vision_extra),
     )
     return cfg
+
+
+def _extra_json(top: dict, text: dict, vision: dict) -> str:
+    sections = {"": top, "text_config": text, "vision_config": vision}
+    return json.dumps({k: v for k, v in sections.items() if v}, sort_keys=True)
 
 
 def to_hf_config(cfg: LlavaConfig) -> dict[str, Any]:
@@ -244,20 +295,25 @@ def to_hf_config(cfg: LlavaConfig) -> dict[str, Any]:
         "num_hidden_layers": t.num_hidden_layers,
         "num_attention_heads": t.num_attention_heads,
         "num_key_value_heads": t.num_key_value_heads,
-        "head_dim": t.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": t.rms_norm_eps,
         "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
         "max_position_embeddings": t.max_position_embeddings,
         "tie_word_embeddings": t.tie_word_embeddings,
         "bos_token_id": t.bos_token_id,
-        "eos_token_id": list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id,
+        "eos_token_id": (
+            list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id
+        ),
         "pad_token_id": t.pad_token_id,
         "attention_dropout": 0.0,
     }
+    # Only the fields each transformers config class has: Qwen2Config has no head_dim (its
+    # attention reads one if present), MistralConfig no attention_bias / mlp_bias.
+    if t.kind != TextKind.QWEN2 or t.head_dim != t.hidden_size // t.num_attention_heads:
+        text["head_dim"] = t.head_dim
     if t.kind == TextKind.QWEN2:
         text["use_sliding_window"] = False
-    else:
+    if t.kind == TextKind.LLAMA:
         text["attention_bias"] = False
         text["mlp_bias"] = False
     if t.kind == TextKind.MISTRAL:

@@ -78,11 +78,11 @@ def hf_to_params(
                 raise CheckpointError(f"missing tensor {canon!r} (for parameter {rule.jax})")
             src = sources[canon]
             hf_shape = tuple(shape_of(src))
-            got = rule.transform.to_jax(np.empty(hf_shape, np.bool_)).shape
-            if got != per_layer:
+            # Compared in HF layout: a tensor of the wrong rank cannot be transposed to ours.
+            need = rule.transform.to_hf(np.broadcast_to(False, per_layer)).shape  # no memory
+            if hf_shape != need:
                 raise CheckpointError(
-                    f"tensor {src!r} has shape {hf_shape}; {rule.jax} needs "
-                    f"{rule.transform.to_hf(np.empty(per_layer, np.bool_)).shape}"
+                    f"tensor {src!r} has shape {hf_shape}; {rule.jax} needs {need}"
                 )
             value = rule.transform.to_jax(read(src))
             if out is None:
@@ -94,7 +94,7 @@ def hf_to_params(
             consumed.add(canon)
             del value
         params[rule.jax] = out
-    _consume_tied_head(cfg, sources, consumed, params, read)
+    _consume_tied_head(cfg, sources, consumed, read)
     unused = sorted(set(sources) - consumed)
     if unused:
         names = [sources[c] for c in unused]
@@ -103,13 +103,13 @@ def hf_to_params(
     return params
 
 
-def _consume_tied_head(cfg, sources, consumed, params, read):
+def _consume_tied_head(cfg, sources, consumed, read):
     # Converters of tied checkpoints sometimes store lm_head as a copy of embed_tokens;
-    # accept it only if it really is that copy.
-    head = "language_model.lm_head.weight"
+    # accept it only if it really is that copy, compared as stored (`--dtype` casts params).
+    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if cfg.text.tie_word_embeddings and head in sources:
         stored = read(sources[head])
-        if not np.array_equal(stored, params["language_model/embed_tokens/embedding"]):
+        if not np.array_equal(stored, read(sources[embed])):
             raise CheckpointError(
                 f"tie_word_embeddings is true but {sources[head]!r} differs from embed_tokens"
             )

@@ -17,7 +17,7 @@ import numpy as np
 from llava_jax.checkpoint import ASSETS_DIR, load_config, load_params
 from llava_jax.config import LlavaConfig
 from llava_jax.convert.mapping import hf_output_key, rules
-from llava_jax.convert.tensor_io import CheckpointWriter
+from llava_jax.convert.tensor_io import CheckpointError, CheckpointWriter
 from llava_jax.hf_config import to_hf_config
 
 
@@ -27,7 +27,8 @@ def params_to_hf(cfg: LlavaConfig, params: Mapping[str, np.ndarray]):
         value = params[rule.jax]
         for i, canon in enumerate(rule.hf_keys()):
             layer = value[i] if rule.num_layers else value
-            yield hf_output_key(canon), np.ascontiguousarray(rule.transform.to_hf(np.asarray(layer)))
+            layer = rule.transform.to_hf(np.asarray(layer))
+            yield hf_output_key(canon), np.ascontiguousarray(layer)
 
 
 def convert_jax_to_hf(
@@ -39,13 +40,15 @@ def convert_jax_to_hf(
 
     Args:
       ckpt_dir: a llava-jax model directory (from `convert hf-to-jax` or training).
-      out_dir: the HF directory to write.
+      out_dir: the HF directory to write (must not exist or be empty).
       max_shard_size: largest safetensors shard, e.g. "5GB" or "500MiB".
     """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # as save_model_dir
+        raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
     cfg = load_config(ckpt_dir)
     hf_config = to_hf_config(cfg)  # fails early for a model HF cannot represent
     params = load_params(ckpt_dir, cfg)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtypes = {str(np.asarray(a).dtype) for a in params.values()}
     if len(dtypes) == 1:
