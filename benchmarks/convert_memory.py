@@ -65,20 +65,23 @@ def main() -> None:
     cfg = synthetic_config()
     n_params = sum(math.prod(p.shape) for p in abstract_params(cfg).values())
     size = write_checkpoint(cfg, hf_dir)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llava_jax.cli.main", "convert",
-           "hf-to-jax", "--hf", str(hf_dir), "--out", str(work / "jax")]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.time() - start
-    if proc.returncode:
-        sys.exit(f"conversion failed:\n{proc.stderr}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)[1])
-    peak = peak_kb * 1024
     print(f"parameters        {n_params / 1e9:.3f} B")
     print(f"checkpoint size   {size / 2**30:.2f} GiB (float32)")
-    print(f"peak RSS          {peak / 2**30:.2f} GiB = {peak / size:.2f} x checkpoint")
-    print(f"wall time         {seconds:.0f} s")
-    print(f"command           {' '.join(cmd[2:])}")
+    runs = [
+        ["hf-to-jax", "--hf", str(hf_dir), "--out", str(work / "jax")],
+        ["jax-to-hf", "--ckpt", str(work / "jax"), "--out", str(work / "hf2"),
+         "--max-shard-size", "1GB"],
+    ]
+    for args in runs:
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llava_jax.cli.main", "convert", *args]
+        start = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.time() - start
+        if proc.returncode:
+            sys.exit(f"conversion failed:\n{proc.stderr}")
+        peak = 1024 * int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)[1])
+        print(f"{args[0]:<17} peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x checkpoint, "
+              f"{seconds:.0f} s: llava-jax convert {' '.join(args)}")
     shutil.rmtree(work, ignore_errors=True)
 
 
