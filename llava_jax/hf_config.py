@@ -208,6 +208,27 @@ def _vision_from_hf(d: dict[str, Any], default_type: str) -> tuple[VisionConfig,
     return cfg, _leftovers(d, seen, where)
 
 
+def _check_shape(hf: Any) -> None:
+    """Refuses what is not an HF LLaVA config at all, before reading any field."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config: expected a JSON object, found {type(hf).__name__}")
+    for key in ("text_config", "vision_config"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise ConfigError(f"config.{key}: expected an object, found {hf[key]!r}")
+    archs = hf.get("architectures")
+    if archs is not None and not isinstance(archs, list):
+        raise ConfigError(f"config.architectures: expected a list, found {archs!r}")
+    if archs and not set(archs) & set(_ARCHITECTURES):
+        raise ConfigError(
+            f"config.architectures={archs}: not a LLaVA model; supported: {sorted(_ARCHITECTURES)}"
+        )
+    if not archs and "text_config" not in hf and "vision_config" not in hf:
+        raise ConfigError(
+            "config: no architectures, text_config or vision_config; this is not an HF LLaVA "
+            "config.json (original LLaVA repository configs need the HF conversion first)"
+        )
+
+
 def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
     """Reads an HF LLaVA / LLaVA-NeXT / LLaVA-OneVision `config.json` dict.
 
@@ -215,6 +236,7 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
     `model_type: llava`, LLaVA-NeXT #130), falling back to the fields present.
     """
     where, seen = "config", set()
+    _check_shape(hf)
     get = lambda key, default=None: _take(hf, where, seen, key, default)  # noqa: E731
     # Both are rewritten by `to_hf_config` from the family, so they are not kept in hf_extra.
     get("model_type")

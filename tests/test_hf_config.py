@@ -360,3 +360,19 @@ def test_default_rope_accepted():
     for value in ({"rope_type": "default"}, {"type": "default"}, None):
         cfg = from_hf_config(_with(LLAVA_15_7B, "text_config.rope_scaling", value))
         assert cfg.text.rope_theta == 10_000.0
+
+
+@pytest.mark.parametrize(
+    "hf, message",
+    [
+        ([], "expected a JSON object, found list"),
+        ({}, "not an HF LLaVA config.json"),
+        ({"architectures": ["LlamaForCausalLM"], "text_config": {}}, "not a LLaVA model"),
+        ({"architectures": "LlavaForConditionalGeneration"}, "architectures: expected a list"),
+        ({"architectures": ["LlavaForConditionalGeneration"], "text_config": 3},
+         "text_config: expected an object, found 3"),
+    ],
+)
+def test_not_a_llava_config_is_refused(hf, message):
+    with pytest.raises(ConfigError, match=message):
+        from_hf_config(hf)

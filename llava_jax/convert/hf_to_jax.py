@@ -18,7 +18,7 @@ from llava_jax.checkpoint import abstract_params, save_model_dir
 from llava_jax.config import LlavaConfig
 from llava_jax.convert.mapping import canonical_key, rules
 from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader
-from llava_jax.hf_config import from_hf_config
+from llava_jax.hf_config import ConfigError, from_hf_config
 
 # Files copied next to the parameters so the model can run (tokenizer, processor, template).
 ASSET_FILES = (
@@ -37,7 +37,10 @@ def read_hf_config(hf_dir: str | os.PathLike) -> LlavaConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_config(raw)
+    try:
+        return from_hf_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def hf_to_params(
