@@ -31,8 +31,13 @@ from llava_jax.hf_config import to_hf_config
 
 def synthetic_config() -> LlavaConfig:
     text = TextConfig(
-        vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
-        num_attention_heads=16, num_key_value_heads=16, head_dim=128,
+        vocab_size=32064,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=128,
     )
     return LlavaConfig(vision=VisionConfig.clip_vit_l14(336), text=text)
 
@@ -69,8 +74,15 @@ def main() -> None:
     print(f"checkpoint size   {size / 2**30:.2f} GiB (float32)")
     runs = [
         ["hf-to-jax", "--hf", str(hf_dir), "--out", str(work / "jax")],
-        ["jax-to-hf", "--ckpt", str(work / "jax"), "--out", str(work / "hf2"),
-         "--max-shard-size", "1GB"],
+        [
+            "jax-to-hf",
+            "--ckpt",
+            str(work / "jax"),
+            "--out",
+            str(work / "hf2"),
+            "--max-shard-size",
+            "1GB",
+        ],
     ]
     for args in runs:
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llava_jax.cli.main", "convert", *args]
@@ -80,8 +92,10 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"conversion failed:\n{proc.stderr}")
         peak = 1024 * int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)[1])
-        print(f"{args[0]:<17} peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x checkpoint, "
-              f"{seconds:.0f} s: llava-jax convert {' '.join(args)}")
+        print(
+            f"{args[0]:<17} peak RSS {peak / 2**30:.2f} GiB = {peak / size:.2f} x checkpoint, "
+            f"{seconds:.0f} s: llava-jax convert {' '.join(args)}"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -41,49 +41,128 @@ _VISION_KINDS = {"clip_vision_model": VisionKind.CLIP, "siglip_vision_model": Vi
 
 # PretrainedConfig bookkeeping and generation defaults: they never change the forward pass.
 _BENIGN = {
-    "transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "is_decoder", "id2label", "label2id", "problem_type", "use_cache",
-    "initializer_range", "initializer_factor", "pretraining_tp", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task",
-    "tf_legacy_loss", "use_bfloat16", "torchscript", "pruned_heads", "tie_encoder_decoder",
-    "cross_attention_hidden_size", "add_cross_attention", "max_length", "min_length",
-    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "output_past", "projection_dim",
-    "image_seq_length", "ignore_index", "model_type", "max_window_layers", "rope_type",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "use_cache",
+    "initializer_range",
+    "initializer_factor",
+    "pretraining_tp",
+    "tokenizer_class",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "task_specific_params",
+    "finetuning_task",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "torchscript",
+    "pruned_heads",
+    "tie_encoder_decoder",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "output_past",
+    "projection_dim",
+    "image_seq_length",
+    "ignore_index",
+    "model_type",
+    "max_window_layers",
+    "rope_type",
     # Top level: the text config's pad_token_id is the one used. vision_config: llava-hf's CLIP
     # configs carry the text vocab_size, which the vision tower never reads.
-    "pad_token_id", "vocab_size",
+    "pad_token_id",
+    "vocab_size",
 }
 
 # A field missing from config.json means what it means to transformers: the defaults of the
 # sub-config class that `model_type` names (llava-1.5-7b-hf's text_config lists seven fields).
 _TEXT_DEFAULTS = {
-    TextKind.LLAMA: dict(vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,
-                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                         sliding_window=None),
-    TextKind.MISTRAL: dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
-                           max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2,
-                           sliding_window=4096),
-    TextKind.QWEN2: dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
-                         max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
-                         sliding_window=4096),
+    TextKind.LLAMA: dict(
+        vocab_size=32000,
+        intermediate_size=11008,
+        num_key_value_heads=None,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        sliding_window=None,
+    ),
+    TextKind.MISTRAL: dict(
+        vocab_size=32000,
+        intermediate_size=14336,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        bos_token_id=1,
+        eos_token_id=2,
+        sliding_window=4096,
+    ),
+    TextKind.QWEN2: dict(
+        vocab_size=151936,
+        intermediate_size=22016,
+        num_key_value_heads=32,
+        max_position_embeddings=32768,
+        bos_token_id=None,
+        eos_token_id=None,
+        sliding_window=4096,
+    ),
 }
 # A whole sub-config missing: the text model_type, and the vision config transformers' LLaVA
 # classes build (`sub_configs_defaults`), per family.
 _DEFAULT_TEXT_TYPE = {Family.LLAVA_ONEVISION: "qwen2"}
 _CLIP_L336 = {
-    "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-    "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-    "vocab_size": 32000, "projection_dim": 768,
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "vocab_size": 32000,
+    "projection_dim": 768,
 }
 _SIGLIP_SO400M = {
-    "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-    "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
     "vision_use_head": False,
 }
 
@@ -148,8 +227,9 @@ def _text_from_hf(d: dict[str, Any], default_type: str = "llama") -> tuple[TextC
         _refuse(where, "sliding_window", sliding, "LLaMA has no sliding window")
     layer_types = get("layer_types")
     if layer_types and set(layer_types) != {"full_attention"} and sliding is None:
-        _refuse(where, "layer_types", sorted(set(layer_types)),
-                "only full attention is implemented")
+        _refuse(
+            where, "layer_types", sorted(set(layer_types)), "only full attention is implemented"
+        )
     hidden = get("hidden_size", 4096)
     heads = get("num_attention_heads", 32)
     eos = std("eos_token_id")
@@ -186,8 +266,13 @@ def _vision_from_hf(d: dict[str, Any], default_type: str) -> tuple[VisionConfig,
         if get(key, 0.0):
             _refuse(where, key, d[key], "dropout is not implemented")
     if kind == VisionKind.SIGLIP and get("vision_use_head", True):
-        _refuse(where, "vision_use_head", True, "LLaVA reads hidden states; the pooling head "
-                "would be silently unused (HF OneVision configs set it to false)")
+        _refuse(
+            where,
+            "vision_use_head",
+            True,
+            "LLaVA reads hidden states; the pooling head "
+            "would be silently unused (HF OneVision configs set it to false)",
+        )
     default_act = "quick_gelu" if kind == VisionKind.CLIP else "gelu_pytorch_tanh"
     try:
         act = Activation(get("hidden_act", default_act))
@@ -260,8 +345,9 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
         dict(vision_hf), "siglip_vision_model" if is_ov else "clip_vision_model"
     )
     if get("projector_hidden_act", "gelu") != "gelu":
-        _refuse(where, "projector_hidden_act", hf["projector_hidden_act"],
-                "the connector is mlp2x_gelu")
+        _refuse(
+            where, "projector_hidden_act", hf["projector_hidden_act"], "the connector is mlp2x_gelu"
+        )
     layer = get("vision_feature_layer", -1 if is_ov else -2)
     tie = bool(get("tie_word_embeddings", False)) or text.tie_word_embeddings
     text = dataclasses.replace(text, tie_word_embeddings=tie)
@@ -273,8 +359,9 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
         _refuse(where, "use_image_newline_parameter", False, "NeXT without image_newline")
     vocab = get("vocab_size")
     if vocab is not None and vocab != text.vocab_size:
-        _refuse(where, "vocab_size", vocab,
-                f"differs from text_config.vocab_size={text.vocab_size}")
+        _refuse(
+            where, "vocab_size", vocab, f"differs from text_config.vocab_size={text.vocab_size}"
+        )
     video_default = 151647 if is_ov else None
     cfg = LlavaConfig(
         family=family,

@@ -28,33 +28,59 @@ OV_PINPOINTS = [[42 * i, 42 * j] for i in range(1, 7) for j in range(1, 7)]
 
 def clip_config(**kw):
     return transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        image_size=CROP, patch_size=14, projection_dim=16, **kw,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=CROP,
+        patch_size=14,
+        projection_dim=16,
+        **kw,
     )
 
 
 def siglip_config(**kw):
     return transformers.SiglipVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        image_size=CROP, patch_size=14, vision_use_head=False, **kw,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=CROP,
+        patch_size=14,
+        vision_use_head=False,
+        **kw,
     )
 
 
 def llama_config(kv_heads=2, kind="llama", **kw):
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[kind]
     return cls(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=12, rms_norm_eps=1e-5,
-        max_position_embeddings=256, **kw,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=12,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        **kw,
     )
 
 
 def qwen2_config(kv_heads=2, tie=True, **kw):
     return transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-6,
         rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
-        max_position_embeddings=256, tie_word_embeddings=tie, **kw,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        **kw,
     )
 
 
@@ -72,9 +98,12 @@ def _randomise(model):
 def llava(kv_heads=2, feature_layer=-2, strategy="default"):
     torch.manual_seed(0)
     cfg = transformers.LlavaConfig(
-        vision_config=clip_config(), text_config=llama_config(kv_heads),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=strategy, image_seq_length=9,
+        vision_config=clip_config(),
+        text_config=llama_config(kv_heads),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        image_seq_length=9,
     )
     return _randomise(transformers.LlavaForConditionalGeneration(cfg))
 
@@ -82,8 +111,10 @@ def llava(kv_heads=2, feature_layer=-2, strategy="default"):
 def llava_next(kv_heads=2, text_kind="llama", **text_kw):
     torch.manual_seed(0)
     cfg = transformers.LlavaNextConfig(
-        vision_config=clip_config(), text_config=llama_config(kv_heads, text_kind, **text_kw),
-        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_config=clip_config(),
+        text_config=llama_config(kv_heads, text_kind, **text_kw),
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=NEXT_PINPOINTS,
     )
     return _randomise(transformers.LlavaNextForConditionalGeneration(cfg))
 
@@ -91,9 +122,12 @@ def llava_next(kv_heads=2, text_kind="llama", **text_kw):
 def llava_onevision(kv_heads=2, tie=True):
     torch.manual_seed(0)
     cfg = transformers.LlavaOnevisionConfig(
-        vision_config=siglip_config(), text_config=qwen2_config(kv_heads, tie),
-        image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
-        image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio="anyres_max_9",
+        vision_config=siglip_config(),
+        text_config=qwen2_config(kv_heads, tie),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN,
+        image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=tie,
     )
     return _randomise(transformers.LlavaOnevisionForConditionalGeneration(cfg))

@@ -31,8 +31,9 @@ from llava_jax.hf_config import ConfigError
 MAKERS = {
     "llava": hf_tiny.llava,
     "llava_next": hf_tiny.llava_next,
-    "llava_next_mistral": lambda: hf_tiny.llava_next(kv_heads=1, text_kind="mistral",
-                                                     sliding_window=8),
+    "llava_next_mistral": lambda: hf_tiny.llava_next(
+        kv_heads=1, text_kind="mistral", sliding_window=8
+    ),
     "onevision_tied": lambda: hf_tiny.llava_onevision(tie=True),
     "onevision_untied": lambda: hf_tiny.llava_onevision(tie=False),
 }
@@ -191,8 +192,9 @@ def test_dtype_with_stored_tied_head(case, tmp_path):
 
 
 def test_dtype_refuses_unknown(case, tmp_path):
-    raises_one_line(ValueError, "float8", convert_hf_to_jax, case("llava").hf, tmp_path / "j",
-                    dtype="float8")
+    raises_one_line(
+        ValueError, "float8", convert_hf_to_jax, case("llava").hf, tmp_path / "j", dtype="float8"
+    )
 
 
 # -- every input key spelling -----------------------------------------------------------------
@@ -200,26 +202,30 @@ def test_dtype_refuses_unknown(case, tmp_path):
 
 def legacy_spelling(key: str) -> str:
     """llava-hf files (transformers 4 `save_pretrained`)."""
-    for old, new in [("model.language_model.", "language_model.model."),
-                     ("lm_head.", "language_model.lm_head."),
-                     ("model.vision_tower.", "vision_tower.vision_model."),
-                     ("model.multi_modal_projector.", "multi_modal_projector."),
-                     ("model.image_newline", "image_newline")]:
+    for old, new in [
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.image_newline", "image_newline"),
+    ]:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     raise AssertionError(key)
 
 
 def original_spelling(key: str) -> str:
     """haotian-liu/LLaVA and LLaVA-NeXT training checkpoints."""
-    for old, new in [("model.language_model.", "model."),
-                     ("lm_head.", "lm_head."),
-                     ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-                     ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-                     ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-                     ("model.image_newline", "model.image_newline")]:
+    for old, new in [
+        ("model.language_model.", "model."),
+        ("lm_head.", "lm_head."),
+        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.image_newline", "model.image_newline"),
+    ]:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     raise AssertionError(key)
 
 
@@ -229,8 +235,9 @@ def mixed_spelling(key: str) -> str:
     return key.replace("vision_tower.vision_model.", "vision_tower.")
 
 
-def write_hf_dir(out: Path, model, tensors: dict[str, np.ndarray], max_shard_size="5GB",
-                 config_edit=None) -> Path:
+def write_hf_dir(
+    out: Path, model, tensors: dict[str, np.ndarray], max_shard_size="5GB", config_edit=None
+) -> Path:
     """An HF directory holding `tensors` and `model`'s config.json (optionally edited)."""
     model.config.save_pretrained(out)
     if config_edit is not None:
@@ -246,8 +253,11 @@ def write_hf_dir(out: Path, model, tensors: dict[str, np.ndarray], max_shard_siz
 
 def spelled(c: Case, spell, drop_tied_head: bool) -> dict[str, np.ndarray]:
     tied = c.model.config.tie_word_embeddings
-    return {spell(k): v for k, v in c.state_dict().items()
-            if not (drop_tied_head and tied and k == "lm_head.weight")}
+    return {
+        spell(k): v
+        for k, v in c.state_dict().items()
+        if not (drop_tied_head and tied and k == "lm_head.weight")
+    }
 
 
 SPELLINGS = {
@@ -255,7 +265,8 @@ SPELLINGS = {
     # Keeps the tied lm_head that `state_dict()` lists: a stored copy must be accepted.
     "hf_v5": lambda c: spelled(c, lambda k: k, drop_tied_head=False),
     "hf_v5_vision_model": lambda c: spelled(
-        c, lambda k: k.replace("model.vision_tower.", "model.vision_tower.vision_model."), True),
+        c, lambda k: k.replace("model.vision_tower.", "model.vision_tower.vision_model."), True
+    ),
     "mixed": lambda c: spelled(c, mixed_spelling, drop_tied_head=True),
     "original": lambda c: spelled(c, original_spelling, drop_tied_head=True),
 }
@@ -278,7 +289,8 @@ def test_sharded_with_legacy_buffers(case, tmp_path, name):
     n = c.model.config.text_config.num_hidden_layers
     for i in range(n):
         tensors[f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(
-            6, np.float32)
+            6, np.float32
+        )
     tensors["vision_tower.vision_model.embeddings.position_ids"] = np.arange(10)[None]
     hf_dir = write_hf_dir(tmp_path / "hf", c.model, tensors, max_shard_size=20_000)
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
@@ -292,8 +304,9 @@ def test_pickle_bin_needs_allow_pickle(case, tmp_path):
     hf_dir = tmp_path / "hf"
     c.model.config.save_pretrained(hf_dir)
     torch.save(c.model.state_dict(), hf_dir / "pytorch_model.bin")
-    raises_one_line(CheckpointError, "--allow-pickle", convert_hf_to_jax, hf_dir,
-                    tmp_path / "refused")
+    raises_one_line(
+        CheckpointError, "--allow-pickle", convert_hf_to_jax, hf_dir, tmp_path / "refused"
+    )
     assert not (tmp_path / "refused").exists()
     convert_hf_to_jax(hf_dir, tmp_path / "jax", allow_pickle=True)
     assert_same_params(numpy_params(tmp_path / "jax"), c.params)
@@ -378,6 +391,7 @@ def _set(path: str, value):
         for p in parents:
             node = node[p]
         node[leaf] = value
+
     return edit
 
 
@@ -385,8 +399,11 @@ def _set(path: str, value):
     "name, field, value",
     [
         ("llava_next", "text_config.rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-        ("llava_next", "text_config.rope_parameters",
-         {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+        (
+            "llava_next",
+            "text_config.rope_parameters",
+            {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
         ("llava_next", "text_config.mlp_bias", True),
         ("llava_next", "text_config.attention_bias", True),
         ("onevision_tied", "vision_config.vision_use_head", True),
@@ -407,8 +424,13 @@ def test_malformed_config_json(case, tmp_path):
     hf_dir = tmp_path / "hf"
     shutil.copytree(c.hf, hf_dir)
     (hf_dir / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"],')
-    raises_one_line(CheckpointError, r"config\.json: not valid JSON", convert_hf_to_jax, hf_dir,
-                    tmp_path / "jax")
+    raises_one_line(
+        CheckpointError,
+        r"config\.json: not valid JSON",
+        convert_hf_to_jax,
+        hf_dir,
+        tmp_path / "jax",
+    )
     assert not (tmp_path / "jax").exists()
 
 
@@ -474,8 +496,10 @@ def _largest_file(d: Path) -> Path:
     [
         (lambda d: shutil.rmtree(d / PARAMS_DIR), "no params/"),
         (lambda d: (d / CONFIG_FILE).unlink(), f"no {CONFIG_FILE}"),
-        (lambda d: (d / CONFIG_FILE).write_text('{"family": "llava", "vision": '),
-         "malformed config"),
+        (
+            lambda d: (d / CONFIG_FILE).write_text('{"family": "llava", "vision": '),
+            "malformed config",
+        ),
         (lambda d: _truncate(_largest_file(d / PARAMS_DIR)), "unreadable orbax checkpoint"),
         (lambda d: _truncate(d / PARAMS_DIR / "_METADATA"), "unreadable orbax checkpoint"),
     ],
@@ -502,8 +526,13 @@ def test_truncated_safetensors_names_the_file(case, tmp_path):
     hf_dir = tmp_path / "hf"
     shutil.copytree(case("llava").hf, hf_dir)
     _truncate(hf_dir / "model.safetensors")
-    raises_one_line(CheckpointError, r"^model\.safetensors: .*truncated", convert_hf_to_jax,
-                    hf_dir, tmp_path / "jax")
+    raises_one_line(
+        CheckpointError,
+        r"^model\.safetensors: .*truncated",
+        convert_hf_to_jax,
+        hf_dir,
+        tmp_path / "jax",
+    )
     assert not (tmp_path / "jax").exists()
 
 
@@ -513,5 +542,6 @@ def test_truncated_shard_names_the_file(case, tmp_path):
     hf_dir = write_hf_dir(tmp_path / "hf", c.model, tensors, max_shard_size=20_000)
     shard = sorted(hf_dir.glob("model-*-of-*.safetensors"))[1]
     _truncate(shard)
-    raises_one_line(CheckpointError, rf"^{shard.name}: ", convert_hf_to_jax, hf_dir,
-                    tmp_path / "jax")
+    raises_one_line(
+        CheckpointError, rf"^{shard.name}: ", convert_hf_to_jax, hf_dir, tmp_path / "jax"
+    )

@@ -75,11 +75,19 @@ def test_to_dict_from_dict_round_trip(name):
 
 
 def test_to_dict_from_dict_non_default_fields():
-    text = dataclasses.replace(LlavaConfig.llava_next_mistral_7b().text, sliding_window=4096,
-                               eos_token_id=(2, 7), pad_token_id=0)
+    text = dataclasses.replace(
+        LlavaConfig.llava_next_mistral_7b().text,
+        sliding_window=4096,
+        eos_token_id=(2, 7),
+        pad_token_id=0,
+    )
     cfg = LlavaConfig.llava_next_mistral_7b().replace(
-        text=text, vision_feature_layer=(-24, -12, -2), hf_extra='{"": {"ignore_index": -100}}',
-        dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
+        text=text,
+        vision_feature_layer=(-24, -12, -2),
+        hf_extra='{"": {"ignore_index": -100}}',
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        scan_layers=False,
         remat_policy=RematPolicy.DOTS,
     )
     assert LlavaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -96,14 +104,25 @@ def test_from_dict_refuses_unknown_keys():
 # -- released configs -----------------------------------------------------------------------------
 
 CLIP_L336 = {
-    "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-    "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-    "patch_size": 14, "projection_dim": 768, "vocab_size": 32000,
+    "hidden_size": 1024,
+    "image_size": 336,
+    "intermediate_size": 4096,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "vocab_size": 32000,
 }
 SIGLIP = {
-    "hidden_size": 1152, "image_size": 384, "intermediate_size": 4304,
-    "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 26,
-    "patch_size": 14, "vision_use_head": False,
+    "hidden_size": 1152,
+    "image_size": 384,
+    "intermediate_size": 4304,
+    "model_type": "siglip_vision_model",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 26,
+    "patch_size": 14,
+    "vision_use_head": False,
 }
 LLAVA_15_7B = {  # llava-hf/llava-1.5-7b-hf style
     "architectures": ["LlavaForConditionalGeneration"],
@@ -131,16 +150,25 @@ LLAVA_15_7B = {  # llava-hf/llava-1.5-7b-hf style
 }
 LLAVA_15_13B = copy.deepcopy(LLAVA_15_7B)
 LLAVA_15_13B["text_config"].update(
-    {"_name_or_path": "lmsys/vicuna-13b-v1.5", "hidden_size": 5120, "intermediate_size": 13824,
-     "num_attention_heads": 40, "num_hidden_layers": 40, "num_key_value_heads": 40}
+    {
+        "_name_or_path": "lmsys/vicuna-13b-v1.5",
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_attention_heads": 40,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 40,
+    }
 )
 
 
 def _next(base: dict) -> dict:
     d = copy.deepcopy(base)
-    d.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
-             image_grid_pinpoints=[list(p) for p in NEXT_PINPOINTS],
-             use_image_newline_parameter=True)
+    d.update(
+        architectures=["LlavaNextForConditionalGeneration"],
+        model_type="llava_next",
+        image_grid_pinpoints=[list(p) for p in NEXT_PINPOINTS],
+        use_image_newline_parameter=True,
+    )
     return d
 
 
@@ -191,15 +219,42 @@ def _onevision(text: dict, tie: bool) -> dict:  # llava-hf/llava-onevision-qwen2
     }
 
 
-OV_05B = _onevision({"hidden_size": 896, "intermediate_size": 4864, "max_window_layers": 24,
-                     "num_attention_heads": 14, "num_hidden_layers": 24,
-                     "num_key_value_heads": 2, "vocab_size": 151936}, tie=True)
-OV_7B = _onevision({"hidden_size": 3584, "intermediate_size": 18944, "max_window_layers": 28,
-                    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-                    "vocab_size": 152128}, tie=False)
-OV_72B = _onevision({"hidden_size": 8192, "intermediate_size": 29568, "max_window_layers": 80,
-                     "num_attention_heads": 64, "num_hidden_layers": 80,
-                     "num_key_value_heads": 8, "vocab_size": 152064}, tie=False)
+OV_05B = _onevision(
+    {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "max_window_layers": 24,
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+    },
+    tie=True,
+)
+OV_7B = _onevision(
+    {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "max_window_layers": 28,
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152128,
+    },
+    tie=False,
+)
+OV_72B = _onevision(
+    {
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+        "max_window_layers": 80,
+        "num_attention_heads": 64,
+        "num_hidden_layers": 80,
+        "num_key_value_heads": 8,
+        "vocab_size": 152064,
+    },
+    tie=False,
+)
 
 RELEASED = {
     "llava-1.5-7b": LLAVA_15_7B,
@@ -221,9 +276,7 @@ def test_released_config_parses_to_preset(name):
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_config_defaults_agree_with_transformers(name):
     hf = RELEASED[name]
-    assert without_extra(from_hf_config(via_transformers(hf))) == without_extra(
-        from_hf_config(hf)
-    )
+    assert without_extra(from_hf_config(via_transformers(hf))) == without_extra(from_hf_config(hf))
 
 
 # Legacy top-level fields that transformers 5 no longer defines: checked when read (vocab_size
@@ -253,9 +306,11 @@ def test_onevision_family_from_architectures_not_model_type():
 
 @pytest.mark.parametrize(
     "drop, family",
-    [((), Family.LLAVA_ONEVISION),
-     (("vision_aspect_ratio", "video_token_index"), Family.LLAVA_NEXT),
-     (("vision_aspect_ratio", "video_token_index", "image_grid_pinpoints"), Family.LLAVA)],
+    [
+        ((), Family.LLAVA_ONEVISION),
+        (("vision_aspect_ratio", "video_token_index"), Family.LLAVA_NEXT),
+        (("vision_aspect_ratio", "video_token_index", "image_grid_pinpoints"), Family.LLAVA),
+    ],
 )
 def test_family_from_fields_without_architectures(drop, family):
     hf = {k: v for k, v in OV_05B.items() if k not in ("architectures", *drop)}
@@ -265,9 +320,11 @@ def test_family_from_fields_without_architectures(drop, family):
 
 @pytest.mark.parametrize(
     "arch, model_type",
-    [("LlavaForConditionalGeneration", "llava"),
-     ("LlavaNextForConditionalGeneration", "llava_next"),
-     ("LlavaOnevisionForConditionalGeneration", "llava_onevision")],
+    [
+        ("LlavaForConditionalGeneration", "llava"),
+        ("LlavaNextForConditionalGeneration", "llava_next"),
+        ("LlavaOnevisionForConditionalGeneration", "llava_onevision"),
+    ],
 )
 def test_empty_sub_configs_take_transformers_defaults(arch, model_type):
     """No text_config / vision_config at all: the defaults of transformers' LLaVA classes."""
@@ -286,8 +343,11 @@ def test_empty_sub_configs_take_transformers_defaults(arch, model_type):
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_text_defaults_agree_with_transformers(model_type):
     """A text_config naming only its model_type means transformers' class defaults."""
-    hf = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
-          "text_config": {"model_type": model_type}}
+    hf = {
+        "architectures": ["LlavaNextForConditionalGeneration"],
+        "model_type": "llava_next",
+        "text_config": {"model_type": model_type},
+    }
     cfg = from_hf_config(hf)
     assert without_extra(cfg) == without_extra(from_hf_config(via_transformers(hf)))
     if model_type == "mistral":
@@ -369,8 +429,10 @@ def test_default_rope_accepted():
         ({}, "not an HF LLaVA config.json"),
         ({"architectures": ["LlamaForCausalLM"], "text_config": {}}, "not a LLaVA model"),
         ({"architectures": "LlavaForConditionalGeneration"}, "architectures: expected a list"),
-        ({"architectures": ["LlavaForConditionalGeneration"], "text_config": 3},
-         "text_config: expected an object, found 3"),
+        (
+            {"architectures": ["LlavaForConditionalGeneration"], "text_config": 3},
+            "text_config: expected an object, found 3",
+        ),
     ],
 )
 def test_not_a_llava_config_is_refused(hf, message):

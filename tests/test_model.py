@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import math
 
+import hf_tiny
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from test_parity import assert_close
 
-import hf_tiny
 from llava_jax.checkpoint import abstract_model, abstract_params, load_model
 from llava_jax.config import PRESETS, LlavaConfig, RematPolicy
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
 from llava_jax.models.feature_plan import Media, build_feature_plan
 from llava_jax.models.llm import KVCache
-from test_parity import assert_close
 
 # Parameter counts of the released llava-hf checkpoints (their model cards), which the
 # presets must reproduce exactly (exact where the card gives the full number).
@@ -47,7 +47,10 @@ def test_parameters_carry_logical_axes():
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
     flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(specs)}
     assert tuple(flat["language_model/layers/mlp/gate_proj/kernel"].get_value()) == (
-        "layers", "embed", "mlp")
+        "layers",
+        "embed",
+        "mlp",
+    )
     assert tuple(flat["language_model/embed_tokens/embedding"].get_value()) == ("vocab", "embed")
     unnamed = [k for k, v in flat.items() if all(a is None for a in v.get_value())]
     assert not unnamed, f"parameters without logical axes: {unnamed}"
@@ -107,14 +110,20 @@ def test_kv_cache_decoding_matches_full_forward(llava_dir, scan):
 
     prefill = 7
     cache = KVCache.init(model.cfg.text, batch=2, max_len=16, dtype=jnp.float32)
-    out = model(ids[:, :prefill], positions=positions[:, :prefill],
-                segment_ids=segment[:, :prefill], cache=cache)
+    out = model(
+        ids[:, :prefill],
+        positions=positions[:, :prefill],
+        segment_ids=segment[:, :prefill],
+        cache=cache,
+    )
     steps = [out.logits]
     graph, state = nnx.split(model)
-    step = jax.jit(lambda st, i, p, s, c: nnx.merge(graph, st)(i, positions=p, segment_ids=s, cache=c))
+    step = jax.jit(
+        lambda st, i, p, s, c: nnx.merge(graph, st)(i, positions=p, segment_ids=s, cache=c)
+    )
     cache = out.cache
     for t in range(prefill, ids.shape[1]):
-        out = step(state, ids[:, t:t + 1], positions[:, t:t + 1], segment[:, t:t + 1], cache)
+        out = step(state, ids[:, t : t + 1], positions[:, t : t + 1], segment[:, t : t + 1], cache)
         steps.append(out.logits)
         cache = out.cache
     decoded = jnp.concatenate(steps, axis=1)
@@ -137,7 +146,8 @@ def test_remat_changes_nothing_numerically(llava_dir, policy):
     base_loss, base_grad = loss_and_grad(load_model(path))
     loss, grad = loss_and_grad(load_model(path, remat_policy=policy))
     assert_close("loss", loss, base_loss, atol=1e-6)
-    for (k, a), (_, b) in zip(nnx.to_flat_state(grad), nnx.to_flat_state(base_grad)):
+    pairs = zip(nnx.to_flat_state(grad), nnx.to_flat_state(base_grad), strict=True)
+    for (k, a), (_, b) in pairs:
         assert_close(f"grad {k}", a.get_value(), b.get_value(), atol=1e-6)
 
 
@@ -155,7 +165,9 @@ def test_forward_compiles_once_per_shape_bucket(tmp_path):
     def forward(state, ids, pixels, taps, weights, segment):
         traces.append(1)
         m = nnx.merge(graph, state)
-        return m(ids, pixel_values=pixels, taps=taps, tap_weights=weights, segment_ids=segment).logits
+        return m(
+            ids, pixel_values=pixels, taps=taps, tap_weights=weights, segment_ids=segment
+        ).logits
 
     max_views, max_tokens, length = 4, 40, 48
     rng = np.random.RandomState(3)
@@ -171,7 +183,11 @@ def test_forward_compiles_once_per_shape_bucket(tmp_path):
         segment = np.zeros((1, length), np.int32)
         ids[0, : len(row)], segment[0, : len(row)] = row, 1
         got = forward(state, ids, pixels, padded.taps, padded.weights, segment)
-        want = model(row[None], pixel_values=pixels[:, : exact.num_views[0]], taps=exact.taps,
-                     tap_weights=exact.weights).logits
+        want = model(
+            row[None],
+            pixel_values=pixels[:, : exact.num_views[0]],
+            taps=exact.taps,
+            tap_weights=exact.weights,
+        ).logits
         assert_close(f"bucketed logits {hw}", np.asarray(got)[0, : len(row)], want[0])
     assert len(traces) == 1, f"forward traced {len(traces)} times for one shape bucket"

@@ -8,11 +8,11 @@ differs. Tolerance: max |difference| <= 1e-4 (float32; observed ~1e-6).
 
 from __future__ import annotations
 
+import hf_tiny
 import numpy as np
 import pytest
 import torch
 
-import hf_tiny
 from llava_jax.checkpoint import load_model
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
 from llava_jax.models.feature_plan import Media, build_feature_plan, check_placeholders
@@ -48,7 +48,9 @@ def run_ours(model, ids, views_nchw: list[np.ndarray], media: list[Media]):
     cfg = model.cfg
     # Pixel rows follow the plan's order: all images, then all videos.
     pairs = list(zip(views_nchw, media, strict=True))
-    ordered = [v for v, m in pairs if m.kind == "image"] + [v for v, m in pairs if m.kind == "video"]
+    ordered = [v for v, m in pairs if m.kind == "image"] + [
+        v for v, m in pairs if m.kind == "video"
+    ]
     pixels = np.concatenate(ordered)[None].transpose(0, 1, 3, 4, 2)  # [1, V, S, S, C]
     plan = build_feature_plan(cfg, [media], max_views=pixels.shape[1])
     check_placeholders(cfg, ids, plan)
@@ -202,11 +204,17 @@ def test_batch_with_left_padding(tmp_path):
     ids = np.zeros((2, length), np.int32)
     mask = np.zeros((2, length), np.int32)
     for b, row in enumerate(rows):
-        ids[b, length - len(row):], mask[b, length - len(row):] = row, 1
+        ids[b, length - len(row) :], mask[b, length - len(row) :] = row, 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
     pixels = np.stack(views).transpose(0, 1, 3, 4, 2)
-    out = model(ids, pixel_values=pixels, taps=plan.taps, tap_weights=plan.weights,
-                positions=positions, segment_ids=mask)
+    out = model(
+        ids,
+        pixel_values=pixels,
+        taps=plan.taps,
+        tap_weights=plan.weights,
+        positions=positions,
+        segment_ids=mask,
+    )
     with torch.no_grad():
         ref = hf(
             input_ids=torch.tensor(ids),

@@ -22,9 +22,18 @@ from llava_jax.hf_config import ConfigError, from_hf_config
 
 # Files copied next to the parameters so the model can run (tokenizer, processor, template).
 ASSET_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
-    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
     "generation_config.json",
 )
 

@@ -86,42 +86,85 @@ def rules(cfg: LlavaConfig) -> list[Rule]:
     lin, conv = Transform.LINEAR, Transform.CONV
     v, t = cfg.vision, cfg.text
     out = [
-        Rule("vision_tower.embeddings.patch_embedding.weight",
-             "vision_tower/embeddings/patch_embedding/kernel", conv),
-        Rule("vision_tower.embeddings.position_embedding.weight",
-             "vision_tower/embeddings/position_embedding/embedding"),
+        Rule(
+            "vision_tower.embeddings.patch_embedding.weight",
+            "vision_tower/embeddings/patch_embedding/kernel",
+            conv,
+        ),
+        Rule(
+            "vision_tower.embeddings.position_embedding.weight",
+            "vision_tower/embeddings/position_embedding/embedding",
+        ),
         Rule("vision_tower.post_layernorm.weight", "vision_tower/post_layernorm/scale"),
         Rule("vision_tower.post_layernorm.bias", "vision_tower/post_layernorm/bias"),
     ]
     if v.kind == VisionKind.CLIP:
         out += [
-            Rule("vision_tower.embeddings.class_embedding", "vision_tower/embeddings/class_embedding"),
+            Rule(
+                "vision_tower.embeddings.class_embedding", "vision_tower/embeddings/class_embedding"
+            ),
             Rule("vision_tower.pre_layrnorm.weight", "vision_tower/pre_layrnorm/scale"),
             Rule("vision_tower.pre_layrnorm.bias", "vision_tower/pre_layrnorm/bias"),
         ]
     else:
-        out.append(Rule("vision_tower.embeddings.patch_embedding.bias",
-                        "vision_tower/embeddings/patch_embedding/bias"))
+        out.append(
+            Rule(
+                "vision_tower.embeddings.patch_embedding.bias",
+                "vision_tower/embeddings/patch_embedding/bias",
+            )
+        )
     vl = v.num_hidden_layers
     for name in ("layer_norm1", "layer_norm2"):
-        out.append(Rule(f"vision_tower.encoder.layers.{{i}}.{name}.weight",
-                        f"vision_tower/encoder/layers/{name}/scale", num_layers=vl))
-        out.append(Rule(f"vision_tower.encoder.layers.{{i}}.{name}.bias",
-                        f"vision_tower/encoder/layers/{name}/bias", num_layers=vl))
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                 "mlp.fc1", "mlp.fc2"):
+        out.append(
+            Rule(
+                f"vision_tower.encoder.layers.{{i}}.{name}.weight",
+                f"vision_tower/encoder/layers/{name}/scale",
+                num_layers=vl,
+            )
+        )
+        out.append(
+            Rule(
+                f"vision_tower.encoder.layers.{{i}}.{name}.bias",
+                f"vision_tower/encoder/layers/{name}/bias",
+                num_layers=vl,
+            )
+        )
+    for name in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ):
         path = name.replace(".", "/")
-        out.append(Rule(f"vision_tower.encoder.layers.{{i}}.{name}.weight",
-                        f"vision_tower/encoder/layers/{path}/kernel", lin, vl))
-        out.append(Rule(f"vision_tower.encoder.layers.{{i}}.{name}.bias",
-                        f"vision_tower/encoder/layers/{path}/bias", num_layers=vl))
+        out.append(
+            Rule(
+                f"vision_tower.encoder.layers.{{i}}.{name}.weight",
+                f"vision_tower/encoder/layers/{path}/kernel",
+                lin,
+                vl,
+            )
+        )
+        out.append(
+            Rule(
+                f"vision_tower.encoder.layers.{{i}}.{name}.bias",
+                f"vision_tower/encoder/layers/{path}/bias",
+                num_layers=vl,
+            )
+        )
 
     projectors = ["linear_1"] + (["linear_2"] if cfg.projector == Projector.MLP2X_GELU else [])
     for name in projectors:
-        out.append(Rule(f"multi_modal_projector.{name}.weight",
-                        f"multi_modal_projector/{name}/kernel", lin))
+        out.append(
+            Rule(
+                f"multi_modal_projector.{name}.weight", f"multi_modal_projector/{name}/kernel", lin
+            )
+        )
         if cfg.projector_bias:
-            out.append(Rule(f"multi_modal_projector.{name}.bias", f"multi_modal_projector/{name}/bias"))
+            out.append(
+                Rule(f"multi_modal_projector.{name}.bias", f"multi_modal_projector/{name}/bias")
+            )
     if cfg.has_image_newline:
         out.append(Rule("image_newline", "image_newline"))
 
@@ -133,22 +176,49 @@ def rules(cfg: LlavaConfig) -> list[Rule]:
     if not t.tie_word_embeddings:
         out.append(Rule("language_model.lm_head.weight", "language_model/lm_head/kernel", lin))
     for name in ("input_layernorm", "post_attention_layernorm"):
-        out.append(Rule(f"language_model.model.layers.{{i}}.{name}.weight",
-                        f"language_model/layers/{name}/scale", num_layers=tl))
-    projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        out.append(
+            Rule(
+                f"language_model.model.layers.{{i}}.{name}.weight",
+                f"language_model/layers/{name}/scale",
+                num_layers=tl,
+            )
+        )
+    projections = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     for name in projections:
         path = name.replace(".", "/")
-        out.append(Rule(f"language_model.model.layers.{{i}}.{name}.weight",
-                        f"language_model/layers/{path}/kernel", lin, tl))
-        if t.attention_bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            out.append(Rule(f"language_model.model.layers.{{i}}.{name}.bias",
-                            f"language_model/layers/{path}/bias", num_layers=tl))
+        out.append(
+            Rule(
+                f"language_model.model.layers.{{i}}.{name}.weight",
+                f"language_model/layers/{path}/kernel",
+                lin,
+                tl,
+            )
+        )
+        if t.attention_bias and name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+        ):
+            out.append(
+                Rule(
+                    f"language_model.model.layers.{{i}}.{name}.bias",
+                    f"language_model/layers/{path}/bias",
+                    num_layers=tl,
+                )
+            )
     return out
 
 
 def hf_output_key(canonical: str) -> str:
     """The spelling `jax_to_hf` writes: what transformers' own `save_pretrained` writes."""
     if canonical.startswith("vision_tower."):
-        return "vision_tower.vision_model." + canonical[len("vision_tower."):]
+        return "vision_tower.vision_model." + canonical[len("vision_tower.") :]
     return canonical

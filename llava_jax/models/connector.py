@@ -17,7 +17,9 @@ class MultiModalProjector(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
         d = cfg.text.hidden_size
-        kw = dict(use_bias=cfg.projector_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        kw = dict(
+            use_bias=cfg.projector_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+        )
         self.linear_1 = dense(d_in, d, ("vision_embed", "embed"), **kw)
         if cfg.projector == Projector.MLP2X_GELU:
             self.linear_2 = dense(d, d, ("mlp", "embed"), **kw)

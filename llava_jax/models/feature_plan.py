@@ -110,10 +110,13 @@ def _bilinear(grid: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, np
     """4-tap bilinear resampling of an index grid int[h, w] to out_hw (torch, no antialias)."""
     y0, y1, wy0, wy1 = anyres.bilinear_taps(grid.shape[0], out_hw[0])
     x0, x1, wx0, wx1 = anyres.bilinear_taps(grid.shape[1], out_hw[1])
-    taps = np.stack([grid[np.ix_(y0, x0)], grid[np.ix_(y0, x1)],
-                     grid[np.ix_(y1, x0)], grid[np.ix_(y1, x1)]], axis=-1)
-    weights = np.stack([np.outer(wy0, wx0), np.outer(wy0, wx1),
-                        np.outer(wy1, wx0), np.outer(wy1, wx1)], axis=-1)
+    taps = np.stack(
+        [grid[np.ix_(y0, x0)], grid[np.ix_(y0, x1)], grid[np.ix_(y1, x0)], grid[np.ix_(y1, x1)]],
+        axis=-1,
+    )
+    weights = np.stack(
+        [np.outer(wy0, wx0), np.outer(wy0, wx1), np.outer(wy1, wx0), np.outer(wy1, wx1)], axis=-1
+    )
     return taps, weights
 
 

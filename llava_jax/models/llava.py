@@ -68,7 +68,9 @@ class LlavaModel(nnx.Module):
         feats = feats.reshape(b, v, *feats.shape[1:])
         return feats, self.multi_modal_projector(feats)
 
-    def image_features(self, projected: jax.Array, taps: jax.Array, weights: jax.Array) -> jax.Array:
+    def image_features(
+        self, projected: jax.Array, taps: jax.Array, weights: jax.Array
+    ) -> jax.Array:
         """Applies the host-built feature plan.
 
         Args:

@@ -120,10 +120,14 @@ class LanguageModel(nnx.Module):
             embedding_init=partitioned(nnx.initializers.normal(0.02), "vocab", "embed"),
             **kw,
         )
-        self.layers = stacked(lambda r: DecoderLayer(t, **{**kw, "rngs": r}), t.num_hidden_layers, rngs)
+        self.layers = stacked(
+            lambda r: DecoderLayer(t, **{**kw, "rngs": r}), t.num_hidden_layers, rngs
+        )
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
         if not t.tie_word_embeddings:
-            self.lm_head = dense(t.hidden_size, t.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+            self.lm_head = dense(
+                t.hidden_size, t.vocab_size, ("embed", "vocab"), use_bias=False, **kw
+            )
 
     def __call__(
         self,
@@ -151,9 +155,15 @@ class LanguageModel(nnx.Module):
             mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
             xs = None
         else:
-            segment = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids, cache.index, 1)
-            kv_steps = jnp.broadcast_to(jnp.arange(segment.shape[1], dtype=jnp.int32), segment.shape)
-            mask = causal_mask(steps + cache.index, kv_steps, segment_ids, segment, t.sliding_window)
+            segment = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment, segment_ids, cache.index, 1
+            )
+            kv_steps = jnp.broadcast_to(
+                jnp.arange(segment.shape[1], dtype=jnp.int32), segment.shape
+            )
+            mask = causal_mask(
+                steps + cache.index, kv_steps, segment_ids, segment, t.sliding_window
+            )
             xs = (cache.k, cache.v)
 
         def layer_fn(layer, h, kv):
@@ -179,8 +189,13 @@ class LanguageModel(nnx.Module):
         """float[B, T, D] -> float32[B, T, V], the matmul accumulated in float32."""
         if self.cfg.text.tie_word_embeddings:
             table = self.embed_tokens.embedding[...]
-            return jnp.einsum("BTD,VD->BTV", hidden, table.astype(hidden.dtype),
-                              preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                "BTD,VD->BTV",
+                hidden,
+                table.astype(hidden.dtype),
+                preferred_element_type=jnp.float32,
+            )
         kernel = self.lm_head.kernel[...]
-        return jnp.einsum("BTD,DV->BTV", hidden, kernel.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "BTD,DV->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
+        )

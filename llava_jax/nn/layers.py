@@ -49,7 +49,9 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype: Dtype, rngs: nnx.Rngs):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(partitioned(nnx.initializers.ones_init(), "norm")(None, (dim,), param_dtype))
+        self.scale = nnx.Param(
+            partitioned(nnx.initializers.ones_init(), "norm")(None, (dim,), param_dtype)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -63,8 +65,12 @@ class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype: Dtype, rngs: nnx.Rngs):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(partitioned(nnx.initializers.ones_init(), "norm")(None, (dim,), param_dtype))
-        self.bias = nnx.Param(partitioned(nnx.initializers.zeros_init(), "norm")(None, (dim,), param_dtype))
+        self.scale = nnx.Param(
+            partitioned(nnx.initializers.ones_init(), "norm")(None, (dim,), param_dtype)
+        )
+        self.bias = nnx.Param(
+            partitioned(nnx.initializers.zeros_init(), "norm")(None, (dim,), param_dtype)
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
