@@ -1,10 +1,11 @@
-"""The HF <-> JAX parameter table, one for all three families, used in both directions.
+"""The HF <-> JAX parameter mapping, one for all three families, used in both directions.
 
 HF checkpoints spell the same tensor several ways (algorithms.md §9): the llava-hf files
 (`language_model.model.*`, `vision_tower.vision_model.*`), transformers-5 module paths
 (`model.language_model.*`, `model.vision_tower.*`), and the original LLaVA / LLaVA-NeXT
 repositories (`model.layers.*`, `model.mm_projector.0.*`, `model.vision_tower.vision_tower.*`).
-`canonical_key` folds them all into one spelling; `rules` maps that spelling to JAX paths.
+`canonical_key` folds them all into one spelling. `rules` derives each parameter's canonical
+key from its path in the model (module names mirror HF), so there is no table to keep in step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import re
 
 import numpy as np
 
-from llava_jax.config import LlavaConfig, Projector, VisionKind
+from llava_jax.checkpoint import abstract_params
+from llava_jax.config import LlavaConfig
 
 
 class Transform(enum.Enum):
@@ -81,140 +83,32 @@ def canonical_key(key: str) -> str | None:
     return key
 
 
+# Module names mirror HF, so an HF key follows from the parameter's path; only the leaf
+# names differ (Flax: kernel / scale / embedding; torch: weight), and HF's causal LM has a
+# `model.` level around its decoder that ours does not.
+_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_PREFIXES = (("language_model.lm_head.", "language_model.lm_head."),
+             ("language_model.", "language_model.model."))  # fmt: skip
+
+
+def rule_for(path: str, shape: tuple[int, ...]) -> Rule:
+    """The rule of one parameter, from its path and shape."""
+    *modules, leaf = path.split("/")
+    stacked = "layers" in modules
+    hf = ".".join([*(m + ".{i}" if m == "layers" else m for m in modules), _LEAVES.get(leaf, leaf)])
+    for ours, theirs in _PREFIXES:
+        if hf.startswith(ours):
+            hf = theirs + hf[len(ours) :]
+            break
+    transform = Transform.COPY
+    if leaf == "kernel":
+        transform = Transform.CONV if len(shape) - stacked == 4 else Transform.LINEAR
+    return Rule(hf, path, transform, num_layers=shape[0] if stacked else 0)
+
+
 def rules(cfg: LlavaConfig) -> list[Rule]:
     """Every parameter of `LlavaModel(cfg)` with its canonical HF key."""
-    lin, conv = Transform.LINEAR, Transform.CONV
-    v, t = cfg.vision, cfg.text
-    out = [
-        Rule(
-            "vision_tower.embeddings.patch_embedding.weight",
-            "vision_tower/embeddings/patch_embedding/kernel",
-            conv,
-        ),
-        Rule(
-            "vision_tower.embeddings.position_embedding.weight",
-            "vision_tower/embeddings/position_embedding/embedding",
-        ),
-        Rule("vision_tower.post_layernorm.weight", "vision_tower/post_layernorm/scale"),
-        Rule("vision_tower.post_layernorm.bias", "vision_tower/post_layernorm/bias"),
-    ]
-    if v.kind == VisionKind.CLIP:
-        out += [
-            Rule(
-                "vision_tower.embeddings.class_embedding", "vision_tower/embeddings/class_embedding"
-            ),
-            Rule("vision_tower.pre_layrnorm.weight", "vision_tower/pre_layrnorm/scale"),
-            Rule("vision_tower.pre_layrnorm.bias", "vision_tower/pre_layrnorm/bias"),
-        ]
-    else:
-        out.append(
-            Rule(
-                "vision_tower.embeddings.patch_embedding.bias",
-                "vision_tower/embeddings/patch_embedding/bias",
-            )
-        )
-    vl = v.num_hidden_layers
-    for name in ("layer_norm1", "layer_norm2"):
-        out.append(
-            Rule(
-                f"vision_tower.encoder.layers.{{i}}.{name}.weight",
-                f"vision_tower/encoder/layers/{name}/scale",
-                num_layers=vl,
-            )
-        )
-        out.append(
-            Rule(
-                f"vision_tower.encoder.layers.{{i}}.{name}.bias",
-                f"vision_tower/encoder/layers/{name}/bias",
-                num_layers=vl,
-            )
-        )
-    for name in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.out_proj",
-        "mlp.fc1",
-        "mlp.fc2",
-    ):
-        path = name.replace(".", "/")
-        out.append(
-            Rule(
-                f"vision_tower.encoder.layers.{{i}}.{name}.weight",
-                f"vision_tower/encoder/layers/{path}/kernel",
-                lin,
-                vl,
-            )
-        )
-        out.append(
-            Rule(
-                f"vision_tower.encoder.layers.{{i}}.{name}.bias",
-                f"vision_tower/encoder/layers/{path}/bias",
-                num_layers=vl,
-            )
-        )
-
-    projectors = ["linear_1"] + (["linear_2"] if cfg.projector == Projector.MLP2X_GELU else [])
-    for name in projectors:
-        out.append(
-            Rule(
-                f"multi_modal_projector.{name}.weight", f"multi_modal_projector/{name}/kernel", lin
-            )
-        )
-        if cfg.projector_bias:
-            out.append(
-                Rule(f"multi_modal_projector.{name}.bias", f"multi_modal_projector/{name}/bias")
-            )
-    if cfg.has_image_newline:
-        out.append(Rule("image_newline", "image_newline"))
-
-    tl = t.num_hidden_layers
-    out += [
-        Rule("language_model.model.embed_tokens.weight", "language_model/embed_tokens/embedding"),
-        Rule("language_model.model.norm.weight", "language_model/norm/scale"),
-    ]
-    if not t.tie_word_embeddings:
-        out.append(Rule("language_model.lm_head.weight", "language_model/lm_head/kernel", lin))
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        out.append(
-            Rule(
-                f"language_model.model.layers.{{i}}.{name}.weight",
-                f"language_model/layers/{name}/scale",
-                num_layers=tl,
-            )
-        )
-    projections = [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ]
-    for name in projections:
-        path = name.replace(".", "/")
-        out.append(
-            Rule(
-                f"language_model.model.layers.{{i}}.{name}.weight",
-                f"language_model/layers/{path}/kernel",
-                lin,
-                tl,
-            )
-        )
-        if t.attention_bias and name in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-        ):
-            out.append(
-                Rule(
-                    f"language_model.model.layers.{{i}}.{name}.bias",
-                    f"language_model/layers/{path}/bias",
-                    num_layers=tl,
-                )
-            )
-    return out
+    return [rule_for(path, leaf.shape) for path, leaf in abstract_params(cfg).items()]
 
 
 def hf_output_key(canonical: str) -> str:
