@@ -93,8 +93,24 @@ def test_llava15_feature_layers(tmp_path, layers):
     assert_close("logits", out.logits, ref)
 
 
-def next_inputs(rng, image_hw, num_views):
+def next_inputs(rng, num_views):
     return rng.randn(num_views, 3, hf_tiny.CROP, hf_tiny.CROP).astype(np.float32)
+
+
+def check_anyres_image(hf, model, image_hw, seed):
+    """One AnyRes image (base view + crops): image features and logits against HF."""
+    rng = np.random.RandomState(seed)
+    media = [Media.image(*image_hw)]
+    plan = build_feature_plan(model.cfg, [media])
+    views = next_inputs(rng, plan.num_views[0])
+    ids = prompt([(IMG, plan.num_image_tokens[0])], rng)
+    out, _ = run_ours(model, ids, [views], media)
+    hf_pixels = {"pixel_values": torch.tensor(views)[None], "image_sizes": torch.tensor([image_hw])}
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), **hf_pixels).logits.numpy()
+    want = hf_image_features(hf, **hf_pixels)
+    assert_close("image features", out.image_features[0, : len(want)], want)
+    assert_close("logits", out.logits, ref)
 
 
 @pytest.mark.parametrize(
@@ -102,21 +118,7 @@ def next_inputs(rng, image_hw, num_views):
 )
 def test_llava_next(tmp_path, image_hw):
     hf = hf_tiny.llava_next()
-    model = convert(hf, tmp_path)
-    rng = np.random.RandomState(2)
-    media = [Media.image(*image_hw)]
-    plan = build_feature_plan(model.cfg, [media], max_views=16)
-    views = next_inputs(rng, image_hw, plan.num_views[0])
-    ids = prompt([(IMG, plan.num_image_tokens[0])], rng)
-    out, _ = run_ours(model, ids, [views], media)
-    sizes = torch.tensor([image_hw])
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.tensor(ids), pixel_values=torch.tensor(views)[None], image_sizes=sizes
-        ).logits.numpy()
-    want = hf_image_features(hf, pixel_values=torch.tensor(views)[None], image_sizes=sizes)
-    assert_close("image features", out.image_features[0, : len(want)], want)
-    assert_close("logits", out.logits, ref)
+    check_anyres_image(hf, convert(hf, tmp_path), image_hw, seed=2)
 
 
 def test_llava_next_mistral_sliding_window(tmp_path):
@@ -124,19 +126,7 @@ def test_llava_next_mistral_sliding_window(tmp_path):
     hf = hf_tiny.llava_next(kv_heads=1, text_kind="mistral", sliding_window=8)
     model = convert(hf, tmp_path)
     assert model.cfg.text.sliding_window == 8
-    rng = np.random.RandomState(3)
-    media = [Media.image(60, 30)]
-    plan = build_feature_plan(model.cfg, [media], max_views=16)
-    views = next_inputs(rng, (60, 30), plan.num_views[0])
-    ids = prompt([(IMG, plan.num_image_tokens[0])], rng)
-    out, _ = run_ours(model, ids, [views], media)
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.tensor(ids),
-            pixel_values=torch.tensor(views)[None],
-            image_sizes=torch.tensor([[60, 30]]),
-        ).logits.numpy()
-    assert_close("logits", out.logits, ref)
+    check_anyres_image(hf, model, (60, 30), seed=3)
 
 
 @pytest.mark.parametrize(
@@ -147,21 +137,7 @@ def test_llava_next_mistral_sliding_window(tmp_path):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_onevision_single_image(tmp_path, image_hw, tie):
     hf = hf_tiny.llava_onevision(tie=tie)
-    model = convert(hf, tmp_path)
-    rng = np.random.RandomState(4)
-    media = [Media.image(*image_hw)]
-    plan = build_feature_plan(model.cfg, [media], max_views=40)
-    views = next_inputs(rng, image_hw, plan.num_views[0])
-    ids = prompt([(IMG, plan.num_image_tokens[0])], rng)
-    out, _ = run_ours(model, ids, [views], media)
-    sizes = torch.tensor([image_hw])
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.tensor(ids), pixel_values=torch.tensor(views)[None], image_sizes=sizes
-        ).logits.numpy()
-    want = hf_image_features(hf, pixel_values=torch.tensor(views)[None], image_sizes=sizes)
-    assert_close("image features", out.image_features[0, : len(want)], want)
-    assert_close("logits", out.logits, ref)
+    check_anyres_image(hf, convert(hf, tmp_path), image_hw, seed=4)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
@@ -197,7 +173,7 @@ def test_batch_with_left_padding(tmp_path):
     rng = np.random.RandomState(6)
     media = [[Media.image(42, 84)], [Media.image(84, 42)]]
     plan = build_feature_plan(model.cfg, media, max_views=3)
-    views = [next_inputs(rng, m[0].image_hw, 3) for m in media]
+    views = [next_inputs(rng, 3) for _ in media]
     rows = [prompt([(IMG, n)], rng)[0] for n in plan.num_image_tokens]
     rows[1] = rows[1][:-3]
     length = max(map(len, rows))
