@@ -261,6 +261,19 @@ class LlavaConfig:
         cfg = _dataclass_from_dict(cls, d, "config", vision=vision, text=text)
         return cfg
 
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> LlavaConfig:
+        """From an HF `config.json` dict; strict (see `llava_jax.hf_config`)."""
+        from llava_jax.hf_config import from_hf_config
+
+        return from_hf_config(hf)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The HF `config.json` dict (see `llava_jax.hf_config`)."""
+        from llava_jax.hf_config import to_hf_config
+
+        return to_hf_config(self)
+
     # -- presets for the released checkpoints ----------------------------------------------
 
     @classmethod
