@@ -33,12 +33,14 @@ class LlavaOutput:
       vision_features: float[B, V, P, D_vision] selected tower features (None without images).
       image_features: float[B, I, D] the features placed at the image tokens (None without
         images).
+      hidden: float[B, T, D] the decoder output after the final norm.
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     cache: KVCache | None = None
     vision_features: jax.Array | None = None
     image_features: jax.Array | None = None
+    hidden: jax.Array | None = None
 
 
 class LlavaModel(nnx.Module):
@@ -118,7 +120,7 @@ class LlavaModel(nnx.Module):
         placed = jnp.take_along_axis(image_features, rank[..., None], axis=1)
         return jnp.where(is_media[..., None], placed.astype(embeds.dtype), embeds)
 
-    def __call__(
+    def hidden_states(
         self,
         input_ids: jax.Array,
         *,
@@ -129,18 +131,9 @@ class LlavaModel(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> LlavaOutput:
-        """The forward pass.
+        """The forward pass up to the final norm, without logits (`hidden` is set).
 
-        Args:
-          input_ids: int32[B, T], image tokens already expanded to their final count.
-          pixel_values: float[B, V, S, S, C] or None for text only.
-          taps, tap_weights: the feature plan for `pixel_values` (see `feature_plan.py`).
-          positions: int32[B, T]; defaults to 0..T-1.
-          segment_ids: int32[B, T]; 0 marks padding. Defaults to all ones.
-          cache: a KV cache to extend (prefill or decode).
-
-        Returns:
-          LlavaOutput with float32 logits.
+        Generation uses it to project only the positions it needs onto the vocabulary.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -153,9 +146,21 @@ class LlavaModel(nnx.Module):
             image_features = self.image_features(projected, taps, tap_weights)
         embeds = self.embed(input_ids, image_features)
         hidden, cache = self.language_model(embeds, positions, segment_ids, cache)
-        return LlavaOutput(
-            logits=self.language_model.logits(hidden),
-            cache=cache,
-            vision_features=vision_features,
-            image_features=image_features,
-        )
+        return LlavaOutput(None, cache, vision_features, image_features, hidden)
+
+    def __call__(self, input_ids: jax.Array, **inputs) -> LlavaOutput:
+        """The forward pass.
+
+        Args:
+          input_ids: int32[B, T], image tokens already expanded to their final count.
+          pixel_values: float[B, V, S, S, C] or None for text only.
+          taps, tap_weights: the feature plan for `pixel_values` (see `feature_plan.py`).
+          positions: int32[B, T]; defaults to 0..T-1.
+          segment_ids: int32[B, T]; 0 marks padding. Defaults to all ones.
+          cache: a KV cache to extend (prefill or decode).
+
+        Returns:
+          LlavaOutput with float32 logits[B, T, V].
+        """
+        out = self.hidden_states(input_ids, **inputs)
+        return out.replace(logits=self.language_model.logits(out.hidden))

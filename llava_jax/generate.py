@@ -1,0 +1,273 @@
+"""Batched generation with a preallocated KV cache: one jitted prefill, one jitted decode step.
+
+Prompts of different lengths are left-padded into a shape bucket (prompt length, views,
+image tokens and cache length rounded up), so a new prompt reuses a compiled program unless
+it falls in a new bucket. Decoding runs one jitted step per token from a Python loop, which
+is what lets tokens stream out and stop strings end a row; the step donates the cache so it
+is updated in place.
+
+Sampling follows transformers' logits processors, in their order: repetition penalty,
+temperature, top-k, top-p; temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.models.feature_plan import Media, build_feature_plan, check_placeholders
+from llava_jax.models.llava import LlavaModel
+from llava_jax.models.llm import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens. `temperature=0` is greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"invalid sampling: temperature={self.temperature}, top_p={self.top_p}, "
+                f"top_k={self.top_k}"
+            )
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt: token ids with image/video tokens expanded, and its preprocessed media.
+
+    Attributes:
+      input_ids: int[T].
+      views: float32[V, S, S, 3] all views of the prompt's media, images first then videos
+        (None for text only).
+      media: the media items in order of appearance.
+    """
+
+    input_ids: np.ndarray
+    views: np.ndarray | None = None
+    media: tuple[Media, ...] = ()
+
+
+@dataclasses.dataclass
+class Generation:
+    """The result for one prompt."""
+
+    token_ids: list[int]  # generated ids only, stop token included if one was produced
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The padded size for n: powers of two up to 1024, then multiples of 512."""
+    n = max(n, minimum)
+    if n <= 1024:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 512) * 512
+
+
+def _sample(logits, key, seen, knobs, *, greedy: bool, top_k: int):
+    """float32[B, V] logits -> int32[B] tokens, as HF's logits processors and samplers do.
+
+    `knobs` holds the float settings as traced scalars (changing them does not recompile);
+    only the greedy switch and top_k (a shape) are static.
+    """
+    penalty = knobs["repetition_penalty"]
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    logits = jnp.where(seen, penalised, logits)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / knobs["temperature"]
+    if top_k:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    # HF TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p, keep >= 1 token.
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    tail = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1 - knobs["top_p"]
+    tail = tail.at[:, -1].set(False)
+    drop = jnp.zeros_like(tail).at[jnp.arange(tail.shape[0])[:, None], order].set(tail)
+    logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class Generator:
+    """Generates from a `LlavaModel`; compiled programs are cached per shape bucket.
+
+    Args:
+      model: the model (its parameters may be sharded over a mesh).
+      decode: optional ids -> text, needed for stop strings and streaming text.
+    """
+
+    def __init__(self, model: LlavaModel, decode: Callable[[list[int]], str] | None = None):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.decode = decode
+        static = ("greedy", "top_k")
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=static)
+        self._step = jax.jit(self._step_fn, static_argnames=static, donate_argnums=(1,))
+
+    # -- the two compiled programs ---------------------------------------------------------
+
+    def _prefill_fn(self, state, cache, ids, positions, segment, pixels, taps, weights, key,
+                    knobs, greedy, top_k):  # fmt: skip
+        model = nnx.merge(self.graphdef, state)
+        out = model.hidden_states(
+            ids, pixel_values=pixels, taps=taps, tap_weights=weights, positions=positions,
+            segment_ids=segment, cache=cache,
+        )  # fmt: skip
+        logits = model.language_model.logits(out.hidden[:, -1:])[:, 0]
+        vocab = logits.shape[-1]
+        seen = jnp.zeros((ids.shape[0], vocab), bool)
+        seen = seen.at[jnp.arange(ids.shape[0])[:, None], ids].max(segment > 0)
+        token = _sample(logits, jax.random.fold_in(key, 0), seen, knobs, greedy=greedy, top_k=top_k)
+        return token, out.cache, seen.at[jnp.arange(ids.shape[0]), token].set(True)
+
+    def _step_fn(self, state, cache, token, position, seen, key, step, knobs, greedy, top_k):
+        model = nnx.merge(self.graphdef, state)
+        ones = jnp.ones_like(token)[:, None]
+        out = model.hidden_states(token[:, None], positions=position[:, None], segment_ids=ones,
+                                  cache=cache)  # fmt: skip
+        logits = model.language_model.logits(out.hidden)[:, 0]
+        key = jax.random.fold_in(key, step)
+        token = _sample(logits, key, seen, knobs, greedy=greedy, top_k=top_k)
+        return token, out.cache, seen.at[jnp.arange(token.shape[0]), token].set(True)
+
+    # -- host side -------------------------------------------------------------------------
+
+    def _batch(self, prompts: Sequence[Prompt], max_new_tokens: int):
+        """Left-pads the prompts into one shape bucket and builds the feature plan."""
+        lengths = [len(p.input_ids) for p in prompts]
+        t = bucket(max(lengths))
+        cache_len = t + bucket(max_new_tokens)
+        limit = self.cfg.text.max_position_embeddings
+        if max(lengths) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {max(lengths)} tokens + {max_new_tokens} new tokens exceeds the "
+                f"model's context of {limit} tokens"
+            )
+        b = len(prompts)
+        ids = np.zeros((b, t), np.int32)
+        segment = np.zeros((b, t), np.int32)
+        for row, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            ids[row, t - n :], segment[row, t - n :] = p.input_ids, 1
+        positions = np.maximum(np.cumsum(segment, axis=1) - 1, 0).astype(np.int32)
+        pixels = taps = weights = None
+        if any(p.media for p in prompts):
+            plan = build_feature_plan(self.cfg, [p.media for p in prompts])
+            check_placeholders(self.cfg, ids, plan)
+            views = max(bucket(max(plan.num_views), 1), 1)
+            size = self.cfg.vision.image_size
+            pixels = np.zeros((b, views, size, size, 3), np.float32)
+            for row, p in enumerate(prompts):
+                if p.views is not None:
+                    if len(p.views) != plan.num_views[row]:
+                        raise ValueError(
+                            f"prompt {row}: {len(p.views)} views given, its media need "
+                            f"{plan.num_views[row]}"
+                        )
+                    pixels[row, : len(p.views)] = p.views
+            plan = build_feature_plan(
+                self.cfg, [p.media for p in prompts],
+                max_tokens=bucket(max(plan.num_image_tokens) + max(plan.num_video_tokens)),
+            )  # fmt: skip
+            taps, weights = plan.taps, plan.weights
+        else:
+            check_placeholders(self.cfg, ids, build_feature_plan(self.cfg, [() for _ in prompts]))
+        return ids, positions, segment, pixels, taps, weights, cache_len, lengths
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingConfig = SamplingConfig(),
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Generation]:
+        """Generates a continuation for every prompt.
+
+        Args:
+          prompts: the prompts, of any lengths and numbers of images.
+          sampling: decoding settings.
+          on_token: called as `on_token(row, token_id)` for each new token, for streaming.
+
+        Returns:
+          One `Generation` per prompt.
+        """
+        ids, positions, segment, pixels, taps, weights, cache_len, lengths = self._batch(
+            prompts, sampling.max_new_tokens
+        )
+        b = len(prompts)
+        cache = KVCache.init(self.cfg.text, b, cache_len, self.cfg.dtype)
+        key = jax.random.key(sampling.seed)
+        knobs = {
+            "temperature": jnp.float32(sampling.temperature or 1.0),
+            "top_p": jnp.float32(sampling.top_p),
+            "repetition_penalty": jnp.float32(sampling.repetition_penalty),
+        }
+        static = {"greedy": sampling.temperature == 0.0, "top_k": sampling.top_k}
+        start = time.perf_counter()
+        token, cache, seen = self._prefill(
+            self.state, cache, ids, positions, segment, pixels, taps, weights, key, knobs, **static
+        )
+        position = positions[:, -1] + 1
+        outputs: list[list[int]] = [[] for _ in range(b)]
+        reasons = [""] * b
+        first_token_at = decode_start = None
+        for step in range(1, sampling.max_new_tokens + 1):
+            host_tokens = np.asarray(token)
+            if first_token_at is None:
+                first_token_at = decode_start = time.perf_counter()
+            for row in range(b):
+                if reasons[row]:
+                    continue
+                outputs[row].append(int(host_tokens[row]))
+                if on_token is not None:
+                    on_token(row, int(host_tokens[row]))
+                reasons[row] = self._finished(outputs[row], sampling)
+            if all(reasons) or step == sampling.max_new_tokens:
+                break
+            token, cache, seen = self._step(
+                self.state, cache, token, position, seen, key, step, knobs, **static
+            )
+            position = position + 1
+        end = time.perf_counter()
+        decoded = max(len(o) for o in outputs) - 1
+        rate = decoded / (end - decode_start) if decoded > 0 else 0.0
+        return [
+            Generation(
+                token_ids=out,
+                prompt_tokens=n,
+                finish_reason=reason or "length",
+                time_to_first_token_s=first_token_at - start,
+                decode_tokens_per_s=rate,
+            )
+            for out, n, reason in zip(outputs, lengths, reasons, strict=True)
+        ]
+
+    def _finished(self, out: list[int], sampling: SamplingConfig) -> str:
+        if out[-1] in sampling.stop_token_ids:
+            return "stop"
+        if sampling.stop_strings and self.decode is not None:
+            text = self.decode(out)
+            if any(s in text for s in sampling.stop_strings):
+                return "stop"
+        return ""

@@ -1,0 +1,199 @@
+"""Generation: greedy tokens identical to transformers' `generate`, batching, sampling."""
+
+from __future__ import annotations
+
+import hf_tiny
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from llava_jax.checkpoint import load_model
+from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+from llava_jax.generate import Generator, Prompt, SamplingConfig, bucket
+from llava_jax.models.feature_plan import Media, build_feature_plan
+
+IMG, VID = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (HF model, our Generator), converted once per module."""
+    out = {}
+    for family, build in hf_tiny.BUILDERS.items():
+        tmp = tmp_path_factory.mktemp(family)
+        hf = build()
+        hf.save_pretrained(tmp / "hf")
+        convert_hf_to_jax(tmp / "hf", tmp / "jax")
+        out[family] = (hf, Generator(load_model(tmp / "jax")))
+    return out
+
+
+def make_prompt(cfg, media, rng, text_len=5):
+    """A prompt with random text around each media item's expanded tokens, and its views."""
+    plan = build_feature_plan(cfg, [media])
+    ids = [1] + list(rng.randint(3, 140, size=text_len))
+    images = [m for m in media if m.kind == "image"]
+    per_image = plan.num_image_tokens[0] // max(len(images), 1)
+    for m in media:
+        if m.kind == "image":
+            ids += [IMG] * per_image
+        else:
+            ids += [VID] * plan.num_video_tokens[0]
+        ids += list(rng.randint(3, 140, size=3))
+    views = rng.randn(plan.num_views[0], 42, 42, 3).astype(np.float32)
+    return Prompt(np.array(ids, np.int32), views, tuple(media))
+
+
+def hf_generate(hf, prompts, **inputs):
+    """transformers greedy generate on a left-padded batch; returns generated ids per row."""
+    length = max(len(p.input_ids) for p in prompts)
+    ids = np.zeros((len(prompts), length), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p.input_ids) :] = p.input_ids
+        mask[row, length - len(p.input_ids) :] = 1
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            max_new_tokens=NEW_TOKENS, do_sample=False, **inputs,
+        )  # fmt: skip
+    eos = hf.generation_config.eos_token_id
+    rows = []
+    for row in out[:, length:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos) + 1]
+        rows.append(row)
+    return rows
+
+
+def ours(generator, prompts, **sampling):
+    eos = generator.cfg.text.eos_token_id
+    stop = (eos,) if isinstance(eos, int) else tuple(eos or ())
+    cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, stop_token_ids=stop, **sampling)
+    return [g.token_ids for g in generator.generate(prompts, cfg)]
+
+
+def nchw(views):
+    return torch.tensor(views.transpose(0, 3, 1, 2))
+
+
+def test_llava15_single_image(models):
+    hf, gen = models["llava"]
+    prompt = make_prompt(gen.cfg, [Media.image(42, 42)], np.random.RandomState(0))
+    want = hf_generate(hf, [prompt], pixel_values=nchw(prompt.views))
+    assert ours(gen, [prompt]) == want
+
+
+def test_llava_next_batch_of_two_non_square_images(models):
+    """Two prompts of different lengths and different AnyRes grids in one batch."""
+    hf, gen = models["llava_next"]
+    rng = np.random.RandomState(1)
+    prompts = [
+        make_prompt(gen.cfg, [Media.image(30, 50)], rng, text_len=9),
+        make_prompt(gen.cfg, [Media.image(100, 40)], rng, text_len=2),
+    ]
+    views = max(len(p.views) for p in prompts)
+    pixels = np.zeros((2, views, 3, 42, 42), np.float32)
+    for row, p in enumerate(prompts):
+        pixels[row, : len(p.views)] = p.views.transpose(0, 3, 1, 2)
+    want = hf_generate(
+        hf,
+        prompts,
+        pixel_values=torch.tensor(pixels),
+        image_sizes=torch.tensor([[30, 50], [100, 40]]),
+    )
+    assert ours(gen, prompts) == want
+    # Each row alone gives the same tokens as in the batch.
+    assert [ours(gen, [p])[0] for p in prompts] == want
+
+
+@pytest.mark.parametrize("image_hw", [(40, 55), (150, 170)], ids=["grid1x2", "downsampled"])
+def test_onevision_single_image(models, image_hw):
+    hf, gen = models["llava_onevision"]
+    prompt = make_prompt(gen.cfg, [Media.image(*image_hw)], np.random.RandomState(2))
+    want = hf_generate(
+        hf, [prompt], pixel_values=nchw(prompt.views)[None], image_sizes=torch.tensor([image_hw])
+    )
+    assert ours(gen, [prompt]) == want
+
+
+def test_onevision_multi_image_and_video(models):
+    hf, gen = models["llava_onevision"]
+    media = [Media.image(50, 80), Media.image(90, 30), Media.video(3)]
+    prompt = make_prompt(gen.cfg, media, np.random.RandomState(3))
+    images, video = prompt.views[:2], prompt.views[2:]
+    want = hf_generate(
+        hf, [prompt],
+        pixel_values=nchw(images)[:, None], image_sizes=torch.tensor([[50, 80], [90, 30]]),
+        batch_num_images=torch.tensor([2]), pixel_values_videos=nchw(video)[None],
+    )  # fmt: skip
+    assert ours(gen, [prompt]) == want
+
+
+def test_text_only_batch(models):
+    hf, gen = models["llava"]
+    rng = np.random.RandomState(4)
+    prompts = [Prompt(rng.randint(3, 140, size=n).astype(np.int32)) for n in (4, 11)]
+    assert ours(gen, prompts) == hf_generate(hf, prompts)
+
+
+def test_repetition_penalty_matches_transformers(models):
+    hf, gen = models["llava"]
+    prompt = Prompt(np.random.RandomState(5).randint(3, 140, size=8).astype(np.int32))
+    want = hf_generate(hf, [prompt], repetition_penalty=1.3)
+    assert ours(gen, [prompt], repetition_penalty=1.3) == want
+
+
+def test_sampling_is_reproducible_with_a_seed(models):
+    _, gen = models["llava_onevision"]
+    prompt = Prompt(np.random.RandomState(6).randint(3, 140, size=8).astype(np.int32))
+    settings = dict(temperature=1.5, top_k=50, top_p=0.9)
+    first = ours(gen, [prompt], seed=7, **settings)
+    assert ours(gen, [prompt], seed=7, **settings) == first
+    others = [ours(gen, [prompt], seed=s, **settings) for s in (8, 9, 10)]
+    assert any(o != first for o in others), "different seeds never changed the sample"
+
+
+def test_streaming_callback_sees_every_token(models):
+    _, gen = models["llava"]
+    prompt = Prompt(np.random.RandomState(7).randint(3, 140, size=6).astype(np.int32))
+    streamed = []
+    result = gen.generate([prompt], SamplingConfig(max_new_tokens=6),
+                          on_token=lambda row, tok: streamed.append(tok))  # fmt: skip
+    assert streamed == result[0].token_ids and len(streamed) == 6
+
+
+def test_compiles_once_per_bucket(models):
+    """Three prompts with different image sizes and lengths, one shape bucket: one compile
+    of prefill and of the decode step, none per token."""
+    gen = Generator(nnx.merge(models["llava_next"][1].graphdef, models["llava_next"][1].state))
+    rng = np.random.RandomState(8)
+    prompts = [make_prompt(gen.cfg, [Media.image(*hw)], rng, n)
+               for hw, n in [((30, 50), 3), ((42, 84), 6), ((42, 42), 12)]]  # fmt: skip
+    for prompt in prompts:
+        gen.generate([prompt], SamplingConfig(max_new_tokens=6, seed=len(prompt.input_ids)))
+    assert (gen._prefill._cache_size(), gen._step._cache_size()) == (1, 1)
+
+
+def test_placeholder_mismatch_is_an_error(models):
+    _, gen = models["llava"]
+    prompt = make_prompt(gen.cfg, [Media.image(42, 42)], np.random.RandomState(9))
+    short = Prompt(prompt.input_ids[:-5][prompt.input_ids[:-5] != IMG][:3].copy(), prompt.views,
+                   prompt.media)  # fmt: skip
+    with pytest.raises(ValueError, match="image tokens do not match"):
+        gen.generate([short])
+
+
+def test_prompt_longer_than_context_is_an_error(models):
+    _, gen = models["llava"]
+    prompt = Prompt(np.ones(250, np.int32))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        gen.generate([prompt], SamplingConfig(max_new_tokens=10))
+
+
+def test_bucket():
+    assert [bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 8765)] == [
+        16, 16, 32, 1024, 1024, 1536, 9216,
+    ]  # fmt: skip
