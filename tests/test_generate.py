@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hf_tiny
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from llava_jax.checkpoint import load_model
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
 from llava_jax.generate import Generator, Prompt, SamplingConfig, bucket
 from llava_jax.models.feature_plan import Media, build_feature_plan
+from llava_jax.sharding import make_mesh, shard_model
 
 IMG, VID = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN
 NEW_TOKENS = 10
@@ -197,3 +200,16 @@ def test_bucket():
     assert [bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 8765)] == [
         16, 16, 32, 1024, 1024, 1536, 9216,
     ]  # fmt: skip
+
+
+def test_generation_on_a_sharded_mesh(models):
+    """FSDP x tensor-parallel weights on 8 CPU devices give the single-device tokens."""
+    _, gen = models["llava_onevision"]
+    prompt = make_prompt(gen.cfg, [Media.image(150, 170)], np.random.RandomState(10))
+    want = ours(gen, [prompt])
+    model = nnx.merge(gen.graphdef, jax.tree.map(jnp.copy, gen.state))
+    shard_model(model, make_mesh(data=1, fsdp=4, tensor=2))
+    sharded = Generator(model)
+    kernel = sharded.state["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert tuple(kernel.get_value().sharding.spec) == (None, "fsdp", "tensor")
+    assert ours(sharded, [prompt]) == want

@@ -1,0 +1,85 @@
+"""Placing parameters on a device mesh from their logical axis names.
+
+Every parameter names its axes (`layers`, `embed`, `mlp`, `q_heads`, `kv_heads`, `vocab`,
+...). One rules table maps each logical name to a mesh axis; FSDP in one sentence: the
+`embed` axis goes to `fsdp`, and activations' batch goes to (`data`, `fsdp`). A dimension the
+mesh axis does not divide stays replicated rather than failing, so one table serves a tiny
+test model and a 72B one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llava_jax.checkpoint import flat_to_nested, model_params
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axis or None), first match wins.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vision_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "
+                         f"{math.prod(sizes)} devices, found {len(devices)}")  # fmt: skip
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_mesh(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+) -> PartitionSpec:
+    """The mesh PartitionSpec of one array from its logical axis names."""
+    table = dict(rules)
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        axis = table.get(name) if name is not None else None
+        if axis is not None and (dim % mesh.shape[axis] or axis in spec):
+            axis = None  # uneven, or the mesh axis is already used by another dimension
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, NamedSharding]:
+    """Flat {"a/b/c": NamedSharding} for every parameter (the form `load_params` takes)."""
+    params = model_params(model)
+    names = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    shardings = {}
+    for path, var in nnx.to_flat_state(names):
+        key = "/".join(map(str, path))
+        spec = logical_to_mesh(tuple(var.get_value()), params[key].shape, mesh, rules)
+        shardings[key] = NamedSharding(mesh, spec)
+    return shardings
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+    """Moves the model's parameters onto `mesh` (in place) and returns the model."""
+    shardings = param_shardings(model, mesh, rules)
+    placed = {k: jax.device_put(v, shardings[k]) for k, v in model_params(model).items()}
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, flat_to_nested(placed))
+    nnx.update(model, state)
+    return model
