@@ -55,18 +55,8 @@ def media_token_counts(cfg: LlavaConfig, media: Sequence[Media]) -> list[int]:
     The feature plan's own arithmetic, so the text always has the positions the model fills
     (for OneVision, a sample with several images is multi-image: one view each).
     """
-    # TODO: move next to sample_plan as a public helper; it uses feature_plan's internals.
-    k = feature_plan.num_taps(cfg)
     n_images = sum(m.kind == "image" for m in media)
-    counts = []
-    for m in media:
-        if m.kind == "video":
-            taps, _ = feature_plan._video_taps(cfg, m, 0, k)
-        else:
-            anyres_view = feature_plan._uses_anyres(cfg, m, n_images)
-            taps, _ = feature_plan._image_taps(cfg, m, 0, anyres_view, k)
-        counts.append(len(taps))
-    return counts
+    return [feature_plan.num_tokens(cfg, m, n_images) for m in media]
 
 
 def _plural(n: int, word: str) -> str:

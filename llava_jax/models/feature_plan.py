@@ -99,6 +99,14 @@ def num_views(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> int:
     return 1
 
 
+def num_tokens(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> int:
+    """How many image (or video) tokens `media` fills: its length in the feature plan."""
+    if media.kind == "video":
+        return len(_video_taps(cfg, media, 0, num_taps(cfg))[0])
+    anyres_view = _uses_anyres(cfg, media, images_in_sample)
+    return len(_image_taps(cfg, media, 0, anyres_view, num_taps(cfg))[0])
+
+
 def _copy(indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     taps = np.zeros((len(indices), k), np.int64)
     weights = np.zeros((len(indices), k), np.float64)
