@@ -12,12 +12,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from llava_jax.cli import CommandError, convert, selfcheck
+from llava_jax.cli import CommandError, convert, generate, selfcheck
 
 PROG = "llava-jax"
 
 # A new command is a module with `add_parser(subparsers)` and one entry here.
-COMMANDS = (selfcheck, convert)
+COMMANDS = (selfcheck, convert, generate)
 
 # ValueError covers CheckpointError and ConfigError; OSError covers FileNotFoundError,
 # PermissionError, a full disk.

@@ -1,0 +1,148 @@
+"""Everything needed to answer a prompt about images: model, tokenizer, processor, template.
+
+`Pipeline.load(PATH)` accepts a llava-jax model directory (from `convert hf-to-jax` or
+training) or a Hugging Face directory, which is converted in memory on the fly. Then
+`pipeline.prompt(messages, images, video)` renders the conversation, preprocesses the media
+and expands the placeholders into a `generate.Prompt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from llava_jax import checkpoint
+from llava_jax.config import Family, LlavaConfig
+from llava_jax.convert.tensor_io import CheckpointError
+from llava_jax.data import image_processing, prompt, templates, video
+from llava_jax.generate import Generator, Prompt, SamplingConfig
+from llava_jax.models.feature_plan import Media
+from llava_jax.models.llava import LlavaModel
+
+
+def _load_hf(path: Path, overrides: dict[str, Any]) -> LlavaModel:
+    from llava_jax.convert.hf_to_jax import hf_to_params, read_hf_config
+    from llava_jax.convert.tensor_io import CheckpointReader
+
+    cfg = read_hf_config(path).replace(**overrides)
+    with CheckpointReader(path) as reader:
+        params = hf_to_params(cfg, reader.keys(), reader.shape, reader.read, cfg.param_dtype)
+    model = checkpoint.abstract_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, checkpoint.flat_to_nested(params))
+    nnx.update(model, state)
+    return model
+
+
+def load_any_model(
+    path: str | os.PathLike, echo: Callable[[str], None] = print, **overrides: Any
+) -> tuple[LlavaModel, Path]:
+    """(model, directory holding its tokenizer and processor files) for either kind of PATH."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model directory")
+    if checkpoint.is_model_dir(path):
+        return checkpoint.load_model(path, **overrides), path / checkpoint.ASSETS_DIR
+    if (path / "config.json").is_file():
+        echo(f"{path} is a Hugging Face checkpoint: converting it in memory "
+             "(`llava-jax convert hf-to-jax` does this once)")  # fmt: skip
+        return _load_hf(path, overrides), path
+    raise CheckpointError(f"{path}: neither a llava-jax model directory nor an HF checkpoint")
+
+
+@dataclasses.dataclass
+class Pipeline:
+    model: LlavaModel
+    tokenizer: Any
+    image_config: image_processing.ImageProcessorConfig
+    template: templates.Template | templates.ChatTemplate | None  # None: raw prompts only
+    generator: Generator
+
+    @property
+    def cfg(self) -> LlavaConfig:
+        return self.model.cfg
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        template: str | None = None,
+        raw: bool = False,
+        echo: Callable[[str], None] = print,
+        **overrides: Any,
+    ) -> Pipeline:
+        """Loads a model and its assets; `template` None means the checkpoint's own."""
+        model, assets = load_any_model(path, echo, **overrides)
+        tokenizer = prompt.load_tokenizer(assets)
+        image_config = image_processing.ImageProcessorConfig.from_pretrained(assets, model.cfg)
+        chat = None if raw else templates.resolve_template(template, assets)
+        generator = Generator(model, decode=lambda ids: tokenizer.decode(ids))
+        return cls(model, tokenizer, image_config, chat, generator)
+
+    def stop_config(self, **sampling: Any) -> SamplingConfig:
+        """Sampling settings with the stop tokens and strings of this model and template."""
+        eos = self.cfg.text.eos_token_id
+        stops = {eos} if isinstance(eos, int) else set(eos or ())
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        strings = tuple(getattr(self.template, "stop_strings", ()) or ())
+        stops |= set(prompt.stop_token_ids(self.tokenizer, strings))
+        return SamplingConfig(stop_token_ids=tuple(sorted(stops)), stop_strings=strings, **sampling)
+
+    def prompt(
+        self,
+        messages: Sequence[dict[str, str]] | str,
+        images: Sequence[Any] = (),
+        videos: Sequence[np.ndarray] = (),
+    ) -> Prompt:
+        """A ready `Prompt` from a conversation (or raw text) and its media, in order.
+
+        Args:
+          messages: `[{"role": ..., "content": "... <image> ..."}]`, or the raw prompt text.
+          images: PIL images or paths, one per `<image>` placeholder.
+          videos: decoded frames uint8[F, H, W, 3], one per `<video>` placeholder.
+        """
+        if isinstance(messages, str):
+            text = messages
+        else:
+            text = templates.render(self.template, messages, add_generation_prompt=True)
+        pil = [image_processing.load_image(i) if isinstance(i, str | Path) else i for i in images]
+        multi = len(pil) > 1 and self.cfg.family == Family.LLAVA_ONEVISION
+        processed = [image_processing.preprocess_image(i, self.image_config, multi) for i in pil]
+        frames = [video.preprocess_video(v, self.image_config) for v in videos]
+        media = [Media.image(*p.image_hw) for p in processed] + [
+            Media.video(len(v)) for v in frames
+        ]
+        ordered = _in_text_order(text, media)
+        ids = prompt.tokenize_prompt(self.tokenizer, text, ordered, self.cfg)
+        views = [p.views for p in processed] + frames
+        return Prompt(ids, np.concatenate(views) if views else None, tuple(ordered))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _in_text_order(text: str, media: list[Media]) -> list[Media]:
+    """Images and videos interleaved as their placeholders appear in `text`."""
+    images = iter([m for m in media if m.kind == "image"])
+    videos = iter([m for m in media if m.kind == "video"])
+    order = []
+    i = 0
+    while True:
+        found = [(text.find(tag, i), tag) for tag in ("<image>", "<video>")]
+        found = [(pos, tag) for pos, tag in found if pos >= 0]
+        if not found:
+            break
+        pos, tag = min(found)
+        item = next(images if tag == "<image>" else videos, None)
+        if item is not None:
+            order.append(item)
+        i = pos + len(tag)
+    # Media without a placeholder are left for tokenize_prompt to report.
+    return order + list(images) + list(videos)

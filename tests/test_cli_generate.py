@@ -1,0 +1,134 @@
+"""`llava-jax generate` end to end against transformers' processor + `generate`.
+
+The checkpoint is a tiny random HF LLaVA directory with a tiny tokenizer and a PIL image
+processor config, exactly what a user has after downloading; the CLI converts it on the fly,
+preprocesses the image, tokenizes, generates, and must print the tokens transformers gives.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import hf_tiny
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaProcessor
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+
+PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    model = hf_tiny.llava()
+    model.save_pretrained(path)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(path)
+    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
+    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
+        path
+    )
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 90, 3), np.uint8))
+    image.save(path / "photo.png")
+    return path, model
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "llava_jax.cli.main", *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_generate_json_matches_transformers(hf_dir):
+    path, model = hf_dir
+    proc = cli("generate", "--model", path, "--image", path / "photo.png", "--prompt", PROMPT,
+               "--raw", "--max-new-tokens", 8, "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) == {"text", "token_ids", "prompt_tokens", "image_tokens",
+                        "time_to_first_token_s", "decode_tokens_per_s"}  # fmt: skip
+
+    processor = LlavaProcessor(
+        image_processor=LlavaImageProcessorPil.from_pretrained(path),
+        tokenizer=build_tiny_tokenizer(), patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token
+    )  # fmt: skip
+    inputs = processor(images=Image.open(path / "photo.png"), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    want = ref[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    if eos in want:
+        want = want[: want.index(eos) + 1]
+    assert out["token_ids"] == want
+    assert out["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert out["image_tokens"] == 9
+
+
+def test_generate_streams_text(hf_dir):
+    path, _ = hf_dir
+    proc = cli("generate", "--model", path, "--image", path / "photo.png", "--prompt", PROMPT,
+               "--raw", "--max-new-tokens", 4)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "converting it in memory" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.png"], "missing.png"),
+        (["--image", "notes.txt"], "notes.txt"),
+        (["--image", "truncated.jpg"], "truncated.jpg"),
+        (["--image", "photo.png", "--image", "photo.png"], "placeholder"),
+    ],
+    ids=["missing", "not-an-image", "truncated-jpeg", "placeholder-mismatch"],
+)
+def test_bad_input_is_one_line(hf_dir, args, message):
+    path, _ = hf_dir
+    (path / "notes.txt").write_text("hello")
+    jpeg = path / "truncated.jpg"
+    Image.new("RGB", (64, 64), "red").save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    args = [str(path / a) if a.endswith((".png", ".txt", ".jpg")) else a for a in args]
+    proc = cli("generate", "--model", path, *args, "--prompt", PROMPT, "--raw")
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llava-jax: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert message in errors[0], errors[0]
+
+
+def test_prompt_longer_than_context(hf_dir):
+    path, _ = hf_dir
+    proc = cli("generate", "--model", path, "--prompt", "word " * 300, "--raw")
+    assert proc.returncode == 2
+    assert "context" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_model_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(hf_tiny.llava().config.to_dict()))
+    proc = cli("generate", "--model", tmp_path, "--prompt", "hi", "--raw")
+    assert proc.returncode == 2
+    assert "safetensors" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_chat_session(hf_dir):
+    """Two turns with an image added mid-conversation, /reset, and EOF to leave."""
+    path, _ = hf_dir
+    script = f"/image {path / 'photo.png'}\nWhat is it?\nAnd now?\n/reset\nHello\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llava_jax.cli.main", "chat", "--model", str(path),
+         "--template", "vicuna_v1", "--max-new-tokens", "3"],
+        input=script, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 3
+    assert "(image added: 1 pending)" in proc.stderr and "(history cleared)" in proc.stderr
