@@ -197,8 +197,8 @@ def test_prompt_longer_than_context_is_an_error(models):
 
 
 def test_bucket():
-    assert [bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 8765)] == [
-        16, 16, 32, 1024, 1024, 1536, 9216,
+    assert [bucket(n) for n in (1, 16, 17, 256, 257, 1500, 8765)] == [
+        16, 16, 32, 256, 512, 1536, 8960,
     ]  # fmt: skip
 
 

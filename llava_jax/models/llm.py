@@ -32,12 +32,15 @@ class KVCache:
       v: float[L, B, S, K, H].
       segment: int32[B, S], 0 where nothing (or padding) has been written.
       index: int32[], the next slot to write.
+      empty: static; True until the first write, so that prefill skips attending to an
+        empty cache (a [T, S] block of masked logits otherwise).
     """
 
     k: jax.Array
     v: jax.Array
     segment: jax.Array
     index: jax.Array
+    empty: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
@@ -47,6 +50,7 @@ class KVCache:
             v=jnp.zeros(shape, dtype),
             segment=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            empty=True,
         )
 
 
@@ -60,8 +64,19 @@ class DecoderAttention(nnx.Module):
         self.v_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
         self.o_proj = dense(n * h, d, ("q_heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, positions, mask, kv=None, index=None):
-        """x float[B, T, D]; kv (float[B, S, K, H] x2) is the cache to write into at `index`."""
+    def __call__(self, x, positions, mask, cached=None):
+        """Attention of x float[B, T, D] over itself and, when decoding, the cache.
+
+        Args:
+          x: float[B, T, D].
+          positions: int[B, T].
+          mask: bool[B, T, T] among the new tokens.
+          cached: (k, v, mask) of this layer's cache, float[B, S, K, H] twice and
+            bool[B, T, S], or None.
+
+        Returns:
+          (float[B, T, D], the new (k, v) float[B, T, K, H] for the caller to cache).
+        """
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -69,13 +84,12 @@ class DecoderAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        if kv is not None:
-            cache_k, cache_v = kv
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
-            kv = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return self.o_proj(out.reshape(b, t, -1)), kv
+        blocks = [k, v, mask]
+        if cached is not None:
+            cache_k, cache_v, cache_mask = cached
+            blocks += [cache_k.astype(q.dtype), cache_v.astype(q.dtype), cache_mask]
+        out = dot_product_attention(q, *blocks)
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
 class DecoderMLP(nnx.Module):
@@ -101,8 +115,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = DecoderMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None, index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
+    def __call__(self, x, positions, mask, cached=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, cached)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -151,26 +165,23 @@ class LanguageModel(nnx.Module):
         t = self.cfg.text
         b, seq = segment_ids.shape
         steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
-        if cache is None:
-            mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
-            xs = None
-        else:
-            segment = jax.lax.dynamic_update_slice_in_dim(
-                cache.segment, segment_ids, cache.index, 1
-            )
-            kv_steps = jnp.broadcast_to(
-                jnp.arange(segment.shape[1], dtype=jnp.int32), segment.shape
-            )
-            mask = causal_mask(
-                steps + cache.index, kv_steps, segment_ids, segment, t.sliding_window
+        # The new tokens attend to each other causally, and to everything already cached.
+        mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
+        xs = None
+        if cache is not None and not cache.empty:
+            kv_steps = jnp.broadcast_to(jnp.arange(cache.segment.shape[1], dtype=jnp.int32),
+                                        cache.segment.shape)  # fmt: skip
+            written = jnp.where(kv_steps < cache.index, cache.segment, 0)
+            cache_mask = causal_mask(
+                steps + cache.index, kv_steps, segment_ids, written, t.sliding_window
             )
             xs = (cache.k, cache.v)
 
         def layer_fn(layer, h, kv):
-            h, kv = layer(h, positions, mask, kv, None if cache is None else cache.index)
-            return h, kv
+            cached = None if kv is None else (*kv, cache_mask)
+            return layer(h, positions, mask, cached)
 
-        h, kv = run_stacked(
+        h, new_kv = run_stacked(
             self.layers,
             inputs_embeds.astype(self.cfg.dtype),
             xs,
@@ -180,8 +191,17 @@ class LanguageModel(nnx.Module):
             remat=self.cfg.remat_policy,
         )
         if cache is not None:
+            # One write of all layers' new entries; in place when the cache is donated.
+            at = (0, 0, cache.index, 0, 0)
             cache = dataclasses.replace(
-                cache, k=kv[0], v=kv[1], segment=segment, index=cache.index + seq
+                cache,
+                k=jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), at),
+                v=jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), at),
+                segment=jax.lax.dynamic_update_slice_in_dim(
+                    cache.segment, segment_ids, cache.index, 1
+                ),
+                index=cache.index + seq,
+                empty=False,
             )
         return self.norm(h), cache
 

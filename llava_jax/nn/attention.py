@@ -13,7 +13,7 @@ _MASKED = -1e30  # finite, so fully masked rows (padding) give a uniform softmax
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *more_kv
 ) -> jax.Array:
     """Softmax(q k^T / sqrt(H)) v, computed with the softmax in float32.
 
@@ -22,6 +22,9 @@ def dot_product_attention(
       k: float[B, S, K, H].
       v: float[B, S, K, H].
       mask: bool[B, T, S] (True = attend), or None for full bidirectional attention.
+      *more_kv: further (k, v, mask) blocks attended to jointly, one softmax over all keys.
+        Decoding attends to the cache and the new tokens this way without concatenating
+        (copying) the cache.
 
     Returns:
       float[B, T, N, H] in q's dtype.
@@ -29,12 +32,20 @@ def dot_product_attention(
     b, t, n, h = q.shape
     num_kv = k.shape[2]
     q = q.reshape(b, t, num_kv, n // num_kv, h)  # BTKGH
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (h**-0.5)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    blocks = [(k, v, mask), *zip(more_kv[::3], more_kv[1::3], more_kv[2::3], strict=True)]
+    logits = []
+    for k_i, _, mask_i in blocks:
+        block = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_i, preferred_element_type=jnp.float32)
+        block = block * (h**-0.5)
+        if mask_i is not None:
+            block = jnp.where(mask_i[:, None, None, :, :], block, _MASKED)
+        logits.append(block)
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(v.dtype)
+    out, start = 0, 0
+    for k_i, v_i, _ in blocks:
+        size = k_i.shape[1]
+        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., start : start + size], v_i)
+        start += size
     return out.reshape(b, t, n, h)
 
 
