@@ -28,8 +28,8 @@ class KVCache:
     All rows write at the same slot (`index`); left padding is expressed by segment 0.
 
     Attributes:
-      k: float[L, B, S, K, H].
-      v: float[L, B, S, K, H].
+      k: float[L, B, K, S, H].
+      v: float[L, B, K, S, H].
       segment: int32[B, S], 0 where nothing (or padding) has been written.
       index: int32[], the next slot to write.
       empty: static; True until the first write, so that prefill skips attending to an
@@ -44,7 +44,7 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -71,11 +71,11 @@ class DecoderAttention(nnx.Module):
           x: float[B, T, D].
           positions: int[B, T].
           mask: bool[B, T, T] among the new tokens.
-          cached: (k, v, mask) of this layer's cache, float[B, S, K, H] twice and
+          cached: (k, v, mask) of this layer's cache, float[B, K, S, H] twice and
             bool[B, T, S], or None.
 
         Returns:
-          (float[B, T, D], the new (k, v) float[B, T, K, H] for the caller to cache).
+          (float[B, T, D], the new (k, v) float[B, K, T, H] for the caller to cache).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -83,7 +83,8 @@ class DecoderAttention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # BKTH
+        v = v.transpose(0, 2, 1, 3)
         blocks = [k, v, mask]
         if cached is not None:
             cache_k, cache_v, cache_mask = cached
@@ -192,7 +193,7 @@ class LanguageModel(nnx.Module):
         )
         if cache is not None:
             # One write of all layers' new entries; in place when the cache is donated.
-            at = (0, 0, cache.index, 0, 0)
+            at = (0, 0, 0, cache.index, 0)
             cache = dataclasses.replace(
                 cache,
                 k=jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), at),

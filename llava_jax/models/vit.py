@@ -71,9 +71,10 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, p, d = x.shape
-        split = lambda y: y.reshape(b, p, self.num_heads, d // self.num_heads)  # noqa: E731
+        heads = lambda y: y.reshape(b, p, self.num_heads, d // self.num_heads)  # noqa: E731
+        kv_heads = lambda y: heads(y).transpose(0, 2, 1, 3)  # noqa: E731
         out = dot_product_attention(
-            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=None
+            heads(self.q_proj(x)), kv_heads(self.k_proj(x)), kv_heads(self.v_proj(x)), mask=None
         )
         return self.out_proj(out.reshape(b, p, d))
 

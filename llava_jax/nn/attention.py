@@ -1,7 +1,7 @@
 """Scaled dot-product attention with grouped query heads and float32 softmax.
 
 Axis legend: B batch, T query length, S key/value length, N query heads, K key/value heads,
-G query heads per key/value head (N = K * G), H head dim.
+G query heads per key/value head (N = K * G), H head dim, M = G * T query rows.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def dot_product_attention(
 
     Args:
       q: float[B, T, N, H].
-      k: float[B, S, K, H].
-      v: float[B, S, K, H].
+      k: float[B, K, S, H] (heads before positions: the layout of the KV cache, so decoding
+        reads it without a transpose).
+      v: float[B, K, S, H].
       mask: bool[B, T, S] (True = attend), or None for full bidirectional attention.
       *more_kv: further (k, v, mask) blocks attended to jointly, one softmax over all keys.
         Decoding attends to the cache and the new tokens this way without concatenating
@@ -30,23 +31,27 @@ def dot_product_attention(
       float[B, T, N, H] in q's dtype.
     """
     b, t, n, h = q.shape
-    num_kv = k.shape[2]
-    q = q.reshape(b, t, num_kv, n // num_kv, h)  # BTKGH
+    num_kv = k.shape[1]
+    g = n // num_kv
+    # Batch dimensions leading and (G, T) merged into one row axis: XLA's CPU backend runs
+    # this plain batched matmul about 3x faster than the 5-D einsum it is equivalent to.
+    q = q.reshape(b, t, num_kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, num_kv, g * t, h)
     blocks = [(k, v, mask), *zip(more_kv[::3], more_kv[1::3], more_kv[2::3], strict=True)]
     logits = []
-    for k_i, _, mask_i in blocks:
-        block = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_i, preferred_element_type=jnp.float32)
-        block = block * (h**-0.5)
+    for k_i, _, mask_i in blocks:  # k_i: BKSH
+        block = jnp.einsum("BKMH,BKSH->BKMS", q, k_i, preferred_element_type=jnp.float32)
+        block = block.reshape(b, num_kv, g, t, -1) * (h**-0.5)
         if mask_i is not None:
             block = jnp.where(mask_i[:, None, None, :, :], block, _MASKED)
         logits.append(block)
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(v.dtype)
+    probs = probs.reshape(b, num_kv, g * t, -1)
     out, start = 0, 0
     for k_i, v_i, _ in blocks:
-        size = k_i.shape[1]
-        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., start : start + size], v_i)
+        size = k_i.shape[2]
+        out = out + jnp.einsum("BKMS,BKSH->BKMH", probs[..., start : start + size], v_i)
         start += size
-    return out.reshape(b, t, n, h)
+    return out.reshape(b, num_kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def causal_mask(
