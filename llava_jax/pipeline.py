@@ -21,6 +21,7 @@ from llava_jax import checkpoint
 from llava_jax.config import Family, LlavaConfig
 from llava_jax.convert.tensor_io import CheckpointError
 from llava_jax.data import image_processing, prompt, templates, video
+from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.generate import Generator, Prompt, SamplingConfig
 from llava_jax.models.feature_plan import Media
 from llava_jax.models.llava import LlavaModel
@@ -60,7 +61,7 @@ def load_any_model(
 class Pipeline:
     model: LlavaModel
     tokenizer: Any
-    image_config: image_processing.ImageProcessorConfig
+    image_config: ImageProcessorConfig
     template: templates.Template | templates.ChatTemplate | None  # None: raw prompts only
     generator: Generator
 
@@ -80,7 +81,7 @@ class Pipeline:
         """Loads a model and its assets; `template` None means the checkpoint's own."""
         model, assets = load_any_model(path, echo, **overrides)
         tokenizer = prompt.load_tokenizer(assets)
-        image_config = image_processing.ImageProcessorConfig.from_pretrained(assets, model.cfg)
+        image_config = ImageProcessorConfig.from_pretrained(assets, model.cfg)
         chat = None if raw else templates.resolve_template(template, assets)
         generator = Generator(model, decode=lambda ids: tokenizer.decode(ids))
         return cls(model, tokenizer, image_config, chat, generator)

@@ -19,9 +19,9 @@ from transformers import (
 from transformers.image_utils import load_image as hf_load_image
 
 from llava_jax.config import LlavaConfig
+from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import (
     ImageError,
-    ImageProcessorConfig,
     load_image,
     preprocess_image,
     preprocess_images,

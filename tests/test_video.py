@@ -20,7 +20,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from llava_jax.config import LlavaConfig
-from llava_jax.data.image_processing import ImageProcessorConfig
+from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.video import (
     VideoError,
     load_video,

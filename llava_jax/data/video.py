@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.config import Family
+from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import (
-    ImageProcessorConfig,
     normalize_,
     resize_and_crop,
     to_rgb,
