@@ -56,22 +56,22 @@ def test_parameters_carry_logical_axes():
     assert not unnamed, f"parameters without logical axes: {unnamed}"
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("llava")
-    hf = hf_tiny.llava()
+def _converted(tmp_path_factory, family):
+    tmp = tmp_path_factory.mktemp(family)
+    hf = hf_tiny.BUILDERS[family]()
     hf.save_pretrained(tmp / "hf")
     convert_hf_to_jax(tmp / "hf", tmp / "jax")
     return hf, tmp / "jax"
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return _converted(tmp_path_factory, "llava")
 
 
 @pytest.fixture(scope="module")
 def onevision_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("onevision")
-    hf = hf_tiny.llava_onevision()
-    hf.save_pretrained(tmp / "hf")
-    convert_hf_to_jax(tmp / "hf", tmp / "jax")
-    return hf, tmp / "jax"
+    return _converted(tmp_path_factory, "llava_onevision")
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2, 3, -1, -2, -4])
@@ -151,13 +151,11 @@ def test_remat_changes_nothing_numerically(llava_dir, policy):
         assert_close(f"grad {k}", a.get_value(), b.get_value(), atol=1e-6)
 
 
-def test_forward_compiles_once_per_shape_bucket(tmp_path):
+def test_forward_compiles_once_per_shape_bucket(tmp_path_factory):
     """Different image sizes padded to one (views, image tokens, text length) bucket share one
     compiled forward, and padding changes nothing at the real positions."""
-    hf = hf_tiny.llava_next()
-    hf.save_pretrained(tmp_path / "hf")
-    convert_hf_to_jax(tmp_path / "hf", tmp_path / "jax")
-    model = load_model(tmp_path / "jax")
+    _, path = _converted(tmp_path_factory, "llava_next")
+    model = load_model(path)
     graph, state = nnx.split(model)
     traces = []
 
