@@ -232,11 +232,15 @@ class Generator:
         position = positions[:, -1] + 1
         outputs: list[list[int]] = [[] for _ in range(b)]
         reasons = [""] * b
+        # The decode rate is timed from the second token on, so that a first call's compile of
+        # the decode step is not counted as decoding.
         first_token_at = decode_start = None
         for step in range(1, sampling.max_new_tokens + 1):
             host_tokens = np.asarray(token)
-            if first_token_at is None:
-                first_token_at = decode_start = time.perf_counter()
+            if step == 1:
+                first_token_at = time.perf_counter()
+            elif step == 2:
+                decode_start = time.perf_counter()
             for row in range(b):
                 if reasons[row]:
                     continue
@@ -251,7 +255,7 @@ class Generator:
             )
             position = position + 1
         end = time.perf_counter()
-        decoded = max(len(o) for o in outputs) - 1
+        decoded = max(len(o) for o in outputs) - 2
         rate = decoded / (end - decode_start) if decoded > 0 else 0.0
         return [
             Generation(
