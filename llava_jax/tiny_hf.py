@@ -26,30 +26,17 @@ NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
 OV_PINPOINTS = [[42 * i, 42 * j] for i in range(1, 7) for j in range(1, 7)]
 
 
+# Shared by both towers: 3 x 3 patches of 14 px, so AnyRes grids and 3 -> 2 pooling are real.
+_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               image_size=CROP, patch_size=14)  # fmt: skip
+
+
 def clip_config(**kw):
-    return transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=CROP,
-        patch_size=14,
-        projection_dim=16,
-        **kw,
-    )
+    return transformers.CLIPVisionConfig(**_VISION, projection_dim=16, **kw)
 
 
 def siglip_config(**kw):
-    return transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=CROP,
-        patch_size=14,
-        vision_use_head=False,
-        **kw,
-    )
+    return transformers.SiglipVisionConfig(**_VISION, vision_use_head=False, **kw)
 
 
 def llama_config(kv_heads=2, kind="llama", **kw):
