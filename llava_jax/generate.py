@@ -174,27 +174,23 @@ class Generator:
             ids[row, t - n :], segment[row, t - n :] = p.input_ids, 1
         positions = np.maximum(np.cumsum(segment, axis=1) - 1, 0).astype(np.int32)
         pixels = taps = weights = None
+        plan = build_feature_plan(self.cfg, [p.media for p in prompts])
+        check_placeholders(self.cfg, ids, plan)
         if any(p.media for p in prompts):
-            plan = build_feature_plan(self.cfg, [p.media for p in prompts])
-            check_placeholders(self.cfg, ids, plan)
-            views = max(bucket(max(plan.num_views), 1), 1)
             size = self.cfg.vision.image_size
-            pixels = np.zeros((b, views, size, size, 3), np.float32)
+            pixels = np.zeros((b, bucket(max(plan.num_views), 1), size, size, 3), np.float32)
             for row, p in enumerate(prompts):
-                if p.views is not None:
-                    if len(p.views) != plan.num_views[row]:
-                        raise ValueError(
-                            f"prompt {row}: {len(p.views)} views given, its media need "
-                            f"{plan.num_views[row]}"
-                        )
-                    pixels[row, : len(p.views)] = p.views
-            plan = build_feature_plan(
-                self.cfg, [p.media for p in prompts],
-                max_tokens=bucket(max(plan.num_image_tokens) + max(plan.num_video_tokens)),
-            )  # fmt: skip
-            taps, weights = plan.taps, plan.weights
-        else:
-            check_placeholders(self.cfg, ids, build_feature_plan(self.cfg, [() for _ in prompts]))
+                given = 0 if p.views is None else len(p.views)
+                if given != plan.num_views[row]:
+                    raise ValueError(
+                        f"prompt {row}: {given} views given, its media need {plan.num_views[row]}"
+                    )
+                if given:
+                    pixels[row, :given] = p.views
+            # Image tokens padded to a bucket too (padding taps read the newline with weight 0).
+            pad = bucket(plan.taps.shape[1]) - plan.taps.shape[1]
+            taps = np.pad(plan.taps, ((0, 0), (0, pad), (0, 0)))
+            weights = np.pad(plan.weights, ((0, 0), (0, pad), (0, 0)))
         return ids, positions, segment, pixels, taps, weights, cache_len, lengths
 
     def generate(
