@@ -213,3 +213,10 @@ def test_generation_on_a_sharded_mesh(models):
     kernel = sharded.state["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
     assert tuple(kernel.get_value().sharding.spec) == (None, "fsdp", "tensor")
     assert ours(sharded, [prompt]) == want
+
+
+def test_media_without_views_is_an_error(models):
+    _, gen = models["llava"]
+    prompt = make_prompt(gen.cfg, [Media.image(42, 42)], np.random.RandomState(11))
+    with pytest.raises(ValueError, match="0 views given, its media need 1"):
+        gen.generate([Prompt(prompt.input_ids, None, prompt.media)])
