@@ -268,7 +268,10 @@ class Generator:
         if out[-1] in sampling.stop_token_ids:
             return "stop"
         if sampling.stop_strings and self.decode is not None:
-            text = self.decode(out)
+            # Only the tail can hold a stop string that was not there a token ago; every token
+            # decodes to at least one character, so this many tokens cover the longest one.
+            tail = 2 * max(map(len, sampling.stop_strings)) + 2
+            text = self.decode(out[-tail:])
             if any(s in text for s in sampling.stop_strings):
                 return "stop"
         return ""

@@ -220,3 +220,17 @@ def test_media_without_views_is_an_error(models):
     prompt = make_prompt(gen.cfg, [Media.image(42, 42)], np.random.RandomState(11))
     with pytest.raises(ValueError, match="0 views given, its media need 1"):
         gen.generate([Prompt(prompt.input_ids, None, prompt.media)])
+
+
+def test_stop_string_ends_a_row(models):
+    """A stop string (matched on decoded text) ends generation with finish_reason "stop"."""
+    _, gen = models["llava"]
+    prompt = Prompt(np.random.RandomState(12).randint(3, 140, size=6).astype(np.int32))
+    free = gen.generate([prompt], SamplingConfig(max_new_tokens=6))[0].token_ids
+    stopper = Generator.__new__(Generator)
+    stopper.__dict__.update(gen.__dict__)
+    stopper.decode = lambda ids: "".join(f"<{i}>" for i in ids)
+    stop = f"<{free[2]}>"
+    out = stopper.generate([prompt], SamplingConfig(max_new_tokens=6, stop_strings=(stop,)))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free[: free.index(free[2]) + 1]
