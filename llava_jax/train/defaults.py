@@ -1,0 +1,80 @@
+"""The training config every recipe in `configs/` starts from.
+
+A recipe is a Python file with `get_config(arg=None) -> ml_collections.ConfigDict` that
+calls `base_config()` and changes what its paper changes. Every field a recipe may set is
+here, with its default, so a typo in a recipe or on the command line is an error, not a
+silently ignored setting (the dict is locked).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # The model: a preset name (config.PRESETS) plus field overrides, or `init_from` alone.
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = ""  # e.g. "llava-1.5-7b"; "" = take the config of `init_from`
+    c.model.overrides = ml_collections.ConfigDict()  # LlavaConfig fields, e.g. dtype
+    c.model.overrides.dtype = "bfloat16"  # compute dtype
+    c.model.overrides.param_dtype = "float32"  # master weights ("bfloat16" for the largest)
+    c.model.overrides.remat_policy = "full"  # see config.LlavaConfig.remat_policy
+    c.model.overrides.scan_layers = True
+    # Where the weights come from: a llava-jax model dir (from `llava-jax init` or a
+    # previous stage) or an HF dir; "" = random init (tests, the tiny run).
+    c.init_from = ""
+    # Stage 2 from a stage-1 connector only (`mm_projector.bin` or a llava-jax model dir
+    # whose connector is taken): loaded over `init_from`.
+    c.projector_from = ""
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # LLaVA JSON / JSONL, a YAML mixture, an ArrayRecord dir, or tfds:NAME
+    c.data.image_root = ""  # where relative image / video paths resolve
+    c.data.template = "vicuna_v1"  # a name from data/templates.py
+    c.data.masking = "clean"  # "clean" or "reference" (the original code's quirks)
+    c.data.max_len = 2048  # T: tokens per row, image tokens included
+    c.data.max_views = 1  # V: views (crops, frames) per row
+    c.data.max_image_tokens = 0  # I per row; 0 = derive from the config's largest image
+    c.data.packing = False  # several samples per row, attention confined to each
+    c.data.group_by_length = False  # `group_by_modality_length`
+    c.data.num_workers = 0  # Grain worker processes; 0 = in the main process
+    c.data.seed = 0
+    c.data.max_skip_fraction = 0.01  # stop when more records than this are skipped
+    c.data.tfds_fields = ml_collections.ConfigDict()  # tfds feature -> {id,image,conversations}
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 2e-5
+    c.optimizer.vision_lr = 0.0  # 0 = vision tower frozen; OneVision: 2e-6
+    c.optimizer.warmup_ratio = 0.03
+    c.optimizer.schedule = "cosine"  # "cosine" or "constant"
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip = 1.0
+    c.optimizer.grad_accum = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # global, per optimizer step (before grad_accum division)
+    c.train.num_epochs = 1.0
+    c.train.num_steps = 0  # > 0 overrides num_epochs
+    # Regexes over parameter paths ("vision_tower/...", "multi_modal_projector/...",
+    # "language_model/...", "image_newline"); everything else is frozen.
+    c.train.trainable = ("multi_modal_projector/.*", "language_model/.*")
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.keep_last = 2
+    c.train.keep_every = 0  # also keep every Kth step's checkpoint; 0 = none
+    c.train.max_nonfinite = 5  # consecutive non-finite steps before stopping
+
+    # Mesh: -1 takes the devices the other axes leave.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    c.lock()
+    return c
