@@ -12,12 +12,24 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from llava_jax.cli import CommandError, convert, generate, selfcheck
+from llava_jax.cli import (
+    CommandError,
+    convert,
+    data,
+    eval,  # noqa: A004 (the module, not the builtin)
+    generate,
+    init,
+    instruct,
+    plan,
+    selfcheck,
+    serve,
+    train,
+)
 
 PROG = "llava-jax"
 
 # A new command is a module with `add_parser(subparsers)` and one entry here.
-COMMANDS = (selfcheck, convert, generate)
+COMMANDS = (selfcheck, convert, generate, init, data, train, plan, eval, instruct, serve)
 
 # ValueError covers CheckpointError and ConfigError; OSError covers FileNotFoundError,
 # PermissionError, a full disk.
