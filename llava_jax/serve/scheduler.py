@@ -1,0 +1,264 @@
+"""The batching scheduler: one thread runs the jitted generator over batches of requests.
+
+Requests wait in a bounded queue. When the generator is free, the scheduler takes the oldest
+request and every waiting request that can share its batch (the same sampling settings, which
+the generator applies per batch, and a combined length within the context), up to
+`max_batch`; requests arriving while a batch decodes join the next one. The batch is padded
+to a power-of-two size with copies of its first prompt, so the compiled programs are reused
+across batch sizes as the generator's shape buckets reuse them across lengths.
+
+Each row streams through `TextStream`: token ids become text deltas as they arrive (held back
+while they could be the start of a stop string), and the row ends at its own `max_tokens` or
+stop string even while others in its batch go on. When every row has ended, the batch stops.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+
+from llava_jax.generate import Prompt, SamplingConfig
+from llava_jax.serve.errors import APIError
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue holds `max_queue` requests already."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a request's sink receives, from the scheduler thread.
+
+    kind "delta": `text` is new answer text. "done": the answer ended (`finish_reason`,
+    `completion_tokens`). "error": `error` ends the request.
+    """
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: APIError | None = None
+
+
+@dataclasses.dataclass
+class Job:
+    """One request for the scheduler.
+
+    Attributes:
+      prompt: the tokenized prompt with its views.
+      sampling: the batch-level settings (`max_new_tokens` is this job's `max_tokens`).
+      stop: stop strings of this request and of the template, cut from the answer.
+      sink: receives `Event`s, called from the scheduler thread; must not block.
+    """
+
+    prompt: Prompt
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+    sink: Callable[[Event], None]
+    random_seed: bool = False  # no seed given: the batch draws one
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def batch_key(self) -> SamplingConfig:
+        """Jobs with equal keys may share a batch: max_new_tokens is per row, and greedy
+        decoding reads none of temperature, top-k, top-p and seed."""
+        s = dataclasses.replace(self.sampling, max_new_tokens=1)
+        if s.temperature == 0:
+            return dataclasses.replace(s, top_k=0, top_p=1.0, seed=0)
+        return dataclasses.replace(s, seed=0) if self.random_seed else s
+
+
+class _BatchDone(Exception):
+    """Raised from the token callback when every row has ended: stops the generator."""
+
+
+class TextStream:
+    """Turns one row's token ids into text deltas and decides when the row ends."""
+
+    def __init__(self, job: Job, decode: Callable[[list[int]], str]):
+        self.job, self.decode = job, decode
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the answer already sent
+        self.finished = False
+        self.hold = max(map(len, job.stop), default=1) - 1
+
+    def push(self, token: int) -> None:
+        if self.finished:
+            return
+        if self.job.cancelled.is_set():
+            self.finished = True  # the client left: nothing to send
+            return
+        self.ids.append(token)
+        if token in self.job.sampling.stop_token_ids:
+            return self.finish("stop")
+        text = self.decode(self.ids)
+        cut = min((i for i in (text.find(s, max(self.sent - self.hold, 0)) for s in self.job.stop)
+                   if i >= 0), default=-1)  # fmt: skip
+        if cut >= 0:
+            return self.finish("stop", text[:cut])
+        if len(self.ids) >= self.job.sampling.max_new_tokens:
+            return self.finish("length", text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        self._send(text[: len(text) - self.hold])
+
+    def finish(self, reason: str, text: str | None = None) -> None:
+        if self.finished:
+            return
+        if text is None:  # the stop token is not part of the answer
+            ids = self.ids[:-1] if reason == "stop" and self.ids else self.ids
+            text = self.decode(ids) if ids else ""
+            text = text.removesuffix("\ufffd")
+        self._send(text)
+        self.finished = True
+        self.job.sink(Event("done", finish_reason=reason, completion_tokens=len(self.ids)))
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.job.sink(Event("delta", text=text[self.sent :]))
+            self.sent = len(text)
+
+
+def _batch_size(n: int, max_batch: int) -> int:
+    return min(1 << (n - 1).bit_length(), max(max_batch, n))
+
+
+class Scheduler:
+    """Collects jobs from a bounded queue and runs them through `generator` in batches.
+
+    Args:
+      generator: a `llava_jax.generate.Generator`.
+      decode: token ids -> text (the pipeline's `decode`).
+      context: the model's context length, in tokens.
+      max_batch, max_queue, batch_wait_s: as in `ServeConfig`.
+    """
+
+    def __init__(self, generator, decode, context: int, max_batch: int = 8, max_queue: int = 64,
+                 batch_wait_s: float = 0.005):  # fmt: skip
+        self.generator, self.decode, self.context = generator, decode, context
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.stats = {"batches": 0, "requests": 0, "running": 0, "largest_batch": 0}
+        self._thread = threading.Thread(target=self._loop, name="llava-jax-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queues a job; raises `QueueFull` when `max_queue` jobs are waiting."""
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting already")
+            self._pending.append(job)
+            self._cond.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops taking jobs, fails the waiting ones, and ends the thread after its batch."""
+        with self._cond:
+            self._closing = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            self._cond.notify()
+        for job in waiting:
+            job.sink(Event("error", error=APIError(503, "the server is shutting down",
+                                                   "server_shutting_down")))  # fmt: skip
+        self._thread.join(timeout)
+
+    # -- the scheduler thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                if len(self._pending) < self.max_batch and self.batch_wait_s:
+                    self._cond.wait(self.batch_wait_s)  # let concurrent arrivals join
+                jobs = self._take()
+            if jobs:
+                self._run(jobs)
+
+    def _take(self) -> list[Job]:
+        """The oldest live job and the waiting jobs that can share its batch."""
+        while self._pending and self._pending[0].cancelled.is_set():
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        first = self._pending[0]
+        jobs, longest, most_new = [], 0, 0
+        for job in list(self._pending):
+            if len(jobs) == self.max_batch:
+                break
+            if job.cancelled.is_set():
+                self._pending.remove(job)
+                continue
+            n, new = len(job.prompt.input_ids), job.sampling.max_new_tokens
+            if job.batch_key != first.batch_key or max(longest, n) + max(most_new, new) > (
+                self.context
+            ):
+                continue
+            jobs.append(job)
+            self._pending.remove(job)
+            longest, most_new = max(longest, n), max(most_new, new)
+        return jobs
+
+    def _run(self, jobs: list[Job]) -> None:
+        size = _batch_size(len(jobs), self.max_batch)
+        self.stats["running"] = len(jobs)
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(jobs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        streams = [TextStream(job, self.decode) for job in jobs]
+        started = [False]
+
+        def on_token(row: int, token: int) -> None:
+            started[0] = True
+            if row < len(streams):
+                streams[row].push(token)
+                if all(s.finished for s in streams):
+                    raise _BatchDone
+
+        prompts = [job.prompt for job in jobs]
+        prompts += [prompts[0]] * (size - len(jobs))  # copies end when their original does
+        sampling = dataclasses.replace(
+            jobs[0].sampling, max_new_tokens=max(j.sampling.max_new_tokens for j in jobs)
+        )
+        if jobs[0].random_seed:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(31))
+        try:
+            self.generator.generate(prompts, sampling, on_token=on_token)
+        except _BatchDone:
+            pass
+        except Exception as e:  # noqa: BLE001 (a bug or a device error: keep serving)
+            log.exception("generation failed for a batch of %d", len(jobs))
+            if len(jobs) > 1 and not started[0]:
+                self.stats["batches"] -= 1
+                self.stats["requests"] -= len(jobs)
+                for job in jobs:  # one bad prompt must not fail the others
+                    self._run([job])
+                return
+            for s in streams:
+                if not s.finished:
+                    s.finished = True
+                    s.job.sink(Event("error", error=APIError(500, f"generation failed: {e}",
+                                                             "generation_failed")))  # fmt: skip
+            return
+        finally:
+            self.stats["running"] = 0
+        for s in streams:  # rows the generator ended (a stop string it saw first)
+            s.finish("stop")
