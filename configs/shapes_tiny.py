@@ -1,7 +1,7 @@
 """The built-in tiny run: a tiny LLaVA trained from scratch on the synthetic shapes dataset.
 
 `:stage1` (default; captions, `plain` template) or `:stage2` (questions, `vicuna_v1`). The
-dataset comes from `llava_jax.shapes.write_shapes_dataset` (32 px images, a 71-word
+dataset comes from `llava_jax.shapes.write_shapes_dataset` (32 px images, a 72-token
 word-level tokenizer with `<image>` = 4); the training command writes it into the workdir
 and fills `data.train`, `data.image_root` and, for stage 2, `init_from` (the stage-1 model),
 so they are left empty here.
@@ -14,7 +14,7 @@ captions' language, and the vision tower has to learn its features.
 """
 
 from llava_jax import shapes
-from llava_jax.train.config_loader import EVERYTHING
+from llava_jax.train.config_loader import CONNECTOR_AND_LLM
 from llava_jax.train.defaults import base_config
 
 IMAGE_SIZE = 32
@@ -57,7 +57,7 @@ def get_config(arg=None):
     c.data.max_len = 128  # 16 image tokens + a caption, or a system prompt and 1-3 turns
     c.data.max_views = 1
     c.data.group_by_length = stage == "stage2"
-    c.train.trainable = EVERYTHING
+    c.train.trainable = ("vision_tower/.*", *CONNECTOR_AND_LLM)  # (no image_newline in llava)
     c.optimizer.lr = 1e-3
     c.optimizer.vision_lr = 1e-3
     c.optimizer.warmup_ratio = 0.05

@@ -161,7 +161,8 @@ def vocabulary() -> list[str]:
     from llava_jax.data.templates import get_template
 
     text = [caption((Shape(k, c, s),)) for k in KINDS for c in COLORS for s in SLOTS]
-    scene = tuple(Shape("circle", "red", s) for s in SLOTS)  # every slot phrase
+    colors = list(COLORS)  # a scene with every slot and unique shapes: every question
+    scene = tuple(Shape(KINDS[i % len(KINDS)], colors[i], s) for i, s in enumerate(SLOTS))
     text += [q + " " + a for q, a in scene_questions(scene)]
     text += [q + " " + a for q, a in _TEXT_ONLY]
     text += list(COUNT_WORDS) + list(SLOTS) + ["yes", "no"]
