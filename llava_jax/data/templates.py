@@ -403,10 +403,20 @@ def load_chat_template(path: str | os.PathLike) -> ChatTemplate | None:
     return dataclasses.replace(found, special_tokens=tokens)
 
 
+TRAINED_TEMPLATE_FILE = "llava_template.json"  # written by training into assets/
+
+
 def resolve_template(name: str | None, model_dir: str | os.PathLike) -> Template | ChatTemplate:
-    """A named template, or (name None) the checkpoint's own chat template."""
+    """A named template, or (name None) the checkpoint's own.
+
+    The checkpoint's own is the template it was trained with when training recorded one
+    (`assets/llava_template.json`), else its Jinja chat template.
+    """
     if name is not None:
         return get_template(name)
+    trained = _json(assets_dir(model_dir) / TRAINED_TEMPLATE_FILE).get("template")
+    if isinstance(trained, str):
+        return get_template(trained)
     template = load_chat_template(model_dir)
     if template is None:
         choices = ", ".join(sorted(TEMPLATES))

@@ -76,5 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
 
+    # A built-in end-to-end run that `llava-jax train` runs instead of one stage ("shapes":
+    # configs/shapes_tiny.py); "" for a recipe.
+    c.builtin = ""
+
     c.lock()
     return c
