@@ -407,3 +407,22 @@ def test_tfds_field_errors(tfds_dir):
         open_source(spec, tfds_dir, tfds_fields={"caption": "answer", "conversations": "dialog"})
     with pytest.raises(ValueError, match="cannot open the TFDS dataset"):
         open_source("tfds:no_such_dataset_xyz", tfds_dir, tfds_fields={"conversations": "c"})
+
+
+def test_tfds_default_fields_are_the_features_of_our_names(tfds_dir):
+    import ml_collections
+
+    # The training config's default, an empty ConfigDict, means "match by name": this
+    # dataset has `question` and `answer` (and no `image`, `id` or `conversations`).
+    ds = open_source(
+        "tfds:llava_tiny_tfds/qa:test", tfds_dir, tfds_fields=ml_collections.ConfigDict()
+    )
+    assert list(ds) == [
+        RawRecord(
+            "llava_tiny_tfds/qa:test:0",
+            [
+                {"from": "human", "value": "<image>\nWhat is 0?"},
+                {"from": "gpt", "value": "It is 0."},
+            ],
+        )
+    ]

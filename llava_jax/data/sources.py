@@ -378,11 +378,11 @@ class TfdsRecords:
 
 
 def _tfds_fields(spec: str, fields: Mapping[str, str] | None, features: list[str]) -> dict:
-    if fields is None:
+    if not fields:  # None or empty (the config's default): the features of our names
         fields = {k: k for k in TFDS_FIELDS if k in features}
         if "conversations" in fields:
             fields.pop("question", None), fields.pop("answer", None)
-    fields = dict(fields)
+    fields = {str(k): str(v) for k, v in dict(fields).items()}
     unknown = sorted(set(fields) - set(TFDS_FIELDS))
     if unknown:
         raise ValueError(f"{spec}: tfds_fields {unknown} unknown; accepted: {list(TFDS_FIELDS)}")

@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # Grain worker processes; 0 = in the main process
     c.data.seed = 0
     c.data.max_skip_fraction = 0.01  # stop when more records than this are skipped
-    c.data.tfds_fields = ml_collections.ConfigDict()  # tfds feature -> {id,image,conversations}
+    c.data.tfds_fields = ml_collections.ConfigDict()  # {id,image,conversations,...} -> feature
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 2e-5
