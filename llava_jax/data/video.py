@@ -23,6 +23,7 @@ optional extra (`pip install 'llava-jax[video]'`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import warnings
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def sample_frame_indices(
 
 
 def load_video(
-    path: str | Path,
+    path: str | Path | bytes,
     num_frames: int | None = None,
     fps: float | None = None,
     max_pixels: int | None = None,
@@ -93,7 +94,8 @@ def load_video(
     """Decodes sampled frames of a video file, or raises `VideoError`.
 
     Args:
-        path: a video file (any container FFmpeg reads, with PyAV), or an animated GIF/WebP.
+        path: a video file (any container FFmpeg reads, with PyAV), or an animated GIF/WebP;
+            or the file's bytes.
         num_frames: sample this many frames uniformly (see `sample_frame_indices`).
         fps: or sample at this rate; neither keeps every frame, as transformers does.
         max_pixels: refuse larger frames; only tightens Pillow's MAX_IMAGE_PIXELS.
@@ -101,13 +103,18 @@ def load_video(
     Returns:
         (frames uint8[F, H, W, 3] RGB, `VideoInfo`).
     """
+    if isinstance(path, (bytes, bytearray)):
+        path = _Bytes(path)
     name = str(path)
-    if not Path(path).is_file():
+    if not isinstance(path, _Bytes) and not Path(path).is_file():
         raise VideoError(f"{name}: no such file")
     limit = min(v for v in (max_pixels, Image.MAX_IMAGE_PIXELS, 2**62) if v)  # only tightens
     try:
-        with open(path, "rb") as f:
-            head = f.read(12)
+        if isinstance(path, _Bytes):
+            head = path[:12]
+        else:
+            with open(path, "rb") as f:
+                head = f.read(12)
         if head[:6] in (b"GIF87a", b"GIF89a") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
             return _load_pil(path, num_frames, fps, limit)
         return _load_pyav(path, num_frames, fps, limit)
@@ -121,6 +128,20 @@ def load_video(
         raise VideoError(f"{name}: not a video, or corrupt: {_one_line(e)}") from None
 
 
+class _Bytes(bytes):
+    """A video file's contents, named `<bytes>` in messages."""
+
+    def __str__(self) -> str:
+        return "<bytes>"
+
+    __format__ = object.__format__
+
+
+def _source(path):
+    """What PIL and PyAV open: the path itself, or the bytes as a file."""
+    return io.BytesIO(path) if isinstance(path, _Bytes) else str(path)
+
+
 def _check_size(path, h: int, w: int, limit: int | None) -> None:
     if limit and h * w > limit:
         raise VideoError(f"{path}: frames of {w}x{h} = {h * w} pixels are over the limit {limit}")
@@ -130,7 +151,7 @@ def _load_pil(path, num_frames, fps, limit) -> tuple[np.ndarray, VideoInfo]:
     """Animated GIF/WebP: the frame rate comes from the mean frame duration."""
     with warnings.catch_warnings():  # Pillow's pixel-limit warning, as an error
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(path, formats=_PIL_VIDEO_FORMATS)
+        im = Image.open(_source(path), formats=_PIL_VIDEO_FORMATS)
     with im:
         _check_size(path, im.height, im.width, limit)
         total = getattr(im, "n_frames", 1)
@@ -158,7 +179,7 @@ def _load_pyav(path, num_frames, fps, limit) -> tuple[np.ndarray, VideoInfo]:
             f"{path}: decoding this video needs PyAV: pip install 'llava-jax[video]'"
         ) from None
     try:
-        with av.open(str(path)) as container:
+        with av.open(_source(path)) as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -171,7 +192,7 @@ def _load_pyav(path, num_frames, fps, limit) -> tuple[np.ndarray, VideoInfo]:
             raise VideoError(f"{path}: the video has no frames")
         indices = sample_frame_indices(total, num_frames, fps, video_fps)
         wanted, last, frames, decoded = set(indices.tolist()), int(indices[-1]), [], 0
-        with av.open(str(path)) as container:  # reopened: seeking back is unreliable
+        with av.open(_source(path)) as container:  # reopened: seeking back is unreliable
             for frame in container.decode(container.streams.video[0]):
                 if decoded in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))

@@ -1,0 +1,320 @@
+"""The per-sample transform of the training pipeline: `RawRecord` -> `Example`, or `SkipSample`.
+
+It runs inside Grain's worker processes (`SampleTransform` is a picklable frozen dataclass)
+and does, for one record:
+
+1. Validate the LLaVA conversation: a non-empty list of `{"from": "human"|"gpt"|"system",
+   "value": str}`, an optional system turn first, then human and gpt alternating. A leading
+   gpt turn is dropped, as both original repos do (`preprocess_v1`, `preprocess_qwen`: "skip
+   the first one if it is not from human").
+2. Match the `<image>` / `<video>` placeholders against the media the record lists: the same
+   number of each kind, or `placeholder_mismatch`. A record with an image but no `<image>` is
+   a mismatch: neither original inserts one (haotian-liu/LLaVA encodes the image and then
+   drops its features, `cur_image_features[0:0]`; LLaVA-NeXT does the same), so we neither
+   invent a placeholder nor train on an image the text never shows. One exception, from
+   LLaVA-NeXT's video data: a record with videos and no images whose text marks each video
+   with `<image>` (the original's DEFAULT_IMAGE_TOKEN for frames) reads them as `<video>`.
+3. Decode (`image_processing.load_image`: format allow-list, Pillow's pixel limit;
+   `video.load_video`), and preprocess with the shared image preprocessing: AnyRes views for
+   NeXT and single-image OneVision, one padded view per image for multi-image OneVision,
+   one view per frame for video.
+4. Render the conversation with the template and tokenize span by span
+   (`prompt.tokenize_spans`), media tokens expanded to the feature plan's exact counts.
+   "clean" masking trains each assistant reply and its end of turn (`plain`: the caption and
+   its "\\n"); "reference" reproduces the original code's masks (`masking.py`).
+5. Budget before any truncation: media tokens are never cut. A sample over `max_len` first
+   loses whole trailing rounds (a human turn and its gpt reply) that hold no placeholder,
+   keeping as many rounds as fit and at least one; if even that is too long, or its views
+   exceed `max_views`, it is skipped as `too_long`. A sample left with no trained token is
+   skipped as `no_supervised_tokens`.
+
+Every failure is a `SkipSample` carrying one of `schema.SKIP_REASONS` and the record id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from llava_jax.config import LlavaConfig
+from llava_jax.data import masking
+from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.data.image_processing import ImageError, load_image, preprocess_images
+from llava_jax.data.prompt import media_token_counts, tokenize_spans
+from llava_jax.data.schema import Example, RawRecord, SkipSample
+from llava_jax.data.sources import resolve_media
+from llava_jax.data.templates import (
+    IMAGE,
+    PLACEHOLDER,
+    VIDEO,
+    ChatTemplate,
+    PromptError,
+    Template,
+    get_template,
+    render_spans,
+)
+from llava_jax.data.video import VideoError, load_video, preprocess_video
+from llava_jax.models import feature_plan
+from llava_jax.models.feature_plan import Media
+
+# LLaVA JSON speaker names -> template roles.
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+Message = dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleTransform:
+    """Turns one `RawRecord` into an `Example`, or raises `SkipSample`.
+
+    Attributes:
+      cfg: the model config (token ids, feature layout: the exact media token counts).
+      image_cfg: the image processor config; checked against `cfg`.
+      tokenizer: the model's HF tokenizer.
+      template: a named `Template` (or its name), or a `ChatTemplate` with `{% generation %}`
+        blocks (clean masking only).
+      max_len: the most tokens a sample may have, media tokens included.
+      max_views: the most views (AnyRes crops, images, video frames) a sample may have.
+      masking: "clean" or "reference" (the original code's masks; plain, vicuna_v1,
+        llava_v1 and qwen_1_5 templates).
+      video_frames: frames sampled uniformly from each video.
+      max_pixels: refuse images and video frames with more pixels (tightens Pillow's limit).
+      drop_trailing_rounds: shorten an over-long conversation by whole trailing rounds
+        instead of skipping it.
+    """
+
+    cfg: LlavaConfig
+    image_cfg: ImageProcessorConfig
+    tokenizer: Any
+    template: Template | ChatTemplate | str
+    _: dataclasses.KW_ONLY
+    max_len: int
+    max_views: int
+    masking: Literal["clean", "reference"] = "clean"
+    video_frames: int = 8
+    max_pixels: int | None = None
+    drop_trailing_rounds: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.template, str):
+            object.__setattr__(self, "template", get_template(self.template))
+        self.image_cfg.check_model(self.cfg)
+        if self.masking not in ("clean", "reference"):
+            raise ValueError(f"masking {self.masking!r}: choose 'clean' or 'reference'")
+        if self.masking == "reference":
+            masking.reference_style(self.template)
+        if self.max_len < 1 or self.max_views < 0 or self.video_frames < 1:
+            raise ValueError(
+                f"max_len ({self.max_len}) and video_frames ({self.video_frames}) must be "
+                f">= 1, max_views ({self.max_views}) >= 0"
+            )
+
+    def __call__(self, record: RawRecord) -> Example:
+        try:
+            return self._transform(record)
+        except SkipSample as e:
+            if e.record_id == record.id:
+                raise
+            raise SkipSample(e.reason, e.detail, record.id) from None
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def _transform(self, record: RawRecord) -> Example:
+        messages = parse_conversation(record.conversations)
+        kinds, messages = match_placeholders(messages, len(record.images), len(record.videos))
+        if "video" in kinds and self.cfg.video_token_id is None:
+            raise SkipSample("placeholder_mismatch", f"{self.cfg.family} models take no video")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SkipSample("no_supervised_tokens", "no gpt turn")
+
+        images = [self._load_image(ref, record) for ref in record.images]
+        videos = [self._load_video(ref, record) for ref in record.videos]
+        queues = {
+            "image": iter(Media.image(im.height, im.width) for im in images),
+            "video": iter(Media.video(len(frames)) for frames in videos),
+        }
+        media = tuple(next(queues[kind]) for kind in kinds)  # in placeholder order
+
+        n_views = sum(feature_plan.num_views(self.cfg, m, len(images)) for m in media)
+        if n_views > self.max_views:
+            raise SkipSample("too_long", f"{n_views} views > max_views {self.max_views}")
+        input_ids, trained = self._tokenize(messages, media)
+        if not trained.any():
+            raise SkipSample("no_supervised_tokens", "no token of the sample is trained")
+        return Example(
+            id=record.id,
+            input_ids=input_ids,
+            trained=trained,
+            views=self._views(images, videos, n_views),
+            media=media,
+        )
+
+    def _load_image(self, ref, record: RawRecord):
+        source = resolve_media(ref, record.root, record.id)
+        try:
+            return load_image(source, self.max_pixels)
+        except ImageError as e:
+            raise SkipSample("corrupt_image", str(e)) from None
+
+    def _load_video(self, ref, record: RawRecord) -> np.ndarray:
+        source = resolve_media(ref, record.root, record.id)
+        try:
+            frames, _ = load_video(source, num_frames=self.video_frames, max_pixels=self.max_pixels)
+        except VideoError as e:
+            raise SkipSample("bad_video", str(e)) from None
+        return frames
+
+    def _views(self, images, videos, n_views: int) -> np.ndarray:
+        """float32[V, S, S, 3]: every image's views, then every video's frames."""
+        s = self.image_cfg.view_size
+        parts = []
+        try:
+            parts += [p.views for p in preprocess_images(images, self.image_cfg)]
+        except ValueError as e:  # an aspect ratio too extreme to pad or resize
+            raise SkipSample("corrupt_image", str(e)) from None
+        parts += [preprocess_video(frames, self.image_cfg) for frames in videos]
+        views = np.concatenate(parts) if parts else np.zeros((0, s, s, 3), np.float32)
+        if len(views) != n_views:  # the feature plan and the preprocessing disagree: a bug
+            raise RuntimeError(f"preprocessing made {len(views)} views, the plan {n_views}")
+        return views
+
+    def _tokenize(self, messages: list[Message], media: Sequence[Media]):
+        """(int32[L], bool[L]) of the longest prefix of whole rounds within max_len."""
+        ids, trained = self._tokenize_all(messages, media)
+        if len(ids) <= self.max_len:
+            return ids, trained
+        too_long = SkipSample(
+            "too_long",
+            f"{len(ids)} tokens ({int(np.isin(ids, self._media_ids).sum())} media) > "
+            f"max_len {self.max_len}",
+        )
+        cuts = self._round_cuts(messages) if self.drop_trailing_rounds else []
+        # Token count grows with the rounds kept: binary search the most that fit.
+        best, lo, hi = None, 0, len(cuts) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            candidate = self._tokenize_all(messages[: cuts[mid]], media)
+            if len(candidate[0]) <= self.max_len:
+                best, lo = candidate, mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            raise too_long
+        return best
+
+    def _round_cuts(self, messages: list[Message]) -> list[int]:
+        """Message counts that end a whole round, short of the full conversation, that keep
+        every placeholder and at least one reply."""
+        last_media = max(
+            (i for i, m in enumerate(messages) if PLACEHOLDER.search(m["content"])), default=-1
+        )
+        return [
+            i + 1
+            for i, m in enumerate(messages[:-1])
+            if m["role"] == "assistant" and i >= last_media
+        ]
+
+    def _tokenize_all(self, messages: list[Message], media: Sequence[Media]):
+        try:
+            spans = render_spans(self.template, messages)
+            ids, trained = tokenize_spans(self.tokenizer, spans, media, self.cfg)
+        except PromptError as e:
+            raise SkipSample("placeholder_mismatch", str(e)) from None
+        if self.masking == "reference":
+            trained = self._reference_mask(messages, ids, media)
+        return ids.astype(np.int32), trained
+
+    @property
+    def _media_ids(self) -> list[int]:
+        return [i for i in (self.cfg.image_token_id, self.cfg.video_token_id) if i is not None]
+
+    def _reference_mask(self, messages, ids: np.ndarray, media: Sequence[Media]) -> np.ndarray:
+        """The original code's mask, computed with one token per placeholder, then expanded."""
+        counts = iter(media_token_counts(self.cfg, media))
+        media_ids = self._media_ids
+        starts, i = [], 0  # where each token of the unexpanded sequence starts
+        while i < len(ids):
+            starts.append(i)
+            i += next(counts) if ids[i] in media_ids else 1
+        starts = np.asarray(starts, np.int64)
+        tokens = {
+            kind: self.tokenizer.convert_ids_to_tokens(token_id)
+            for kind, token_id in (
+                ("image", self.cfg.image_token_id),
+                ("video", self.cfg.video_token_id),
+            )
+            if token_id is not None
+        }
+        trained = masking.reference_mask(
+            self.template, messages, ids[starts], self.tokenizer, tokens
+        )
+        expanded = np.repeat(trained, np.diff(np.append(starts, len(ids))))
+        expanded[np.isin(ids, media_ids)] = False  # features are inputs, never labels
+        return expanded
+
+
+# -- conversation checks ---------------------------------------------------------------------
+
+
+def parse_conversation(conversations: Any) -> list[Message]:
+    """LLaVA `conversations` -> template messages `[{"role", "content"}]`, or SkipSample.
+
+    Raises SkipSample: `malformed_record` (not a list of objects with string `from` and
+    `value`, a system turn after the first, turns that do not alternate), `empty_conversation`
+    (no turns, or a blank one), `unknown_role`.
+    """
+    if not isinstance(conversations, list):
+        kind = type(conversations).__name__
+        raise SkipSample("malformed_record", f"conversations is a {kind}, not a list")
+    if not conversations:
+        raise SkipSample("empty_conversation", "conversations is empty")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+            raise SkipSample("malformed_record", f"turn {i} is not a {{from, value}} object")
+        speaker, value = turn["from"], turn["value"]
+        if not isinstance(value, str):
+            raise SkipSample("malformed_record", f"turn {i}: value is a {type(value).__name__}")
+        if not isinstance(speaker, str) or speaker not in ROLES:
+            raise SkipSample(
+                "unknown_role", f"turn {i}: from {speaker!r} is not human, gpt or system"
+            )
+        if not value.strip():
+            raise SkipSample("empty_conversation", f"turn {i} ({speaker}) is empty")
+        messages.append({"role": ROLES[speaker], "content": value})
+    head = 1 if messages[0]["role"] == "system" else 0
+    if len(messages) > head and messages[head]["role"] == "assistant":
+        del messages[head]  # the originals skip a first turn that is not from human
+    for i, m in enumerate(messages):
+        want = "system" if i < head else ("user", "assistant")[(i - head) % 2]
+        if m["role"] != want:
+            raise SkipSample(
+                "malformed_record",
+                f"turn {i} is {m['role']} where {want} was expected; after an optional "
+                "system turn, human and gpt turns must alternate",
+            )
+    return messages
+
+
+def match_placeholders(
+    messages: list[Message], n_images: int, n_videos: int
+) -> tuple[list[str], list[Message]]:
+    """Checks placeholders against the media; returns (kind of each placeholder, messages).
+
+    A video-only record whose text marks its videos with `<image>` (LLaVA-NeXT video data)
+    has them rewritten to `<video>`.
+    """
+    text = "".join(m["content"] for m in messages)
+    found = [p[1:-1] for p in PLACEHOLDER.findall(text)]
+    if n_videos and not n_images and "video" not in found and len(found) == n_videos:
+        messages = [{**m, "content": m["content"].replace(IMAGE, VIDEO)} for m in messages]
+        found = ["video"] * n_videos
+    for kind, n in (("image", n_images), ("video", n_videos)):
+        if found.count(kind) != n:
+            raise SkipSample(
+                "placeholder_mismatch",
+                f"{found.count(kind)} <{kind}> placeholders for {n} {kind}s",
+            )
+    return found, messages
