@@ -323,6 +323,7 @@ class LlavaTinyTfds(tfds.core.GeneratorBasedBuilder):
             # Encoded bytes in, encoded bytes out (no tensorflow needed for either).
             "photo": tfds.features.Image(),
             "pixels": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),
+            "album": tfds.features.Sequence(tfds.features.Image()),  # decoded by TFDS
             "question": tfds.features.Text(),
             "answer": tfds.features.Text(),
             "dialog": tfds.features.Text(),  # conversations as a JSON string
@@ -340,6 +341,7 @@ class LlavaTinyTfds(tfds.core.GeneratorBasedBuilder):
                     "sample_id": f"s{i}",
                     "photo": png(10 * i),
                     "pixels": np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) + i,
+                    "album": [png(i), png(50 + i, (3, 2))],
                     "question": f"What is {i}?" if i else "<image>\nWhat is 0?",
                     "answer": f"It is {i}.",
                     "dialog": json.dumps(turns(f"q{i}")),
@@ -426,3 +428,14 @@ def test_tfds_default_fields_are_the_features_of_our_names(tfds_dir):
             ],
         )
     ]
+
+
+def test_tfds_image_sequence_gets_one_placeholder_per_image(tfds_dir):
+    fields = {"id": "sample_id", "image": "album", "question": "question", "answer": "answer"}
+    by_id = {r.id: r for r in open_source("tfds:llava_tiny_tfds/qa", tfds_dir, tfds_fields=fields)}
+    record = by_id["s2"]
+    assert [decode_png(m).tolist() for m in record.images] == [
+        np.full((4, 5, 3), 2, np.uint8).tolist(),
+        np.full((3, 2, 3), 52, np.uint8).tolist(),
+    ]
+    assert record.conversations[0] == {"from": "human", "value": "<image>\n<image>\nWhat is 2?"}

@@ -307,7 +307,7 @@ class TfdsRecords:
     stored as the file's bytes. Text comes back from TFDS as bytes and is decoded as UTF-8.
     `conversations` is a JSON string, a list of `{"from", "value"}`, or a `Sequence` of
     `{"from", "value"}` features; `question` + `answer` make one human/gpt exchange, with
-    `<image>\\n` put before the question when the record has an image and no placeholder.
+    one `<image>\\n` per image put before a question that has no placeholder.
 
     The TFDS source is opened lazily in each process (it is not pickled into Grain workers).
     """
@@ -368,7 +368,7 @@ class TfdsRecords:
         else:
             question = _to_python(example[fields["question"]])
             if images and isinstance(question, str) and "<image>" not in question:
-                question = "<image>\n" + question
+                question = "<image>\n" * len(images) + question
             answer = _to_python(example[fields["answer"]])
             conversations = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         return RawRecord(record_id, conversations, images, videos, root=None)
