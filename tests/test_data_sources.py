@@ -407,6 +407,8 @@ def test_tfds_field_errors(tfds_dir):
         open_source(spec, tfds_dir, tfds_fields={"question": "question"})
     with pytest.raises(ValueError, match="unknown"):
         open_source(spec, tfds_dir, tfds_fields={"caption": "answer", "conversations": "dialog"})
+    with pytest.raises(ValueError, match="cannot read the TFDS dataset.*bogus"):
+        open_source(f"{spec}:bogus", tfds_dir, tfds_fields={"conversations": "dialog"})
     with pytest.raises(ValueError, match="cannot open the TFDS dataset"):
         open_source("tfds:no_such_dataset_xyz", tfds_dir, tfds_fields={"conversations": "c"})
 

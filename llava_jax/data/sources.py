@@ -331,7 +331,10 @@ class TfdsRecords:
             if key in self._fields and isinstance(features[self._fields[key]], tfds.features.Image)
         )
         self._source = None
-        self._len = len(self._open())
+        try:
+            self._len = len(self._open())
+        except Exception as e:  # an unknown split, a dataset not prepared in data_dir
+            raise ValueError(f"{spec}: cannot read the TFDS dataset: {_one_line(e)}") from None
 
     def _open(self):
         if self._source is None:
