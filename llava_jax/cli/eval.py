@@ -1,19 +1,142 @@
-"""`llava-jax eval`: evaluate on a benchmark.
-
-A placeholder until the command is built.
-"""
+"""`llava-jax eval TASK`: run a benchmark of the LLaVA papers and print its table."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 from llava_jax.cli import CommandError
 
+TASK_NAMES = ("scienceqa", "vqav2", "gqa", "textvqa", "vizwiz", "pope", "mme", "mmbench",
+              "llava-bench", "mm-vet")  # fmt: skip
+
+
+def add_judge_args(parser: argparse.ArgumentParser, prefix: str = "judge-") -> None:
+    """The OpenAI-compatible endpoint flags (shared with `llava-jax instruct`)."""
+    parser.add_argument(f"--{prefix}base-url", default="https://api.openai.com/v1", metavar="URL",
+                        help="OpenAI-compatible API root (default %(default)s; a local vLLM or "
+                        "SGLang server: http://localhost:8000/v1)")  # fmt: skip
+    parser.add_argument(
+        f"--{prefix}api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default %(default)s)",
+    )
+    parser.add_argument(f"--{prefix}concurrency", type=int, default=8, metavar="N",
+                        help="requests in flight at most (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        f"--{prefix}cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="reply cache (default: llm_cache/ in the output directory)",
+    )
+    parser.add_argument(f"--{prefix}max-retries", type=int, default=6, metavar="N",
+                        help="retries on 429 / 5xx, with exponential backoff")  # fmt: skip
+    parser.add_argument(f"--{prefix}backoff", type=float, default=1.0, metavar="S",
+                        help="first retry delay in seconds; doubles per retry")  # fmt: skip
+
+
+def make_client(args: argparse.Namespace, model: str, default_cache: Path, prefix: str = "judge_"):
+    from llava_jax.llm_client import ChatClient
+
+    get = lambda name: getattr(args, prefix + name)  # noqa: E731
+    return ChatClient(get("base_url"), model, api_key_env=get("api_key_env"),
+                      cache_dir=get("cache_dir") or default_cache,
+                      concurrency=get("concurrency"), max_retries=get("max_retries"),
+                      backoff_s=get("backoff"))  # fmt: skip
+
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate on a benchmark (not yet available)")
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on a benchmark",
+        description="Answer a benchmark's questions with greedy decoding and score them as the "
+        "LLaVA papers do. Predictions are appended to OUT/predictions.jsonl as they are made; "
+        "a rerun resumes. See docs/evaluation.md for each task's data layout.",
+    )
+    parser.add_argument("task", choices=TASK_NAMES, metavar="TASK",
+                        help=f"one of {', '.join(TASK_NAMES)}")  # fmt: skip
+    parser.add_argument("--model", type=Path, metavar="PATH",
+                        help="llava-jax model directory or Hugging Face checkpoint (not needed "
+                        "when every question already has a prediction in OUT)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the benchmark's directory, in its published layout",
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="output directory (default: eval/TASK-SPLIT)"
+    )
+    parser.add_argument("--split", metavar="NAME", help="the task's split (default: the "
+                        "one the LLaVA papers report)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="answer length (default: the task's, 128 or 1024)",
+    )
+    parser.add_argument(
+        "--template", metavar="NAME", help="conversation template (default: the checkpoint's own)"
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    judge = parser.add_argument_group("LLM judge (llava-bench, mm-vet)")
+    judge.add_argument(
+        "--judge-model",
+        metavar="NAME",
+        help="judge model name at --judge-base-url (e.g. gpt-4-0613)",
+    )
+    judge.add_argument(
+        "--judge-runs",
+        type=int,
+        default=3,
+        metavar="N",
+        help="judge passes; the score is reported as mean ± std (default 3)",
+    )
+    add_judge_args(judge)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CommandError("llava-jax eval is not available yet")
+    from llava_jax.eval import TASKS
+    from llava_jax.eval.runner import evaluate
+
+    task = TASKS[args.task]()
+    split = args.split or task.default_split
+    out = args.out or Path("eval") / f"{args.task}-{split}"
+    if args.limit is not None and args.limit < 1:
+        raise CommandError(f"--limit must be >= 1, got {args.limit}")
+    if args.judge_runs < 1:
+        raise CommandError(f"--judge-runs must be >= 1, got {args.judge_runs}")
+    echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
+
+    load = None
+    if args.model is not None:
+
+        def load():
+            from llava_jax.pipeline import Pipeline
+
+            overrides = {"dtype": args.dtype} if args.dtype else {}
+            return Pipeline.load(args.model, template=args.template, echo=echo, **overrides)
+
+    judge = None
+    if task.needs_judge and args.judge_model:
+        judge = make_client(args, args.judge_model, out / "llm_cache")
+    report = evaluate(
+        task, args.data, out, load, split=split, batch_size=args.batch_size, limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        model_name=str(args.model.resolve()) if args.model else None, judge=judge,
+        judge_runs=args.judge_runs, echo=echo,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(json.loads((out / "metrics.json").read_text())))
+    else:
+        print(report.format())
+        print(f"\nmetrics: {out / 'metrics.json'}", file=sys.stderr)
+    return 0

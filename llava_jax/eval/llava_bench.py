@@ -1,0 +1,147 @@
+"""LLaVA-Bench (COCO) and LLaVA-Bench (In-the-Wild): answers rated by an LLM judge against
+a reference (GPT-4) answer, given a text description of the image.
+
+Layouts:
+
+  llava-bench (in the wild), the `liuhaotian/llava-bench-in-the-wild` release:
+    DIR/questions.jsonl      {"question_id", "image", "text", "category"}
+    DIR/context.jsonl        {"image", "caption"}
+    DIR/answers_gpt4.jsonl   {"question_id", "text"}
+    DIR/images/IMAGE
+
+  llava-bench-coco (split `coco`), LLaVA's `playground/data/coco2014_val_qa_eval`:
+    DIR/qa90_questions.jsonl, DIR/qa90_gpt4_answer.jsonl (same fields as above)
+    DIR/caps_boxes_coco2014_val_80.jsonl  {"image", "captions": [...],
+                                           "instances": [{"category", "bbox"}]}
+    DIR/val2014/IMAGE  (COCO val2014; `COCO_val2014_`-prefixed names are found too)
+
+The judge sees the context, the question, the reference answer as assistant 1 and the model's
+as assistant 2, and puts both 1-10 scores on its first line. Per category (conv, detail,
+complex) and overall: relative score = mean(model) / mean(reference) × 100, as in the LLaVA
+paper, with mean and std over the judge runs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from llava_jax.eval.judge import context_text, judge_all, parse_score_pair, runs_of, unreadable
+from llava_jax.eval.metrics import mean_std, relative_score
+from llava_jax.eval.task import (
+    EvalDataError,
+    Report,
+    Sample,
+    ScoreContext,
+    Table,
+    Task,
+    read_jsonl,
+    require,
+)
+
+JUDGE_SYSTEM = "You are a careful, impartial assistant who rates the quality of answers."
+# Paraphrases the rule of LLaVA's judge (llava/eval/table/rule.json): the four criteria,
+# a 1-10 overall score each, both scores alone on the first line, then the explanation.
+JUDGE_RULE = (
+    "We want your feedback on two AI assistants' answers to the user question above. The user "
+    "asks it while looking at an image, which is described to you by the context above.\n"
+    "Rate each answer's helpfulness, relevance, accuracy and level of detail, and give each "
+    "assistant one overall score from 1 to 10, where higher is better.\n"
+    "On the first line write only the two scores, for assistant 1 and assistant 2, separated "
+    "by a space. From the second line on, explain your rating, without letting the order in "
+    "which the answers appear sway you."
+)
+CATEGORIES = ("conv", "detail", "complex")
+JUDGE_PARAMS = {"temperature": 0.2, "max_tokens": 1024}
+
+
+def judge_messages(context: str, question: str, reference: str, answer: str) -> list[dict]:
+    content = (
+        f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
+        f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n"
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+
+
+def _coco_image(data_dir: Path, name: str) -> Path:
+    for candidate in (data_dir / "val2014" / name, data_dir / "val2014" / f"COCO_val2014_{name}"):
+        if candidate.is_file():
+            return candidate
+    return data_dir / "val2014" / name
+
+
+class LlavaBench(Task):
+    name = "llava-bench"
+    splits = ("wild", "coco")
+    default_split = "wild"
+    max_new_tokens = 1024
+    needs_judge = True
+
+    def samples(self, data_dir: Path, split: str) -> list[Sample]:
+        if split == "coco":
+            questions = read_jsonl(data_dir / "qa90_questions.jsonl")
+            answers = read_jsonl(data_dir / "qa90_gpt4_answer.jsonl")
+            contexts = {}
+            for c in read_jsonl(data_dir / "caps_boxes_coco2014_val_80.jsonl"):
+                boxes = [(i["category"], i["bbox"]) for i in c.get("instances", [])]
+                contexts[c["image"]] = context_text(c["captions"], boxes)
+        else:
+            questions = read_jsonl(data_dir / "questions.jsonl")
+            answers = read_jsonl(data_dir / "answers_gpt4.jsonl")
+            contexts = {c["image"]: c["caption"] for c in read_jsonl(data_dir / "context.jsonl")}
+        reference = {str(a["question_id"]): a["text"] for a in answers}
+        samples = []
+        for q in questions:
+            require(q, ("question_id", "image", "text", "category"), "a LLaVA-Bench question")
+            qid = str(q["question_id"])
+            if qid not in reference or q["image"] not in contexts:
+                raise EvalDataError(f"{data_dir}: question {qid} has no reference answer or "
+                                    "no image context")  # fmt: skip
+            image = (_coco_image(data_dir, q["image"]) if split == "coco"
+                     else data_dir / "images" / q["image"])  # fmt: skip
+            meta = {"question": q["text"], "category": q["category"],
+                    "reference": reference[qid], "context": contexts[q["image"]]}  # fmt: skip
+            samples.append(Sample(qid, f"<image>\n{q['text']}", (image,), meta))
+        return samples
+
+    def score(self, samples, predictions, ctx: ScoreContext) -> Report:
+        requests = {s.question_id: judge_messages(s.meta["context"], s.meta["question"],
+                                                  s.meta["reference"], predictions[s.question_id])
+                    for s in samples}  # fmt: skip
+        scores = judge_all(ctx, requests, parse_score_pair, JUDGE_PARAMS)
+        category = {s.question_id: s.meta["category"] for s in samples}
+        per_run: dict[str, list[float]] = defaultdict(list)
+        absolute: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for run in runs_of(scores, ctx.judge_runs):
+            pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for q, pair in run.items():
+                if pair is not None:
+                    pairs[category[q]].append(pair)
+                    pairs["all"].append(pair)
+            for name, ps in pairs.items():
+                per_run[name].append(relative_score([p[1] for p in ps], [p[0] for p in ps]))
+                absolute[name] += ps
+        names = [c for c in (*CATEGORIES, "all") if c in per_run]
+        names += sorted(set(per_run) - set(names))
+        metrics = {
+            "judge": ctx.judge.model,
+            "judge_runs": ctx.judge_runs,
+            "unreadable_judge_replies": unreadable(scores),
+            "relative_score": {},
+        }
+        rows = []
+        for name in names:
+            mean, std = mean_std(per_run[name])
+            ref = sum(p[0] for p in absolute[name]) / len(absolute[name])
+            model = sum(p[1] for p in absolute[name]) / len(absolute[name])
+            metrics["relative_score"][name] = {
+                "mean": mean,
+                "std": std,
+                "runs": per_run[name],
+                "reference_mean": ref,
+                "model_mean": model,
+            }
+            rows.append([name, f"{mean:.1f} ± {std:.1f}", ref, model])
+        table = Table(["category", "relative score", "reference (1-10)", "model (1-10)"], rows)
+        return Report(metrics, [table])

@@ -1,0 +1,133 @@
+"""Benchmark metrics as pure functions of predictions and ground truth.
+
+Every function here is checked against hand-computed values in tests/test_eval_metrics.py.
+Percentages are returned as floats in [0, 100]; nothing is rounded until a table prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from llava_jax.eval.normalize import (
+    evalai_answer,
+    process_digit_article,
+    process_punctuation,
+    strip_whitespace,
+)
+
+
+def percent(hits: Iterable[float]) -> float | None:
+    """Mean × 100, or None for no items (a table prints "-")."""
+    hits = list(hits)
+    return 100.0 * sum(hits) / len(hits) if hits else None
+
+
+# -- VQA accuracy ------------------------------------------------------------------------------
+
+
+def leave_one_out_accuracy(answer: str, humans: Sequence[str]) -> float:
+    """min(#other humans who gave `answer` / 3, 1), averaged over the leave-one-out subsets.
+
+    With 10 humans of whom m match: m = 1 -> 0.3, m = 2 -> 0.6, m = 3 -> 0.9, m >= 4 -> 1.
+    """
+    if not humans:
+        raise ValueError("a VQA question needs at least one human answer")
+    matches = sum(h == answer for h in humans)
+    # Leaving out a matching human leaves m - 1 matches; leaving out another leaves m.
+    total = matches * min(1.0, (matches - 1) / 3) + (len(humans) - matches) * min(1.0, matches / 3)
+    return total / len(humans)
+
+
+def vqa_accuracy(answer: str, humans: Sequence[str]) -> float:
+    """The official VQA accuracy (`vqaEval.py`) of one submitted answer.
+
+    As the script does, both sides are normalised only when the humans disagree; when all
+    gave the same string, the submitted answer must equal it after whitespace stripping.
+    Submit answers through `evalai_answer` (LLaVA does) so that this rarely matters.
+    """
+    humans = [strip_whitespace(h) for h in humans]
+    answer = strip_whitespace(answer)
+    if len(set(humans)) > 1:
+        humans = [process_digit_article(process_punctuation(h)) for h in humans]
+        answer = process_digit_article(process_punctuation(answer))
+    return leave_one_out_accuracy(answer, humans)
+
+
+def textvqa_accuracy(answer: str, humans: Sequence[str]) -> float:
+    """TextVQA's evaluator (`m4c_evaluator.py`): both sides through `evalai_answer`, always."""
+    return leave_one_out_accuracy(evalai_answer(answer), [evalai_answer(h) for h in humans])
+
+
+# -- yes / no: POPE ----------------------------------------------------------------------------
+
+
+def binary_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """POPE's table for "yes"/"no" predictions and labels ("yes" is the positive class).
+
+    Returns accuracy, precision, recall, f1 and yes_ratio (the share of "yes" predictions),
+    each × 100, and the counts tp, fp, tn, fn.
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    pairs = list(zip(predictions, labels, strict=True))
+    tp = sum(p == "yes" and t == "yes" for p, t in pairs)
+    fp = sum(p == "yes" and t == "no" for p, t in pairs)
+    tn = sum(p == "no" and t == "no" for p, t in pairs)
+    fn = sum(p == "no" and t == "yes" for p, t in pairs)
+    n = len(pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": 100.0 * (tp + tn) / n if n else 0.0,
+        "precision": 100.0 * precision,
+        "recall": 100.0 * recall,
+        "f1": 100.0 * f1,
+        "yes_ratio": 100.0 * (tp + fp) / n if n else 0.0,
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+    }  # fmt: skip
+
+
+# -- MME -----------------------------------------------------------------------------------------
+
+
+def mme_subtask_score(results: Mapping[str, Sequence[bool]]) -> dict[str, float]:
+    """One MME subtask: image -> correctness of its (two) questions.
+
+    acc = correct questions / questions × 100; acc+ = images with every question correct /
+    images × 100; score = acc + acc+ (at most 200).
+    """
+    per_question = [ok for oks in results.values() for ok in oks]
+    acc = percent(per_question) or 0.0
+    acc_plus = percent(all(oks) for oks in results.values()) or 0.0
+    return {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
+
+
+# -- multiple choice ---------------------------------------------------------------------------
+
+
+def circular_accuracy(passes: Mapping[str, Sequence[bool]]) -> float | None:
+    """MMBench's circular evaluation: a question counts only if every rotation is right."""
+    return percent(all(oks) for oks in passes.values())
+
+
+# -- LLM-judged benchmarks -----------------------------------------------------------------------
+
+
+def relative_score(model_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
+    """LLaVA-Bench: mean(model score) / mean(reference answer score) × 100."""
+    if not model_scores or len(model_scores) != len(reference_scores):
+        raise ValueError("relative_score needs as many model as reference scores, at least one")
+    reference = sum(reference_scores) / len(reference_scores)
+    if reference == 0:
+        raise ValueError("the reference answers scored 0 on average")
+    return 100.0 * (sum(model_scores) / len(model_scores)) / reference
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (numpy's default, as the LLaVA summary uses)."""
+    if not values:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))

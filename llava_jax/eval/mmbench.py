@@ -1,0 +1,125 @@
+"""MMBench (Liu et al., 2023): multiple choice with circular evaluation.
+
+Layout: the released TSV in DIR, `mmbench_{split}_YYYYMMDD.tsv` (LLaVA-1.5 uses
+`mmbench_dev_20230712.tsv`; `dev_cn`, `test` likewise), with the columns index, question,
+hint, A, B, C, D (E, F when used), answer (dev only), category, l2-category and image
+(base64; a short number instead refers to the image of the row with that index).
+
+Every question is asked once per rotation of its options (n options, n passes; pass k
+shows the options starting from the k-th), as LLaVA's `--all-rounds` does. A question is
+right under circular evaluation only when every pass is right. Without answers (test),
+`mmbench_{split}_submission.tsv` holds the first pass's letters for the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from llava_jax.eval.answers import LETTERS, MULTIPLE_CHOICE_PROMPT, option_letter
+from llava_jax.eval.metrics import circular_accuracy, percent
+from llava_jax.eval.task import EvalDataError, Report, Sample, ScoreContext, Table, Task
+
+_MISSING = ("", "nan", "NaN", "None")
+
+
+def read_tsv(data_dir: Path, split: str) -> tuple[Path, list[dict[str, str]]]:
+    found = sorted(data_dir.glob(f"mmbench_{split}_2*.tsv"))
+    if len(found) != 1:
+        raise EvalDataError(f"{data_dir}: expected one mmbench_{split}_YYYYMMDD.tsv, found "
+                            f"{len(found)}")  # fmt: skip
+    csv.field_size_limit(sys.maxsize)  # base64 images are long fields
+    with open(found[0], encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    for column in ("index", "question", "A", "B", "image"):
+        if rows and column not in rows[0]:
+            raise EvalDataError(f"{found[0]}: no column {column!r}")
+    return found[0], rows
+
+
+def rotate(options: list[str], k: int) -> list[str]:
+    return options[k:] + options[:k]
+
+
+def prompt_text(row: dict[str, str], options: list[str]) -> str:
+    """LLaVA's MMBench prompt: hint, question, lettered options, then the instruction."""
+    lines = ["<image>"]
+    if row.get("hint", "") not in _MISSING:
+        lines.append(row["hint"])
+    lines.append(row["question"])
+    lines += [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    lines.append(MULTIPLE_CHOICE_PROMPT)
+    return "\n".join(lines)
+
+
+class MMBench(Task):
+    name = "mmbench"
+    splits = ("dev", "test", "dev_cn", "test_cn", "dev_en", "test_en")
+    default_split = "dev"
+
+    def samples(self, data_dir: Path, split: str) -> list[Sample]:
+        path, rows = read_tsv(data_dir, split)
+        by_index = {r["index"]: r["image"] for r in rows}
+        samples = []
+        for row in rows:
+            options = [row[c] for c in LETTERS[:6] if row.get(c, "") not in _MISSING]
+            image = row["image"]
+            if len(image) < 64 and image in by_index:  # a reference to another row's image
+                image = by_index[image]
+            try:
+                data = base64.b64decode(image, validate=True)
+            except (binascii.Error, ValueError):
+                raise EvalDataError(f"{path}: row {row['index']}: image is not base64") from None
+            answer = row.get("answer", "")
+            answer = None if answer in _MISSING else answer.strip()
+            for k in range(len(options)):
+                shown = rotate(options, k)
+                meta = {"index": row["index"], "pass": k, "options": shown,
+                        "category": row.get("category", ""),
+                        "l2_category": row.get("l2-category", ""),
+                        "answer": None if answer is None
+                        else LETTERS[(LETTERS.index(answer) - k) % len(options)]}  # fmt: skip
+                samples.append(Sample(f"{row['index']}/{k}", prompt_text(row, shown), (data,),
+                                      meta))  # fmt: skip
+        return samples
+
+    def score(self, samples, predictions, ctx: ScoreContext) -> Report:
+        letters = {s.question_id: option_letter(predictions[s.question_id], s.meta["options"])
+                   for s in samples}  # fmt: skip
+        unparsed = sum(v is None for v in letters.values())
+        first = [s for s in samples if s.meta["pass"] == 0]
+        if any(s.meta["answer"] is None for s in samples):
+            path = ctx.out_dir / f"mmbench_{ctx.split}_submission.tsv"
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f, delimiter="\t")
+                w.writerow(["index", "question", *LETTERS[:4], "prediction"])
+                for s in first:
+                    opts = (s.meta["options"] + [""] * 4)[:4]
+                    w.writerow([s.meta["index"], s.text, *opts, letters[s.question_id] or ""])
+            return Report({"submission": str(path), "unparsed": unparsed},
+                          [Table(["split", "submission"], [[ctx.split, str(path)]])])  # fmt: skip
+        passes: dict[str, list[bool]] = defaultdict(list)
+        for s in samples:
+            passes[s.meta["index"]].append(letters[s.question_id] == s.meta["answer"])
+        meta = {s.meta["index"]: s.meta for s in first}
+        circular = circular_accuracy(passes)
+        single = percent(passes[i][0] for i in passes)
+        by: dict[str, dict[str, float | None]] = {}
+        for key in ("category", "l2_category"):
+            groups: dict[str, dict[str, list[bool]]] = defaultdict(dict)
+            for i, oks in passes.items():
+                groups[meta[i][key]][i] = oks
+            by[key] = {g: circular_accuracy(v) for g, v in sorted(groups.items()) if g}
+        metrics = {"circular_accuracy": circular, "first_pass_accuracy": single,
+                   "unparsed": unparsed, "by_category": by["category"],
+                   "by_l2_category": by["l2_category"]}  # fmt: skip
+        tables = [Table(["", "circular", "first pass"], [["accuracy", circular, single]])]
+        if by["l2_category"]:
+            tables.append(
+                Table(["l2-category", "circular"], [[k, v] for k, v in by["l2_category"].items()])
+            )
+        return Report(metrics, tables)

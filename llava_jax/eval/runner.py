@@ -1,0 +1,186 @@
+"""The evaluation loop: batched greedy generation into a resumable predictions file, then
+the task's metrics.
+
+The output directory holds `predictions.jsonl` (one `{"question_id", "prompt", "answer"}`
+per line, appended and flushed per batch), `run.json` (task, split and model, so that a
+resumed run cannot silently mix two models), and `metrics.json`. A rerun skips every question
+already in the predictions file, so an interrupted eval continues where it stopped, and a
+predictions file written by other means is scored without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llava_jax.eval.task import EvalDataError, Report, Sample, ScoreContext, Task
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+RUN = "run.json"
+
+
+class PredictionsFile:
+    """An append-only JSONL of answers keyed by question id."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, str]:
+        """The answers so far. A last line cut short by an interrupted write is dropped from
+        the file (its question is simply asked again); any other bad line is an error."""
+        if not self.path.is_file():
+            return {}
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        answers: dict[str, str] = {}
+        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                answers[str(row["question_id"])] = str(row["answer"])
+            except (ValueError, KeyError, TypeError):
+                raise EvalDataError(
+                    f"{self.path}:{number}: not a prediction line "
+                    '({"question_id": ..., "answer": ...})'
+                ) from None
+        return answers
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _check_run(out_dir: Path, run: dict[str, Any]) -> None:
+    """Refuses to resume predictions made for another task, split or model."""
+    path = out_dir / RUN
+    if path.is_file():
+        before = json.loads(path.read_text())
+        for key in ("task", "split", "model"):
+            if run.get(key) is not None and before.get(key) not in (None, run[key]):
+                raise EvalDataError(
+                    f"{out_dir} holds predictions for {key} {before[key]!r}, not {run[key]!r}; "
+                    "pass another --out"
+                )
+        run = {**before, **{k: v for k, v in run.items() if v is not None}}
+    path.write_text(json.dumps(run, indent=2) + "\n")
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
+    return text[:cut].strip()
+
+
+def generate_answers(
+    pipeline: Any,
+    samples: Sequence[Sample],
+    out: PredictionsFile,
+    batch_size: int,
+    max_new_tokens: int,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Greedy answers for `samples`, appended to `out` one batch at a time."""
+    from llava_jax.data.image_processing import load_image
+
+    sampling = pipeline.stop_config(max_new_tokens=max_new_tokens, temperature=0.0)
+    start, done = time.perf_counter(), 0
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i : i + batch_size]
+        prompts = []
+        for s in batch:
+            try:
+                images = [load_image(ref) for ref in s.images]
+                messages = [{"role": "user", "content": s.text}]
+                prompts.append(pipeline.prompt(messages, images))
+            except ValueError as e:  # an unreadable image, a prompt over the context, ...
+                raise EvalDataError(f"question {s.question_id}: {e}") from None
+        results = pipeline.generator.generate(prompts, sampling)
+        rows = []
+        for s, r in zip(batch, results, strict=True):
+            answer = _cut_at_stop(pipeline.decode(r.token_ids), sampling.stop_strings)
+            rows.append({"question_id": s.question_id, "prompt": s.text, "answer": answer})
+        out.append(rows)
+        done += len(batch)
+        rate = done / (time.perf_counter() - start)
+        echo(f"{done}/{len(samples)} answered ({rate:.2f} questions/s)")
+
+
+def evaluate(
+    task: Task,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    load_pipeline: Callable[[], Any] | None = None,
+    *,
+    split: str | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    model_name: str | None = None,
+    judge: Any = None,
+    judge_runs: int = 1,
+    echo: Callable[[str], None] = print,
+) -> Report:
+    """Runs one task: answers the questions not yet answered, then scores all of them.
+
+    Args:
+      task: the benchmark.
+      data_dir: the benchmark's directory, in its published layout.
+      out_dir: where predictions, metrics and any submission or judge files go.
+      load_pipeline: () -> `Pipeline`, called only if a question still needs an answer.
+      split: the task's split (default: `task.default_split`).
+      batch_size: questions generated together.
+      limit: only the first N questions (also what is scored).
+      max_new_tokens: override the task's answer length.
+      model_name: recorded in run.json; a resume with another model is refused.
+      judge: a `ChatClient` for the LLM-judged tasks.
+      judge_runs: judge passes for mean and std.
+    """
+    split = split or task.default_split
+    if task.splits and split not in task.splits:
+        raise EvalDataError(
+            f"{task.name}: unknown split {split!r} (one of {', '.join(task.splits)})"
+        )
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if task.needs_judge and judge is None:
+        raise EvalDataError(f"{task.name} is scored by an LLM judge: pass --judge-model")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    samples = task.samples(data_dir, split)
+    if limit is not None:
+        samples = samples[:limit]
+    ids = [s.question_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise EvalDataError(f"{data_dir}: question ids repeat within {task.name} {split}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run(out_dir, {"task": task.name, "split": split, "model": model_name})
+    out = PredictionsFile(out_dir / PREDICTIONS)
+    done = out.load()
+    pending = [s for s in samples if s.question_id not in done]
+    echo(f"{task.name} {split}: {len(samples)} questions, {len(samples) - len(pending)} "
+         f"already answered in {out.path}")  # fmt: skip
+    if pending:
+        if load_pipeline is None:
+            raise EvalDataError(
+                f"{len(pending)} questions have no answer in {out.path}; pass --model to answer"
+            )
+        generate_answers(load_pipeline(), pending, out, batch_size,
+                         max_new_tokens or task.max_new_tokens, echo)  # fmt: skip
+        done = out.load()
+    answers = {s.question_id: done[s.question_id] for s in samples}
+    ctx = ScoreContext(out_dir, data_dir, split, judge=judge, judge_runs=judge_runs, echo=echo)
+    report = task.score(samples, answers, ctx)
+    metrics = {"task": task.name, "split": split, "questions": len(samples), **report.metrics}
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return report

@@ -1,0 +1,146 @@
+"""What a benchmark task is: its samples, how they are prompted, how they are scored."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class EvalDataError(ValueError):
+    """A benchmark directory that does not hold the published layout (printed as one line)."""
+
+
+# An image is a file path, or the encoded file's bytes (MMBench ships base64 in its TSV).
+ImageRef = Path | bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One question put to the model.
+
+    Attributes:
+      question_id: unique within the task; the key of the predictions file.
+      text: the user turn, `<image>` placeholders included, prompt suffix included.
+      images: one per `<image>` placeholder, in order.
+      meta: what scoring needs (ground truth, category, ...); JSON-serialisable.
+    """
+
+    question_id: str
+    text: str
+    images: tuple[ImageRef, ...] = ()
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Table:
+    """A printed result table: header names and rows of cells (floats print as 0.00)."""
+
+    headers: list[str]
+    rows: list[list[Any]]
+
+    def format(self) -> str:
+        cells = [self.headers] + [[_cell(c) for c in row] for row in self.rows]
+        widths = [max(len(str(r[i])) for r in cells) for i in range(len(self.headers))]
+        lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+@dataclasses.dataclass
+class Report:
+    """The outcome of scoring: metrics (written to metrics.json) and the table to print."""
+
+    metrics: dict[str, Any]
+    tables: list[Table]
+
+    def format(self) -> str:
+        return "\n\n".join(t.format() for t in self.tables)
+
+
+@dataclasses.dataclass
+class ScoreContext:
+    """What scoring may use besides the predictions.
+
+    Attributes:
+      out_dir: where the task may write extra files (a submission file, judge replies).
+      data_dir: the benchmark directory.
+      split: the split evaluated.
+      judge: an `llm_client.ChatClient` for the LLM-judged tasks, or None.
+      judge_runs: how many times the judge scores every answer (mean and std over runs).
+      echo: progress messages.
+    """
+
+    out_dir: Path
+    data_dir: Path
+    split: str
+    judge: Any = None
+    judge_runs: int = 1
+    echo: Any = print
+
+
+class Task:
+    """A benchmark. Subclasses set the class attributes and implement `samples` and `score`."""
+
+    name: str = ""
+    splits: tuple[str, ...] = ()
+    default_split: str = ""
+    max_new_tokens: int = 128
+    needs_judge: bool = False
+
+    def samples(self, data_dir: Path, split: str) -> list[Sample]:
+        raise NotImplementedError
+
+    def score(
+        self, samples: Sequence[Sample], predictions: dict[str, str], ctx: ScoreContext
+    ) -> Report:
+        raise NotImplementedError
+
+
+def read_json(path: Path) -> Any:
+    """JSON from a benchmark file, with one-line errors that name the file."""
+    if not path.is_file():
+        raise EvalDataError(f"{path}: not found (see docs/evaluation.md for the layout)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """JSON Lines (blank lines skipped). Also accepts a file holding one JSON list."""
+    if not path.is_file():
+        raise EvalDataError(f"{path}: not found (see docs/evaluation.md for the layout)")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return read_json(path)
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise EvalDataError(f"{path}:{number}: not valid JSON ({e})") from None
+    return rows
+
+
+def find_image(path: Path) -> Path:
+    if not path.is_file():
+        raise EvalDataError(f"{path}: image not found (see docs/evaluation.md for the layout)")
+    return path
+
+
+def require(record: dict, keys: Sequence[str], where: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)}")

@@ -1,0 +1,225 @@
+"""A client for OpenAI-compatible chat completions (a hosted model, or a local vLLM / SGLang
+server), on the standard library only.
+
+- `POST {base_url}/chat/completions` with `{"model", "messages", ...}`; the key comes from an
+  environment variable (never a file), sent as `Authorization: Bearer ...` when set.
+- Retries with exponential backoff on 429 and 5xx and on connection errors (a `Retry-After`
+  header, when given, is honoured up to the backoff cap). 401 / 403 stop everything with one
+  line that names the variable to set; any other 4xx fails that request.
+- A disk cache keyed by the SHA-256 of the request (URL and body): a rerun sends nothing it
+  already has an answer for. Only successful replies are cached.
+- `map` runs requests on a bounded thread pool and yields results as they complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class LLMError(RuntimeError):
+    """A request that failed for good (after retries, or a 4xx other than auth)."""
+
+
+class LLMAuthError(PermissionError):
+    """401 / 403: the key is missing or wrong. An OSError, so the CLI prints one line."""
+
+
+Messages = Sequence[dict[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """The outcome of one request of a `map`: `text` on success, else `error`."""
+
+    index: int
+    text: str | None = None
+    error: str | None = None
+    cached: bool = False
+
+
+class ChatClient:
+    """Chat completions against one endpoint and model.
+
+    Args:
+      base_url: e.g. `https://api.openai.com/v1` or `http://localhost:8000/v1`.
+      model: the model name the endpoint expects.
+      api_key_env: the environment variable holding the key (unset: no Authorization header,
+        fine for a local server).
+      cache_dir: where replies are cached (None: no cache).
+      concurrency: requests in flight at most.
+      max_retries: retries after the first try, for 429 / 5xx / connection errors.
+      backoff_s: the first retry's delay; it doubles each retry, up to `max_backoff_s`.
+      timeout_s: per HTTP request.
+      sleep: the delay function (tests pass a recorder).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        cache_dir: str | os.PathLike | None = None,
+        concurrency: int = 8,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        timeout_s: float = 120.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.api_key = os.environ.get(api_key_env) or None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.timeout_s = timeout_s
+        self.sleep = sleep
+
+    # -- one request -----------------------------------------------------------------------
+
+    def body(self, messages: Messages, **params: Any) -> dict[str, Any]:
+        """The JSON body; `params` (temperature, max_tokens, seed, ...) pass through as given."""
+        return {"model": self.model, "messages": [dict(m) for m in messages], **params}
+
+    def key(self, body: dict[str, Any]) -> str:
+        canonical = json.dumps({"url": self.url, "body": body}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def chat(self, messages: Messages, **params: Any) -> str:
+        """The reply text of one chat completion (from the cache when there)."""
+        text, _ = self._chat(self.body(messages, **params))
+        return text
+
+    def _chat(self, body: dict[str, Any]) -> tuple[str, bool]:
+        key = self.key(body)
+        cached = self._cache_get(key)
+        if cached is not None:
+            return _content(cached, self.url), True
+        response = self._post(body)
+        text = _content(response, self.url)
+        self._cache_put(key, body, response)
+        return text, False
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise LLMError(f"{self.url}: the reply is not JSON: {raw[:200]!r}") from None
+            except urllib.error.HTTPError as e:
+                detail = _error_text(e)
+                if e.code in (401, 403):
+                    hint = (f"set {self.api_key_env}" if not self.api_key
+                            else f"check the key in {self.api_key_env}")  # fmt: skip
+                    raise LLMAuthError(f"{self.url}: HTTP {e.code} {detail}; {hint}") from None
+                if e.code not in RETRY_STATUS:
+                    raise LLMError(f"{self.url}: HTTP {e.code} {detail}") from None
+                last = f"HTTP {e.code} {detail}"
+                after = _retry_after(e.headers.get("Retry-After"))
+                if after is not None:
+                    delay = min(self.max_backoff_s, max(delay, after))
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = str(getattr(e, "reason", e))
+            if attempt < self.max_retries:
+                self.sleep(delay)
+        raise LLMError(f"{self.url}: gave up after {self.max_retries + 1} tries ({last})")
+
+    # -- many requests ---------------------------------------------------------------------
+
+    def map(self, bodies: Sequence[dict[str, Any]]) -> Iterator[Reply]:
+        """Sends `bodies` (from `body()`), at most `concurrency` at once; yields a `Reply` per
+        body as each completes. An auth error cancels the rest and is raised."""
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self._chat, b): i for i, b in enumerate(bodies)}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    try:
+                        text, cached = future.result()
+                        yield Reply(i, text=text, cached=cached)
+                    except LLMError as e:
+                        yield Reply(i, error=str(e))
+            finally:
+                for f in futures:
+                    f.cancel()
+
+    # -- cache -------------------------------------------------------------------------------
+
+    def _cache_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
+
+    def _cache_get(self, key: str) -> dict[str, Any] | None:
+        path = self._cache_path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["response"]
+        except (ValueError, KeyError):
+            return None  # a damaged entry is asked again and overwritten
+
+    def _cache_put(self, key: str, body: dict[str, Any], response: dict[str, Any]) -> None:
+        path = self._cache_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole then renamed, so a reader never sees half an entry.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"request": body, "response": response}, f, ensure_ascii=False)
+        os.replace(tmp, path)
+
+
+def _content(response: dict[str, Any], url: str) -> str:
+    try:
+        content = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise LLMError(f"{url}: no choices[0].message.content in the reply") from None
+    if not isinstance(content, str):
+        raise LLMError(f"{url}: choices[0].message.content is not text")
+    return content
+
+
+def _error_text(error: urllib.error.HTTPError) -> str:
+    try:
+        raw = error.read().decode("utf-8", "replace")
+    except OSError:
+        return error.reason or ""
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = raw.strip()
+    return " ".join(str(message).split())[:300] or (error.reason or "")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,219 @@
+"""Metrics, answer normalisation and answer parsing against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_jax.eval.answers import mme_yes_no, option_letter, pope_yes_no
+from llava_jax.eval.metrics import (
+    binary_metrics,
+    circular_accuracy,
+    leave_one_out_accuracy,
+    mean_std,
+    mme_subtask_score,
+    relative_score,
+    textvqa_accuracy,
+    vqa_accuracy,
+)
+from llava_jax.eval.normalize import (
+    CONTRACTIONS,
+    evalai_answer,
+    normalize_gqa,
+    normalize_vqa,
+    process_punctuation,
+)
+from llava_jax.eval.scienceqa import scienceqa_table
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Two", "2"),  # number words
+        ("none", "0"),
+        ("one two three", "1 2 3"),
+        ("the dog", "dog"),  # articles
+        ("A cat", "cat"),
+        ("a an the", ""),
+        ("dont", "don't"),  # contractions
+        ("isnt it", "isn't it"),
+        ("Im", "im"),  # capitalised keys never match after lower-casing (sic)
+        ("somebody'd", "somebodyd"),  # the reversed entry (sic)
+        ("yes.", "yes"),  # a period not before a digit goes
+        ("2.5", "2.5"),  # a decimal point stays
+        ("e.g.", "eg"),
+        ("hot-dog", "hot dog"),  # glued punctuation becomes a space
+        ("hot - dog", "hot dog"),  # punctuation touching a space is deleted
+        ("red,white", "red white"),
+        ("red, white", "red white"),
+        ("1,000", "1000"),  # digit,digit: every mark is deleted, not spaced
+        ("(yes)", "yes"),
+        ("what?", "what"),
+        ("it's", "it's"),  # apostrophes are not punctuation here
+        ("50%", "50%"),  # nor is %
+        ("  Two\tdogs\n", "2 dogs"),
+    ],
+)
+def test_normalize_vqa(text, want):
+    assert normalize_vqa(text) == want
+
+
+def test_contraction_map_parses_whole():
+    from llava_jax.eval.normalize import _CONTRACTIONS_TEXT
+
+    pairs = [p for p in _CONTRACTIONS_TEXT.replace("\n", "|").split("|") if p.strip()]
+    assert len(pairs) == len(CONTRACTIONS) == 120  # no key lost or repeated
+    assert all("'" in v for k, v in CONTRACTIONS.items() if k != "somebody'd")
+    assert CONTRACTIONS["wont"] == "won't" and CONTRACTIONS["y'all'dve"] == "y'all'd've"
+
+
+def test_punctuation_is_judged_on_the_input_text():
+    # "-" touches a space somewhere, so every "-" is deleted, even the glued one.
+    assert process_punctuation("a-b - c") == "ab  c"
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("It's a DOG's bone?", "it 's dog 's bone"),
+        ("Yes, it is.", "yes it is"),
+        ("1,000 people", "1000 people"),
+        ("Unanswerable", "unanswerable"),
+    ],
+)
+def test_evalai_answer(text, want):
+    assert evalai_answer(text) == want
+
+
+def _official_loop(answer, humans):
+    """The evaluation script's loop, written out: leave each human out in turn."""
+    accs = []
+    for i in range(len(humans)):
+        others = humans[:i] + humans[i + 1 :]
+        accs.append(min(1.0, sum(h == answer for h in others) / 3))
+    return sum(accs) / len(accs)
+
+
+@pytest.mark.parametrize("matches, want", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)])
+def test_leave_one_out_accuracy(matches, want):
+    humans = ["cat"] * matches + ["dog"] * (10 - matches)
+    assert leave_one_out_accuracy("cat", humans) == pytest.approx(want)
+    assert _official_loop("cat", humans) == pytest.approx(want)
+
+
+def test_vqa_accuracy_normalises_only_when_humans_disagree():
+    # Disagreeing humans: both sides normalised, so "Cat." matches "cat" (m = 1) and "a cat".
+    humans = ["cat"] + ["dog"] * 9
+    assert vqa_accuracy("Cat.", humans) == pytest.approx(0.3)
+    humans = ["the cat", "a cat", "cat"] + ["dog"] * 7
+    assert vqa_accuracy("cat", humans) == pytest.approx(0.9)
+    # Unanimous humans: no normalisation at all, as in vqaEval.py.
+    assert vqa_accuracy("2", ["two"] * 10) == 0.0
+    assert vqa_accuracy(" two\n", ["two"] * 10) == 1.0
+    # Numbers as words against digits, once the humans disagree.
+    assert vqa_accuracy("two", ["2"] * 9 + ["3"]) == pytest.approx(1.0)
+    assert vqa_accuracy("Three", ["2"] * 9 + ["3"]) == pytest.approx(0.3)
+
+
+def test_textvqa_accuracy_normalises_both_sides():
+    humans = ["Coca-Cola"] * 2 + ["coca cola"] + ["pepsi"] * 7
+    assert textvqa_accuracy("coca cola", humans) == pytest.approx(0.9)
+    assert textvqa_accuracy("COCA-COLA!", humans) == pytest.approx(0.9)
+    assert textvqa_accuracy("pepsi", humans) == pytest.approx(1.0)
+
+
+def test_gqa_normalisation():
+    assert normalize_gqa(" Yes.") == "yes" and normalize_gqa("left") == "left"
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("A", "A"),
+        ("B.", "B"),
+        ("(C) a cat", "C"),
+        ("C) a cat", "C"),
+        ("D: the cat", "D"),
+        ("The answer is B.", "B"),
+        ("I think the answer is (C).", "C"),
+        ("Answer: D", "D"),
+        ("A dog", None),  # the article, not option A
+        ("The answer is E.", None),  # only four options
+        ("The answer is A. No, the answer is B.", None),  # two different letters
+        ("cat", "B"),  # the text of one option
+        ("Cat.", "B"),
+        ("something else", None),
+    ],
+)
+def test_option_letter(text, want):
+    assert option_letter(text, ["dog", "cat", "bird", "fish"]) == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Yes", "yes"),
+        ("Yes, there is a dog.", "yes"),
+        ("No.", "no"),
+        ("There is not a dog in the image.", "no"),
+        ("yes. no", "yes"),  # only the first sentence counts
+        ("Nope", "yes"),  # not a listed word (sic)
+        ("no, none", "no"),
+    ],
+)
+def test_pope_yes_no(text, want):
+    assert pope_yes_no(text) == want
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [("Yes", "yes"), ("no", "no"), ("No, it is not.", "no"), ("Yes it is", "yes"),
+     ("The answer is yes", "other"), ("Not sure", "no"), ("maybe", "other")],
+)  # fmt: skip
+def test_mme_yes_no(text, want):
+    assert mme_yes_no(text) == want
+
+
+def test_binary_metrics():
+    m = binary_metrics(["yes", "yes", "no", "no", "yes"], ["yes", "no", "no", "yes", "yes"])
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)
+    assert m["accuracy"] == pytest.approx(60.0)
+    assert m["precision"] == pytest.approx(200 / 3)
+    assert m["recall"] == pytest.approx(200 / 3)
+    assert m["f1"] == pytest.approx(200 / 3)
+    assert m["yes_ratio"] == pytest.approx(60.0)
+
+
+def test_mme_subtask_score():
+    s = mme_subtask_score({"a.jpg": [True, True], "b.jpg": [True, False], "c.jpg": [False, False]})
+    assert s["acc"] == pytest.approx(50.0)
+    assert s["acc_plus"] == pytest.approx(100 / 3)
+    assert s["score"] == pytest.approx(50 + 100 / 3)
+
+
+def test_circular_accuracy():
+    passes = {"1": [True] * 4, "2": [True, False, True, True], "3": [True, True]}
+    assert circular_accuracy(passes) == pytest.approx(200 / 3)
+
+
+def test_relative_score_and_spread():
+    assert relative_score([6, 8], [8, 8]) == pytest.approx(87.5)
+    assert mean_std([80.0, 90.0]) == pytest.approx((85.0, 5.0))
+    with pytest.raises(ValueError):
+        relative_score([1], [0])
+
+
+def test_scienceqa_table():
+    def meta(subject, hint, image, grade):
+        return {"subject": subject, "hint": hint, "image": image, "grade": grade}
+
+    rows = [
+        (meta("natural science", "", "image.png", "grade2"), True),  # NAT IMG G1-6
+        (meta("natural science", "ctx", "image.png", "grade8"), False),  # NAT TXT IMG G7-12
+        (meta("social science", "ctx", None, "grade3"), True),  # SOC TXT G1-6
+        (meta("language science", "", None, "grade10"), True),  # LAN NO G7-12
+    ]
+    t = scienceqa_table(rows)
+    want = {"NAT": 50.0, "SOC": 100.0, "LAN": 100.0, "TXT": 50.0, "IMG": 50.0, "NO": 100.0,
+            "G1-6": 100.0, "G7-12": 50.0, "Avg": 75.0}  # fmt: skip
+    assert t == pytest.approx(want)
+    assert scienceqa_table(rows[:1])["SOC"] is None
