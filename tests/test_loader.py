@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 
 import grain
 import jax
 import numpy as np
 import pytest
-from test_batching import tiny_config
 
+from llava_jax.config import LlavaConfig
 from llava_jax.data import loader
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord, SkipSample
@@ -43,13 +44,13 @@ def make_records(n: int, bad_every: int = 0, long_ids=()) -> list[RawRecord]:
 class FakeTransform:
     """record -> Example with ids and views drawn from the record id (picklable)."""
 
-    family: str = "llava"
+    cfg: LlavaConfig
 
     def __call__(self, record: RawRecord) -> Example:
         reason = record.conversations[1]["bad"]
         if reason:
             raise SkipSample(reason, "marked bad in the test", record.id)
-        cfg = tiny_config(self.family)
+        cfg = self.cfg
         rng = np.random.default_rng(int(record.id[1:]))
         media = tuple(Media.image(30, 40) for _ in record.images)
         _, _, n_image, _ = feature_plan.sample_plan(cfg, media)
@@ -61,6 +62,13 @@ class FakeTransform:
         return Example(record.id, ids, trained, views, media)
 
 
+def llava_config() -> LlavaConfig:
+    """tiny_hf's LLaVA-1.5 config (imported here: worker processes need no transformers)."""
+    from test_batching import tiny_config
+
+    return tiny_config("llava")
+
+
 def shape_for(batch_size: int) -> BatchShape:
     return BatchShape(batch_size, max_len=24, max_views=2, max_image_tokens=18, image_size=42,
                       taps_per_token=1)  # fmt: skip
@@ -69,9 +77,8 @@ def shape_for(batch_size: int) -> BatchShape:
 def make(records, batch_size=4, **kw):
     kw = {"seed": 0, "num_epochs": 1, "process_index": 0, "process_count": 1, **kw}
     source = grain.MapDataset.source(records)
-    return loader.make_loader(
-        source, FakeTransform(), shape_for(batch_size), tiny_config("llava"), **kw
-    )
+    cfg = llava_config()
+    return loader.make_loader(source, FakeTransform(cfg), shape_for(batch_size), cfg, **kw)
 
 
 def take(it, k):
@@ -128,7 +135,7 @@ def test_resume_yields_the_uninterrupted_batches(packing):
     reference = take(make(records, **kw), 8)
     it = make(records, **kw)
     take(it, 3)
-    state = it.get_state()
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
     take(it, 2)  # the state does not move with the old iterator
     fresh = make(records, **kw)
     fresh.set_state(state)
@@ -138,7 +145,6 @@ def test_resume_yields_the_uninterrupted_batches(packing):
     }
 
 
-@pytest.mark.slow  # two worker processes start (about 10-20 s on a busy 2-core machine)
 def test_resume_with_worker_processes():
     records = make_records(40, bad_every=7)
     kw = dict(packing=True, num_epochs=None, seed=5, num_workers=2)
@@ -208,6 +214,12 @@ def test_skip_budget():
     ok = loader.SkipBudget(0.1)
     ok.update({"too_long": 10}, 100)  # 10 of 110 is under 10%
     assert ok.seen == 110
+
+
+def test_host_batch_size():
+    assert loader.host_batch_size(256, 8) == 32
+    with pytest.raises(ValueError, match="global batch 10 does not split evenly over 4"):
+        loader.host_batch_size(10, 4)
 
 
 def test_bad_arguments_are_clear_errors():

@@ -205,6 +205,16 @@ class _BatchIterDataset(grain.IterDataset):
         return f"BatchIterDataset(packing={self._packing})"
 
 
+def host_batch_size(global_batch_size: int, process_count: int | None = None) -> int:
+    """Rows per host: the global batch split evenly over the JAX processes."""
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch {global_batch_size} does not split evenly over {process_count} hosts"
+        )
+    return global_batch_size // process_count
+
+
 def make_loader(
     source: grain.MapDataset,
     transform: Callable[[RawRecord], Example],
@@ -226,7 +236,9 @@ def make_loader(
     Call it after `jax.distributed.initialize()`: the process index and count default to
     JAX's. Every host must pass the same source, seed, shape and epochs; each then reads
     only its shard (global positions p, p + P, ...), and the global batch is
-    `shape.batch_size * process_count` samples (see `global_batch`).
+    `shape.batch_size * process_count` samples (see `global_batch`). Hosts skip records
+    independently, so with a finite `num_epochs` they may run out after different numbers
+    of batches: a multi-host run should pass `num_epochs=None` and stop at a step count.
 
     Args:
       source: every record (`data.sources.open_source`).
