@@ -89,135 +89,42 @@ MP4_HEADER_ONLY = b"\x00\x00\x00\x18ftypmp42" + bytes(500)  # an "ftyp" box, the
 
 
 def _bad_records(tmp_path):
-    """(reason, cfg, record, transform kwargs) for each bad-record class, with real bad files."""
+    """{case: (reason, cfg, record, transform kwargs)}, with real bad files."""
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
     (tmp_path / "outside.jpg").write_bytes(image_bytes())
     (root / "ok.jpg").write_bytes(image_bytes())
-    jpeg = image_bytes(64, 64)
-    r = str(root)
-    one_round = chat()
+    jpeg, r, ok, video = image_bytes(64, 64), str(root), chat(), chat("<video>\nx")
+    system_last = [*chat("q"), {"from": "system", "value": "s"}]
+    blank_reply = [chat("q")[0], {"from": "gpt", "value": " \n"}]
+    outside = str(tmp_path / "outside.jpg")
+    L, N, O, R = LLAVA, NEXT, ONEVISION, RawRecord  # noqa: N806
     return {
-        "truncated_jpeg": (
-            "corrupt_image",
-            LLAVA,
-            RawRecord("a", one_round, (jpeg[: len(jpeg) // 2],)),
-            {},
-        ),
-        "random_bytes": (
-            "corrupt_image",
-            LLAVA,
-            RawRecord("b", one_round, (b"\x13\x37" * 300,)),
-            {},
-        ),
-        "tiff": ("corrupt_image", LLAVA, RawRecord("c", one_round, (image_bytes(fmt="TIFF"),)), {}),
-        "pixel_bomb": (
-            "corrupt_image",
-            LLAVA,
-            RawRecord("d", one_round, (jpeg,)),
-            {"max_pixels": 1000},
-        ),
-        "missing_file": (
-            "missing_file",
-            LLAVA,
-            RawRecord("e", one_round, ("nope.jpg",), root=r),
-            {},
-        ),
-        "dot_dot": (
-            "path_outside_root",
-            LLAVA,
-            RawRecord("f", one_round, ("../outside.jpg",), root=r),
-            {},
-        ),
-        "absolute": (
-            "path_outside_root",
-            LLAVA,
-            RawRecord("g", one_round, (str(tmp_path / "outside.jpg"),), root=r),
-            {},
-        ),
-        "two_placeholders": (
-            "placeholder_mismatch",
-            LLAVA,
-            RawRecord("h", chat("<image><image>\nx"), (jpeg,)),
-            {},
-        ),
-        "image_without_placeholder": (
-            "placeholder_mismatch",
-            LLAVA,
-            RawRecord("i", chat("What?"), (jpeg,)),
-            {},
-        ),
-        "placeholder_without_image": ("placeholder_mismatch", LLAVA, RawRecord("j", one_round), {}),
-        "video_for_llava": (
-            "placeholder_mismatch",
-            LLAVA,
-            RawRecord("k", chat("<video>\nx"), videos=(gif_bytes(),)),
-            {},
-        ),
-        "not_a_list": ("malformed_record", LLAVA, RawRecord("l", {"from": "human"}), {}),
-        "value_not_text": (
-            "malformed_record",
-            LLAVA,
-            RawRecord("m", [{"from": "human", "value": 3}]),
-            {},
-        ),
-        "not_alternating": (
-            "malformed_record",
-            LLAVA,
-            RawRecord("n", [*chat("q"), *chat("q")[1:]]),
-            {},
-        ),
-        "late_system": (
-            "malformed_record",
-            LLAVA,
-            RawRecord("o", [*chat("q"), {"from": "system", "value": "s"}]),
-            {},
-        ),
-        "empty": ("empty_conversation", LLAVA, RawRecord("p", []), {}),
-        "blank_turn": (
-            "empty_conversation",
-            LLAVA,
-            RawRecord("q", [chat("q")[0], {"from": "gpt", "value": " \n"}]),
-            {},
-        ),
-        "unknown_role": (
-            "unknown_role",
-            LLAVA,
-            RawRecord("r", [{"from": "bot", "value": "q"}]),
-            {},
-        ),
-        "no_gpt_turn": ("no_supervised_tokens", LLAVA, RawRecord("s", chat()[:1], (jpeg,)), {}),
-        "too_long": (
-            "too_long",
-            LLAVA,
-            RawRecord("t", one_round, ("ok.jpg",), root=r),
-            {"max_len": 20},
-        ),
-        "too_many_views": (
-            "too_long",
-            NEXT,
-            RawRecord("u", one_round, (image_bytes(60, 30),)),
-            {"max_views": 2},
-        ),
-        "undecodable_video": (
-            "bad_video",
-            ONEVISION,
-            RawRecord("v", chat("<video>\nx"), videos=(MP4_HEADER_ONLY,)),
-            {},
-        ),
-        "too_few_frames": (
-            "bad_video",
-            ONEVISION,
-            RawRecord("w", chat("<video>\nx"), videos=(gif_bytes(frames=1),)),
-            {},
-        ),
-        "missing_video": (
-            "missing_file",
-            ONEVISION,
-            RawRecord("x", chat("<video>\nx"), videos=("v.mp4",), root=r),
-            {},
-        ),
-    }
+        "truncated_jpeg": ("corrupt_image", L, R("a", ok, (jpeg[: len(jpeg) // 2],)), {}),
+        "random_bytes": ("corrupt_image", L, R("b", ok, (b"\x13\x37" * 300,)), {}),
+        "tiff": ("corrupt_image", L, R("c", ok, (image_bytes(fmt="TIFF"),)), {}),
+        "pixel_bomb": ("corrupt_image", L, R("d", ok, (jpeg,)), {"max_pixels": 1000}),
+        "missing_file": ("missing_file", L, R("e", ok, ("nope.jpg",), root=r), {}),
+        "dot_dot": ("path_outside_root", L, R("f", ok, ("../outside.jpg",), root=r), {}),
+        "absolute": ("path_outside_root", L, R("g", ok, (outside,), root=r), {}),
+        "two_placeholders": ("placeholder_mismatch", L, R("h", chat("<image>" * 2), (jpeg,)), {}),
+        "image_without_placeholder": ("placeholder_mismatch", L, R("i", chat("Hm?"), (jpeg,)), {}),
+        "placeholder_without_image": ("placeholder_mismatch", L, R("j", ok), {}),
+        "video_for_llava": ("placeholder_mismatch", L, R("k", video, (), (gif_bytes(),)), {}),
+        "not_a_list": ("malformed_record", L, R("l", {"from": "human"}), {}),
+        "value_not_text": ("malformed_record", L, R("m", [{"from": "human", "value": 3}]), {}),
+        "not_alternating": ("malformed_record", L, R("n", [*chat("q"), *chat("q")[1:]]), {}),
+        "late_system": ("malformed_record", L, R("o", system_last), {}),
+        "empty": ("empty_conversation", L, R("p", []), {}),
+        "blank_turn": ("empty_conversation", L, R("q", blank_reply), {}),
+        "unknown_role": ("unknown_role", L, R("r", [{"from": "bot", "value": "q"}]), {}),
+        "no_gpt_turn": ("no_supervised_tokens", L, R("s", chat()[:1], (jpeg,)), {}),
+        "too_long": ("too_long", L, R("t", ok, ("ok.jpg",), root=r), {"max_len": 20}),
+        "too_many_views": ("too_long", N, R("u", ok, (image_bytes(60, 30),)), {"max_views": 2}),
+        "undecodable_video": ("bad_video", O, R("v", video, (), (MP4_HEADER_ONLY,)), {}),
+        "too_few_frames": ("bad_video", O, R("w", video, (), (gif_bytes(frames=1),)), {}),
+        "missing_video": ("missing_file", O, R("x", video, (), ("v.mp4",), root=r), {}),
+    }  # fmt: skip
 
 
 BAD = [
