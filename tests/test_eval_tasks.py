@@ -1,0 +1,244 @@
+"""Each task on a tiny fixture in the benchmark's published layout, scored from a predictions
+file written by hand, against metrics computed by hand (no model: every question already has
+an answer, so the runner goes straight to scoring)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import eval_fixtures as fx
+import pytest
+from llm_server import FakeLLM
+
+from llava_jax.eval import TASKS, EvalDataError
+from llava_jax.eval.runner import evaluate
+from llava_jax.llm_client import ChatClient
+
+
+def run(task, data, out, answers, **kw):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for qid, answer in answers.items():
+            f.write(json.dumps({"question_id": qid, "answer": answer}) + "\n")
+    report = evaluate(TASKS[task](), data, out, None, echo=lambda m: None, **kw)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return report, metrics
+
+
+def test_scienceqa(tmp_path):
+    data = fx.make_scienceqa(tmp_path / "sqa")
+    samples = TASKS["scienceqa"]().samples(data, "test")
+    assert [s.question_id for s in samples] == ["p1", "p2", "p3", "p4"]
+    assert samples[1].text == (
+        "<image>\nContext: ctx\nWhich one?\nA. red\nB. blue\nC. tan\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert samples[1].images == (data / "images/test/p2/image.png",)
+    assert samples[3].images == () and "<image>" not in samples[3].text
+    answers = {"p1": "The answer is B.", "p2": "B", "p3": "A.", "p4": "b1"}
+    report, m = run("scienceqa", data, tmp_path / "out", answers, split="test")
+    want = {"NAT": 50.0, "SOC": 100.0, "LAN": 100.0, "TXT": 50.0, "IMG": 50.0, "NO": 100.0,
+            "G1-6": 100.0, "G7-12": 50.0, "Avg": 75.0}  # fmt: skip
+    assert m["table"] == pytest.approx(want)
+    assert m["accuracy"] == 75.0 and m["unparsed"] == 0
+    assert "NAT" in report.format() and "75.00" in report.format()
+    # The image split (the default): only p1 and p2.
+    _, m = run("scienceqa", data, tmp_path / "out-img", answers)
+    assert m["questions"] == 2 and m["accuracy"] == 50.0 and m["table"]["NO"] is None
+
+
+def test_vqav2_val_and_test_dev_submission(tmp_path):
+    data = fx.make_vqav2(tmp_path / "vqa")
+    answers = {"420": "Yes", "421": "two", "70": "The red."}
+    _, m = run("vqav2", data, tmp_path / "val", answers, split="val2014")
+    assert m["accuracy"] == pytest.approx((1.0 + 0.6 + 0.3) / 3 * 100)
+    assert m["by_answer_type"] == pytest.approx({"number": 60.0, "other": 30.0, "yes/no": 100.0})
+    sub = json.loads((tmp_path / "val/vqav2_val2014_submission.json").read_text())
+    assert sub == [{"question_id": 420, "answer": "yes"}, {"question_id": 421, "answer": "2"},
+                   {"question_id": 70, "answer": "red"}]  # fmt: skip
+    # test-dev: no answers, a submission covering every test2015 question.
+    _, m = run("vqav2", data, tmp_path / "dev", {"50": "Because, it's late."})
+    assert "accuracy" not in m
+    sub = json.loads((tmp_path / "dev/vqav2_test-dev2015_submission.json").read_text())
+    assert sub == [{"question_id": 50, "answer": "because it 's late"},
+                   {"question_id": 51, "answer": ""}]  # fmt: skip
+
+
+def test_gqa(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+    _, m = run("gqa", data, tmp_path / "out", {"201": "Yes.", "202": "right", "203": "table"})
+    assert m["accuracy"] == pytest.approx(200 / 3)
+    assert m["structural"] == pytest.approx({"query": 50.0, "verify": 100.0})
+    assert m["semantic"] == pytest.approx({"attr": 0.0, "obj": 100.0, "rel": 100.0})
+    preds = json.loads((tmp_path / "out/gqa_testdev_balanced_predictions.json").read_text())
+    assert preds[0] == {"questionId": "201", "prediction": "yes"}
+
+
+def test_textvqa(tmp_path):
+    data = fx.make_textvqa(tmp_path / "textvqa")
+    _, m = run("textvqa", data, tmp_path / "out", {"1": "coca cola", "2": "STOP!"})
+    assert m["accuracy"] == pytest.approx((0.9 + 1.0) / 2 * 100)
+
+
+def test_vizwiz(tmp_path):
+    data = fx.make_vizwiz(tmp_path / "vizwiz")
+    samples = TASKS["vizwiz"]().samples(data, "val")
+    assert "respond with 'Unanswerable'" in samples[0].text
+    answers = {"VizWiz_val_00000000": "Unanswerable", "VizWiz_val_00000001": "white",
+               "VizWiz_val_00000002": "unanswerable"}  # fmt: skip
+    _, m = run("vizwiz", data, tmp_path / "out", answers)
+    assert m["accuracy"] == pytest.approx((1.0 + 0.9 + 0.0) / 3 * 100)
+    assert m["by_answer_type"] == pytest.approx(
+        {"other": 90.0, "unanswerable": 100.0, "yes/no": 0.0}
+    )
+    assert m["unanswerable"] == pytest.approx({"precision": 50.0, "recall": 100.0})
+    sub = json.loads((tmp_path / "out/vizwiz_val_submission.json").read_text())
+    assert sub[0] == {"image": "VizWiz_val_00000000.jpg", "answer": "unanswerable"}
+
+
+def test_pope(tmp_path):
+    data = fx.make_pope(tmp_path / "pope")
+    answers = {
+        "random/1": "Yes, there is.", "random/2": "No.",
+        "popular/1": "no", "popular/2": "yes",
+        "adversarial/1": "yes", "adversarial/2": "There is a cat",
+    }  # fmt: skip
+    _, m = run("pope", data, tmp_path / "out", answers)
+    keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    pick = lambda d: {k: d[k] for k in keys}  # noqa: E731
+    assert pick(m["random"]) == pytest.approx(
+        dict(zip(keys, (100, 100, 100, 100, 50), strict=True))
+    )
+    assert pick(m["popular"]) == pytest.approx(dict(zip(keys, (0, 0, 0, 0, 50), strict=True)))
+    assert pick(m["adversarial"]) == pytest.approx(
+        dict(zip(keys, (50, 50, 100, 200 / 3, 100), strict=True))
+    )
+    assert m["mean"]["f1"] == pytest.approx((100 + 0 + 200 / 3) / 3)
+
+
+def test_mme(tmp_path):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    samples = TASKS["mme"]().samples(data, "all")
+    assert len(samples) == 28
+    answers = {s.question_id: s.meta["answer"].capitalize() for s in samples}
+    answers["count/0001/1"] = "Yes"  # count: one of two wrong -> acc 50, acc+ 0
+    answers["code_reasoning/0001/0"] = "I cannot tell"  # "other": wrong -> 50 + 0
+    answers["code_reasoning/0001/1"] = "No, it is not"
+    _, m = run("mme", data, tmp_path / "out", answers)
+    assert m["perception"]["score"] == pytest.approx(9 * 200 + 50)
+    assert m["perception"]["subtasks"]["count"] == pytest.approx(
+        {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
+    )
+    assert m["cognition"]["score"] == pytest.approx(3 * 200 + 50)
+
+
+def test_mmbench_circular(tmp_path):
+    data = fx.make_mmbench(tmp_path / "mmbench")
+    samples = {s.question_id: s for s in TASKS["mmbench"]().samples(data, "dev")}
+    assert sorted(samples) == ["10/0", "10/1", "10/2", "11/0", "11/1"]
+    assert samples["10/1"].meta["options"] == ["cat", "cow", "dog"]
+    assert [samples[f"10/{k}"].meta["answer"] for k in range(3)] == ["B", "A", "C"]
+    assert samples["11/1"].text == (
+        "<image>\nA hint.\nIs it day?\nA. no\nB. yes\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert samples["11/0"].images == samples["10/0"].images  # "10": row 10's image
+    answers = {"10/0": "B", "10/1": "A", "10/2": "A", "11/0": "A", "11/1": "B. yes"}
+    _, m = run("mmbench", data, tmp_path / "out", answers)
+    assert m["circular_accuracy"] == 50.0 and m["first_pass_accuracy"] == 100.0
+    assert m["by_l2_category"] == {"perception": 0.0, "reasoning": 100.0}
+
+
+def test_mmbench_test_split_writes_a_submission(tmp_path):
+    data = fx.make_mmbench(tmp_path / "mmbench")
+    tsv = (data / "mmbench_dev_20230712.tsv").read_text().replace("\tB\tanimals", "\t\tanimals")
+    tsv = tsv.replace("\tA\ttime", "\t\ttime")
+    (data / "mmbench_test_20230712.tsv").write_text(tsv)
+    answers = {"10/0": "B", "10/1": "A", "10/2": "A", "11/0": "A", "11/1": "B"}
+    _, m = run("mmbench", data, tmp_path / "out", answers, split="test")
+    with open(m["submission"]) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [(r["index"], r["prediction"]) for r in rows] == [("10", "B"), ("11", "A")]
+
+
+def judge_reply(body):
+    """Reference answers score 8; the model's 8 when it says "good", else 4; + run index."""
+    text = body["messages"][-1]["content"]
+    if "unreadable" in text:
+        return "I cannot rate this."
+    model = 8 if "[Assistant 2]\ngood" in text else 4
+    return f"8 {model + body['seed']}\nBoth answers are fine."
+
+
+def test_llava_bench_relative_score(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    answers = {"0": "good", "1": "bad", "2": "good"}
+    with FakeLLM(judge_reply) as llm:
+        judge = ChatClient(llm.base_url, "judge-1", cache_dir=tmp_path / "cache")
+        report, m = run("llava-bench", data, tmp_path / "out", answers, judge=judge,
+                        judge_runs=2)  # fmt: skip
+        assert len(llm.requests) == 6
+        first = llm.requests[0]["messages"][1]["content"]
+        assert first.startswith("[Context]\nA red bus.\n\n[Question]\n")
+        assert "[Assistant 1]\nreference " in first
+        # Resume: the replies on disk are reused, nothing is sent again.
+        run("llava-bench", data, tmp_path / "out", answers, judge=judge, judge_runs=2)
+        assert len(llm.requests) == 6
+    r = m["relative_score"]
+    assert (r["conv"]["mean"], r["conv"]["std"]) == pytest.approx((106.25, 6.25))
+    assert (r["detail"]["mean"], r["detail"]["std"]) == pytest.approx((56.25, 6.25))
+    assert r["all"]["runs"] == pytest.approx([20 / 24 * 100, 23 / 24 * 100])
+    assert (r["all"]["mean"], r["all"]["std"]) == pytest.approx((21.5 / 24 * 100, 1.5 / 24 * 100))
+    replies = [json.loads(x) for x in (tmp_path / "out/judge.jsonl").read_text().splitlines()]
+    assert len(replies) == 6 and all(x["reply"].endswith("Both answers are fine.") for x in replies)
+    assert "106.2 ± 6.2" in report.format() or "106.3 ± 6.2" in report.format()
+
+
+def test_llava_bench_coco_context_has_boxes_and_unreadable_replies_are_counted(tmp_path):
+    data = fx.make_llava_bench_coco(tmp_path / "coco")
+    with FakeLLM(judge_reply) as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        _, m = run("llava-bench", data, tmp_path / "out", {"0": "unreadable"}, split="coco",
+                   judge=judge)  # fmt: skip
+        content = llm.requests[0]["messages"][1]["content"]
+    assert "A dog on grass.\nA brown dog.\n\ndog: [0.100, 0.200, 0.500, 0.750]" in content
+    assert m["unreadable_judge_replies"] == 1 and m["relative_score"] == {}
+
+
+def test_llava_bench_needs_a_judge(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    with pytest.raises(EvalDataError, match="--judge-model"):
+        run("llava-bench", data, tmp_path / "out", {})
+
+
+def test_mmvet(tmp_path):
+    data = fx.make_mmvet(tmp_path / "mmvet")
+
+    def grade(body):
+        row = body["messages"][-1]["content"].splitlines()[-1].split(" | ")
+        return "1.0" if row[1] in row[2] else "0.0"
+
+    with FakeLLM(grade) as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        _, m = run("mm-vet", data, tmp_path / "out", {"v1_0": "It says stop.", "v1_1": "A dog"},
+                   judge=judge, judge_runs=1)  # fmt: skip
+    assert m["score"]["total"]["mean"] == 50.0
+    assert m["score"]["ocr"]["mean"] == 100.0 and m["score"]["rec"]["mean"] == 50.0
+
+
+def test_missing_prediction_without_model_is_one_clear_error(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+    with pytest.raises(EvalDataError, match="1 questions have no answer.*--model"):
+        run("gqa", data, tmp_path / "out", {"201": "yes", "202": "left"})
+
+
+def test_missing_benchmark_file_names_it(tmp_path):
+    with pytest.raises(EvalDataError, match="testdev_balanced_questions.json: not found"):
+        run("gqa", tmp_path, tmp_path / "out", {})
+
+
+def test_limit(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+    _, m = run("gqa", data, tmp_path / "out", {"201": "yes"}, limit=1)
+    assert m["questions"] == 1 and m["accuracy"] == 100.0
