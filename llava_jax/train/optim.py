@@ -1,0 +1,151 @@
+"""What trains, and how: parameter labels from the config's patterns, and the optimizer.
+
+Every parameter gets one label: "train" (the main learning rate), "vision" (the vision
+tower's own learning rate, OneVision), or "frozen". Frozen parameters go through
+`optax.set_to_zero()` inside `optax.multi_transform`, so they hold no optimizer state and
+receive no update (`optax.masked` alone would pass their raw gradient through, pitfalls #16).
+
+The schedules follow Hugging Face's `get_cosine_schedule_with_warmup` /
+`get_constant_schedule_with_warmup` with `warmup_steps = ceil(warmup_ratio * total_steps)`:
+the learning rate of the update that follows `count` earlier updates is
+`lr * count / warmup` during warmup, then a half cosine down to 0 at `total_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llava_jax.checkpoint import flat_to_nested
+
+LABELS = ("train", "vision", "frozen")
+VISION_PREFIX = "vision_tower/"
+# Leaf names that get no weight decay: biases and every norm's scale and bias (the
+# reference's `create_optimizer` excludes biases and LayerNorm / RMSNorm weights).
+NO_DECAY_LEAVES = ("bias", "scale")
+
+
+def trainable_labels(param_paths: Iterable[str], config) -> dict[str, str]:
+    """{"a/b/c": "train" | "vision" | "frozen"} from `config.train.trainable`.
+
+    A path is trainable when some pattern matches it in full. Vision-tower parameters that
+    match take the label "vision", which needs `optimizer.vision_lr > 0`.
+
+    Raises:
+      ValueError: a pattern that matches no parameter, or vision-tower parameters made
+        trainable while `optimizer.vision_lr` is 0 (or the reverse).
+    """
+    paths = list(param_paths)
+    patterns = list(config.train.trainable)
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"train.trainable: bad pattern {pattern!r}: {e}") from None
+    used = [False] * len(compiled)
+    labels = {}
+    for path in paths:
+        hits = [i for i, rx in enumerate(compiled) if rx.fullmatch(path)]
+        for i in hits:
+            used[i] = True
+        if not hits:
+            labels[path] = "frozen"
+        else:
+            labels[path] = "vision" if path.startswith(VISION_PREFIX) else "train"
+    unused = [p for p, u in zip(patterns, used, strict=True) if not u]
+    if unused:
+        raise ValueError(f"train.trainable: {unused} match no parameter")
+    vision_lr = float(config.optimizer.vision_lr)
+    trains_vision = "vision" in labels.values()
+    if trains_vision and vision_lr <= 0:
+        raise ValueError(
+            "train.trainable makes vision_tower parameters trainable but optimizer.vision_lr "
+            "is 0 (the vision tower's learning rate; 0 means frozen)"
+        )
+    if vision_lr > 0 and not trains_vision:
+        raise ValueError(
+            f"optimizer.vision_lr is {vision_lr} but train.trainable matches no vision_tower "
+            "parameter; add 'vision_tower/.*' or set vision_lr to 0"
+        )
+    return labels
+
+
+def lr_schedule(
+    peak: float, total_steps: int, warmup_ratio: float, kind: str
+) -> Callable[[jax.Array], jax.Array]:
+    """count (updates already applied) -> the learning rate of the next update."""
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {kind!r}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = count / max(warmup, 1)
+        if kind == "constant":
+            after = jnp.ones_like(count)
+        else:
+            progress = jnp.clip((count - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+            after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return peak * jnp.where(count < warmup, warm, after)
+
+    return schedule
+
+
+def lr_schedules(config, total_steps: int) -> dict[str, Callable[[jax.Array], jax.Array]]:
+    """{"train": schedule, "vision": schedule} (vision only when `vision_lr > 0`)."""
+    o = config.optimizer
+    out = {"train": lr_schedule(o.lr, total_steps, o.warmup_ratio, o.schedule)}
+    if o.vision_lr > 0:
+        out["vision"] = lr_schedule(o.vision_lr, total_steps, o.warmup_ratio, o.schedule)
+    return out
+
+
+def decay_mask(params: Mapping) -> Mapping:
+    """True where weight decay applies: every leaf except biases and norm parameters."""
+
+    def keep(path, leaf):
+        return getattr(path[-1], "key", None) not in NO_DECAY_LEAVES
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(
+    config, total_steps: int, labels: Mapping[str, str]
+) -> optax.GradientTransformation:
+    """AdamW per label group, global-norm clipping over the trained gradients.
+
+    Args:
+      config: the training config (`optimizer.*`).
+      total_steps: optimizer updates in the run (for the schedule).
+      labels: flat {"a/b/c": label} from `trainable_labels`.
+
+    The transformation takes nested param / gradient dicts. Gradient accumulation is not
+    here: the train step averages its micro-batches before one update.
+    """
+    o = config.optimizer
+    nested = flat_to_nested(labels)
+    trainable = jax.tree.map(lambda label: label != "frozen", nested)
+
+    def adamw(schedule):
+        return optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
+        )
+
+    groups = {name: adamw(s) for name, s in lr_schedules(config, total_steps).items()}
+    groups["frozen"] = optax.set_to_zero()
+    used = set(labels.values())
+    groups = {k: v for k, v in groups.items() if k in used or k == "frozen"}
+    chain = []
+    if o.grad_clip and o.grad_clip > 0:
+        # Masked: the norm counts trained gradients only; frozen ones go on to set_to_zero.
+        chain.append(optax.masked(optax.clip_by_global_norm(o.grad_clip), trainable))
+    chain.append(optax.multi_transform(groups, nested))
+    return optax.chain(*chain)

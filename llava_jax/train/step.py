@@ -1,0 +1,210 @@
+"""The train step: one pure function, jitted once, that takes a global batch to one update.
+
+Loss: the mean cross-entropy over the supervised tokens of the whole global batch,
+`sum(CE(logits, targets) * loss_mask) / sum(loss_mask)` with float32 logits. With
+`optimizer.grad_accum = A` the batch is split into A micro-batches (row r goes to micro-batch
+r % A, so each stays spread over every device), their gradients are summed in a `scan`, and
+one optimizer update follows; each micro-batch's loss is divided by the token count of the
+whole batch, so A micro-batches give the same update as one.
+
+Only the trained parameters are differentiated: frozen ones enter the forward pass as
+constants under `stop_gradient`, so a frozen vision tower (which sits before every trained
+parameter) runs forward only, and a frozen LLM (stage 1) computes input gradients but no
+weight gradients. A non-finite loss or gradient norm leaves params and optimizer state
+unchanged (`nonfinite = 1` in the metrics); the step counter still advances so the data
+does not repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
+from llava_jax.config import LlavaConfig
+from llava_jax.data.schema import BATCH_FIELDS
+from llava_jax.train.optim import lr_schedules, make_optimizer
+from llava_jax.train.state import TrainState, labels_for, state_shardings
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the batch dimension
+
+METRICS = (
+    "loss",  # mean CE over supervised tokens
+    "accuracy",  # argmax == target, over supervised tokens
+    "num_tokens",  # supervised tokens in the global batch
+    "grad_norm",  # global norm of the trained gradients, before clipping
+    "param_norm",  # global norm of the trained parameters, after the update
+    "lr",  # learning rate of this update (the "train" group)
+    "vision_lr",  # the vision tower's learning rate (only when it trains)
+    "nonfinite",  # 1 when the update was skipped
+)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Dimension 0 (rows) split over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def shard_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of each BATCH_FIELDS array.
+
+    Every process passes its own consecutive block of rows (process p holds rows
+    p * B / P ... (p + 1) * B / P - 1 of the global batch of B rows).
+    """
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
+        for k in BATCH_FIELDS
+    }
+
+
+def step_rng(seed: int, step: jax.Array) -> jax.Array:
+    """The per-step key: `fold_in(key(seed), step)` (the model is dropout-free today)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def token_losses(
+    graphdef: nnx.GraphDef, params: Mapping, batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """(CE float32[B, T], correct bool[B, T]) of the model with `params` on `batch`."""
+    model = nnx.merge(graphdef, params)
+    out = model(
+        batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        taps=batch["taps"],
+        tap_weights=batch["tap_weights"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )
+    logits = out.logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+    return ce, correct
+
+
+def make_train_step(
+    model_cfg: LlavaConfig, config, mesh: Mesh, total_steps: int
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch) -> (state, metrics)`, jitted once with the state donated.
+
+    Args:
+      model_cfg: the model (dtype = compute dtype, param_dtype = master weights).
+      config: the training config (`train.trainable`, `optimizer.*`, `train.seed`).
+      mesh: the (data, fsdp, tensor) mesh the state lives on.
+      total_steps: optimizer updates in the run (the schedule's length).
+
+    The batch is a dict with the BATCH_FIELDS arrays (global shapes; other keys are
+    ignored), rows split over (data, fsdp); its row count must divide by grad_accum and
+    the micro-batch rows by data * fsdp. Metrics are float32 scalars (see METRICS).
+    The returned function has `.jitted` (the `jax.jit` object, e.g. for `.lower`).
+    """
+    labels = labels_for(model_cfg, config)
+    tx = make_optimizer(config, total_steps, labels)
+    schedules = lr_schedules(config, total_steps)
+    graphdef = nnx.split(abstract_model(model_cfg), nnx.Param)[0]
+    trained = {p for p, label in labels.items() if label != "frozen"}
+    accum = int(config.optimizer.grad_accum)
+    if accum < 1:
+        raise ValueError(f"optimizer.grad_accum must be >= 1, got {accum}")
+    state_sh = state_shardings(model_cfg, config, mesh, total_steps)
+    rows = batch_sharding(mesh)
+    micro_rows = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def split(params):
+        flat = nested_to_flat(params)
+        train = flat_to_nested({k: v for k, v in flat.items() if k in trained})
+        frozen = {k: v for k, v in flat.items() if k not in trained}
+        return train, frozen
+
+    def micro_loss(train, frozen, micro, denom):
+        frozen = jax.lax.stop_gradient(frozen)
+        params = flat_to_nested({**nested_to_flat(train), **frozen})
+        ce, correct = token_losses(graphdef, params, micro)
+        mask = micro["loss_mask"].astype(jnp.float32)
+        return jnp.sum(ce * mask) / denom, jnp.sum(correct * mask)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        batch = {k: jax.lax.with_sharding_constraint(batch[k], rows) for k in BATCH_FIELDS}
+        num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        denom = jnp.maximum(num_tokens, 1.0)
+        train, frozen = split(state.params)
+        if accum == 1:
+            (loss, correct), grads = grad_fn(train, frozen, batch, denom)
+        else:
+
+            def to_micro(x):
+                b = x.shape[0]
+                if b % accum:
+                    raise ValueError(f"batch rows {b} do not divide by grad_accum {accum}")
+                x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, micro_rows)
+
+            micros = {k: to_micro(v) for k, v in batch.items()}
+
+            def body(carry, micro):
+                g_sum, l_sum, c_sum = carry
+                (loss, correct), g = grad_fn(train, frozen, micro, denom)
+                g_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_sum, g)
+                return (g_sum, l_sum + loss, c_sum + correct), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss, correct), _ = jax.lax.scan(body, init, micros)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train)
+
+        grad_norm = optax.tree.norm(grads)
+        # Full-tree gradients for the optimizer; the frozen zeros only feed set_to_zero.
+        flat_params, flat_grads = nested_to_flat(state.params), nested_to_flat(grads)
+        full = {k: flat_grads[k] if k in trained else jnp.zeros_like(p)
+                for k, p in flat_params.items()}  # fmt: skip
+        updates, opt_state = tx.update(flat_to_nested(full), state.opt_state, state.params)
+        flat_updates = nested_to_flat(updates)
+        new_flat = {  # frozen parameters are passed through untouched (not even + 0)
+            k: (p + flat_updates[k]).astype(p.dtype) if k in trained else p
+            for k, p in flat_params.items()
+        }
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_flat = {k: keep(v, flat_params[k]) if k in trained else v for k, v in new_flat.items()}
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        new_state = TrainState(
+            step=state.step + 1, params=flat_to_nested(new_flat), opt_state=opt_state
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": correct / denom,
+            "num_tokens": num_tokens,
+            "grad_norm": grad_norm,
+            "param_norm": optax.tree.norm([new_flat[k] for k in sorted(trained)]),
+            "lr": schedules["train"](state.step),
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
+        if "vision" in schedules:
+            metrics["vision_lr"] = schedules["vision"](state.step)
+        metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+        return new_state, metrics
+
+    metric_sh = {k: replicated for k in METRICS if k != "vision_lr" or "vision" in schedules}
+    batch_sh = {k: rows for k in BATCH_FIELDS}
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, metric_sh),
+        donate_argnums=0,
+    )
+
+    def train_step(state: TrainState, batch: Mapping[str, Any]):
+        return jitted(state, {k: batch[k] for k in BATCH_FIELDS})
+
+    train_step.jitted = jitted
+    return train_step

@@ -1,0 +1,228 @@
+"""The train step: freezing, sharding invariance, gradient accumulation, skipped updates."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import STAGE1, STAGE2, model_config, random_batch, run_losses, train_config
+
+from llava_jax.checkpoint import abstract_model, nested_to_flat
+from llava_jax.sharding import make_mesh
+from llava_jax.train.flops import train_flops_per_step
+from llava_jax.train.optim import lr_schedule, trainable_labels
+from llava_jax.train.state import abstract_state, has_optimizer_state, init_state, labels_for
+from llava_jax.train.step import make_train_step, shard_batch
+
+VISION_DIMS = {24, 40, 6}  # the tiny tower's width, MLP width and head dim (the LLM has none)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _flat(state):
+    return {k: np.asarray(v) for k, v in nested_to_flat(state.params).items()}
+
+
+# -- labels and schedules (no compilation) ----------------------------------------------------
+
+
+def test_labels_stage1_stage2_onevision():
+    cfg = model_config()
+    paths = list(labels_for(cfg, train_config(STAGE2)))
+    stage1 = trainable_labels(paths, train_config(STAGE1))
+    assert {p for p, label in stage1.items() if label == "train"} == {
+        p for p in paths if p.startswith("multi_modal_projector/")
+    }
+    assert set(stage1.values()) == {"train", "frozen"}
+    ov = trainable_labels(paths, train_config((".*",), optimizer__vision_lr=2e-6))
+    for path, label in ov.items():
+        assert label == ("vision" if path.startswith("vision_tower/") else "train"), path
+
+
+def test_label_errors_name_the_problem():
+    paths = list(labels_for(model_config(), train_config()))
+    with pytest.raises(ValueError, match=r"\['lm_head/.\*'\] match no parameter"):
+        trainable_labels(paths, train_config(STAGE1 + ("lm_head/.*",)))
+    with pytest.raises(ValueError, match="vision_lr is 0"):
+        trainable_labels(paths, train_config(("vision_tower/.*",)))
+    with pytest.raises(ValueError, match="matches no vision_tower"):
+        trainable_labels(paths, train_config(STAGE2, optimizer__vision_lr=1e-5))
+
+
+def test_schedule_matches_hf_warmup_cosine():
+    # HF get_cosine_schedule_with_warmup(num_warmup_steps=ceil(0.03 * 100) = 3, 100 steps).
+    lr = lr_schedule(2e-5, 100, 0.03, "cosine")
+    for count in (0, 1, 2, 3, 50, 99, 100):
+        want = count / 3 if count < 3 else 0.5 * (1 + math.cos(math.pi * (count - 3) / 97))
+        assert float(lr(count)) == pytest.approx(2e-5 * want, rel=1e-6, abs=1e-12), count
+    const = lr_schedule(1e-3, 10, 0.2, "constant")
+    assert [float(const(c)) for c in (0, 1, 2, 9)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+
+
+# -- freezing ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage1(one_device):
+    cfg, config = model_config(), train_config(STAGE1)
+    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    return cfg, config, state, make_train_step(cfg, config, one_device, total_steps=10)
+
+
+def test_stage1_trains_only_the_connector(stage1, one_device):
+    cfg, config, state, step = stage1
+    before = _flat(state)
+    state = jax.tree.map(jnp.copy, state)  # the step donates its input
+    for i in range(3):
+        state, metrics = step(state, shard_batch(random_batch(i), one_device))
+        assert float(metrics["nonfinite"]) == 0.0
+    after = _flat(state)
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert changed == sorted(k for k in before if k.startswith("multi_modal_projector/"))
+    frozen = [k for k in before if not k.startswith("multi_modal_projector/")]
+    assert all(after[k].tobytes() == before[k].tobytes() for k in frozen)  # bit-identical
+    for path in before:
+        assert has_optimizer_state(state.opt_state, path) == (path in changed), path
+    assert int(state.step) == 3
+
+
+def test_frozen_tower_runs_forward_only(stage1, one_device):
+    """The step's matmuls on vision-width operands are the tower's and connector's forward
+    ones plus the connector's first weight gradient: no backward through the tower."""
+    cfg, config, state, _ = stage1
+    batch = shard_batch(random_batch(0), one_device)
+    graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
+
+    def forward(params, pixels):
+        return nnx.merge(graphdef, params).encode_views(pixels)[1]
+
+    forward_dots = _vision_dots(jax.make_jaxpr(forward)(state.params, batch["pixel_values"]))
+    for trainable, vision_lr, frozen_tower in ((STAGE2, 0.0, True), ((".*",), 1e-3, False)):
+        config = train_config(trainable, optimizer__vision_lr=vision_lr)
+        step = make_train_step(cfg, config, one_device, total_steps=10)
+        abstract = abstract_state(cfg, config, one_device, total_steps=10)
+        dots = _vision_dots(jax.make_jaxpr(step.jitted)(abstract, dict(batch)))
+        if frozen_tower:
+            assert dots == forward_dots + 1, (dots, forward_dots)
+        else:
+            assert dots > 2 * forward_dots, (dots, forward_dots)
+
+
+def _vision_dots(closed) -> int:
+    count = 0
+    for eqn in _eqns(closed.jaxpr):
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            dims = {d for v in eqn.invars for d in getattr(v.aval, "shape", ())}
+            count += bool(dims & VISION_DIMS)
+    return count
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+def test_onevision_vision_lr_is_separate(one_device):
+    cfg = model_config()
+    config = train_config((".*",), optimizer__vision_lr=1e-3, optimizer__lr=1e-2)
+    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    before = _flat(state)
+    step = make_train_step(cfg, config, one_device, total_steps=10)
+    state, metrics = step(state, shard_batch(random_batch(0), one_device))
+    assert float(metrics["lr"]) == pytest.approx(1e-2)
+    assert float(metrics["vision_lr"]) == pytest.approx(1e-3)
+    after = _flat(state)
+    # Adam's first update moves each element by about lr: the two groups move 10x apart.
+    moved = {k: np.abs(after[k] - before[k]).max() for k in before}
+    tower = moved["vision_tower/encoder/layers/mlp/fc1/kernel"]
+    llm = moved["language_model/layers/mlp/up_proj/kernel"]
+    assert tower == pytest.approx(1e-3, rel=0.05) and llm == pytest.approx(1e-2, rel=0.05)
+
+
+# -- skipped updates, compile once ------------------------------------------------------------
+
+
+def test_nonfinite_batch_skips_the_update(stage1, one_device):
+    cfg, config, state, step = stage1
+    state = jax.tree.map(jnp.copy, state)
+    state, _ = step(state, shard_batch(random_batch(0), one_device))
+    before, opt_before = _flat(state), jax.tree.map(np.asarray, state.opt_state)
+    bad = random_batch(1)
+    bad["pixel_values"][2, 0, 3, 4, 1] = np.inf
+    state, metrics = step(state, shard_batch(bad, one_device))
+    assert float(metrics["nonfinite"]) == 1.0
+    assert not np.isfinite(float(metrics["loss"]))
+    after = _flat(state)
+    assert all(after[k].tobytes() == before[k].tobytes() for k in before)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.opt_state),
+                 opt_before)  # fmt: skip
+    assert int(state.step) == 2  # the step advances so the data does not repeat
+    state, metrics = step(state, shard_batch(random_batch(2), one_device))
+    assert float(metrics["nonfinite"]) == 0.0
+    assert step.jitted._cache_size() == 1  # compiled once for every step so far
+
+
+# -- sharding and accumulation invariance -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(one_device):
+    return run_losses(one_device, steps=3)
+
+
+def test_8_device_mesh_matches_1_device(single_device_losses):
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    losses = run_losses(mesh, steps=3)
+    np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5)
+    assert losses[0] != losses[2]  # the model really trains
+
+
+def test_grad_accum_matches_one_big_batch(single_device_losses, one_device):
+    losses = run_losses(one_device, steps=3, accum=2)
+    np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_compute_and_params(one_device):
+    cfg = model_config(dtype="bfloat16", param_dtype="bfloat16")
+    config = train_config(STAGE2)
+    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    assert {v.dtype for v in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+    step = make_train_step(cfg, config, one_device, total_steps=10)
+    state, metrics = step(state, shard_batch(random_batch(0), one_device))
+    assert float(metrics["nonfinite"]) == 0.0 and 3.0 < float(metrics["loss"]) < 6.0
+
+
+# -- FLOPs ------------------------------------------------------------------------------------
+
+
+def test_flops_hand_count():
+    cfg = model_config()
+    labels = labels_for(cfg, train_config(STAGE2))
+    t, b, views = 16, 8, 8
+    # Vision, per view: P = 5 positions; feature layer -2 of 3 = 2 layers run.
+    d_v, f_v, p = 24, 40, 5
+    layer_params = 2 * (4 * d_v * d_v + 2 * d_v * f_v)
+    patch_conv = 2 * (14 * 14 * 3 * d_v) * 4  # on the 4 patches, not the CLS token
+    vision = views * (2 * layer_params * p + patch_conv + 4 * 2 * p * p * d_v)
+    # Connector on the 4 selected tokens of each view, trained (3x).
+    connector = 3 * 2 * (d_v * 32 + 32 * 32) * views * 4
+    # LLM, trained: q 32x32, k and v 32x16, o 32x32, MLP 3 x 32x48; causal attention halved.
+    llm_params = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48)
+    llm = 3 * (2 * llm_params * t * b + 0.5 * 4 * 2 * t * t * 32 * b) + 3 * 2 * t * b * 32 * 64
+    got = train_flops_per_step(cfg, labels, seq_lens=[t] * b, num_views=views)
+    assert got == pytest.approx(vision + connector + llm, rel=1e-12)
+    stage1 = labels_for(cfg, train_config(STAGE1))
+    got1 = train_flops_per_step(cfg, stage1, seq_lens=[t] * b, num_views=views)
+    assert got1 == pytest.approx(vision + connector + 2 * llm / 3, rel=1e-12)
