@@ -25,6 +25,7 @@ from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import load_image, preprocess_image
 from llava_jax.data.prompt import media_token_counts
 from llava_jax.data.schema import SKIP_REASONS, Example, RawRecord, SkipSample
+from llava_jax.data.templates import ChatTemplate
 from llava_jax.data.transforms import SampleTransform, match_placeholders, parse_conversation
 from llava_jax.data.video import preprocess_video
 from llava_jax.models.feature_plan import Media, num_views
@@ -297,3 +298,17 @@ def test_configuration_errors_are_raised_at_construction(tokenizer):
                         max_len=8, max_views=1)  # fmt: skip
     with pytest.raises(ValueError, match="max_len"):
         transform(tokenizer, max_len=0)
+
+
+def test_jinja_chat_template_trains_its_generation_blocks(tokenizer):
+    body = "{% for m in messages %}{% if m['role'] == 'assistant' %}A:{% generation %} {{ m['content'] }}</s>{% endgeneration %}{% else %}U: {{ m['content'] }} {% endif %}{% endfor %}"  # noqa: E501
+    ex = transform(tokenizer, template=ChatTemplate(body))(RawRecord("j", chat(), (image_bytes(),)))
+    assert tokenizer.convert_ids_to_tokens(ex.input_ids[ex.trained].tolist()) == [
+        "▁A",
+        "▁cat",
+        "</s>",
+    ]
+    assert (ex.input_ids == 150).sum() == 9
+    untrained_body = body.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(ValueError, match="generation"):
+        transform(tokenizer, template=ChatTemplate(untrained_body))

@@ -105,6 +105,12 @@ class SampleTransform:
             raise ValueError(f"masking {self.masking!r}: choose 'clean' or 'reference'")
         if self.masking == "reference":
             masking.reference_style(self.template)
+        if isinstance(self.template, ChatTemplate):
+            try:  # a template without {% generation %} blocks cannot say what is trained
+                render_spans(self.template, [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"}])  # fmt: skip
+            except PromptError as e:
+                raise ValueError(str(e)) from None
         if self.max_len < 1 or self.max_views < 0 or self.video_frames < 1:
             raise ValueError(
                 f"max_len ({self.max_len}) and video_frames ({self.video_frames}) must be "
@@ -219,8 +225,11 @@ class SampleTransform:
     def _tokenize_all(self, messages: list[Message], media: Sequence[Media]):
         try:
             spans = render_spans(self.template, messages)
+        except PromptError as e:  # a Jinja template refusing this conversation
+            raise SkipSample("malformed_record", str(e)) from None
+        try:
             ids, trained = tokenize_spans(self.tokenizer, spans, media, self.cfg)
-        except PromptError as e:
+        except PromptError as e:  # e.g. the media token's text written in the conversation
             raise SkipSample("placeholder_mismatch", str(e)) from None
         if self.masking == "reference":
             trained = self._reference_mask(messages, ids, media)
@@ -285,15 +294,20 @@ def parse_conversation(conversations: Any) -> list[Message]:
             raise SkipSample("empty_conversation", f"turn {i} ({speaker}) is empty")
         messages.append({"role": ROLES[speaker], "content": value})
     head = 1 if messages[0]["role"] == "system" else 0
+    turn_numbers = list(range(len(messages)))
     if len(messages) > head and messages[head]["role"] == "assistant":
-        del messages[head]  # the originals skip a first turn that is not from human
+        del messages[head], turn_numbers[head]  # the originals skip a first turn not from human
     for i, m in enumerate(messages):
         want = "system" if i < head else ("user", "assistant")[(i - head) % 2]
+        if m["role"] == "system" and i >= head:
+            raise SkipSample(
+                "malformed_record", f"turn {turn_numbers[i]}: a system turn after the first"
+            )
         if m["role"] != want:
             raise SkipSample(
                 "malformed_record",
-                f"turn {i} is {m['role']} where {want} was expected; after an optional "
-                "system turn, human and gpt turns must alternate",
+                f"turn {turn_numbers[i]} is {m['role']} where {want} was expected; human and gpt "
+                "turns must alternate",
             )
     return messages
 
@@ -315,6 +329,10 @@ def match_placeholders(
         if found.count(kind) != n:
             raise SkipSample(
                 "placeholder_mismatch",
-                f"{found.count(kind)} <{kind}> placeholders for {n} {kind}s",
+                f"{_plural(found.count(kind), f'<{kind}> placeholder')} for {_plural(n, kind)}",
             )
     return found, messages
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
