@@ -248,3 +248,17 @@ def test_reference_mask_takes_one_id_per_placeholder(tokenizers):
         masking.reference_mask(
             template, messages, np.array(ids[:-1]), tokenizer, {"image": "<image>"}
         )
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1"])
+def test_v1_reference_agrees_with_clean_on_the_default_system_prompt(template, tokenizers):
+    # Three rounds under the long default system message: no mismatch, the same mask.
+    conversation = [*ROUND_1, *ROUND_2, {"from": "human", "value": "Why?"},
+                    {"from": "gpt", "value": "Because it purrs."}]  # fmt: skip
+    record = RawRecord("d", conversation, images=(JPEG,))
+    clean = _transform(tokenizers["bos"], template, "clean")(record)
+    reference = _transform(tokenizers["bos"], template, "reference")(record)
+    np.testing.assert_array_equal(reference.input_ids, clean.input_ids)
+    np.testing.assert_array_equal(reference.trained, clean.trained)
+    # "▁A ▁cat </s>", "▁ 5 </s>", then the last reply: its tokens and "</s>" (BOS counts as one)
+    assert clean.trained.sum() == 3 + 3 + len(tokenizers["bos"]("Because it purrs.").input_ids)
