@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
 from flax import nnx
 
 from llava_jax import tiny_hf
+from llava_jax.checkpoint import abstract_model
 from llava_jax.config import LlavaConfig
 from llava_jax.data import batching
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord
 from llava_jax.models import feature_plan
 from llava_jax.models.feature_plan import Media
-from llava_jax.models.llava import LlavaModel
 
 IMG, VID = tiny_hf.IMAGE_TOKEN, tiny_hf.VIDEO_TOKEN
 
@@ -70,6 +72,15 @@ def text_example(id_, ids, trained, cfg):
     return Example(
         id_, np.asarray(ids, np.int32), np.asarray(trained, bool), np.zeros((0, s, s, 3)), ()
     )
+
+
+def random_model(cfg: LlavaConfig, seed: int = 0) -> nnx.Module:
+    """LlavaModel(cfg) with N(0, 0.2) parameters, filled from abstract shapes (eager nnx
+    initialisation takes tens of seconds on a busy CPU)."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
 
 
 def assert_arrays(got: dict, want: dict):
@@ -181,7 +192,7 @@ def test_packed_row_logits_equal_each_sample_alone(family):
             make_example(cfg, "image", [Media.image(50, 120)], 5, seed=4),
             make_example(cfg, "text", [], 3, seed=5),
         ]
-    model = LlavaModel(cfg, rngs=nnx.Rngs(0))
+    model = random_model(cfg)
     forward = nnx.jit(lambda m, **b: m(**b).logits)
     fields = ("input_ids", "pixel_values", "taps", "tap_weights", "positions", "segment_ids")
 
