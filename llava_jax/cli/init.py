@@ -1,11 +1,16 @@
 """`llava-jax init`: assemble a stage-1 model from pretrained vision and LLM checkpoints.
 
-A placeholder until the command is built.
+    llava-jax init --vision clip-vit-large-patch14-336 --llm vicuna-7b-v1.5 \\
+        --config configs/llava15_7b_pretrain.py --out /models/llava15-7b-init
+
+The recipe fixes the architecture (family, connector, vocabulary size); the parts must fit
+it. The output is a llava-jax model dir that `llava-jax train --init-from` starts from.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from llava_jax.cli import CommandError
 
@@ -13,10 +18,56 @@ from llava_jax.cli import CommandError
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "init",
-        help="assemble a stage-1 model from pretrained parts (not yet available)",
+        help="assemble a stage-1 model from a pretrained vision tower and LLM",
+        description="Convert an HF CLIP / SigLIP vision model and an HF Llama / Mistral / "
+        "Qwen2 causal LM into one llava-jax model dir for a recipe: the media tokens are "
+        "added to the tokenizer and the embeddings resized (new rows = the mean row), the "
+        "connector (and image_newline) freshly initialised.",
     )
-    parser.set_defaults(run=run)
+    parser.add_argument("--vision", required=True, type=Path, metavar="HF_DIR",
+                        help="CLIPVisionModel / SiglipVisionModel (or CLIPModel) directory")  # fmt: skip
+    parser.add_argument("--llm", required=True, type=Path, metavar="HF_DIR",
+                        help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM "
+                        "directory with its tokenizer")  # fmt: skip
+    parser.add_argument("--config", required=True, metavar="RECIPE[:ARG]",
+                        help="the recipe the model is for, e.g. configs/llava15_7b_pretrain.py")  # fmt: skip
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="llava-jax model directory to create (must not exist, or be empty)")  # fmt: skip
+    parser.add_argument("--image-processor", type=Path, metavar="HF_DIR",
+                        help="take the image mean / std from this dir's preprocessor_config.json "
+                        "(default: the vision dir's, else the tower's standard values)")  # fmt: skip
+    parser.add_argument("--projector", type=Path, metavar="PATH",
+                        help="load the connector from a stage-1 mm_projector.bin / .safetensors "
+                        "or model dir (default: config.projector_from, else fresh)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh connector")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickled .bin/.pt weights; they can run code, so only for "
+                        "files you trust")  # fmt: skip
+    parser.set_defaults(run=run, overrides=[])
 
 
 def run(args: argparse.Namespace) -> int:
-    raise CommandError("llava-jax init is not available yet")
+    for flag, path in (("--vision", args.vision), ("--llm", args.llm)):
+        if not path.is_dir():
+            raise CommandError(f"{flag} {path}: no such directory")
+    from llava_jax.init_model import assemble
+    from llava_jax.train.config_loader import load_config, model_config
+
+    config = load_config(args.config, list(args.overrides))
+    recipe = model_config(config)
+    projector = args.projector or config.projector_from or None
+    cfg = assemble(
+        args.vision,
+        args.llm,
+        recipe,
+        args.out,
+        image_processor_dir=args.image_processor,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+        projector_from=projector,
+    )
+    tokens = f"<image> = {cfg.image_token_id}"
+    if cfg.video_token_id is not None:
+        tokens += f", <video> = {cfg.video_token_id}"
+    print(f"wrote {args.out} ({cfg.family}, vocab {cfg.text.vocab_size}, {tokens})")
+    return 0
