@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
@@ -125,12 +126,16 @@ def _umask() -> int:
     return mask
 
 
+def _absolute(path: epath.Path) -> epath.Path:
+    return path if "://" in str(path) else path.absolute()
+
+
 def is_model_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    return (epath.Path(path) / CONFIG_FILE).is_file()  # local or gs://
 
 
 def load_config(model_dir: str | os.PathLike) -> LlavaConfig:
-    path = Path(model_dir) / CONFIG_FILE
+    path = epath.Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no {CONFIG_FILE}; not a llava-jax model directory")
     try:
@@ -154,7 +159,7 @@ def load_params(
       dtype: cast every parameter to this dtype while restoring (default: as stored).
     """
     cfg = cfg or load_config(model_dir)
-    params_dir = Path(model_dir).absolute() / PARAMS_DIR
+    params_dir = _absolute(epath.Path(model_dir)) / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ (incomplete checkpoint?)")
     expected = abstract_params(cfg)

@@ -76,6 +76,10 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def _is_override(arg: str) -> bool:
+    return arg.startswith("--config.") and "=" in arg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command.
 
@@ -88,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # `--config.a.b=value` overrides, for the commands that take a recipe config.
+        if extra and not (hasattr(args, "overrides") and all(_is_override(a) for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if hasattr(args, "overrides"):
+            args.overrides = extra
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     verbose = getattr(args, "verbose", False)

@@ -11,7 +11,8 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
+
+from etils import epath
 
 from llava_jax.train.tensorboard import SummaryWriter
 
@@ -35,12 +36,28 @@ class Monitor:
       stream: where the progress line goes (stderr by default).
     """
 
-    def __init__(self, workdir, total_steps: int, *, enabled: bool = True, stream=None):
+    def __init__(
+        self,
+        workdir,
+        total_steps: int,
+        *,
+        enabled: bool = True,
+        stream=None,
+        flops_per_step: float = 0.0,
+        peak_flops: float | None = None,
+    ):
         self.total_steps = total_steps
+        self.flops_per_step = flops_per_step  # model FLOPs of one step (performance.md §3)
+        self.peak_flops = peak_flops  # of all chips together; None on CPUs
         self.enabled = enabled
         self.stream = stream or sys.stderr
-        self._writer = SummaryWriter(Path(workdir) / "tensorboard") if enabled else None
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._writer = SummaryWriter(epath.Path(workdir) / "tensorboard") if enabled else None
+        self._jsonl = None
+        if enabled:
+            # One file per start: object stores (gs://) cannot append to a file.
+            starts = len(list(epath.Path(workdir).glob("metrics*.jsonl")))
+            name = "metrics.jsonl" if starts == 0 else f"metrics.{starts}.jsonl"
+            self._jsonl = (epath.Path(workdir) / name).open("w")
         self._last_time = None
         self._last_step = None
 
@@ -54,7 +71,8 @@ class Monitor:
         Args:
           tokens, samples: counted since the previous report, for the rates.
         Returns:
-          the metrics with the rates added (`tokens_per_s`, `samples_per_s`, `step_time`).
+          the metrics with the rates added (`tokens_per_s`, `samples_per_s`, `step_time`,
+          and `train/mfu` when the chip's peak is known).
         """
         now = time.perf_counter()
         out = dict(metrics)
@@ -63,6 +81,8 @@ class Monitor:
             out["step_time"] = elapsed / (step - self._last_step)
             out["tokens_per_s"] = tokens / elapsed
             out["samples_per_s"] = samples / elapsed
+            if self.peak_flops:
+                out["train/mfu"] = self.flops_per_step / out["step_time"] / self.peak_flops
         self._last_time, self._last_step = now, step
         if not self.enabled:
             return out

@@ -18,7 +18,8 @@ import socket
 import struct
 import time
 from collections.abc import Mapping
-from pathlib import Path
+
+from etils import epath
 
 
 def _crc32c_table() -> list[int]:
@@ -85,17 +86,17 @@ def encode_event(
 
 
 class SummaryWriter:
-    """Appends scalar summaries to a new event file in `logdir`; flushes every write.
+    """Writes scalar summaries to a new event file in `logdir`; flushes every write.
 
     Flushing each write costs little at one write per logging step, and a killed run keeps
-    every scalar it logged.
+    every scalar it logged. `logdir` may be local or a `gs://` path (etils.epath).
     """
 
     def __init__(self, logdir: str | os.PathLike):
-        path = Path(logdir)
+        path = epath.Path(logdir)
         path.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(path / name, "ab")  # noqa: SIM115 (closed in close())
+        self._file = (path / name).open("wb")
         self._write(encode_event(time.time(), 0, version="brain.Event:2"))
 
     def _write(self, data: bytes) -> None:
