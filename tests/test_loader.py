@@ -190,6 +190,21 @@ def test_grouped_batches_hold_one_modality():
     assert ids_of(again) == ids_of(batches)
 
 
+def test_grouping_spans_hosts():
+    """With two hosts, each global batch (both hosts' batches of one step) is one modality,
+    and the hosts' shards are disjoint and complete. (16 image + 32 text records in global
+    batches of 6: 2 + 5 full batches, then the mixed leftovers.)"""
+    records = make_records(48)
+    image_ids = {r.id for r in records if r.images}
+    kw = dict(batch_size=3, group_by_length=True, process_count=2)
+    hosts = [list(make(records, process_index=p, **kw)) for p in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == 8
+    assert sorted(ids_of(hosts[0]) + ids_of(hosts[1])) == [r.id for r in records]
+    for step, (a, b) in enumerate(zip(hosts[0][:-1], hosts[1][:-1], strict=True)):
+        kinds = {i in image_ids for i in a["sample_ids"] + b["sample_ids"]}
+        assert len(kinds) == 1, f"step {step}: {a['sample_ids']} + {b['sample_ids']}"
+
+
 def test_global_batch_single_process():
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
     host = next(make(make_records(16), batch_size=8))
