@@ -34,7 +34,8 @@ def get_config(arg=None):
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               image_size=42, patch_size=14)  # fmt: skip
 TEXT = dict(vocab_size=NEW_VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256)  # fmt: skip
+            num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+            max_position_embeddings=256)  # fmt: skip
 KINDS = {
     "llava": dict(
         preset="llava-1.5-7b",

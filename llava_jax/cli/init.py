@@ -24,25 +24,54 @@ def add_parser(subparsers) -> None:
         "added to the tokenizer and the embeddings resized (new rows = the mean row), the "
         "connector (and image_newline) freshly initialised.",
     )
-    parser.add_argument("--vision", required=True, type=Path, metavar="HF_DIR",
-                        help="CLIPVisionModel / SiglipVisionModel (or CLIPModel) directory")  # fmt: skip
-    parser.add_argument("--llm", required=True, type=Path, metavar="HF_DIR",
-                        help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM "
-                        "directory with its tokenizer")  # fmt: skip
-    parser.add_argument("--config", required=True, metavar="RECIPE[:ARG]",
-                        help="the recipe the model is for, e.g. configs/llava15_7b_pretrain.py")  # fmt: skip
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="llava-jax model directory to create (must not exist, or be empty)")  # fmt: skip
-    parser.add_argument("--image-processor", type=Path, metavar="HF_DIR",
-                        help="take the image mean / std from this dir's preprocessor_config.json "
-                        "(default: the vision dir's, else the tower's standard values)")  # fmt: skip
-    parser.add_argument("--projector", type=Path, metavar="PATH",
-                        help="load the connector from a stage-1 mm_projector.bin / .safetensors "
-                        "or model dir (default: config.projector_from, else fresh)")  # fmt: skip
+    parser.add_argument(
+        "--vision",
+        required=True,
+        type=Path,
+        metavar="HF_DIR",
+        help="CLIPVisionModel / SiglipVisionModel (or CLIPModel) directory",
+    )
+    parser.add_argument(
+        "--llm",
+        required=True,
+        type=Path,
+        metavar="HF_DIR",
+        help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM "
+        "directory with its tokenizer",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="RECIPE[:ARG]",
+        help="the recipe the model is for, e.g. configs/llava15_7b_pretrain.py",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="llava-jax model directory to create (must not exist, or be empty)",
+    )
+    parser.add_argument(
+        "--image-processor",
+        type=Path,
+        metavar="HF_DIR",
+        help="take the image mean / std from this dir's preprocessor_config.json "
+        "(default: the vision dir's, else the tower's standard values)",
+    )
+    parser.add_argument(
+        "--projector",
+        type=Path,
+        metavar="PATH",
+        help="load the connector from a stage-1 mm_projector.bin / .safetensors "
+        "or model dir (default: config.projector_from, else fresh)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh connector")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="also read pickled .bin/.pt weights; they can run code, so only for "
-                        "files you trust")  # fmt: skip
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read pickled .bin/.pt weights; they can run code, so only for files you trust",
+    )
     parser.set_defaults(run=run, overrides=[])
 
 
