@@ -67,7 +67,9 @@ class _EpochOrder(grain.MapDataset):
         super().__init__(parent)
         self._order_fn, self._n = order_fn, len(parent)
         self._len = num_records
-        self._epoch, self._order = -1, None
+        # The last two epochs' orders, replaced as one tuple: Grain reads with threads, and
+        # one attribute store is atomic where two (epoch, then order) would not be.
+        self._orders: tuple[tuple[int, np.ndarray], ...] = ()
 
     def __len__(self) -> int:
         return self._len if self._len is not None else np.iinfo(np.int64).max
@@ -79,9 +81,12 @@ class _EpochOrder(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         epoch, i = divmod(index, self._n)
-        if epoch != self._epoch:  # one permutation per epoch, cached
-            self._epoch, self._order = epoch, self._order_fn(epoch)
-        return self._parent[int(self._order[i])]
+        cached = self._orders
+        order = next((o for e, o in cached if e == epoch), None)
+        if order is None:
+            order = self._order_fn(epoch)
+            self._orders = ((epoch, order), *cached[:1])
+        return self._parent[int(order[i])]
 
 
 @dataclasses.dataclass(frozen=True)
