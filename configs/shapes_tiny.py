@@ -27,6 +27,8 @@ def get_config(arg=None):
         raise ValueError(f"shapes_tiny: stage {stage!r}; choose one of {sorted(STAGES)}")
     vocab = shapes.vocabulary()
     c = base_config()
+    with c.unlocked():
+        c.builtin = "shapes"  # `llava-jax train` runs the whole built-in run for this recipe
     c.model.preset = "llava-1.5-7b"
     with c.model.overrides.unlocked():
         c.model.overrides.dtype = "float32"  # CPU: bfloat16 matmuls are slower there

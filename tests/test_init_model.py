@@ -1,6 +1,7 @@
 """`llava-jax init`: a model dir from a tiny HF CLIP / SigLIP tower and a tiny HF LLM."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,7 +253,8 @@ def test_parts_that_do_not_fit_the_recipe(tmp_path, capsys):
     _, _, recipe = build_parts(tmp_path, "llava")
     args = ["init", "--vision", str(tmp_path / "vision"), "--llm", str(tmp_path / "llm"),
             "--out", str(tmp_path / "out")]  # fmt: skip
-    assert main([*args, "--config", "configs/llava15_7b_pretrain.py"]) == 2
+    recipe_7b = Path(__file__).resolve().parent.parent / "configs" / "llava15_7b_pretrain.py"
+    assert main([*args, "--config", str(recipe_7b)]) == 2
     err = capsys.readouterr().err
     assert "do not fit the recipe's model: vision.hidden_size: parts 32, recipe 1024" in err
     assert not (tmp_path / "out").exists()
