@@ -1,0 +1,414 @@
+"""The training run: data, state, the jitted step, checkpoints, metrics, preemption.
+
+`train(config, workdir)` is what `llava-jax train` calls on every host. Restarting the same
+command resumes from the newest finished checkpoint in `workdir/checkpoints` (params,
+optimizer state, step and the data iterator's position), so a killed run loses at most the
+steps since its last save, and a resumed run sees exactly the batches the uninterrupted one
+would have. SIGTERM (a TPU preemption) saves at a step every host agrees on, then returns.
+
+Layout of a workdir:
+  checkpoints/<step>/   resumable state (see checkpoints.py)
+  model/                the final weights as a llava-jax model dir (generate, next stage)
+  tensorboard/          scalars; metrics.jsonl the same as JSON lines
+  config.json           the config of the latest start
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from llava_jax import checkpoint, hardware
+from llava_jax.config import LlavaConfig
+from llava_jax.data import batching, loader, sources, templates
+from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.data.prompt import load_tokenizer
+from llava_jax.train import config_loader, flops
+from llava_jax.train import state as state_lib
+from llava_jax.train import step as step_lib
+from llava_jax.train.checkpoints import Checkpointer
+from llava_jax.train.monitor import Monitor
+
+log = logging.getLogger("llava_jax.train")
+
+# Files of an HF checkpoint that a model dir keeps in assets/ (tokenizer, processor).
+HF_ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+# Fields that must not change between a checkpoint and a resumed run: the data order and
+# the meaning of a step depend on them (pitfalls.md §3).
+RESUME_KEYS = (
+    "data.train",
+    "data.seed",
+    "data.packing",
+    "data.group_by_length",
+    "data.max_len",
+    "data.num_workers",
+    "train.batch_size",
+)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite steps, a changed config on resume)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int  # the last step finished
+    total_steps: int
+    preempted: bool
+    model_dir: epath.Path | None  # the exported model (None when preempted)
+    last_metrics: dict[str, float]
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+class _Preemption:
+    """SIGTERM on a single process sets a flag; on several, JAX's sync point decides.
+
+    With jax.distributed initialised, JAX's preemption notifier owns SIGTERM and
+    `reached_preemption_sync_point` makes every host stop at the same step; a Python handler
+    there would replace JAX's.
+    """
+
+    def __init__(self, ckpt: Checkpointer):
+        self._ckpt = ckpt
+        self._flag = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self._flag = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        return self._ckpt.reached_preemption(step)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _assets(init_from: str, workdir: epath.Path) -> Path:
+    """The tokenizer and processor files of `init_from`, as a local directory.
+
+    transformers reads tokenizers from local directories only, so the assets of a remote
+    model dir (gs://) are copied next to the process first.
+    """
+    if "://" not in init_from:
+        return templates.assets_dir(init_from)
+    remote = epath.Path(init_from) / checkpoint.ASSETS_DIR
+    local = Path(tempfile.mkdtemp(prefix="llava-jax-assets-"))
+    for f in remote.iterdir():
+        if f.is_file():
+            (local / f.name).write_bytes(f.read_bytes())
+    return local
+
+
+def _check_resume(meta: dict, config) -> None:
+    saved = meta.get("resume_keys", {})
+    changed = [
+        f"{k}: {saved[k]!r} -> {_get(config, k)!r}"
+        for k in RESUME_KEYS
+        if k in saved and saved[k] != _get(config, k)
+    ]
+    if changed:
+        raise TrainingError(
+            "the config changed since the checkpoint in a way that changes the data order "
+            f"({'; '.join(changed)}); use a new --workdir, or restore these values"
+        )
+
+
+def export_model_dir(
+    out: epath.Path, cfg: LlavaConfig, params: dict, assets_from: Path, template: str
+) -> epath.Path:
+    """Writes the final weights as a llava-jax model dir (all processes call it).
+
+    Orbax writes `params/` atomically and collectively; process 0 then copies the assets and
+    writes `llava_config.json` last, so a directory without it is never mistaken for a model.
+    """
+    import orbax.checkpoint as ocp
+
+    if out.exists() and checkpoint.is_model_dir(out):
+        raise checkpoint.CheckpointError(f"{out}: a model is already exported here")
+    with ocp.StandardCheckpointer() as ckptr:
+        params_dir = out / checkpoint.PARAMS_DIR
+        ckptr.save(params_dir if "://" in str(out) else params_dir.absolute(), params, force=True)
+    if jax.process_index() == 0:
+        assets = out / checkpoint.ASSETS_DIR
+        assets.mkdir(parents=True, exist_ok=True)
+        for name in HF_ASSET_FILES:
+            if (assets_from / name).is_file():
+                (assets / name).write_bytes((assets_from / name).read_bytes())
+        (assets / templates.TRAINED_TEMPLATE_FILE).write_text(
+            json.dumps({"template": template}) + "\n"
+        )
+        (out / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return out
+
+
+def _max_image_tokens(config, cfg: LlavaConfig) -> int:
+    if config.data.max_image_tokens > 0:
+        return int(config.data.max_image_tokens)
+    return int(config.data.max_len)  # image tokens can never outnumber a row's tokens
+
+
+def _init_params(config, model_cfg: LlavaConfig, mesh) -> dict | None:
+    shardings = state_lib.flat_param_shardings(model_cfg, mesh)
+    init_from = config.init_from
+    if checkpoint.is_model_dir(init_from):
+        params = checkpoint.load_params(
+            init_from, model_cfg, shardings=shardings, dtype=model_cfg.param_dtype
+        )
+    else:  # an HF dir: convert on the fly
+        from llava_jax.convert.hf_to_jax import hf_to_params
+        from llava_jax.convert.tensor_io import CheckpointReader
+
+        with CheckpointReader(init_from) as reader:
+            host = hf_to_params(
+                model_cfg, reader.keys(), reader.shape, reader.read, model_cfg.param_dtype
+            )
+        params = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+    if config.projector_from:
+        from llava_jax.init_model import load_projector
+
+        params = load_projector(config.projector_from, params, model_cfg)
+        params = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}
+    return params
+
+
+def _mean_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Averages per-step metrics; loss and accuracy weighted by supervised tokens."""
+    tokens = np.array([float(m["num_tokens"]) for m in steps])
+    weights = tokens / tokens.sum() if tokens.sum() > 0 else np.full(len(steps), 1 / len(steps))
+    out = {}
+    for key in steps[-1]:
+        values = np.array([float(m[key]) for m in steps])
+        if key in ("loss", "accuracy"):
+            finite = np.isfinite(values)
+            out[key] = float((values * weights)[finite].sum() / max(weights[finite].sum(), 1e-12))
+        elif key in ("num_tokens", "nonfinite"):
+            out[key] = float(values.sum())
+        else:
+            out[key] = float(values[-1])
+    return out
+
+
+def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -> RunResult:
+    """Runs (or resumes) the training run of `config` in `workdir` (local or gs://)."""
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    if not config.init_from:
+        raise config_loader.ConfigLoadError(
+            "config.init_from is empty: training starts from a model dir (`llava-jax init`, "
+            "a previous stage's <workdir>/model) or an HF checkpoint"
+        )
+    if not config.data.train:
+        raise config_loader.ConfigLoadError("config.data.train is empty: no training data")
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_cfg = config_loader.model_config(config)
+    mesh = state_lib.mesh_from_config(config)
+    assets = _assets(config.init_from, workdir)
+    tokenizer = load_tokenizer(assets)
+    image_cfg = ImageProcessorConfig.from_pretrained(assets, model_cfg)
+    template = templates.get_template(config.data.template)
+
+    source = sources.open_source(
+        config.data.train,
+        config.data.image_root or None,
+        tfds_fields=dict(config.data.tfds_fields) or None,
+        seed=config.data.seed,
+    )
+    total = config_loader.total_steps(config, len(source))
+    if config.train.batch_size % jax.process_count():
+        raise config_loader.ConfigLoadError(
+            f"config.train.batch_size={config.train.batch_size} does not divide over "
+            f"{jax.process_count()} processes"
+        )
+    shape = batching.BatchShape.for_model(
+        model_cfg,
+        config.train.batch_size // jax.process_count(),
+        config.data.max_len,
+        config.data.max_views,
+        _max_image_tokens(config, model_cfg),
+    )
+    from llava_jax.data.transforms import SampleTransform
+
+    transform = SampleTransform(
+        model_cfg,
+        image_cfg,
+        tokenizer,
+        template,
+        max_len=config.data.max_len,
+        max_views=config.data.max_views,
+        masking=config.data.masking,
+    )
+    batches = loader.make_loader(
+        source,
+        transform,
+        shape,
+        model_cfg,
+        seed=config.data.seed,
+        num_epochs=None,  # the step count ends the run; epochs set it (total_steps)
+        packing=config.data.packing,
+        group_by_length=config.data.group_by_length,
+        num_workers=config.data.num_workers,
+    )
+    budget = loader.SkipBudget(config.data.max_skip_fraction)
+
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        save_every=config.train.checkpoint_every,
+        keep_last=config.train.keep_last,
+        keep_every=config.train.keep_every,
+    )
+    latest = ckpt.latest_step()
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if latest is not None:
+        abstract = state_lib.abstract_state(model_cfg, config, mesh, total)
+        state, saved = ckpt.restore(latest, abstract, batches)
+        _check_resume(saved, config)
+        budget.skipped.update(saved.get("skipped", {}))
+        budget.samples = int(saved.get("samples", 0))
+        log.info("resuming from step %d (%s)", latest, ckpt.directory / str(latest))
+        resumed_from = latest
+    else:
+        resumed_from = None
+        params = _init_params(config, model_cfg, mesh)
+        state = state_lib.init_state(model_cfg, config, mesh, total, params=params)
+        del params
+    start = int(jax.device_get(state.step))
+    train_step = step_lib.make_train_step(model_cfg, config, mesh, total)
+    labels = state_lib.labels_for(model_cfg, config)
+    step_flops = flops.train_flops_per_step(  # the padded count, as MaxText reports it
+        model_cfg,
+        labels,
+        seq_lens=[shape.max_len] * config.train.batch_size,
+        num_views=shape.max_views * config.train.batch_size,
+    )
+    chip = hardware.chip_of(jax.devices()[0])
+    monitor = Monitor(
+        workdir,
+        total,
+        enabled=is_main,
+        stream=stream,
+        flops_per_step=step_flops,
+        peak_flops=chip.peak_bf16_flops * jax.device_count() if chip else None,
+    )
+
+    def meta() -> dict[str, Any]:
+        return {
+            "resume_keys": {k: _get(config, k) for k in RESUME_KEYS},
+            "skipped": dict(budget.skipped),
+            "samples": budget.samples,
+            "time": time.time(),
+        }
+
+    preemption = _Preemption(ckpt)
+    pending: list[dict] = []
+    tokens = samples = 0.0
+    nonfinite_run = 0
+    last: dict[str, float] = {}
+    preempted = False
+    profiling = False
+    if resumed_from is not None:
+        monitor.message(f"resuming from step {resumed_from} of {total}")
+    began = time.perf_counter()
+    step = start
+    try:
+        for step in range(start, total):
+            if profile_steps and step == start + 2:  # after compilation
+                jax.profiler.start_trace(str(workdir / "profile"))
+                profiling = True
+            host = next(batches)
+            budget.update(host["skipped"], host["num_samples"])
+            tokens += float(np.count_nonzero(host["segment_ids"])) * jax.process_count()
+            samples += host["num_samples"] * jax.process_count()
+            state, metrics = train_step(state, loader.global_batch(host, mesh))
+            pending.append(metrics)
+            done = step + 1
+            if profiling and done >= start + 2 + profile_steps:
+                jax.profiler.stop_trace()
+                profiling = False
+                monitor.message(f"profile of {profile_steps} steps in {workdir / 'profile'}")
+            if done % config.train.log_every == 0 or done == total or done == start + 1:
+                fetched = jax.device_get(pending)
+                pending.clear()
+                for m in fetched:
+                    nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
+                    if nonfinite_run >= config.train.max_nonfinite:
+                        raise TrainingError(
+                            f"{nonfinite_run} steps in a row had a non-finite loss or gradient "
+                            f"(last at step {done}); lower the learning rate or check the data"
+                        )
+                report = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
+                report.update({f"skipped/{k}": v for k, v in budget.skipped.items()})
+                if done == start + 1:  # compilation + one step: no rates from it
+                    report["compile_s"] = time.perf_counter() - began
+                    last = monitor.report(done, report, 0, 0)
+                    monitor.start(done)
+                else:
+                    last = monitor.report(done, report, tokens, samples)
+                tokens = samples = 0.0
+            ckpt.save(done, state, batches, meta())
+            if preemption.reached(done):
+                ckpt.save(done, state, batches, meta(), force=True)
+                ckpt.wait()
+                preempted = True
+                monitor.message(f"preempted: saved step {done}; run the same command to resume")
+                break
+        else:
+            ckpt.save(total, state, batches, meta(), force=True)
+            ckpt.wait()
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        preemption.close()
+        ckpt.close()
+        monitor.close()
+        with contextlib.suppress(Exception):
+            batches.close()
+    model_dir = None
+    if not preempted:
+        model_dir = workdir / "model"
+        if not checkpoint.is_model_dir(model_dir):
+            export_model_dir(model_dir, model_cfg, state.params, assets, config.data.template)
+        monitor.message(f"done: {total} steps; model in {model_dir}")
+    return RunResult(
+        step=total if not preempted else step + 1,
+        total_steps=total,
+        preempted=preempted,
+        model_dir=model_dir,
+        last_metrics=last,
+    )
