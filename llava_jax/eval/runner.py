@@ -106,7 +106,10 @@ def generate_answers(
                 prompts.append(pipeline.prompt(messages, images))
             except ValueError as e:  # an unreadable image, a prompt over the context, ...
                 raise EvalDataError(f"question {s.question_id}: {e}") from None
-        results = pipeline.generator.generate(prompts, sampling)
+        # A short last batch is padded with copies of its last prompt, so that it reuses the
+        # compiled programs of the full batches instead of compiling new ones.
+        padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
+        results = pipeline.generator.generate(padded, sampling)[: len(batch)]
         rows = []
         for s, r in zip(batch, results, strict=True):
             answer = _cut_at_stop(pipeline.decode(r.token_ids), sampling.stop_strings)

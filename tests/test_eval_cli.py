@@ -1,0 +1,186 @@
+"""`llava-jax eval` end to end with a tiny random model: every task generates its answers
+(garbage, but real batched greedy generation through the pipeline), writes them
+incrementally, resumes, and scores them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import eval_fixtures as fx
+import hf_tiny
+import pytest
+from llm_server import FakeLLM
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from llava_jax.eval import TASKS
+from llava_jax.eval.runner import evaluate
+from llava_jax.llm_client import ChatClient
+from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+
+TEMPLATE = "chatml_direct"  # a short system prompt: the tiny model has 256 positions
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    hf_tiny.llava().save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
+    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir):
+    from llava_jax.pipeline import Pipeline
+
+    return Pipeline.load(model_dir, template=TEMPLATE, echo=lambda m: None)
+
+
+MAKERS = {
+    "scienceqa": fx.make_scienceqa, "vqav2": fx.make_vqav2, "gqa": fx.make_gqa,
+    "textvqa": fx.make_textvqa, "vizwiz": fx.make_vizwiz, "pope": fx.make_pope,
+    "mme": fx.make_mme, "mmbench": fx.make_mmbench,
+}  # fmt: skip
+SPLITS = {"vqav2": "val2014", "scienceqa": "test"}
+HEADLINE = {"scienceqa": "accuracy", "vqav2": "accuracy", "gqa": "accuracy",
+            "textvqa": "accuracy", "vizwiz": "accuracy", "pope": "mean",
+            "mme": "perception", "mmbench": "circular_accuracy"}  # fmt: skip
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task", sorted(MAKERS))
+def test_task_end_to_end(task, pipeline, tmp_path):
+    data = MAKERS[task](tmp_path / "data")
+    out = tmp_path / "out"
+    t = TASKS[task]()
+    split = SPLITS.get(task, t.default_split)
+    evaluate(t, data, out, lambda: pipeline, split=split, batch_size=4, max_new_tokens=3,
+             echo=lambda m: None)  # fmt: skip
+    preds = lines(out / "predictions.jsonl")
+    samples = t.samples(data, split)
+    assert [p["question_id"] for p in preds] == [s.question_id for s in samples]
+    assert [p["prompt"] for p in preds] == [s.text for s in samples]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["questions"] == len(samples) and HEADLINE[task] in metrics
+
+
+def test_batched_answers_equal_one_at_a_time(pipeline, tmp_path):
+    data = fx.make_pope(tmp_path / "data")
+    t = TASKS["pope"]()
+    for batch, out in ((1, "one"), (4, "four")):
+        evaluate(t, data, tmp_path / out, lambda: pipeline, batch_size=batch, max_new_tokens=3,
+                 echo=lambda m: None)  # fmt: skip
+    assert lines(tmp_path / "one/predictions.jsonl") == lines(tmp_path / "four/predictions.jsonl")
+
+
+def test_resume_skips_answered_questions(pipeline, tmp_path):
+    data = fx.make_pope(tmp_path / "data")
+    out = tmp_path / "out"
+    t = TASKS["pope"]()
+    loads = []
+
+    def load():
+        loads.append(1)
+        return pipeline
+
+    evaluate(t, data, out, load, limit=2, batch_size=4, max_new_tokens=3, echo=lambda m: None)
+    first = lines(out / "predictions.jsonl")
+    # An interrupted write leaves half a line: it is dropped and that question asked again.
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write('{"question_id": "adversa')
+    evaluate(t, data, out, load, batch_size=4, max_new_tokens=3, echo=lambda m: None)
+    after = lines(out / "predictions.jsonl")
+    assert after[:2] == first and len(after) == 6
+    assert len({p["question_id"] for p in after}) == 6
+    evaluate(t, data, out, load, batch_size=4, echo=lambda m: None)  # all answered
+    assert len(loads) == 2 and len(lines(out / "predictions.jsonl")) == 6
+
+
+def test_resume_refuses_another_model(pipeline, tmp_path):
+    data = fx.make_gqa(tmp_path / "data")
+    t = TASKS["gqa"]()
+    evaluate(t, data, tmp_path / "out", lambda: pipeline, batch_size=4, max_new_tokens=3,
+             model_name="/m/a",
+             echo=lambda m: None)  # fmt: skip
+    with pytest.raises(ValueError, match="holds predictions for model '/m/a'"):
+        evaluate(t, data, tmp_path / "out", lambda: pipeline, model_name="/m/b",
+                 echo=lambda m: None)  # fmt: skip
+
+
+def test_llava_bench_end_to_end(pipeline, tmp_path):
+    data = fx.make_llava_bench(tmp_path / "data")
+    with FakeLLM(lambda body: "7 5\nok") as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        evaluate(TASKS["llava-bench"](), data, tmp_path / "out", lambda: pipeline, batch_size=4,
+                 max_new_tokens=3, judge=judge, judge_runs=2, echo=lambda m: None)  # fmt: skip
+    m = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert m["relative_score"]["all"]["mean"] == pytest.approx(500 / 7)
+    assert m["relative_score"]["all"]["std"] == 0.0
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "llava_jax.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+
+
+@pytest.mark.slow  # a fresh process converts the model and compiles (~50 s on 2 busy cores)
+def test_cli_prints_the_table_and_resumes(model_dir, tmp_path):
+    data = fx.make_scienceqa(tmp_path / "sqa")
+    out = tmp_path / "out"
+    args = (
+        "eval",
+        "scienceqa",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--split",
+        "test",
+        "--template",
+        TEMPLATE,
+        "--max-new-tokens",
+        3,
+        "--batch-size",
+        2,
+    )
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    assert header == ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
+    assert "4/4 answered" in proc.stderr
+    again = cli(*args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert "4 already answered" in again.stderr and "answered (" not in again.stderr
+    assert json.loads(again.stdout)["table"].keys() >= {"NAT", "Avg"}
+
+
+def test_cli_scores_a_predictions_file_without_a_model(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"question_id": q, "answer": a} for q, a in (("201", "yes"), ("202", "Left."),
+                                                          ("203", "chair"))]  # fmt: skip
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli("eval", "gqa", "--data", data, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2].split() == ["overall", "66.67"]
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = cli("eval", "gqa", "--data", tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("llava-jax: error: ")
+    assert "testdev_balanced_questions.json: not found" in proc.stderr
+    proc = cli("eval", "gqa", "--data", tmp_path, "--split", "nope")
+    assert proc.returncode == 2 and "unknown split 'nope'" in proc.stderr
