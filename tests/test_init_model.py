@@ -262,3 +262,35 @@ def test_parts_that_do_not_fit_the_recipe(tmp_path, capsys):
     assert "--llm" in capsys.readouterr().err
     config = load_config(str(recipe))
     assert config.train.trainable != CONNECTOR  # base_config default: the recipe is a stub
+
+
+def test_projector_and_vocab_checks(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    _, _, recipe = build_parts(tmp_path, "llava")
+    rng = np.random.default_rng(1)
+    projector = {  # the HF spelling this time
+        "multi_modal_projector.linear_1.weight": rng.standard_normal((48, 32), np.float32),
+        "multi_modal_projector.linear_1.bias": rng.standard_normal(48, np.float32),
+        "multi_modal_projector.linear_2.weight": rng.standard_normal((48, 48), np.float32),
+        "multi_modal_projector.linear_2.bias": rng.standard_normal(48, np.float32),
+    }
+    save_file(projector, tmp_path / "projector.safetensors")
+    args = ["init", "--vision", str(tmp_path / "vision"), "--llm", str(tmp_path / "llm"),
+            "--config", str(recipe)]  # fmt: skip
+    out = tmp_path / "with_projector"
+    assert (
+        main([*args, "--out", str(out), "--projector", str(tmp_path / "projector.safetensors")])
+        == 0
+    )
+    params = checkpoint.load_params(out)
+    np.testing.assert_array_equal(
+        params["multi_modal_projector/linear_2/kernel"],
+        projector["multi_modal_projector.linear_2.weight"].T,
+    )
+    # A recipe vocabulary too small for the tokenizer plus <image>.
+    small = tmp_path / "small.py"
+    small.write_text(recipe.read_text().replace(f"'vocab_size': {NEW_VOCAB}", "'vocab_size': 100"))
+    assert main(["init", *args[1:-1], str(small), "--out", str(tmp_path / "x")]) == 2
+    assert "the recipe's vocab_size 100 must hold both" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
