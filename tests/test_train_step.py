@@ -14,7 +14,7 @@ from train_helpers import STAGE1, STAGE2, model_config, random_batch, run_losses
 from llava_jax.checkpoint import abstract_model, nested_to_flat
 from llava_jax.sharding import make_mesh
 from llava_jax.train.flops import train_flops_per_step
-from llava_jax.train.optim import lr_schedule, trainable_labels
+from llava_jax.train.optim import decay_mask, lr_schedule, trainable_labels
 from llava_jax.train.state import abstract_state, has_optimizer_state, init_state, labels_for
 from llava_jax.train.step import make_train_step, shard_batch
 
@@ -226,3 +226,52 @@ def test_flops_hand_count():
     stage1 = labels_for(cfg, train_config(STAGE1))
     got1 = train_flops_per_step(cfg, stage1, seq_lens=[t] * b, num_views=views)
     assert got1 == pytest.approx(vision + connector + 2 * llm / 3, rel=1e-12)
+
+
+# -- loaded parameters, weight decay mask, lowering a real preset -----------------------------
+
+
+def test_init_from_loaded_params_and_decay_mask(one_device):
+    cfg, config = model_config(), train_config(STAGE2)
+    fresh = init_state(cfg, config, one_device, total_steps=10, rng=3)
+    flat = {k: np.asarray(v) for k, v in nested_to_flat(fresh.params).items()}
+    loaded = init_state(cfg, config, one_device, total_steps=10, params=flat)
+    assert all(np.array_equal(v, flat[k]) for k, v in _flat(loaded).items())
+    with pytest.raises(ValueError, match="missing"):
+        init_state(cfg, config, one_device, total_steps=10, params=dict(list(flat.items())[1:]))
+    mask = nested_to_flat(decay_mask(fresh.params))
+    no_decay = sorted(k for k, v in mask.items() if not v)
+    assert no_decay == sorted(k for k in flat if k.rsplit("/", 1)[1] in ("bias", "scale"))
+    assert (
+        mask["language_model/embed_tokens/embedding"]
+        and mask["vision_tower/pre_layrnorm/scale"] is False
+    )
+
+
+def test_step_lowers_for_a_7b_preset_without_allocating():
+    from llava_jax.config import LlavaConfig
+
+    cfg = LlavaConfig.preset("llava-1.5-7b").replace(dtype="bfloat16", remat_policy="full")
+    config = train_config(STAGE2, optimizer__grad_accum=2)
+    mesh = make_mesh(data=2, fsdp=4, tensor=1)
+    state = abstract_state(cfg, config, mesh, total_steps=100)
+    kernel = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    mu = state.opt_state[1].inner_states["train"].inner_state[0].mu
+    assert mu["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].sharding == kernel.sharding
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(0).items()}
+    batch["input_ids"] = jax.ShapeDtypeStruct((16, 2048), np.int32)
+    for k in ("targets", "segment_ids", "positions"):
+        batch[k] = jax.ShapeDtypeStruct((16, 2048), np.int32)
+    batch["loss_mask"] = jax.ShapeDtypeStruct((16, 2048), np.float32)
+    batch["pixel_values"] = jax.ShapeDtypeStruct((16, 1, 336, 336, 3), np.float32)
+    batch["view_mask"] = jax.ShapeDtypeStruct((16, 1), bool)
+    batch["taps"] = jax.ShapeDtypeStruct((16, 576, 1), np.int32)
+    batch["tap_weights"] = jax.ShapeDtypeStruct((16, 576, 1), np.float32)
+    step = make_train_step(cfg, config, mesh, total_steps=100)
+    lowered = step.jitted.lower(state, batch)
+    new_state, metrics = lowered.out_info
+    same = jax.tree.map(lambda o, s: (o.shape, o.dtype) == (s.shape, s.dtype), new_state, state)
+    assert all(jax.tree.leaves(same))
+    assert set(metrics) == {"loss", "accuracy", "num_tokens", "grad_norm", "param_norm", "lr",
+                            "nonfinite"}  # fmt: skip
