@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,3 @@ def runs_of(scores: dict[tuple[str, int], Any], runs: int) -> list[dict[str, Any
 
 def unreadable(scores: dict[tuple[str, int], Any]) -> int:
     return sum(v is None for v in scores.values())
-
-
-def context_text(captions: Sequence[str], boxes: Sequence[tuple[str, Sequence[float]]]) -> str:
-    """The symbolic image context: captions, one per line; then `category: [x1, y1, x2, y2]`."""
-    text = "\n".join(c.strip() for c in captions)
-    if boxes:
-        text += "\n\n" + "\n".join(f"{c}: [{', '.join(f'{v:.3f}' for v in b)}]" for c, b in boxes)
-    return text

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from llava_jax.eval.judge import context_text, judge_all, parse_score_pair, runs_of, unreadable
+from llava_jax.eval.judge import judge_all, parse_score_pair, runs_of, unreadable
 from llava_jax.eval.metrics import mean_std, relative_score
 from llava_jax.eval.task import (
     EvalDataError,
@@ -38,6 +38,7 @@ from llava_jax.eval.task import (
     read_jsonl,
     require,
 )
+from llava_jax.instruct.coco import context_text
 
 JUDGE_SYSTEM = "You are a careful, impartial assistant who rates the quality of answers."
 # Paraphrases the rule of LLaVA's judge (llava/eval/table/rule.json): the four criteria,
