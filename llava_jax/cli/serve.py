@@ -91,6 +91,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # bad flags fail before anything heavy loads
     try:
         import uvicorn
 
@@ -101,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     from llava_jax.pipeline import Pipeline
 
-    cfg = config_from_args(args)  # bad flags fail before the model loads
     if not _is_loopback(args.host) and cfg.api_key is None:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it "
               "can use it (--api-key)", file=sys.stderr)  # fmt: skip

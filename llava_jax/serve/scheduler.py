@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 from llava_jax.generate import Prompt, SamplingConfig
@@ -187,8 +188,12 @@ class Scheduler:
                     self._cond.wait()
                 if self._closing:
                     return
-                if len(self._pending) < self.max_batch and self.batch_wait_s:
-                    self._cond.wait(self.batch_wait_s)  # let concurrent arrivals join
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._pending) < self.max_batch and not self._closing:
+                    left = deadline - time.monotonic()  # let concurrent arrivals join
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 jobs = self._take()
             if jobs:
                 self._run(jobs)
