@@ -42,7 +42,7 @@ def test_two_processes_match_one_process_of_8_devices(tmp_path):
     ]
     try:
         want = run_losses(make_mesh(data=2, fsdp=2, tensor=2))  # meanwhile, in this process
-        codes = [p.wait(timeout=300) for p in procs]
+        codes = [p.wait(timeout=600) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -194,6 +194,7 @@ def test_grad_accum_matches_one_big_batch(single_device_losses, one_device):
     np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # one more compilation; the 7B lowering test covers bfloat16 compute
 def test_bfloat16_compute_and_params(one_device):
     cfg = model_config(dtype="bfloat16", param_dtype="bfloat16")
     config = train_config(STAGE2)
@@ -275,3 +276,19 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
     assert all(jax.tree.leaves(same))
     assert set(metrics) == {"loss", "accuracy", "num_tokens", "grad_norm", "param_norm", "lr",
                             "nonfinite"}  # fmt: skip
+
+
+def test_model_overrides():
+    from llava_jax.config import RematPolicy
+    from llava_jax.train.state import apply_overrides
+
+    config = train_config()  # defaults: bfloat16 compute, float32 params, full remat, scan
+    cfg = apply_overrides(model_config(scan_layers=False), config)
+    assert (cfg.dtype, cfg.param_dtype, cfg.scan_layers) == ("bfloat16", "float32", True)
+    assert cfg.remat_policy is RematPolicy.FULL
+    assert cfg.vision == model_config().vision
+    config = train_config()
+    config.model.overrides.unlock()
+    config.model.overrides.dropout = 0.1
+    with pytest.raises(ValueError, match=r"\['dropout'\] are not LlavaConfig fields"):
+        apply_overrides(model_config(), config)

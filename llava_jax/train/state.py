@@ -45,6 +45,22 @@ def mesh_from_config(config, devices=None) -> Mesh:
     return make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
 
 
+def apply_overrides(model_cfg: LlavaConfig, config) -> LlavaConfig:
+    """`model_cfg` with `config.model.overrides` applied (dtype, param_dtype, remat_policy,
+    scan_layers, or any other LlavaConfig field; `vision` / `text` take dicts of fields)."""
+    changes = config.model.overrides.to_dict()
+    d = model_cfg.to_dict()
+    unknown = sorted(set(changes) - set(d))
+    if unknown:
+        raise ValueError(f"model.overrides: {unknown} are not LlavaConfig fields")
+    for key, value in changes.items():
+        d[key] = {**d[key], **value} if isinstance(d[key], dict) else value
+    try:
+        return LlavaConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.overrides: {e}") from None
+
+
 def flat_param_shardings(model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, NamedSharding]:
     """Flat {"a/b/c": NamedSharding} of every parameter, from abstract shapes."""
     return param_shardings(abstract_model(model_cfg), mesh)

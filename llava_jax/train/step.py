@@ -117,6 +117,7 @@ def make_train_step(
     rows = batch_sharding(mesh)
     micro_rows = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
+    split_rows = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def split(params):
         flat = nested_to_flat(params)
@@ -144,8 +145,11 @@ def make_train_step(
 
             def to_micro(x):
                 b = x.shape[0]
-                if b % accum:
-                    raise ValueError(f"batch rows {b} do not divide by grad_accum {accum}")
+                if b % accum or (b // accum) % split_rows:
+                    raise ValueError(
+                        f"batch rows {b} must divide by grad_accum ({accum}) times the "
+                        f"data * fsdp mesh size ({split_rows})"
+                    )
                 x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
                 return jax.lax.with_sharding_constraint(x, micro_rows)
 
