@@ -5,6 +5,7 @@ incrementally, resumes, and scores them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -175,6 +176,30 @@ def test_cli_scores_a_predictions_file_without_a_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[2].split() == ["overall", "66.67"]
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_cli_judge_flags(tmp_path, monkeypatch):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"question_id": str(i), "answer": "an answer"} for i in range(3)]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ("eval", "llava-bench", "--data", data, "--out", out, "--judge-model", "judge-1",
+            "--judge-runs", 2, "--judge-api-key-env", "TEST_JUDGE_KEY")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TEST_JUDGE_KEY"}
+    with FakeLLM(lambda body: "8 6\nfine", key="sk-judge") as llm:
+        proc = cli(*args, "--judge-base-url", llm.base_url, env=env)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"llava-jax: error: {llm.base_url}/chat/completions: HTTP 401 Incorrect API key "
+            "provided; set TEST_JUDGE_KEY"
+        )
+        proc = cli(*args, "--judge-base-url", llm.base_url,
+                   env={**env, "TEST_JUDGE_KEY": "sk-judge"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2].split()[:4] == ["conv", "75.0", "±", "0.0"]
+    assert len(list((out / "llm_cache").rglob("*.json"))) == 6
+    assert len((out / "judge.jsonl").read_text().splitlines()) == 6
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -208,8 +208,8 @@ def test_llava_bench_coco_context_has_boxes_and_unreadable_replies_are_counted(t
 
 def test_llava_bench_needs_a_judge(tmp_path):
     data = fx.make_llava_bench(tmp_path / "wild")
-    with pytest.raises(EvalDataError, match="--judge-model"):
-        run("llava-bench", data, tmp_path / "out", {})
+    with pytest.raises(EvalDataError, match="answers are in .*predictions.jsonl.*--judge-model"):
+        run("llava-bench", data, tmp_path / "out", {"0": "a", "1": "b", "2": "c"})
 
 
 def test_mmvet(tmp_path):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llava_jax.eval.task import EvalDataError, ScoreContext
+from llava_jax.eval.task import EvalDataError, ScoreContext, drop_partial_line
 
 JUDGE_FILE = "judge.jsonl"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -42,15 +42,14 @@ def parse_unit_score(reply: str) -> float | None:
 def _load(path: Path, judge: str) -> dict[tuple[str, int], dict[str, Any]]:
     """The replies of `judge` already on disk (another judge's replies are not reused)."""
     done = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                if row["judge"] != judge:
-                    continue
-                done[(str(row["question_id"]), int(row["run"]))] = row
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by an interruption: judged again
+    for line in drop_partial_line(path).decode("utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            if row["judge"] != judge:
+                continue
+            done[(str(row["question_id"]), int(row["run"]))] = row
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by an interruption: judged again
     return done
 
 
@@ -74,9 +73,6 @@ def judge_all(
     client = ctx.judge
     path = ctx.out_dir / JUDGE_FILE
     done = _load(path, client.model)
-    if path.is_file() and not path.read_bytes().endswith(b"\n"):
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n")  # close a cut-off line so the next record starts on its own
     todo = [(q, r) for r in range(ctx.judge_runs) for q in requests if (q, r) not in done]
     bodies = [client.body(requests[q], seed=r, **params) for q, r in todo]
     failures = []

@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from llava_jax.eval.task import EvalDataError, Report, Sample, ScoreContext, Task
+from llava_jax.eval.task import (
+    EvalDataError,
+    Report,
+    Sample,
+    ScoreContext,
+    Task,
+    drop_partial_line,
+)
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -33,14 +40,7 @@ class PredictionsFile:
     def load(self) -> dict[str, str]:
         """The answers so far. A last line cut short by an interrupted write is dropped from
         the file (its question is simply asked again); any other bad line is an error."""
-        if not self.path.is_file():
-            return {}
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
+        data = drop_partial_line(self.path)
         answers: dict[str, str] = {}
         for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
             if not line.strip():
@@ -157,8 +157,6 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if task.needs_judge and judge is None:
-        raise EvalDataError(f"{task.name} is scored by an LLM judge: pass --judge-model")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     samples = task.samples(data_dir, split)
     if limit is not None:
@@ -181,6 +179,9 @@ def evaluate(
         generate_answers(load_pipeline(), pending, out, batch_size,
                          max_new_tokens or task.max_new_tokens, echo)  # fmt: skip
         done = out.load()
+    if task.needs_judge and judge is None:
+        raise EvalDataError(f"{task.name} is scored by an LLM judge: the answers are in "
+                            f"{out.path}; pass --judge-model to score them")  # fmt: skip
     answers = {s.question_id: done[s.question_id] for s in samples}
     ctx = ScoreContext(out_dir, data_dir, split, judge=judge, judge_runs=judge_runs, echo=echo)
     report = task.score(samples, answers, ctx)

@@ -134,6 +134,20 @@ def read_jsonl(path: Path) -> list[Any]:
     return rows
 
 
+def drop_partial_line(path: Path) -> bytes:
+    """A JSONL file's bytes, after cutting off a last line left unfinished by an interrupted
+    write (only ever an incomplete record, which is then produced again)."""
+    if not path.is_file():
+        return b""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    return data
+
+
 def find_image(path: Path) -> Path:
     if not path.is_file():
         raise EvalDataError(f"{path}: image not found (see docs/evaluation.md for the layout)")
