@@ -1,0 +1,46 @@
+"""The GPU smoke test's pieces on the CPU; on a GPU machine `pytest -m gpu` runs it whole."""
+
+import math
+
+import jax
+import pytest
+
+from llava_jax import gpu_smoke
+
+ON_GPU = bool(gpu_smoke._gpu_devices())
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU is present: the real run is test_gpu_smoke_on_gpu")
+def test_without_gpu_it_says_so_and_passes(capsys):
+    assert gpu_smoke.main([]) == 0
+    assert "skipped: JAX sees no GPU" in capsys.readouterr().out
+
+
+def test_throughput_probe_runs_a_real_step_on_a_shrunken_model():
+    tiny = (
+        "--config.model.overrides.vision.num_hidden_layers=1",
+        "--config.model.overrides.vision.hidden_size=32",
+        "--config.model.overrides.vision.intermediate_size=64",
+        "--config.model.overrides.vision.num_attention_heads=2",
+        "--config.model.overrides.vision.image_size=28",
+        "--config.model.overrides.text.num_hidden_layers=1",
+        "--config.model.overrides.text.hidden_size=32",
+        "--config.model.overrides.text.intermediate_size=64",
+        "--config.model.overrides.text.num_attention_heads=2",
+        "--config.model.overrides.text.num_key_value_heads=1",
+        "--config.model.overrides.text.head_dim=16",
+        "--config.model.overrides.text.vocab_size=512",
+        "--config.model.overrides.image_token_id=500",
+        "--config.model.overrides.video_token_id=501",
+        "--config.model.overrides.image_grid_pinpoints=((28, 28), (28, 56))",
+    )
+    out = gpu_smoke.probe_throughput(batch=8, seq_len=64, repeats=1, overrides=tiny)
+    assert math.isfinite(out["loss"]) and out["step_s"] > 0
+    assert out["mfu"] is None  # no known peak for a CPU
+    assert out["device"] == jax.devices()[0].device_kind
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU visible to JAX")
+def test_gpu_smoke_on_gpu(tmp_path):
+    assert gpu_smoke.main(["--steps", "300", "--out", str(tmp_path / "smoke.json")]) == 0
