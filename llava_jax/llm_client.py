@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import tempfile
@@ -145,7 +146,8 @@ class ChatClient:
                 after = _retry_after(e.headers.get("Retry-After"))
                 if after is not None:
                     delay = min(self.max_backoff_s, max(delay, after))
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
+                    ConnectionError) as e:  # fmt: skip
                 last = str(getattr(e, "reason", e))
             if attempt < self.max_retries:
                 self.sleep(delay)

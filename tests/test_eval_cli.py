@@ -116,15 +116,25 @@ def test_resume_refuses_another_model(pipeline, tmp_path):
                  echo=lambda m: None)  # fmt: skip
 
 
-def test_llava_bench_end_to_end(pipeline, tmp_path):
-    data = fx.make_llava_bench(tmp_path / "data")
-    with FakeLLM(lambda body: "7 5\nok") as llm:
+@pytest.mark.parametrize("task", ["llava-bench", "mm-vet"])
+def test_judged_tasks_end_to_end(task, pipeline, tmp_path):
+    make = {"llava-bench": fx.make_llava_bench, "mm-vet": fx.make_mmvet}[task]
+    data = make(tmp_path / "data")
+    reply = {"llava-bench": "7 5\nok", "mm-vet": "0.4"}[task]
+    with FakeLLM(lambda body: reply) as llm:
         judge = ChatClient(llm.base_url, "judge-1")
-        evaluate(TASKS["llava-bench"](), data, tmp_path / "out", lambda: pipeline, batch_size=4,
+        evaluate(TASKS[task](), data, tmp_path / "out", lambda: pipeline, batch_size=4,
                  max_new_tokens=3, judge=judge, judge_runs=2, echo=lambda m: None)  # fmt: skip
     m = json.loads((tmp_path / "out/metrics.json").read_text())
-    assert m["relative_score"]["all"]["mean"] == pytest.approx(500 / 7)
-    assert m["relative_score"]["all"]["std"] == 0.0
+    answers = lines(tmp_path / "out/predictions.jsonl")
+    # The model's answers reach the judge.
+    assert all(any(a["answer"] in r["messages"][-1]["content"] for r in llm.requests)
+               for a in answers)  # fmt: skip
+    if task == "llava-bench":
+        assert m["relative_score"]["all"]["mean"] == pytest.approx(500 / 7)
+        assert m["relative_score"]["all"]["std"] == 0.0
+    else:
+        assert m["score"]["total"]["mean"] == pytest.approx(40.0)
 
 
 def cli(*args, env=None):
