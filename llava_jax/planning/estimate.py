@@ -1,0 +1,411 @@
+"""Compile the real train step for a TPU topology and read XLA's memory and cost estimates.
+
+The state is abstract (ShapeDtypeStructs carrying their NamedShardings, `state.abstract_state`)
+and so is the batch, so nothing is allocated: `make_train_step(...).jitted.lower(...)` and
+`.compile()` run on the CPU for libtpu's compile-only devices (`topology.compile_devices`).
+
+Two facts shape what is reported:
+- Memory comes from the compile of the step as configured (scanned layers, micro-batches):
+  `memory_analysis()` per chip; an out-of-memory compile raises an error whose text
+  ("RESOURCE_EXHAUSTED", "Used 120.5G of 95.7G hbm") is parsed into the same fields.
+- XLA's `cost_analysis()` counts the body of a `while` loop once, whatever its trip count,
+  so a scanned stack of 32 layers reads as one layer. The FLOPs, bytes and XLA's
+  `optimal_seconds` are therefore taken from three small compiles with the layers unrolled
+  (1 and 2 LLM layers, 1 and 2 vision-tower layers) and extrapolated linearly to the real
+  depth (every layer is the same program), then multiplied by the number of micro-batches
+  (which counts the optimizer update `grad_accum` times: a small over-estimate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from llava_jax.config import LlavaConfig
+from llava_jax.data.batching import BatchShape, empty_batch
+from llava_jax.hardware import Chip, mfu
+from llava_jax.sharding import make_mesh
+from llava_jax.train import config_loader, flops
+from llava_jax.train.state import abstract_state, labels_for
+from llava_jax.train.step import batch_sharding, make_train_step
+
+# HBM bandwidth per chip, bytes/s (performance.md §1), for the roofline cross-check.
+HBM_BANDWIDTH = {"TPU v4": 1200e9, "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v6e": 1638e9}
+# A schedule length for the compile: it only fixes constants of the LR schedule.
+_PLAN_STEPS = 1000
+_OOM_MARKERS = ("resource_exhausted", "hbm", "out of memory")
+_GB = r"([0-9.]+)\s*([KMGT]i?B?|[KMGT])"
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per chip.
+
+    Attributes:
+      params, opt_state, batch: the arguments of the step, from their shardings.
+      argument, output, temp, alias: XLA's `memory_analysis()` (alias: outputs that reuse
+        donated arguments).
+      peak: XLA's peak (0 when libtpu does not report it).
+      hbm: the chip's HBM.
+    """
+
+    params: int
+    opt_state: int
+    batch: int
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    peak: int
+    hbm: int
+
+    @property
+    def total(self) -> int:
+        """argument + output + temp - alias (MaxText's sum; the compiler may over-estimate)."""
+        return self.argument + self.output + self.temp - self.alias
+
+    @property
+    def used(self) -> int:
+        return self.peak or self.total
+
+    @property
+    def fits(self) -> bool:
+        return self.used <= self.hbm
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Per chip, per optimizer step (all micro-batches), extrapolated to the full depth."""
+
+    flops: float  # XLA's count: remat recomputation and the optimizer included
+    bytes_accessed: float
+    xla_seconds: float | None  # XLA's `optimal_seconds`; None when libtpu gives none
+    roofline_seconds: float  # max(flops / peak, bytes / HBM bandwidth)
+    method: str  # how the numbers were obtained
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One compiled (or refused) configuration of a recipe on a topology."""
+
+    topology: str
+    num_chips: int
+    chip: str
+    mesh: dict[str, int]
+    remat_policy: str
+    grad_accum: int
+    batch_size: int  # global rows per optimizer step
+    rows_per_chip: float  # rows of one micro-batch per chip
+    seq_len: int
+    fits: bool
+    memory: Memory | None
+    error: str | None  # XLA's out-of-memory text, or why the configuration is invalid
+    cost: Cost | None
+    model_flops: float  # performance.md §3 convention, padded batch, whole step
+    compile_seconds: float
+
+    @property
+    def step_seconds(self) -> float | None:
+        """XLA's estimate when there is one, else the roofline estimate."""
+        if self.cost is None:
+            return None
+        return self.cost.xla_seconds or self.cost.roofline_seconds
+
+    def mfu(self, chip: Chip) -> float | None:
+        s = self.step_seconds
+        return None if s is None else mfu(self.model_flops, s, self.num_chips, chip)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        s = self.step_seconds
+        return None if not s else self.batch_size * self.seq_len / s
+
+
+class PlanError(ValueError):
+    """A configuration that cannot be compiled for reasons other than memory; one line."""
+
+
+def plan_mesh(config, devices: Sequence[Any], num_slices: int = 1) -> Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh` over compile-only devices.
+
+    With several slices, `config.mesh` describes one slice and `data` is multiplied by the
+    slice count: data parallelism runs over the data-centre network, FSDP and tensor
+    parallelism stay on each slice's ICI. `devices` must be sorted by (slice, id).
+    """
+    per_slice = len(devices) // num_slices
+    sizes = [int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)]
+    if sizes.count(-1) > 1:
+        raise PlanError(f"config.mesh {sizes}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or per_slice % known:
+        raise PlanError(
+            f"config.mesh (data, fsdp, tensor) = {tuple(sizes)} does not divide "
+            f"{per_slice} chips per slice"
+        )
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != per_slice:
+        raise PlanError(
+            f"config.mesh (data, fsdp, tensor) = {tuple(sizes)} needs "
+            f"{math.prod(sizes)} chips per slice, the slice has {per_slice}"
+        )
+    return make_mesh(sizes[0] * num_slices, sizes[1], sizes[2], devices=list(devices))
+
+
+def batch_shape(model_cfg: LlavaConfig, config, rows: int) -> BatchShape:
+    """The global batch's static shapes, as the training loop builds them."""
+    max_image_tokens = int(config.data.max_image_tokens) or int(config.data.max_len)
+    return BatchShape.for_model(
+        model_cfg, rows, int(config.data.max_len), int(config.data.max_views), max_image_tokens
+    )
+
+
+def abstract_batch(shape: BatchShape, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of the BATCH_FIELDS arrays, rows split over (data, fsdp)."""
+    one_row = empty_batch(dataclasses.replace(shape, batch_size=1))
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.ShapeDtypeStruct((shape.batch_size, *v.shape[1:]), v.dtype, sharding=sharding)
+        for k, v in one_row.items()
+    }
+
+
+def _bytes_per_chip(tree: Any) -> int:
+    """The largest shard of every leaf (ShapeDtypeStruct with a NamedSharding), summed."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = (
+            leaf.sharding.shard_shape(leaf.shape)
+            if isinstance(leaf.sharding, NamedSharding)
+            else leaf.shape
+        )
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def is_oom(error: BaseException | str) -> bool:
+    text = str(error).lower()
+    return any(m in text for m in _OOM_MARKERS)
+
+
+def _to_bytes(number: str, unit: str) -> int:
+    scale = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit[0].upper()]
+    return int(float(number) * scale)
+
+
+def parse_oom(text: str) -> tuple[int | None, int | None, str]:
+    """(used bytes, limit bytes, the message's key line) of XLA's out-of-memory error."""
+    used = limit = None
+    match = re.search(rf"Used\s+{_GB}\s+of\s+{_GB}", text)
+    if match:
+        used, limit = _to_bytes(match[1], match[2]), _to_bytes(match[3], match[4])
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    key = next(
+        (ln for ln in lines if "Used" in ln or "RESOURCE_EXHAUSTED" in ln),
+        lines[0] if lines else "out of memory",
+    )
+    return used, limit, key[:300]
+
+
+def _compile(model_cfg, config, mesh, rows: int):
+    """(compiled, abstract state, abstract batch, seconds) of the real train step."""
+    state = abstract_state(model_cfg, config, mesh, _PLAN_STEPS)
+    batch = abstract_batch(batch_shape(model_cfg, config, rows), mesh)
+    step = make_train_step(model_cfg, config, mesh, _PLAN_STEPS)
+    start = time.perf_counter()
+    compiled = step.jitted.lower(state, batch).compile()
+    return compiled, state, batch, time.perf_counter() - start
+
+
+def _costs(compiled) -> tuple[float, float, float | None]:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):  # older jax: one dict per program
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    seconds = ca.get("optimal_seconds")
+    seconds = float(seconds) if seconds is not None and seconds > 0 else None
+    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0)), seconds
+
+
+def vision_layers_computed(cfg: LlavaConfig) -> int:
+    """Tower layers the forward pass runs (those up to the deepest selected feature layer)."""
+    n = cfg.vision.num_hidden_layers
+    return max(i % (n + 1) for i in cfg.feature_layers)
+
+
+def _with_depth(cfg: LlavaConfig, vision: int, text: int) -> LlavaConfig:
+    """`cfg` unrolled, with `vision` tower layers computed and `text` LLM layers."""
+    for total in range(1, cfg.vision.num_hidden_layers + 2):
+        try:
+            candidate = cfg.replace(vision=dataclasses.replace(cfg.vision, num_hidden_layers=total))
+        except ValueError:  # a feature layer outside so shallow a tower
+            continue
+        if vision_layers_computed(candidate) == vision:
+            text_cfg = dataclasses.replace(cfg.text, num_hidden_layers=text)
+            return candidate.replace(text=text_cfg, scan_layers=False)
+    raise PlanError(
+        f"cannot build a {vision}-layer vision tower for feature layers {cfg.feature_layers}"
+    )
+
+
+def extrapolated_cost(model_cfg: LlavaConfig, config, mesh, chip: Chip) -> tuple[Cost, float]:
+    """Per-chip cost of the full step from unrolled 1- and 2-layer compiles; and their time."""
+    accum = int(config.optimizer.grad_accum)
+    rows = int(config.train.batch_size) // accum
+    micro = config.copy_and_resolve_references()
+    with micro.unlocked():
+        micro.optimizer.grad_accum = 1
+    v_real, t_real = vision_layers_computed(model_cfg), model_cfg.text.num_hidden_layers
+    v0 = 1 if v_real >= 1 else 0
+    points = {}
+    seconds = 0.0
+    for dv, dt in ((0, 0), (1, 0), (0, 1)):
+        if dv and v_real == 0:
+            points[(dv, dt)] = points[(0, 0)]
+            continue
+        cfg = _with_depth(model_cfg, v0 + dv, 1 + dt)
+        compiled, _, _, s = _compile(cfg, micro, mesh, rows)
+        points[(dv, dt)] = _costs(compiled)
+        seconds += s
+    base, plus_v, plus_t = (
+        np.array([np.nan if x is None else x for x in points[k]], float)
+        for k in ((0, 0), (1, 0), (0, 1))
+    )
+    per_v, per_t = plus_v - base, plus_t - base
+    full = accum * (base + (v_real - v0) * per_v + (t_real - 1) * per_t)
+    flops_, bytes_, xla = (float(x) for x in full)
+    roofline = max(flops_ / chip.peak_bf16_flops, bytes_ / HBM_BANDWIDTH.get(chip.name, math.inf))
+    method = (
+        f"unrolled 1-2 layer compiles extrapolated to {v_real} vision + {t_real} LLM "
+        f"layers" + (f", x{accum} micro-batches" if accum > 1 else "")
+    )
+    cost = Cost(flops_, bytes_, None if math.isnan(xla) else xla, roofline, method)
+    return cost, seconds
+
+
+def _direct_cost(compiled, accum: int, chip: Chip) -> Cost:
+    flops_, bytes_, xla = _costs(compiled)
+    roofline = max(flops_ / chip.peak_bf16_flops, bytes_ / HBM_BANDWIDTH.get(chip.name, math.inf))
+    return Cost(flops_, bytes_, xla, roofline, "the compiled step (layers unrolled)")
+
+
+def model_flops(model_cfg: LlavaConfig, config, shape: BatchShape) -> float:
+    """performance.md §3 model FLOPs of one optimizer step on the padded global batch."""
+    labels = labels_for(model_cfg, config)
+    return flops.train_flops_per_step(
+        model_cfg,
+        labels,
+        seq_lens=[shape.max_len] * shape.batch_size,
+        num_views=shape.batch_size * shape.max_views,
+    )
+
+
+def plan(
+    config,
+    devices: Sequence[Any],
+    *,
+    topology_name: str,
+    chip: Chip,
+    num_slices: int = 1,
+    estimate_cost: bool = True,
+) -> Plan:
+    """Compiles `config`'s train step for `devices` and reads XLA's estimates.
+
+    Args:
+      config: a loaded recipe (`config_loader.load_config`), overrides applied.
+      devices: the topology's compile-only devices (`topology.compile_devices`).
+      topology_name: for the report, e.g. "v5p-128".
+      chip: the chip's peaks (`Topology.chip`).
+      num_slices: slices in `devices` (data parallelism over slices).
+      estimate_cost: also run the small unrolled compiles for FLOPs and step time.
+
+    Returns:
+      The Plan; `fits` False with XLA's numbers in `error` when the step does not fit in HBM.
+
+    Raises:
+      PlanError: the mesh or the batch does not divide over the chips.
+    """
+    model_cfg = config_loader.model_config(config)
+    mesh = plan_mesh(config, devices, num_slices)
+    accum = int(config.optimizer.grad_accum)
+    batch = int(config.train.batch_size)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if accum < 1 or batch % accum or (batch // accum) % rows_split:
+        raise PlanError(
+            f"batch_size {batch} / grad_accum {accum} does not divide over data x fsdp = "
+            f"{rows_split} chips"
+        )
+    shape = batch_shape(model_cfg, config, batch)
+    common = dict(
+        topology=topology_name,
+        num_chips=len(devices),
+        chip=chip.name,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        remat_policy=str(model_cfg.remat_policy),
+        grad_accum=accum,
+        batch_size=batch,
+        rows_per_chip=batch / accum / rows_split,
+        seq_len=shape.max_len,
+        model_flops=model_flops(model_cfg, config, shape),
+    )
+    try:
+        compiled, state, abstract, seconds = _compile(model_cfg, config, mesh, batch)
+    except Exception as e:  # noqa: BLE001 (XlaRuntimeError; only OOM is expected)
+        if not is_oom(e):
+            raise
+        used, limit, line = parse_oom(str(e))
+        memory = None
+        if used is not None:
+            memory = Memory(0, 0, 0, 0, 0, used, 0, used, limit or chip.hbm_bytes)
+        return Plan(**common, fits=False, memory=memory, error=line, cost=None, compile_seconds=0.0)
+    ma = compiled.memory_analysis()
+    memory = Memory(
+        params=_bytes_per_chip(state.params),
+        opt_state=_bytes_per_chip(state.opt_state),
+        batch=_bytes_per_chip(abstract),
+        argument=int(ma.argument_size_in_bytes),
+        output=int(ma.output_size_in_bytes),
+        temp=int(ma.temp_size_in_bytes),
+        alias=int(ma.alias_size_in_bytes),
+        peak=int(getattr(ma, "peak_memory_in_bytes", 0) or 0),
+        hbm=chip.hbm_bytes,
+    )
+    cost = None
+    if estimate_cost:
+        if not model_cfg.scan_layers and accum == 1:
+            cost = _direct_cost(compiled, accum, chip)
+        else:
+            cost, extra = extrapolated_cost(model_cfg, config, mesh, chip)
+            seconds += extra
+    return Plan(
+        **common, fits=memory.fits, memory=memory, error=None, cost=cost, compile_seconds=seconds
+    )
+
+
+def plan_to_dict(p: Plan, chip: Chip) -> dict[str, Any]:
+    """A JSON-ready dict of a Plan, with the derived step time, MFU and tokens/s."""
+    d = dataclasses.asdict(p)
+    if p.memory is not None:
+        d["memory"].update(total=p.memory.total, used=p.memory.used)
+    d.update(step_seconds=p.step_seconds, mfu=p.mfu(chip), tokens_per_second=p.tokens_per_second)
+    return d
+
+
+def apply(config, changes: Mapping[str, Any]):
+    """A copy of `config` with `{"a.b": value}` set (the search's variations)."""
+    out = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        with node.unlocked():
+            node[leaf] = value
+    return out

@@ -1,0 +1,224 @@
+"""`llava-jax plan`: TPU slice names, compile-only devices, and the real train step compiled
+for a topology with libtpu on this CPU-only machine (no mocks: libtpu is the test extra).
+
+Expected topologies are Cloud TPU's documented slice shapes (v5p-128 is 4x4x4 chips, a
+v5e-256 pod 16x16); expected memory is counted by hand from the parameter shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from llava_jax.cli.main import main
+from llava_jax.hardware import CHIPS, chip_of
+from llava_jax.planning import topology as topo_lib
+from llava_jax.planning.topology import TopologyError, parse_topology
+
+pytestmark = pytest.mark.skipif(
+    not topo_lib.libtpu_available(), reason="libtpu not installed (pip install -e .[tpu])"
+)
+
+TINY = "configs/shapes_tiny.py"
+# The tiny shapes model with a small batch: 8 rows of 32 tokens, one 32 px view each.
+TINY_ARGS = ["--config.train.batch_size=8", "--config.data.max_len=32"]
+
+
+@pytest.mark.parametrize(
+    "name, shape, chips, topology_name, megacore, wrap",
+    [
+        ("v5p-8", (2, 2, 1), 4, "v5:2x2x1", True, (False, False, False)),
+        ("v5p-32", (2, 2, 4), 16, "v5:2x2x4", True, (False, False, False)),
+        ("v5p-64", (2, 4, 4), 32, "v5:2x4x4", True, (False, False, False)),
+        ("v5p-128", (4, 4, 4), 64, "v5:4x4x4", True, (True, True, True)),
+        ("v5p-512", (4, 8, 8), 256, "v5:4x8x8", True, (True, True, True)),
+        ("v4-32", (2, 2, 4), 16, "v4:2x2x4", True, (False, False, False)),
+        ("v5e-1", (1, 1), 1, "v5e:1x1", False, (False, False, False)),
+        ("v5e-8", (2, 4), 8, "v5e:2x4", False, (False, False, False)),
+        ("v5e-16", (4, 4), 16, "v5e:4x4", False, (False, False, False)),
+        ("v5e-128", (8, 16), 128, "v5e:8x16", False, (False, True, False)),
+        ("v5e-256", (16, 16), 256, "v5e:16x16", False, (True, True, False)),
+        ("v5litepod-16", (4, 4), 16, "v5e:4x4", False, (False, False, False)),
+        ("v6e-8", (2, 4), 8, "v6e:2x4", False, (False, False, False)),
+        ("v6e-64", (8, 8), 64, "v6e:8x8", False, (False, False, False)),
+    ],
+)
+def test_parse_topology(name, shape, chips, topology_name, megacore, wrap):
+    t = parse_topology(name)
+    assert (t.shape, t.num_chips, t.topology_name) == (shape, chips, topology_name)
+    assert t.chip_config_name == ("megacore" if megacore else "default")
+    assert t.wrap == wrap
+
+
+@pytest.mark.parametrize(
+    "name", ["v5p-4", "v5p-12", "v5e-2", "v5e-512", "v6e-0", "v3-8", "tpu-v5p-8", "v5p", ""]
+)
+def test_parse_topology_rejects(name):
+    with pytest.raises(TopologyError, match="valid forms: v4-N or v5p-N") as e:
+        parse_topology(name)
+    assert "\n" not in str(e.value)
+
+
+def test_num_slices_multiply_chips():
+    t = parse_topology("v5p-16", num_slices=2)
+    assert (t.chips_per_slice, t.num_chips) == (8, 16)
+    with pytest.raises(TopologyError, match="at least 1"):
+        parse_topology("v5p-16", num_slices=0)
+
+
+@pytest.mark.parametrize("name", ["v4-16", "v5p-8", "v5e-8", "v6e-8"])
+def test_compile_devices_are_the_slice_chips(name):
+    t = parse_topology(name)
+    devices = topo_lib.compile_devices(t)
+    assert len(devices) == t.num_chips
+    assert {chip_of(d) for d in devices} == {CHIPS[t.generation]}  # one device per chip
+
+
+def test_multislice_devices_are_grouped_by_slice():
+    t = parse_topology("v5p-16", num_slices=2)
+    devices = topo_lib.compile_devices(t)
+    assert [d.slice_index for d in devices] == [0] * 8 + [1] * 8
+
+
+def test_plan_mesh_puts_data_over_slices():
+    from llava_jax.planning.estimate import plan_mesh
+    from llava_jax.train.config_loader import load_config
+
+    devices = topo_lib.compile_devices(parse_topology("v5p-16", num_slices=2))
+    config = load_config("configs/llava15_7b_finetune.py", ["--config.mesh.tensor=2"])
+    mesh = plan_mesh(config, devices, num_slices=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()
+
+
+def _run(capsys, *argv):
+    code = main(["plan", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_rejects_unknown_topology_in_one_line(capsys):
+    code, out, err = _run(capsys, "--config", TINY, "--topology", "v5p-7")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "llava-jax: error: unsupported TPU topology 'v5p-7'" in err
+
+
+def test_cli_without_libtpu_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setattr(topo_lib, "libtpu_available", lambda: False)
+    code, _, err = _run(capsys, "--config", TINY, "--topology", "v5e-8")
+    assert code == 2
+    assert (
+        err
+        == "llava-jax: error: libtpu is not installed; install it with `pip install -e .[tpu]`\n"
+    )
+
+
+def _param_bytes(config_spec, overrides):
+    from llava_jax.checkpoint import abstract_model, model_params
+    from llava_jax.train.config_loader import load_config, model_config
+
+    cfg = model_config(load_config(config_spec, overrides))
+    params = model_params(abstract_model(cfg))
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in params.values())
+
+
+def test_tiny_plan_json_on_v5e_8(capsys):
+    """The real step compiles for 8 v5e chips; memory per chip matches the parameter count."""
+    code, out, _ = _run(
+        capsys, "--config", TINY, "--topology", "v5e-8", "--json", "--memory-only", *TINY_ARGS
+    )
+    assert code == 0
+    d = json.loads(out)
+    assert (d["topology"], d["num_chips"], d["chip"]) == ("v5e-8", 8, "TPU v5e")
+    assert d["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the recipe's data = -1
+    assert d["fits"] is True and d["cost"] is None and d["rows_per_chip"] == 1
+    mem = d["memory"]
+    # Data parallel: every chip holds all parameters (float32) and Adam's two moments of the
+    # trained ones (here every parameter trains).
+    params = _param_bytes(TINY, TINY_ARGS)
+    assert mem["params"] == params
+    assert 2 * params <= mem["opt_state"] <= 2 * params + 1024  # + the step counts
+    assert mem["argument"] >= mem["params"] + mem["opt_state"]
+    assert mem["alias"] > 0  # the donated state is updated in place
+    assert mem["hbm"] == CHIPS["v5e"].hbm_bytes and mem["used"] <= mem["hbm"]
+
+
+def test_real_preset_lowers_for_v5p(capsys):
+    """LLaVA-1.5-7B finetune: abstract state and batch lower for a v5p-8 mesh (no compile)."""
+    from llava_jax.planning import estimate
+    from llava_jax.train.config_loader import load_config, model_config
+
+    devices = topo_lib.compile_devices(parse_topology("v5p-8"))
+    config = load_config("configs/llava15_7b_finetune.py", [])
+    model_cfg = model_config(config)
+    mesh = estimate.plan_mesh(config, devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    state = estimate.abstract_state(model_cfg, config, mesh, 100)
+    batch = estimate.abstract_batch(estimate.batch_shape(model_cfg, config, 128), mesh)
+    assert batch["input_ids"].shape == (128, 2048)
+    assert batch["pixel_values"].shape == (128, 1, 336, 336, 3)
+    # 7.06e9 float32 parameters over 4 chips.
+    per_chip = estimate._bytes_per_chip(state.params)
+    assert 7.0e9 * 4 / 4 < per_chip < 7.1e9 * 4 / 4 * 1.01
+    step = estimate.make_train_step(model_cfg, config, mesh, 100)
+    lowered = step.jitted.lower(state, batch)
+    assert "stablehlo" in lowered.as_text()[:100000] or lowered.as_text()
+
+
+def test_out_of_memory_is_reported_as_does_not_fit(capsys):
+    """A 16 GB v5e chip cannot hold the tiny model with a 4M-token vocabulary in float32
+    (4.3 GB of embeddings, x4 with Adam and the gradients)."""
+    args = [
+        *TINY_ARGS,
+        "--config.model.overrides.text.vocab_size=4194304",
+        "--config.train.trainable=language_model/.*",
+        "--config.optimizer.vision_lr=0",
+    ]
+    code, out, err = _run(capsys, "--config", TINY, "--topology", "v5e-1", "--memory-only", *args)
+    assert code == 1, err
+    assert "does not fit" in out and "Traceback" not in out + err
+    assert "To fit:" in out
+
+
+def test_parse_oom_message():
+    from llava_jax.planning.estimate import is_oom, parse_oom
+
+    text = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+        "space hbm. Used 33.27G of 30.75G hbm. Exceeded hbm capacity by 2.52G."
+    )
+    assert is_oom(text)
+    used, limit, line = parse_oom(text)
+    assert (used, limit) == (int(33.27 * 2**30), int(30.75 * 2**30))
+    assert line.startswith("RESOURCE_EXHAUSTED")
+
+
+@pytest.mark.slow
+def test_extrapolated_cost_matches_an_unrolled_compile():
+    """The scan-corrected FLOPs of a 3-layer scanned model equal those of its unrolled compile."""
+    from llava_jax.planning import estimate
+    from llava_jax.train.config_loader import load_config, model_config
+
+    t = parse_topology("v5e-8")
+    devices = topo_lib.compile_devices(t)
+    config = load_config(TINY, [*TINY_ARGS, "--config.model.overrides.text.num_hidden_layers=3"])
+    model_cfg = model_config(config)
+    mesh = estimate.plan_mesh(config, devices)
+    cost, _ = estimate.extrapolated_cost(model_cfg, config, mesh, t.chip)
+    unrolled = model_cfg.replace(scan_layers=False)
+    compiled, *_ = estimate._compile(unrolled, config, mesh, 8)
+    flops, bytes_, _ = estimate._costs(compiled)
+    assert cost.flops == pytest.approx(flops, rel=0.02)
+    assert cost.bytes_accessed == pytest.approx(bytes_, rel=0.1)
+
+
+@pytest.mark.slow
+def test_tiny_plan_text_with_cost(capsys):
+    code, out, _ = _run(capsys, "--config", TINY, "--topology", "v5e-8", *TINY_ARGS)
+    assert code == 0
+    for needle in ("fits", "XLA FLOPs", "step time, XLA", "MFU", "tokens/s", "Compile time"):
+        assert needle in out, out
