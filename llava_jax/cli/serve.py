@@ -54,9 +54,9 @@ def add_parser(subparsers) -> None:
                         help="most requests decoded together (default 8)")  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, metavar="N",
                         help="most requests waiting; more get 429 (default 64)")  # fmt: skip
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
-                        help="how long a first request waits for others to join its batch "
-                        "(default 5)")  # fmt: skip
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0, metavar="MS",
+                        help="at most this long, a request waits for others the server is "
+                        "reading to join its batch (default 50)")  # fmt: skip
     parser.set_defaults(run=run)
 
 

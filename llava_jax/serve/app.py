@@ -83,7 +83,7 @@ class _Server:
         self.context = pipeline.cfg.text.max_position_embeddings
         self.scheduler = Scheduler(
             pipeline.generator, pipeline.decode, self.context, cfg.max_batch, cfg.max_queue,
-            cfg.batch_wait_s,
+            cfg.batch_wait_s, cfg.batch_window_s,
         )  # fmt: skip
         # Tokenizing and preprocessing run in worker threads; the tokenizer is not meant to be
         # shared across threads, so prompts are built one at a time.
@@ -117,7 +117,8 @@ class _Server:
         stop = tuple(dict.fromkeys(chat.stop + sampling.stop_strings))
         return Job(prompt, sampling, stop, sink=_no_sink, random_seed=chat.seed is None)
 
-    async def complete(self, chat: ChatRequest):
+    async def submit(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue[Event]]:
+        """Prepares and queues a request; its events arrive on the returned queue."""
         job = await run_in_threadpool(self.prepare, chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -131,6 +132,10 @@ class _Server:
             self.scheduler.submit(job)
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry shortly", "queue_full") from None
+        return job, events
+
+    async def respond(self, chat: ChatRequest, job: Job, events: asyncio.Queue[Event]):
+        """The answer: a stream of server-sent events, or one JSON response."""
         meta = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()),
                 "model": self.cfg.model_name}  # fmt: skip
         usage = {"prompt_tokens": len(job.prompt.input_ids)}
@@ -233,8 +238,10 @@ def create_app(pipeline, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(request, cfg.api_key)
-        chat = parse_chat_request(await _read_json(request, cfg.max_body_bytes), cfg)
-        return await server.complete(chat)
+        with server.scheduler.arriving():
+            chat = parse_chat_request(await _read_json(request, cfg.max_body_bytes), cfg)
+            job, events = await server.submit(chat)
+        return await server.respond(chat, job, events)
 
     @app.get("/v1/models")
     async def models(request: Request):

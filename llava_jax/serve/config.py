@@ -24,7 +24,10 @@ class ServeConfig:
       default_temperature: when a request gives none; 0 is greedy decoding.
       max_batch: most requests decoded together in one batch.
       max_queue: most requests waiting for a batch; more get 429.
-      batch_wait_s: how long an idle scheduler waits after a first request for others to join.
+      batch_wait_s: at most this long, an idle scheduler given a request waits for the others
+        the server is reading or preparing, so that they share its batch.
+      batch_window_s: an idle scheduler given a request always waits this long for others
+        (a fixed batching window; at most batch_wait_s).
       fetch_timeout_s: timeout for fetching a remote image.
     """
 
@@ -39,7 +42,8 @@ class ServeConfig:
     default_temperature: float = 0.0
     max_batch: int = 8
     max_queue: int = 64
-    batch_wait_s: float = 0.005
+    batch_wait_s: float = 0.05
+    batch_window_s: float = 0.0
     fetch_timeout_s: float = 10.0
 
     def __post_init__(self):
@@ -47,5 +51,5 @@ class ServeConfig:
                      "max_batch", "max_queue"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_s < 0 or self.fetch_timeout_s <= 0:
-            raise ValueError("batch_wait_s must be >= 0 and fetch_timeout_s > 0")
+        if not 0 <= self.batch_window_s <= self.batch_wait_s or self.fetch_timeout_s <= 0:
+            raise ValueError("need 0 <= batch_window_s <= batch_wait_s and fetch_timeout_s > 0")

@@ -3,9 +3,12 @@
 Requests wait in a bounded queue. When the generator is free, the scheduler takes the oldest
 request and every waiting request that can share its batch (the same sampling settings, which
 the generator applies per batch, and a combined length within the context), up to
-`max_batch`; requests arriving while a batch decodes join the next one. The batch is padded
-to a power-of-two size with copies of its first prompt, so the compiled programs are reused
-across batch sizes as the generator's shape buckets reuse them across lengths.
+`max_batch`; before it starts, it waits (at most `batch_wait_s`) for requests the server is
+still reading or preparing (`arriving`), so that clients answered together by the last batch
+come back together in the next. Requests arriving while a batch decodes join the next one.
+The batch is padded to a power-of-two size with copies of its first prompt, so the compiled
+programs are reused across batch sizes as the generator's shape buckets reuse them across
+lengths.
 
 Each row streams through `TextStream`: token ids become text deltas as they arrive (held back
 while they could be the start of a stop string), and the row ends at its own `max_tokens` or
@@ -15,6 +18,7 @@ stop string even while others in its batch go on. When every row has ended, the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -137,21 +141,36 @@ class Scheduler:
       generator: a `llava_jax.generate.Generator`.
       decode: token ids -> text (the pipeline's `decode`).
       context: the model's context length, in tokens.
-      max_batch, max_queue, batch_wait_s: as in `ServeConfig`.
+      max_batch, max_queue, batch_wait_s, batch_window_s: as in `ServeConfig`.
     """
 
     def __init__(self, generator, decode, context: int, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait_s: float = 0.005):  # fmt: skip
+                 batch_wait_s: float = 0.05, batch_window_s: float = 0.0):  # fmt: skip
         self.generator, self.decode, self.context = generator, decode, context
-        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.batch_wait_s, self.batch_window_s = batch_wait_s, min(batch_window_s, batch_wait_s)
         self._pending: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._arriving = 0
         self.stats = {"batches": 0, "requests": 0, "running": 0, "largest_batch": 0}
         self._thread = threading.Thread(target=self._loop, name="llava-jax-scheduler", daemon=True)
         self._thread.start()
 
     # -- the caller's side -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Marks a request being read and prepared: an idle scheduler waits for it (up to
+        `batch_wait_s`) so that it joins the batch about to start."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify()
 
     def submit(self, job: Job) -> None:
         """Queues a job; raises `QueueFull` when `max_queue` jobs are waiting."""
@@ -188,15 +207,23 @@ class Scheduler:
                     self._cond.wait()
                 if self._closing:
                     return
-                deadline = time.monotonic() + self.batch_wait_s
-                while len(self._pending) < self.max_batch and not self._closing:
-                    left = deadline - time.monotonic()  # let concurrent arrivals join
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+                self._gather()
                 jobs = self._take()
             if jobs:
                 self._run(jobs)
+
+    def _gather(self) -> None:
+        """Waits, up to `batch_wait_s`, while requests being read or prepared may still join
+        the batch about to start (and at least `batch_window_s`); returns early when full."""
+        start = time.monotonic()
+        while len(self._pending) < self.max_batch and not self._closing:
+            elapsed = time.monotonic() - start
+            if elapsed >= self.batch_wait_s:
+                return
+            if not self._arriving and elapsed >= self.batch_window_s:
+                return
+            until = self.batch_wait_s if self._arriving else self.batch_window_s
+            self._cond.wait(until - elapsed)
 
     def _take(self) -> list[Job]:
         """The oldest live job and the waiting jobs that can share its batch."""
