@@ -171,6 +171,8 @@ def evaluate(
     pending = [s for s in samples if s.question_id not in done]
     echo(f"{task.name} {split}: {len(samples)} questions, {len(samples) - len(pending)} "
          f"already answered in {out.path}")  # fmt: skip
+    # Questions of similar length share a batch: less padding, fewer shape buckets to compile.
+    pending.sort(key=lambda s: (len(s.images), len(s.text)))
     if pending:
         if load_pipeline is None:
             raise EvalDataError(
