@@ -11,7 +11,10 @@ import sys
 
 import pytest
 from llm_server import FakeLLM
+from PIL import Image
 
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.instruct.coco import context_text, load_contexts, normalise_box
 from llava_jax.instruct.generate import (
     ReplyError,
@@ -24,6 +27,15 @@ from llava_jax.instruct.generate import (
 )
 from llava_jax.instruct.prompts import CONVERSATION_SYSTEM, DETAIL_INSTRUCTIONS
 from llava_jax.llm_client import ChatClient
+from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+
+TINY = LlavaConfig(
+    vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                        num_attention_heads=4, image_size=42, patch_size=14),
+    text=TextConfig(vocab_size=160, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=12),
+    image_token_id=150,
+)  # fmt: skip
 
 CAPTIONS = {
     1: ["A dog runs on grass.", "A brown dog in a park.", "A dog chasing a ball.",
@@ -211,17 +223,21 @@ def test_cli_end_to_end_streams_through_the_data_pipeline(coco, tmp_path, respon
     records = read(out)
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
 
-    sources = pytest.importorskip("llava_jax.data.sources")
-    from llava_jax.data import templates
+    # The training pipeline reads the file and turns every record into a training example.
+    from llava_jax.data.sources import open_source
+    from llava_jax.data.transforms import SampleTransform
 
-    dataset = sources.open_source(str(out), image_root=str(tmp_path))
+    for r in records:
+        Image.new("RGB", (20, 10), "red").save(tmp_path / r["image"])
+    dataset = open_source(str(out), image_root=str(tmp_path))
+    transform = SampleTransform(TINY, ImageProcessorConfig.for_model(TINY), build_tiny_tokenizer(),
+                                "vicuna_v1", max_len=2048, max_views=1)  # fmt: skip
     assert len(dataset) == 2
-    roles = {"human": "user", "gpt": "assistant"}
     for raw in dataset:
         assert raw.images == (f"{raw.id}.jpg",)
-        messages = [{"role": roles[t["from"]], "content": t["value"]} for t in raw.conversations]
-        spans = templates.render_spans(templates.get_template("vicuna_v1"), messages)
-        assert "<image>" in "".join(text for text, _ in spans)
+        example = transform(raw)
+        assert (example.input_ids == 150).sum() == 9  # the image's tokens
+        assert example.trained.sum() > 0
 
 
 def test_cli_needs_instances_for_boxes(coco):
