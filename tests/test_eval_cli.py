@@ -222,3 +222,49 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "testdev_balanced_questions.json: not found" in proc.stderr
     proc = cli("eval", "gqa", "--data", tmp_path, "--split", "nope")
     assert proc.returncode == 2 and "unknown split 'nope'" in proc.stderr
+
+
+def test_suite_runs_every_benchmark_found(pipeline, tmp_path):
+    from llava_jax.eval.suite import run_suite
+
+    root = tmp_path / "data"
+    fx.make_pope(root / "pope")
+    fx.make_gqa(root / "gqa")
+    fx.make_mme(root / "MME_Benchmark_release_version")
+    fx.make_llava_bench(root / "llava-bench")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return pipeline
+
+    report = run_suite(TASKS, root, tmp_path / "out", load, echo=lambda m: None, batch_size=4,
+                       max_new_tokens=3)  # fmt: skip
+    scores = report.metrics["scores"]
+    assert list(scores) == ["VQAv2", "GQA", "VizWiz", "SQA-IMG", "TextVQA", "POPE", "MME", "MMB",
+                            "LLaVA-W", "MM-Vet"]  # fmt: skip
+    assert len(loads) == 1  # one model load for all tasks
+    pope = json.loads((tmp_path / "out/pope-all/metrics.json").read_text())
+    mme = json.loads((tmp_path / "out/mme-all/metrics.json").read_text())
+    assert scores["POPE"] == pope["mean"]["f1"] and scores["MME"] == mme["perception"]["score"]
+    assert scores["GQA"] is not None and scores["VQAv2"] is None
+    assert report.metrics["notes"]["LLaVA-W"] == "needs --judge-model"
+    assert report.metrics["notes"]["VQAv2"].startswith("no ")
+
+
+def test_cli_suite_scores_without_a_model(tmp_path):
+    root = tmp_path / "data"
+    fx.make_gqa(root / "gqa")
+    out = tmp_path / "out"
+    (out / "gqa-testdev_balanced").mkdir(parents=True)
+    rows = [{"question_id": q, "answer": a} for q, a in (("201", "yes"), ("202", "left"),
+                                                          ("203", "sofa"))]  # fmt: skip
+    (out / "gqa-testdev_balanced/predictions.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    proc = cli("eval", "llava-1.5", "--data", root, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    header, _, values = proc.stdout.splitlines()[:3]
+    assert header.split()[:3] == ["VQAv2", "GQA", "VizWiz"]
+    assert values.split()[:3] == ["-", "66.67", "-"]
+    assert json.loads((out / "suite.json").read_text())["scores"]["GQA"] == pytest.approx(200 / 3)

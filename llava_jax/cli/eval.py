@@ -11,6 +11,7 @@ from llava_jax.cli import CommandError
 
 TASK_NAMES = ("scienceqa", "vqav2", "gqa", "textvqa", "vizwiz", "pope", "mme", "mmbench",
               "llava-bench", "mm-vet")  # fmt: skip
+SUITE = "llava-1.5"  # every task above whose folder is under --data
 
 
 def add_judge_args(parser: argparse.ArgumentParser, prefix: str = "judge-") -> None:
@@ -56,8 +57,10 @@ def add_parser(subparsers) -> None:
         "LLaVA papers do. Predictions are appended to OUT/predictions.jsonl as they are made; "
         "a rerun resumes. See docs/evaluation.md for each task's data layout.",
     )
-    parser.add_argument("task", choices=TASK_NAMES, metavar="TASK",
-                        help=f"one of {', '.join(TASK_NAMES)}")  # fmt: skip
+    parser.add_argument("task", choices=(*TASK_NAMES, SUITE), metavar="TASK",
+                        help=f"one of {', '.join(TASK_NAMES)}; or {SUITE}: every benchmark "
+                        "found under --data (one folder each), summarised as the LLaVA-1.5 "
+                        "table")  # fmt: skip
     parser.add_argument("--model", type=Path, metavar="PATH",
                         help="llava-jax model directory or Hugging Face checkpoint (not needed "
                         "when every question already has a prediction in OUT)")  # fmt: skip
@@ -107,9 +110,16 @@ def run(args: argparse.Namespace) -> int:
     from llava_jax.eval import TASKS
     from llava_jax.eval.runner import evaluate
 
-    task = TASKS[args.task]()
-    split = args.split or task.default_split
-    out = args.out or Path("eval") / f"{args.task}-{split}"
+    if args.task == SUITE:
+        if args.split:
+            raise CommandError(f"{SUITE} runs every task on its default split; --split is for "
+                               "one task")  # fmt: skip
+        task, split = None, None
+        out = args.out or Path("eval") / SUITE
+    else:
+        task = TASKS[args.task]()
+        split = args.split or task.default_split
+        out = args.out or Path("eval") / f"{args.task}-{split}"
     if args.limit is not None and args.limit < 1:
         raise CommandError(f"--limit must be >= 1, got {args.limit}")
     if args.judge_runs < 1:
@@ -126,17 +136,24 @@ def run(args: argparse.Namespace) -> int:
             return Pipeline.load(args.model, template=args.template, echo=echo, **overrides)
 
     judge = None
-    if task.needs_judge and args.judge_model:
+    if (task is None or task.needs_judge) and args.judge_model:
         judge = make_client(args, args.judge_model, out / "llm_cache")
-    report = evaluate(
-        task, args.data, out, load, split=split, batch_size=args.batch_size, limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        model_name=str(args.model.resolve()) if args.model else None, judge=judge,
-        judge_runs=args.judge_runs, echo=echo,
+    common = dict(
+        batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
+        model_name=str(args.model.resolve()) if args.model else None, judge_runs=args.judge_runs,
     )  # fmt: skip
+    if task is None:
+        from llava_jax.eval.suite import run_suite
+
+        report = run_suite(TASKS, args.data, out, load, judge=judge, echo=echo, **common)
+        metrics_path = out / "suite.json"
+    else:
+        report = evaluate(task, args.data, out, load, split=split, judge=judge, echo=echo,
+                          **common)  # fmt: skip
+        metrics_path = out / "metrics.json"
     if args.json:
-        print(json.dumps(json.loads((out / "metrics.json").read_text())))
+        print(json.dumps(json.loads(metrics_path.read_text())))
     else:
         print(report.format())
-        print(f"\nmetrics: {out / 'metrics.json'}", file=sys.stderr)
+        print(f"\nmetrics: {metrics_path}", file=sys.stderr)
     return 0
