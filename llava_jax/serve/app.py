@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import secrets
@@ -75,6 +76,29 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+class _Mailbox:
+    """Hands events from the scheduler thread to the event loop's queues, waking the loop
+    once for everything posted before it runs (not once per token per request)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: shutting down
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class _Server:
     """The state behind the routes: the pipeline, its scheduler and the config."""
 
@@ -89,6 +113,7 @@ class _Server:
         # shared across threads, so prompts are built one at a time.
         self._prompt_lock = threading.Lock()
         self.started = int(time.time())
+        self._mailbox: _Mailbox | None = None
 
     def prepare(self, chat: ChatRequest) -> Job:
         """Images decoded, prompt built and checked against the context (blocking)."""
@@ -120,14 +145,10 @@ class _Server:
     async def submit(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue[Event]]:
         """Prepares and queues a request; its events arrive on the returned queue."""
         job = await run_in_threadpool(self.prepare, chat)
-        loop = asyncio.get_running_loop()
+        if self._mailbox is None:
+            self._mailbox = _Mailbox(asyncio.get_running_loop())
         events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: shutting down
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
-        job.sink = sink
+        job.sink = functools.partial(self._mailbox.post, events)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
