@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from llava_jax.cli import CommandError
 
@@ -70,26 +71,26 @@ def run(args: argparse.Namespace) -> int:
     config = config_loader.load_config(args.config, list(args.overrides))
     devices = topo_lib.compile_devices(topology)
     chip = topology.chip
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:  # on stderr, so that --json output stays clean
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
     kwargs = dict(
         topology_name=topology.name,
         chip=chip,
         num_slices=topology.num_slices,
         estimate_cost=not args.memory_only,
+        progress=progress,
     )
     title = f"llava-jax plan: {args.config} on {topology.describe()}"
     if args.search:
-        progress = None
-        if not args.json:
-            print(title, "- searching (each line is one compile)", file=sys.stderr)
 
-            def progress(p, changes):
-                what = ", ".join(f"{k}={v}" for k, v in changes.items()) or "as configured"
-                print(
-                    f"  {what}: {report.fit_text(p)}, step {report._seconds(p.step_seconds)}",
-                    file=sys.stderr,
-                )
+        def tried(p, changes):
+            what = ", ".join(f"{k}={v}" for k, v in changes.items()) or "as configured"
+            progress(f"{what}: {report.fit_text(p)}, step {report.seconds_text(p.step_seconds)}")
 
-        results = search.search(config, devices, plan_kwargs=kwargs, on_plan=progress)
+        results = search.search(config, devices, plan_kwargs=kwargs, on_plan=tried)
         plans = [p for p, _ in results]
         if args.json:
             ordered = sorted(results, key=lambda pc: report.sort_key(pc[0]))

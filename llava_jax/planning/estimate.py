@@ -22,7 +22,7 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -127,6 +127,14 @@ class Plan:
     def tokens_per_second(self) -> float | None:
         s = self.step_seconds
         return None if not s else self.batch_size * self.seq_len / s
+
+
+Progress = Callable[[str], None] | None
+
+
+def _say(progress: Progress, message: str) -> None:
+    if progress is not None:
+        progress(message)
 
 
 class PlanError(ValueError):
@@ -255,7 +263,9 @@ def _with_depth(cfg: LlavaConfig, vision: int, text: int) -> LlavaConfig:
     )
 
 
-def extrapolated_cost(model_cfg: LlavaConfig, config, mesh, chip: Chip) -> tuple[Cost, float]:
+def extrapolated_cost(
+    model_cfg: LlavaConfig, config, mesh, chip: Chip, progress: Progress = None
+) -> tuple[Cost, float]:
     """Per-chip cost of the full step from unrolled 1- and 2-layer compiles; and their time."""
     accum = int(config.optimizer.grad_accum)
     rows = int(config.train.batch_size) // accum
@@ -271,6 +281,7 @@ def extrapolated_cost(model_cfg: LlavaConfig, config, mesh, chip: Chip) -> tuple
             points[(dv, dt)] = points[(0, 0)]
             continue
         cfg = _with_depth(model_cfg, v0 + dv, 1 + dt)
+        _say(progress, f"compiling the step unrolled with {v0 + dv} vision + {1 + dt} LLM layers")
         compiled, _, _, s = _compile(cfg, micro, mesh, rows)
         points[(dv, dt)] = _costs(compiled)
         seconds += s
@@ -315,6 +326,7 @@ def plan(
     chip: Chip,
     num_slices: int = 1,
     estimate_cost: bool = True,
+    progress: Progress = None,
 ) -> Plan:
     """Compiles `config`'s train step for `devices` and reads XLA's estimates.
 
@@ -325,6 +337,7 @@ def plan(
       chip: the chip's peaks (`Topology.chip`).
       num_slices: slices in `devices` (data parallelism over slices).
       estimate_cost: also run the small unrolled compiles for FLOPs and step time.
+      progress: called with a line before each compile.
 
     Returns:
       The Plan; `fits` False with XLA's numbers in `error` when the step does not fit in HBM.
@@ -355,6 +368,7 @@ def plan(
         seq_len=shape.max_len,
         model_flops=model_flops(model_cfg, config, shape),
     )
+    _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")
     try:
         compiled, state, abstract, seconds = _compile(model_cfg, config, mesh, batch)
     except Exception as e:  # noqa: BLE001 (XlaRuntimeError; only OOM is expected)
@@ -382,7 +396,7 @@ def plan(
         if not model_cfg.scan_layers and accum == 1:
             cost = _direct_cost(compiled, accum, chip)
         else:
-            cost, extra = extrapolated_cost(model_cfg, config, mesh, chip)
+            cost, extra = extrapolated_cost(model_cfg, config, mesh, chip, progress)
             seconds += extra
     return Plan(
         **common, fits=memory.fits, memory=memory, error=None, cost=cost, compile_seconds=seconds

@@ -18,7 +18,7 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _seconds(s: float | None) -> str:
+def seconds_text(s: float | None) -> str:
     if s is None:
         return "-"
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
@@ -72,8 +72,8 @@ def format_plan(p: Plan, chip: Chip, title: str) -> str:
             f"  XLA FLOPs              {c.flops:.3e}"
             + (f"  ({ratio:.2f}x the model FLOPs: remat, optimizer)" if ratio else ""),
             f"  bytes accessed         {c.bytes_accessed:.3e}",
-            f"  step time, XLA         {_seconds(c.xla_seconds)}  (optimal_seconds)",
-            f"  step time, roofline    {_seconds(c.roofline_seconds)}  "
+            f"  step time, XLA         {seconds_text(c.xla_seconds)}  (optimal_seconds)",
+            f"  step time, roofline    {seconds_text(c.roofline_seconds)}  "
             "(max of FLOPs / peak, bytes / HBM bandwidth)",
             f"  MFU                    {_pct(p.mfu(chip))}  "
             f"(model FLOPs {p.model_flops:.3e} per step / (step time x {p.num_chips} chips x "
@@ -112,7 +112,7 @@ def table_row(p: Plan, chip: Chip) -> tuple[str, ...]:
         f"{p.rows_per_chip:g}",
         _gb(p.memory.used) if p.memory else "-",
         "yes" if p.fits else "no",
-        _seconds(p.step_seconds),
+        seconds_text(p.step_seconds),
         _pct(p.mfu(chip)),
         "-" if tps is None else f"{tps / p.num_chips:,.0f}",
     )

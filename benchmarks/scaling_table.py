@@ -1,0 +1,203 @@
+"""The docs/scaling.md table: `llava-jax plan` for the paper recipes on several TPU topologies.
+
+    python benchmarks/scaling_table.py                      # run what is missing, then render
+    python benchmarks/scaling_table.py --only "7B finetune" --topologies v5p-8 v5p-32
+    python benchmarks/scaling_table.py --render-only
+
+Each (stage, topology, overrides) is planned once, in a fresh process (`llava-jax plan
+--json`, so a crash or an out-of-memory compile loses nothing), and appended to
+benchmarks/scaling_results.jsonl; reruns skip what is there. The table between the markers
+of docs/scaling.md is then rewritten from that file. Every number is a compiler estimate
+(XLA's memory_analysis and cost_analysis for the target chips), not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "scaling_results.jsonl"
+DOC = ROOT / "docs" / "scaling.md"
+START, END = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    label: str
+    recipe: str
+    samples: int  # records in one epoch of the stage's data (recipes.md)
+    topologies: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+
+
+# Sample counts: LLaVA-1.5 558K / 665K; OneVision stage 1 558K, SI 3.6M, OV 1.6M (recipes.md).
+STAGES = (
+    Stage("LLaVA-1.5-7B pretrain", "configs/llava15_7b_pretrain.py", 558_000,
+          ("v5p-8", "v5e-16", "v6e-8")),
+    Stage("LLaVA-1.5-7B finetune", "configs/llava15_7b_finetune.py", 665_000,
+          ("v5p-8", "v5p-32", "v5p-128", "v5e-16", "v6e-8", "v6e-64")),
+    Stage("LLaVA-1.5-13B pretrain", "configs/llava15_7b_pretrain.py:13b", 558_000,
+          ("v5p-8", "v6e-8")),
+    Stage("LLaVA-1.5-13B finetune", "configs/llava15_7b_finetune.py:13b", 665_000,
+          ("v5p-32", "v5e-16", "v6e-64")),
+    Stage("OneVision-0.5B stage 1", "configs/onevision_stage1.py:0.5b", 558_000, ("v5e-16",)),
+    Stage("OneVision-0.5B SI", "configs/onevision_si.py:0.5b", 3_600_000, ("v5p-32", "v6e-64")),
+    Stage("OneVision-7B stage 1", "configs/onevision_stage1.py:7b", 558_000, ("v5p-32",)),
+    Stage("OneVision-7B SI", "configs/onevision_si.py:7b", 3_600_000, ("v5p-128",)),
+    Stage("OneVision-7B OV", "configs/onevision_ov.py:7b", 1_600_000, ("v5p-128",)),
+    Stage("OneVision-72B OV", "configs/onevision_72b_ov.py", 1_600_000, ("v5p-128",)),
+)  # fmt: skip
+
+
+def _key(label: str, topology: str, overrides) -> str:
+    return json.dumps([label, topology, list(overrides)])
+
+
+def load_results() -> dict[str, dict]:
+    if not RESULTS.exists():
+        return {}
+    out = {}
+    for line in RESULTS.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[_key(r["label"], r["topology"], r["overrides"])] = r
+    return out
+
+
+def run_one(stage: Stage, topology: str, overrides, timeout: float) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "llava_jax.cli.main",
+        "plan",
+        "--config",
+        stage.recipe,
+        "--topology",
+        topology,
+        "--json",
+        *overrides,
+    ]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    record = {
+        "label": stage.label,
+        "recipe": stage.recipe,
+        "topology": topology,
+        "overrides": list(overrides),
+        "samples": stage.samples,
+        "command": "llava-jax " + " ".join(cmd[3:]),
+        "wall_seconds": time.time() - start,
+    }
+    if proc.stdout.strip().startswith("{"):
+        record["plan"] = json.loads(proc.stdout)
+    else:
+        record["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    return record
+
+
+def _fmt_seconds(s):
+    if s is None:
+        return "-"
+    if s < 1:
+        return f"{s * 1e3:.0f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.0f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def render(results: dict[str, dict]) -> str:
+    header = (
+        "| Stage | Topology | Mesh (data, fsdp, tensor) / remat / accum | Fits | GB per chip "
+        "(used / HBM) | Step (XLA est.) | MFU (est.) | Tokens/s per chip | Stage wall-clock "
+        "(est.) | Compile |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = []
+    order = {s.label: i for i, s in enumerate(STAGES)}
+    for r in sorted(results.values(), key=lambda r: (order.get(r["label"], 99), r["topology"])):
+        p = r.get("plan")
+        what = r["label"] + (f" ({' '.join(r['overrides'])})" if r["overrides"] else "")
+        if p is None:
+            rows.append(
+                f"| {what} | {r['topology']} | | error: {r.get('error', '?')} | | | | | | |"
+            )
+            continue
+        m = p["memory"] or {}
+        mesh = p["mesh"]
+        setup = (
+            f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} / {p['remat_policy']} / "
+            f"{p['grad_accum']}"
+        )
+        used = f"{m['used'] / 1e9:.1f} / {m['hbm'] / 1e9:.0f}" if m else "-"
+        step = p["step_seconds"]
+        steps = math.ceil(r["samples"] / p["batch_size"])
+        stage_s = steps * step if step and p["fits"] else None
+        mfu = f"{100 * p['mfu']:.0f}%" if p["mfu"] is not None and p["fits"] else "-"
+        tps = p["tokens_per_second"]
+        tps = f"{tps / p['num_chips']:,.0f}" if tps and p["fits"] else "-"
+        fits = "yes" if p["fits"] else "**no**"
+        rows.append(
+            f"| {what} | {r['topology']} ({p['num_chips']} chips) | {setup} | {fits} | "
+            f"{used} | {_fmt_seconds(step) if p['fits'] else '-'} | {mfu} | {tps} | "
+            f"{_fmt_seconds(stage_s)} ({steps:,} steps) | {p['compile_seconds']:.0f} s |"
+        )
+    return header + "\n" + "\n".join(rows)
+
+
+def write_doc(table: str) -> None:
+    text = DOC.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    DOC.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="stages whose label contains this text")
+    parser.add_argument("--topologies", nargs="*", help="only these topologies")
+    parser.add_argument("--overrides", nargs="*", default=[], help="--config.X=Y for the runs")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    results = load_results()
+    if not args.render_only:
+        for stage in STAGES:
+            if args.only and args.only not in stage.label:
+                continue
+            for topology in stage.topologies:
+                if args.topologies and topology not in args.topologies:
+                    continue
+                overrides = (*stage.overrides, *args.overrides)
+                key = _key(stage.label, topology, overrides)
+                if key in results:
+                    continue
+                print(f"planning {stage.label} on {topology} {' '.join(overrides)}", flush=True)
+                record = run_one(stage, topology, overrides, args.timeout)
+                results[key] = record
+                with RESULTS.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                p = record.get("plan") or {}
+                print(
+                    f"  fits={p.get('fits')} step={p.get('step_seconds')} mfu={p.get('mfu')} "
+                    f"({record['wall_seconds']:.0f} s) {record.get('error', '')}",
+                    flush=True,
+                )
+    if DOC.exists() and START in DOC.read_text():
+        write_doc(render(results))
+    else:
+        print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
