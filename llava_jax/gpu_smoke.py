@@ -67,7 +67,8 @@ def check_training(workdir: Path, steps: int) -> dict:
     start = time.perf_counter()
     result = loop.train(config, workdir / "run")
     seconds = time.perf_counter() - start
-    rows = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().split()]
+    metrics = (workdir / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in metrics]
     first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
     passed = bool(last < 0.5 * first) and not result.preempted
     print(f"training: {steps} steps in {seconds:.1f}s (compile included), loss {first:.3f} -> "
@@ -98,7 +99,11 @@ def _random_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator) -> di
 
 
 def probe_throughput(
-    batch: int, seq_len: int, repeats: int = 5, overrides: tuple[str, ...] = ()
+    batch: int,
+    seq_len: int,
+    repeats: int = 5,
+    overrides: tuple[str, ...] = (),
+    remat: str = "dots_with_no_batch_dims",
 ) -> dict:
     """Times the train step of OneVision-0.5B (`overrides` shrink it for CPU tests)."""
     import jax
@@ -109,7 +114,7 @@ def probe_throughput(
 
     config = base_config()
     config.model.preset = "llava-onevision-qwen2-0.5b"
-    config.model.overrides.remat_policy = "dots_with_no_batch_dims"
+    config.model.overrides.remat_policy = remat
     config.train.trainable = (".*",)
     config.optimizer.vision_lr = 2e-6
     config.train.batch_size = batch
@@ -139,11 +144,13 @@ def probe_throughput(
     chip = hardware.chip_of(jax.devices()[0])
     mfu = hardware.mfu(model_flops, step_s, jax.device_count(), chip)
     out = {"device": jax.devices()[0].device_kind, "batch": batch, "seq_len": seq_len,
+           "remat": remat,
            "compile_and_first_step_s": compile_s, "step_s": step_s,
            "tokens_per_s": batch * seq_len / step_s, "model_tflops_per_step": model_flops / 1e12,
            "mfu": mfu, "loss": float(metrics["loss"])}  # fmt: skip
     shown = "n/a (unknown chip)" if mfu is None else f"{100 * mfu:.1f}%"
-    print(f"throughput (OneVision-0.5B, bf16, B={batch}, T={seq_len}): {step_s * 1e3:.0f} "
+    print(f"throughput (OneVision-0.5B, bf16, B={batch}, T={seq_len}, remat {remat}): "
+          f"{step_s * 1e3:.0f} "
           f"ms/step, {out['tokens_per_s']:,.0f} tok/s, MFU {shown}", flush=True)  # fmt: skip
     return out
 
@@ -157,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="tiny training steps")
     parser.add_argument("--batch", type=int, default=8, help="throughput probe batch")
     parser.add_argument("--seq-len", type=int, default=2048, help="throughput probe tokens/row")
+    parser.add_argument("--remat", default="dots_with_no_batch_dims",
+                        help="throughput probe remat policy (none, dots, full, ...)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument(
         "--skip", nargs="*", default=(), choices=("parity", "training", "throughput")
@@ -176,7 +185,7 @@ def main(argv=None) -> int:
         if "training" not in args.skip:
             results["training"] = check_training(Path(tmp) / "train", args.steps)
         if "throughput" not in args.skip:
-            results["throughput"] = probe_throughput(args.batch, args.seq_len)
+            results["throughput"] = probe_throughput(args.batch, args.seq_len, remat=args.remat)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     failed = [k for k in ("parity", "training") if k in results and not _passed(results[k])]
