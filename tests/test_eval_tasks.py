@@ -150,6 +150,15 @@ def test_mmbench_circular(tmp_path):
     assert m["by_l2_category"] == {"perception": 0.0, "reasoning": 100.0}
 
 
+def test_mmbench_cn_instruction(tmp_path):
+    data = fx.make_mmbench(tmp_path / "mmbench")
+    (data / "mmbench_dev_cn_20231003.tsv").write_text(
+        (data / "mmbench_dev_20230712.tsv").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    samples = TASKS["mmbench"]().samples(data, "dev_cn")
+    assert samples[0].text.endswith("\nC. cow\n请直接回答选项字母。")
+
+
 def test_mmbench_test_split_writes_a_submission(tmp_path):
     data = fx.make_mmbench(tmp_path / "mmbench")
     tsv = (data / "mmbench_dev_20230712.tsv").read_text().replace("\tB\tanimals", "\t\tanimals")
@@ -179,9 +188,11 @@ def test_llava_bench_relative_score(tmp_path):
         report, m = run("llava-bench", data, tmp_path / "out", answers, judge=judge,
                         judge_runs=2)  # fmt: skip
         assert len(llm.requests) == 6
-        first = llm.requests[0]["messages"][1]["content"]
-        assert first.startswith("[Context]\nA red bus.\n\n[Question]\n")
-        assert "[Assistant 1]\nreference " in first
+        sent = sorted(r["messages"][1]["content"] for r in llm.requests)  # any arrival order
+        assert sent[0].startswith(
+            "[Context]\nA cat.\n\n[Question]\nWhy?\n\n[Assistant 1]\n"
+            "reference 2\n\n[End of Assistant 1]\n\n[Assistant 2]\ngood\n"
+        )
         # Resume: the replies on disk are reused, nothing is sent again.
         run("llava-bench", data, tmp_path / "out", answers, judge=judge, judge_runs=2)
         assert len(llm.requests) == 6

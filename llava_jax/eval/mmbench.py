@@ -45,14 +45,18 @@ def rotate(options: list[str], k: int) -> list[str]:
     return options[k:] + options[:k]
 
 
-def prompt_text(row: dict[str, str], options: list[str]) -> str:
+# LLaVA's `model_vqa_mmbench.py --lang cn` instruction for MMBench-CN.
+MULTIPLE_CHOICE_PROMPT_CN = "请直接回答选项字母。"
+
+
+def prompt_text(row: dict[str, str], options: list[str], chinese: bool = False) -> str:
     """LLaVA's MMBench prompt: hint, question, lettered options, then the instruction."""
     lines = ["<image>"]
     if row.get("hint", "") not in _MISSING:
         lines.append(row["hint"])
     lines.append(row["question"])
     lines += [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
-    lines.append(MULTIPLE_CHOICE_PROMPT)
+    lines.append(MULTIPLE_CHOICE_PROMPT_CN if chinese else MULTIPLE_CHOICE_PROMPT)
     return "\n".join(lines)
 
 
@@ -83,8 +87,8 @@ class MMBench(Task):
                         "l2_category": row.get("l2-category", ""),
                         "answer": None if answer is None
                         else LETTERS[(LETTERS.index(answer) - k) % len(options)]}  # fmt: skip
-                samples.append(Sample(f"{row['index']}/{k}", prompt_text(row, shown), (data,),
-                                      meta))  # fmt: skip
+                text = prompt_text(row, shown, chinese=split.endswith("_cn"))
+                samples.append(Sample(f"{row['index']}/{k}", text, (data,), meta))
         return samples
 
     def score(self, samples, predictions, ctx: ScoreContext) -> Report:
