@@ -81,6 +81,22 @@ def test_textvqa(tmp_path):
     assert m["accuracy"] == pytest.approx((0.9 + 1.0) / 2 * 100)
 
 
+def test_textvqa_reference_ocr_tokens(tmp_path):
+    data = fx.make_textvqa(tmp_path / "textvqa")
+    task = TASKS["textvqa"]()
+    assert task.samples(data, "val")[0].text == (
+        "<image>\nWhat brand?\nAnswer the question using a single word or phrase."
+    )
+    ocr = {"data": [{"image_id": "a1", "ocr_tokens": ["Coca", "Cola", "500ml"]}]}
+    (data / "TextVQA_Rosetta_OCR_v0.2_val.json").write_text(json.dumps(ocr))
+    first, second = task.samples(data, "val")
+    assert first.text == (
+        "<image>\nWhat brand?\nReference OCR token: Coca, Cola, 500ml\n"
+        "Answer the question using a single word or phrase."
+    )
+    assert "Reference OCR token: \n" in second.text  # an image without tokens
+
+
 def test_vizwiz(tmp_path):
     data = fx.make_vizwiz(tmp_path / "vizwiz")
     samples = TASKS["vizwiz"]().samples(data, "val")

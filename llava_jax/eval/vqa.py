@@ -111,7 +111,10 @@ class VQAv2(Task):
 
 class TextVQA(Task):
     """Layout: `TextVQA_0.5.1_{split}.json` ({"data": [...]}), images
-    `train_images/{image_id}.jpg` (val too) or `test_images/{image_id}.jpg`."""
+    `train_images/{image_id}.jpg` (val too) or `test_images/{image_id}.jpg`, and optionally
+    `TextVQA_Rosetta_OCR_v0.2_{split}.json` ({"data": [{"image_id", "ocr_tokens"}]}): when
+    present, each prompt gets the line `Reference OCR token: a, b, ...` after the question,
+    as LLaVA-1.5's `llava_textvqa_val_v051_ocr.jsonl` has."""
 
     name = "textvqa"
     splits = ("val", "test", "train")
@@ -120,6 +123,10 @@ class TextVQA(Task):
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
         data = read_json(data_dir / f"TextVQA_0.5.1_{split}.json")["data"]
         folder = "test_images" if split == "test" else "train_images"
+        ocr_path = data_dir / f"TextVQA_Rosetta_OCR_v0.2_{split}.json"
+        ocr = None
+        if ocr_path.is_file():
+            ocr = {r["image_id"]: r.get("ocr_tokens", []) for r in read_json(ocr_path)["data"]}
         samples = []
         for q in data:
             require(q, ("question_id", "image_id", "question"), "a TextVQA question")
@@ -127,7 +134,10 @@ class TextVQA(Task):
             if q.get("answers"):
                 meta["answers"] = list(q["answers"])
             image = data_dir / folder / f"{q['image_id']}.jpg"
-            text = _prompt(q["question"], SHORT_ANSWER_PROMPT)
+            lines = [SHORT_ANSWER_PROMPT]
+            if ocr is not None:
+                lines.insert(0, "Reference OCR token: " + ", ".join(ocr.get(q["image_id"], [])))
+            text = _prompt(q["question"], *lines)
             samples.append(Sample(str(q["question_id"]), text, (image,), meta))
         return samples
 
