@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
     add_judge_args(parser, prefix="")
     parser.set_defaults(run=run)
 
-    actions = parser.add_subparsers(title="actions", metavar="ACTION", dest="action")
+    actions = parser.add_subparsers(title="actions", metavar="[filter-captions]", dest="action")
     flt = actions.add_parser(
         "filter-captions",
         help="keep image-caption pairs by noun-phrase frequency, as CC3M-595K",
