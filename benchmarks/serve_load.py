@@ -243,8 +243,13 @@ def main() -> None:
             print(f"warm-up (compiles) {time.perf_counter() - t:.1f} s; load average "
                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
             results = []
+            health = lambda: json.loads(urllib.request.urlopen(url + "/health").read())  # noqa: E731
             for clients in args.clients:
+                before = health()
                 r = run_level(client, clients, args.duration)
+                after = health()
+                batches = max(after["batches"] - before["batches"], 1)
+                r["mean_batch"] = (after["requests"] - before["requests"]) / batches
                 results.append(r)
                 base = results[0]["tokens_per_s"]
                 print(f"{clients:3d} clients: {r['requests']:5d} requests, {r['errors']} errors, "
@@ -252,16 +257,17 @@ def main() -> None:
                       f"({r['tokens_per_s'] / base:.2f}x), {r['tokens_per_request']:.1f} tok/req, "
                       f"TTFT p50/p90/p99 {r['ttft_p50_s']:.3f}/{r['ttft_p90_s']:.3f}/"
                       f"{r['ttft_p99_s']:.3f} s, decode p50 {r['decode_rate_p50']:.1f} tok/s "
-                      f"per request; load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+                      f"per request, mean batch {r['mean_batch']:.2f}; load "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
                 for e in r["first_errors"]:
                     print(f"    error: {e}")
-            health = json.loads(urllib.request.urlopen(url + "/health").read())
-            print(f"server: {health['requests']} requests in {health['batches']} batches, "
-                  f"largest {health['largest_batch']}")  # fmt: skip
+            final = health()
+            print(f"server: {final['requests']} requests in {final['batches']} batches, "
+                  f"largest {final['largest_batch']}")  # fmt: skip
             if args.json:
                 args.json.write_text(json.dumps({"args": vars(args) | {"model": str(args.model),
                                      "json": str(args.json)}, "results": results,
-                                     "server": health}, indent=2))  # fmt: skip
+                                     "server": final}, indent=2))  # fmt: skip
         finally:
             if proc is not None:
                 proc.terminate()
