@@ -95,6 +95,10 @@ def evaluate_heldout(model_dir: Path, heldout: Path, template: str, batch_size: 
     return accuracy, results
 
 
+def _field(override: str) -> str:
+    return override.removeprefix("--").removeprefix("config.")
+
+
 def run_shapes(spec: str, overrides: Sequence[str], workdir: str | Path) -> int:
     """Both stages and the held-out exam; returns the exit status (1 below the target)."""
     workdir = Path(workdir)
@@ -105,6 +109,8 @@ def run_shapes(spec: str, overrides: Sequence[str], workdir: str | Path) -> int:
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if is_main else (lambda m: None)
     say(f"shapes data in {paths.root}")
 
+    # `--config.shapes.*` size the run; every other override applies to both stages.
+    overrides = [o for o in overrides if not _field(o).startswith("shapes.")]
     stage1 = config_loader.load_config(f"{path}:stage1", overrides)
     init = _random_model_dir(workdir / "init", stage1, paths.tokenizer)
     model_dir = None

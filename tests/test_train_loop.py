@@ -1,0 +1,146 @@
+"""The training loop as a user runs it: `llava-jax train` processes that get preempted,
+killed and restarted, against one uninterrupted run in this process.
+
+The model is the tiny shapes one, so every run is mostly start-up and compilation.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llava_jax import checkpoint, shapes
+from llava_jax.train import config_loader, loop
+from llava_jax.train.shapes_run import _random_model_dir
+
+RECIPE = str(Path(__file__).parents[1] / "configs" / "shapes_tiny.py") + ":stage1"
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    paths = shapes.write_shapes_dataset(root / "data", num_train=48, num_val=4, seed=1)
+    overrides = [
+        f"--config.train.num_steps={STEPS}",
+        "--config.train.batch_size=8",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=2",
+        "--config.train.keep_last=10",
+        f"--config.data.train={paths.stage1}",
+        f"--config.data.image_root={paths.root}",
+    ]
+    config = config_loader.load_config(RECIPE, overrides)
+    init = _random_model_dir(root / "init", config, paths.tokenizer)
+    overrides.append(f"--config.init_from={init}")
+    return overrides
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    """Step -> loss over every start's metrics file, a later start's value winning."""
+    files = sorted(workdir.glob("metrics*.jsonl"), key=lambda p: (len(p.name), p.name))
+    out = {}
+    for f in files:
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def _start(workdir: Path, overrides) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llava_jax.cli.main", "train", "--config", RECIPE,
+           "--workdir", str(workdir), *overrides]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _finished_steps(workdir: Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_preempted_killed_and_restarted_run_matches_uninterrupted(setup, tmp_path):
+    reference = tmp_path / "reference"
+    config = config_loader.load_config(RECIPE, setup)
+    result = loop.train(config, reference)
+    assert not result.preempted and checkpoint.is_model_dir(result.model_dir)
+    expected = _losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert expected[STEPS] < expected[1]  # it learns
+
+    run = tmp_path / "run"
+    # 1. SIGTERM (a TPU preemption) once a few steps are logged: it saves and exits cleanly.
+    proc = _start(run, setup)
+    _wait_for(lambda: len(_losses(run)) >= 3, proc, "step 3")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "preempted: saved step" in out
+    saved = _finished_steps(run)[-1]
+    assert 3 <= saved < STEPS and not (run / "model").exists()
+
+    # 2. Restart; SIGKILL once a later checkpoint is finished (no chance to save anything).
+    proc = _start(run, setup)
+    _wait_for(lambda: any(s > saved + 1 for s in _finished_steps(run)), proc, "a new checkpoint")
+    proc.kill()
+    proc.wait()
+    # What a kill during a save leaves behind: an unfinished temporary step directory.
+    partial = run / "checkpoints" / f"{STEPS}.orbax-checkpoint-tmp-1700000000000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "partial.bin").write_bytes(b"\0" * 64)
+
+    # 3. Restart again: it resumes from the newest finished step and completes.
+    proc = _start(run, setup)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming from step" in out
+    assert checkpoint.is_model_dir(run / "model")
+    got = _losses(run)
+    assert sorted(got) == sorted(expected)
+    mismatched = {
+        s: (got[s], expected[s])
+        for s in expected
+        if not np.isclose(got[s], expected[s], rtol=1e-6, atol=0)
+    }
+    assert not mismatched, f"losses differ from the uninterrupted run at steps {mismatched}"
+
+
+def test_changed_data_order_settings_refuse_to_resume(setup, tmp_path):
+    config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=2"])
+    loop.train(config, tmp_path)
+    changed = config_loader.load_config(
+        RECIPE, [*setup, "--config.train.num_steps=4", "--config.data.seed=7"]
+    )
+    with pytest.raises(loop.TrainingError, match=r"data\.seed: 0 -> 7"):
+        loop.train(changed, tmp_path)
+
+
+def test_exported_model_answers_with_its_training_template(setup, tmp_path):
+    from llava_jax.pipeline import Pipeline
+
+    config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=1"])
+    result = loop.train(config, tmp_path)
+    pipe = Pipeline.load(result.model_dir, echo=lambda _: None)
+    assert pipe.template.name == "plain"
+    assert pipe.cfg == config_loader.model_config(config)
+    n = jax.device_count()
+    assert n == 8  # conftest's host devices: the mesh above was data=8
+    assert os.path.isdir(tmp_path / "tensorboard")
