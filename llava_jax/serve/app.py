@@ -195,28 +195,17 @@ class _Server:
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            event = await events.get()
-            while True:
-                if event.kind == "delta":
-                    text, event = event.text, None
-                    while not events.empty():  # coalesce what is already there
-                        event = events.get_nowait()
-                        if event.kind != "delta":
-                            break
-                        text, event = text + event.text, None
-                    yield chunk({"content": text})
-                    event = event or await events.get()
-                    continue
-                if event.kind == "done":
-                    yield chunk({}, event.finish_reason)
-                    if include_usage:
-                        total = usage["prompt_tokens"] + event.completion_tokens
-                        counts = {**usage, "completion_tokens": event.completion_tokens,
-                                  "total_tokens": total}  # fmt: skip
-                        yield _sse({**meta, "choices": [], "usage": counts})
-                else:
-                    yield _sse(event.error.body())
-                break
+            while (event := await events.get()).kind == "delta":
+                yield chunk({"content": event.text})  # one chunk per delta, as OpenAI streams
+            if event.kind == "done":
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    total = usage["prompt_tokens"] + event.completion_tokens
+                    counts = {**usage, "completion_tokens": event.completion_tokens,
+                              "total_tokens": total}  # fmt: skip
+                    yield _sse({**meta, "choices": [], "usage": counts})
+            else:
+                yield _sse(event.error.body())
             yield _sse("[DONE]")
         finally:
             job.cancelled.set()
