@@ -22,6 +22,7 @@ def get_config(arg=None):
     c = base_config()
     c.model.preset = SIZES[size]
     c.data.template = "vicuna_v1"  # --version v1
+    c.data.image_aspect_ratio = "pad"  # stage 2: expand2square, mean colour (recipes.md §2)
     c.data.max_len = 2048  # --model_max_length 2048
     c.data.max_views = 1  # pad: one view per image
     c.data.group_by_length = True  # --group_by_modality_length True

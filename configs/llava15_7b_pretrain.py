@@ -21,6 +21,7 @@ def get_config(arg=None):
     c = base_config()
     c.model.preset = SIZES[size]
     c.data.template = "plain"  # --version plain
+    c.data.image_aspect_ratio = "crop"  # stage 1: `square`, i.e. center crop (recipes.md §2)
     c.data.max_len = 2048  # --model_max_length 2048
     c.data.max_views = 1  # one view per image
     c.data.group_by_length = False  # not set in pretrain.sh

@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_root = ""  # where relative image / video paths resolve
     c.data.template = "vicuna_v1"  # a name from data/templates.py
     c.data.masking = "clean"  # "clean" or "reference" (the original code's quirks)
+    # LLaVA's `image_aspect_ratio` for single-image models: "crop" (square: resize + center
+    # crop) or "pad" (pad to a square with the mean colour); "" = the model's processor config.
+    c.data.image_aspect_ratio = ""
+    c.data.video_frames = 8  # frames sampled uniformly from each video
     c.data.max_len = 2048  # T: tokens per row, image tokens included
     c.data.max_views = 1  # V: views (crops, frames) per row
     c.data.max_image_tokens = 0  # I per row; 0 = derive from the config's largest image

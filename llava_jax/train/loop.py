@@ -241,6 +241,13 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     assets = _assets(config.init_from, workdir)
     tokenizer = load_tokenizer(assets)
     image_cfg = ImageProcessorConfig.from_pretrained(assets, model_cfg)
+    if config.data.image_aspect_ratio:
+        if image_cfg.aspect_ratio not in ("crop", "pad"):
+            raise config_loader.ConfigLoadError(
+                f"config.data.image_aspect_ratio={config.data.image_aspect_ratio!r} applies to "
+                f"single-view models; this model's images are {image_cfg.aspect_ratio!r}"
+            )
+        image_cfg = dataclasses.replace(image_cfg, aspect_ratio=config.data.image_aspect_ratio)
     template = templates.get_template(config.data.template)
 
     source = sources.open_source(
@@ -272,6 +279,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
         max_len=config.data.max_len,
         max_views=config.data.max_views,
         masking=config.data.masking,
+        video_frames=config.data.video_frames,
     )
     batches = loader.make_loader(
         source,
