@@ -116,10 +116,12 @@ class TextStream:
     def finish(self, reason: str, text: str | None = None) -> None:
         if self.finished:
             return
-        if text is None:  # the stop token is not part of the answer
-            ids = self.ids[:-1] if reason == "stop" and self.ids else self.ids
-            text = self.decode(ids) if ids else ""
-            text = text.removesuffix("\ufffd")
+        if text is None:  # the answer so far, without a stop token or what follows a stop string
+            ids = self.ids
+            if ids and ids[-1] in self.job.sampling.stop_token_ids:
+                ids = ids[:-1]
+            text = (self.decode(ids) if ids else "").removesuffix("\ufffd")
+            text = text[: min([i for i in map(text.find, self.job.stop) if i >= 0] or [len(text)])]
         self._send(text)
         self.finished = True
         self.job.sink(Event("done", finish_reason=reason, completion_tokens=len(self.ids)))
