@@ -165,7 +165,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="stages whose label contains this text")
     parser.add_argument("--topologies", nargs="*", help="only these topologies")
-    parser.add_argument("--overrides", nargs="*", default=[], help="--config.X=Y for the runs")
+    parser.add_argument(
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="--config.X=Y",
+        help="a config override for the runs (repeatable; write --override=--config.X=Y)",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)

@@ -181,6 +181,7 @@ def test_out_of_memory_is_reported_as_does_not_fit(capsys):
     code, out, err = _run(capsys, "--config", TINY, "--topology", "v5e-1", "--memory-only", *args)
     assert code == 1, err
     assert "does not fit" in out and "Traceback" not in out + err
+    assert "exceeds available HBM" in out  # XLA's own numbers are shown
     assert "To fit:" in out
 
 
@@ -195,6 +196,10 @@ def test_parse_oom_message():
     used, limit, line = parse_oom(text)
     assert (used, limit) == (int(33.27 * 2**30), int(30.75 * 2**30))
     assert line.startswith("RESOURCE_EXHAUSTED")
+    # libtpu 0.0.42's wording
+    text = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+            "temporaries (18.02G) exceeds available HBM (15.75G).")  # fmt: skip
+    assert parse_oom(text)[:2] == (int(18.02 * 2**30), int(15.75 * 2**30))
 
 
 @pytest.mark.slow
@@ -222,3 +227,22 @@ def test_tiny_plan_text_with_cost(capsys):
     assert code == 0
     for needle in ("fits", "XLA FLOPs", "step time, XLA", "MFU", "tokens/s", "Compile time"):
         assert needle in out, out
+
+
+@pytest.mark.slow
+def test_search_prints_a_table_of_fitting_configurations(capsys):
+    """--search on the tiny model: every candidate compiles; the table is sorted, fitting first."""
+    args = ["--config.train.batch_size=32", "--config.data.max_len=32"]
+    code, out, err = _run(capsys, "--config", TINY, "--topology", "v5e-8", "--search",
+                          "--memory-only", "--json", *args)  # fmt: skip
+    assert code == 0, err
+    plans = json.loads(out)
+    meshes = {(p["mesh"]["data"], p["mesh"]["fsdp"], p["mesh"]["tensor"]) for p in plans}
+    assert {(8, 1, 1), (1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 4, 2), (1, 2, 4)} <= meshes
+    assert {p["remat_policy"] for p in plans} == {"none", "dots", "full"}
+    assert {p["grad_accum"] for p in plans} >= {1, 2, 4}
+    # rows per chip halve with each doubling of grad_accum (32 rows over 8 chips)
+    by_accum = {p["grad_accum"]: p["rows_per_chip"] for p in plans if p["mesh"]["data"] == 8}
+    assert by_accum == {1: 4, 2: 2, 4: 1}
+    fits = [p["fits"] for p in plans]
+    assert fits == sorted(fits, reverse=True)  # fitting ones first

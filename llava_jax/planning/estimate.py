@@ -211,7 +211,9 @@ def _to_bytes(number: str, unit: str) -> int:
 def parse_oom(text: str) -> tuple[int | None, int | None, str]:
     """(used bytes, limit bytes, the message's key line) of XLA's out-of-memory error."""
     used = limit = None
-    match = re.search(rf"Used\s+{_GB}\s+of\s+{_GB}", text)
+    match = re.search(rf"Used\s+{_GB}\s+of\s+{_GB}", text) or re.search(
+        rf"\(\s*{_GB}\s*\)\s+exceeds available \w+\s+\(\s*{_GB}\s*\)", text
+    )
     if match:
         used, limit = _to_bytes(match[1], match[2]), _to_bytes(match[3], match[4])
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -369,6 +371,7 @@ def plan(
         model_flops=model_flops(model_cfg, config, shape),
     )
     _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")
+    start = time.perf_counter()
     try:
         compiled, state, abstract, seconds = _compile(model_cfg, config, mesh, batch)
     except Exception as e:  # noqa: BLE001 (XlaRuntimeError; only OOM is expected)
@@ -378,7 +381,10 @@ def plan(
         memory = None
         if used is not None:
             memory = Memory(0, 0, 0, 0, 0, used, 0, used, limit or chip.hbm_bytes)
-        return Plan(**common, fits=False, memory=memory, error=line, cost=None, compile_seconds=0.0)
+        elapsed = time.perf_counter() - start
+        return Plan(
+            **common, fits=False, memory=memory, error=line, cost=None, compile_seconds=elapsed
+        )
     ma = compiled.memory_analysis()
     memory = Memory(
         params=_bytes_per_chip(state.params),
