@@ -186,6 +186,18 @@ def test_stop_string_ends_the_answer(serve, pipeline):
         assert (text, reason) == (want[: want.index(stop)], "stop"), (stream, want, stop)
 
 
+def test_sampling_follows_the_seed(serve):
+    def sample(seed):
+        return client(serve()).chat.completions.create(
+            model=MODEL, messages=[user(QUESTIONS[0])], max_tokens=NEW, temperature=1.5,
+            top_p=0.9, seed=seed,
+        ).choices[0].message.content  # fmt: skip
+
+    answers = [sample(seed) for seed in (1, 1, 2, 3)]
+    assert answers[0] == answers[1], "the same seed gave different answers"
+    assert len(set(answers)) > 1, "seeds 1, 2, 3 all gave the same answer: not sampling"
+
+
 def test_models_and_health(serve):
     with urllib.request.urlopen(serve() + "/v1/models") as response:
         models = json.loads(response.read())
