@@ -229,6 +229,22 @@ def test_eight_concurrent_requests_batch_and_match_sequential(serve):
     assert (health["requests"], health["batches"], health["largest_batch"]) == (8, 1, 8)
 
 
+def test_bad_requests_among_good_ones(serve):
+    """Concurrent good and bad requests: each bad one gets its 400, each good one its answer."""
+    url = serve(max_batch=1)  # batch size 1 was compiled already
+    want = [ask(serve(), i) for i in range(4)]
+    broken = {"model": MODEL, "messages": _tiny_image_message(b"GIF89a broken"), "max_tokens": 2}
+
+    def one(i):
+        return ask(url, i // 2) if i % 2 == 0 else post(url, broken)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert results[0::2] == want
+    assert all(status == 400 and body["error"]["code"] == "invalid_image"
+               for status, body in results[1::2]), results[1::2]  # fmt: skip
+
+
 def test_full_queue_is_refused(pipeline):
     """With one running and one waiting, a third job is refused, and all that were accepted
     finish."""
