@@ -144,3 +144,57 @@ def test_exported_model_answers_with_its_training_template(setup, tmp_path):
     n = jax.device_count()
     assert n == 8  # conftest's host devices: the mesh above was data=8
     assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(setup, tmp_path):
+    """`llava-jax train` on 2 processes x 4 CPU devices (jax.distributed on localhost) gives
+    the losses of one process with 8 devices: each host reads only its half of every batch."""
+    overrides = [*setup, "--config.train.num_steps=3"]
+    single = tmp_path / "single"
+    loop.train(config_loader.load_config(RECIPE, overrides), single)
+
+    multi = tmp_path / "multi"
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llava_jax.cli.main",
+                "train",
+                "--config",
+                RECIPE,
+                "--workdir",
+                str(multi),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                *overrides,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    want, got = _losses(single), _losses(multi)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in want:
+        assert np.isclose(got[step], want[step], rtol=1e-5), (step, got[step], want[step])
+    assert checkpoint.is_model_dir(multi / "model")
