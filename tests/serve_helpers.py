@@ -28,9 +28,7 @@ def build_model_dir(root: Path) -> Path:
     hf_tiny.llava().save_pretrained(hf)
     save_tiny_tokenizer(hf)
     crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
-        hf
-    )
+    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(hf)
     convert_hf_to_jax(hf, root / "tiny-llava")
     return root / "tiny-llava"
 
