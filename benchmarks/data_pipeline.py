@@ -178,7 +178,7 @@ def build_data(workdir, name, tokenizer, *, size, num_images, num_records, targe
 # -- the two cases ------------------------------------------------------------------------------
 
 
-def case_config(name, tokenizer):
+def case_config(name, tokenizer, ov_max_views: int = 37):
     """(LlavaConfig, ImageProcessorConfig, template, HF processor, batch, max_len, max_views)."""
     import transformers
 
@@ -204,7 +204,8 @@ def case_config(name, tokenizer):
     hf_image = transformers.LlavaOnevisionImageProcessorPil(
         **HF_ONEVISION, image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints]
     )
-    return cfg, image_cfg, "qwen_1_5", OnevisionProcessor(hf_image, tokenizer), 4, 8192, 37
+    hf = OnevisionProcessor(hf_image, tokenizer)
+    return cfg, image_cfg, "qwen_1_5", hf, 4, 8192, ov_max_views
 
 
 class OnevisionProcessor:
@@ -377,6 +378,7 @@ def main():
     parser.add_argument("--cpu", type=int, default=os.cpu_count() - 1, help="core to pin to")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default="llava15,onevision")
+    parser.add_argument("--ov-max-views", type=int, default=37, help="OneVision views per row")
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.cpu})  # before jax starts its threads: one core for all
 
@@ -404,7 +406,7 @@ def main():
     rows = []
     for name in args.cases.split(","):
         shards_dir = build_data(workdir, name, tokenizer, **data[name])
-        case = case_config(name, tokenizer)
+        case = case_config(name, tokenizer, args.ov_max_views)
         ours = Ours(shards_dir, case, tokenizer, mesh)
         hf = Transformers(shards_dir, case, tokenizer, mesh)
         print(f"{name}: one sample: {check_same_work(ours, hf)}")
