@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from llava_jax.hardware import CHIPS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "scaling_results.jsonl"
 DOC = ROOT / "docs" / "scaling.md"
@@ -124,9 +126,15 @@ def render(results: dict[str, dict]) -> str:
     )
     rows = []
     order = {s.label: i for i, s in enumerate(STAGES)}
-    for r in sorted(results.values(), key=lambda r: (order.get(r["label"], 99), r["topology"])):
+    for r in sorted(
+        results.values(),
+        key=lambda r: (order.get(r["label"], 99), r["topology"], len(r["overrides"])),
+    ):
         p = r.get("plan")
-        what = r["label"] + (f" ({' '.join(r['overrides'])})" if r["overrides"] else "")
+        short = [
+            o.removeprefix("--config.").removeprefix("model.overrides.") for o in r["overrides"]
+        ]
+        what = r["label"] + (f" ({', '.join(short)})" if short else "")
         if p is None:
             rows.append(
                 f"| {what} | {r['topology']} | | error: {r.get('error', '?')} | | | | | | |"
@@ -138,7 +146,8 @@ def render(results: dict[str, dict]) -> str:
             f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} / {p['remat_policy']} / "
             f"{p['grad_accum']}"
         )
-        used = f"{m['used'] / 1e9:.1f} / {m['hbm'] / 1e9:.0f}" if m else "-"
+        hbm = {c.name: c.hbm_bytes for c in CHIPS.values()}[p["chip"]]
+        used = f"{m['used'] / 1e9:,.1f} / {hbm / 1e9:.0f}" if m else "-"
         step = p["step_seconds"]
         steps = math.ceil(r["samples"] / p["batch_size"])
         stage_s = steps * step if step and p["fits"] else None

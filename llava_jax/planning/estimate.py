@@ -377,10 +377,10 @@ def plan(
     except Exception as e:  # noqa: BLE001 (XlaRuntimeError; only OOM is expected)
         if not is_oom(e):
             raise
-        used, limit, line = parse_oom(str(e))
+        used, _, line = parse_oom(str(e))
         memory = None
         if used is not None:
-            memory = Memory(0, 0, 0, 0, 0, used, 0, used, limit or chip.hbm_bytes)
+            memory = Memory(0, 0, 0, 0, 0, used, 0, used, chip.hbm_bytes)  # limit: in `line`
         elapsed = time.perf_counter() - start
         return Plan(
             **common, fits=False, memory=memory, error=line, cost=None, compile_seconds=elapsed
