@@ -1,20 +1,22 @@
 """Training-step throughput of llava-jax against PyTorch transformers + AdamW, same run.
 
-A LLaVA-1.5-shaped model, random weights, float32 on the CPU (this CPU has no fast bf16
-path, so both sides compute in float32): a CLIP-style tower (d=384, 4 layers, 224 px, patch
-14: 256 image tokens), the mlp2x_gelu connector, and a LLaMA decoder (d=768, 8 layers,
-32k vocabulary). The transformers model is built first and its weights converted, so both
-sides train the same weights on the same batch (B rows of T tokens, one image per row, the
-text after the image supervised). Stage-2 style: the vision tower frozen (torch:
-requires_grad False and its forward under `torch.no_grad`), connector + LLM trained with
-AdamW (same lr, betas, eps, no weight decay, constant schedule) and global-norm clipping 1.0.
+A LLaVA-1.5-shaped model, random weights, float32 compute and weights on both sides (the
+like-for-like setting; this Xeon does have AMX-BF16, but bfloat16 is not measured here): a
+CLIP-style tower (d=384, 4 layers, 224 px, patch 14: 256 image tokens), the mlp2x_gelu
+connector, and a LLaMA decoder (d=512, 8 layers, 32k vocabulary; 66M parameters in all, 58M
+trained). The transformers model is built first and its weights converted, so both sides
+train the same weights on the same batch (B rows of T tokens, one image per row, the text
+after the image supervised). Stage-2 style: the vision tower frozen (torch: requires_grad
+False and its forward under `torch.no_grad`), connector + LLM trained with AdamW (same lr,
+betas, eps, no weight decay, constant schedule) and global-norm clipping 1.0; torch's AdamW
+is the fused CPU kernel.
 
 For each llava-jax variant (remat x scan_layers) it compiles the step (reported separately),
 then alternates one torch step and one llava-jax step for `--steps` steps, so both see the
 same machine load; step times are medians. The first steps' losses of both are printed as a
 sanity check (same weights, same batch, same optimizer: they agree to ~1e-4).
 
-    python benchmarks/train_step.py [--batch 2] [--seq-len 512] [--steps 6]
+    python benchmarks/train_step.py [--batch 2] [--seq-len 512] [--steps 6] [--width 512]
         [--variants none:scan full:scan none:unroll full:unroll]
 """
 
@@ -169,7 +171,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side per variant")
-    parser.add_argument("--width", type=int, default=768, help="LLaMA hidden size")
+    parser.add_argument("--width", type=int, default=512, help="LLaMA hidden size")
     parser.add_argument("--layers", type=int, default=8, help="LLaMA layers")
     parser.add_argument("--variants", nargs="+",
                         default=["none:scan", "full:scan", "none:unroll", "full:unroll"],
