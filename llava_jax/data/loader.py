@@ -297,7 +297,13 @@ def make_loader(
         ds = _EpochOrder(source, _SourceOrder(n), num_records)
     ds = ds[process_index::process_count]
     ds = ds.map(_SafeTransform(transform))
-    it_ds = ds.to_iter_dataset()
+    # Grain's default read-ahead (500 examples) would hold gigabytes of float32 views for
+    # AnyRes samples (a OneVision example is up to 37 x 384^2 x 3 floats, 65 MB): keep two
+    # batches in flight, transformed by as many threads.
+    ahead = max(2 * shape.batch_size, 8)
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=min(16, ahead), prefetch_buffer_size=ahead)
+    )
     if num_workers > 0:
         # Grain reads absl flags when it starts workers; outside absl.app nothing parsed them.
         if not absl_flags.FLAGS.is_parsed():
