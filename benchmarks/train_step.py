@@ -166,6 +166,55 @@ def run_variant(name, base_cfg, params, host, torch_trainer, torch_log, args):
                 paired=paired, jax_losses=jax_losses, load=os.getloadavg()[0])  # fmt: skip
 
 
+def time_pieces(name, base_cfg, params, host, torch_trainer, rounds: int):
+    """Median seconds of forward (loss) and forward + backward (loss and the trained
+    gradients) on both sides, alternating, to see where a step's time goes."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llava_jax.checkpoint import abstract_model, flat_to_nested
+    from llava_jax.train.step import token_losses
+
+    remat, layout = name.split(":")
+    cfg = base_cfg.replace(remat_policy=remat, scan_layers=layout == "scan")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    batch = shard_batch(host, mesh)
+    graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
+    nested = flat_to_nested(params)
+    frozen = {"vision_tower": nested["vision_tower"]}
+    trained = {k: v for k, v in nested.items() if k != "vision_tower"}
+
+    def loss(trained, frozen):
+        ce, _ = token_losses(graphdef, {**trained, **jax.lax.stop_gradient(frozen)}, batch)
+        return jnp.sum(ce * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+
+    fwd, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+    hf, inputs = torch_trainer.hf, torch_trainer.inputs
+
+    def torch_fwd():
+        with torch.no_grad():
+            hf(**inputs).loss.item()
+
+    def torch_grad():
+        hf(**inputs).loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    pieces = {
+        "jax forward": lambda: float(fwd(trained, frozen)),
+        "jax forward+backward": lambda: jax.block_until_ready(grad(trained, frozen)),
+        "torch forward": torch_fwd,
+        "torch forward+backward": torch_grad,
+    }
+    for fn in pieces.values():
+        fn()  # compile / warm up
+    times = {k: [] for k in pieces}
+    for _ in range(rounds):
+        for k, fn in pieces.items():
+            times[k].append(timed(fn)[0])
+    for k, ts in times.items():
+        print(f"  {name} {k:<24} {statistics.median(ts):6.2f} s", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
@@ -176,6 +225,9 @@ def main():
     parser.add_argument("--variants", nargs="+",
                         default=["none:scan", "full:scan", "none:unroll", "full:unroll"],
                         help="REMAT:scan|unroll (remat: none, full, dots, ...)")  # fmt: skip
+    parser.add_argument("--pieces", type=int, default=0, metavar="ROUNDS",
+                        help="also time forward and forward+backward of both sides for the "
+                             "first variant, ROUNDS alternating rounds")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     work = tempfile.mkdtemp()
@@ -192,6 +244,10 @@ def main():
     print(f"model: {total / 1e6:.0f}M params ({trained / 1e6:.0f}M trained), B={args.batch}, "
           f"T={args.seq_len} (256 image tokens per row), float32, {os.cpu_count()} CPU "
           f"threads; load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    if args.pieces:
+        time_pieces(args.variants[0], base_cfg, params, host, trainer, args.pieces)
+    if args.steps < 1:
+        return
     torch_log: list[float] = []
     t0, loss0 = timed(trainer.step)  # torch warm-up and its step-1 loss on the fresh weights
     torch_log.append(loss0)
