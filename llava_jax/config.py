@@ -194,7 +194,7 @@ ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in ran
 class LlavaConfig:
     """A whole LLaVA model: vision tower, connector, decoder, and how image features are laid out.
 
-    The last four fields are execution switches, not architecture: they never change the
+    The last five fields are execution switches, not architecture: they never change the
     parameters, so a checkpoint runs with any of them.
     """
 
@@ -216,6 +216,9 @@ class LlavaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: RematPolicy = RematPolicy.NONE
+    # Training sequences longer than this attend in chunks of this many queries (memory
+    # O(chunk * T) instead of O(T^2), e.g. OneVision's 32K); 0 = never.
+    attention_chunk: int = 2048
 
     def __post_init__(self):
         layers = self.feature_layers

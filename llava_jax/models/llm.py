@@ -15,7 +15,12 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from llava_jax.config import Activation, LlavaConfig, TextConfig
-from llava_jax.nn.attention import causal_mask, dot_product_attention
+from llava_jax.nn.attention import (
+    ChunkedCausalMask,
+    causal_mask,
+    chunked_causal_attention,
+    dot_product_attention,
+)
 from llava_jax.nn.layers import RMSNorm, activation, dense, partitioned
 from llava_jax.nn.rotary import apply_rope
 from llava_jax.nn.stack import run_stacked, stacked
@@ -89,7 +94,10 @@ class DecoderAttention(nnx.Module):
         if cached is not None:
             cache_k, cache_v, cache_mask = cached
             blocks += [cache_k.astype(q.dtype), cache_v.astype(q.dtype), cache_mask]
-        out = dot_product_attention(q, *blocks)
+        if isinstance(mask, ChunkedCausalMask):  # a long training sequence, no cache
+            out = chunked_causal_attention(q, k, v, mask)
+        else:
+            out = dot_product_attention(q, *blocks)
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
@@ -167,7 +175,11 @@ class LanguageModel(nnx.Module):
         b, seq = segment_ids.shape
         steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
         # The new tokens attend to each other causally, and to everything already cached.
-        mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
+        chunk = self.cfg.attention_chunk
+        if cache is None and chunk and seq > chunk:
+            mask = ChunkedCausalMask(steps, segment_ids, t.sliding_window, chunk)
+        else:
+            mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
         xs = None
         if cache is not None and not cache.empty:
             kv_steps = jnp.broadcast_to(jnp.arange(cache.segment.shape[1], dtype=jnp.int32),

@@ -1,0 +1,62 @@
+"""Chunked causal attention (long training sequences) against the full-mask attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import TINY
+
+from llava_jax.models.llava import LlavaModel
+from llava_jax.nn.attention import (
+    ChunkedCausalMask,
+    causal_mask,
+    chunked_causal_attention,
+    dot_product_attention,
+)
+
+
+def _inputs(b=2, t=21, n=4, kv=2, h=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k = jax.random.normal(keys[1], (b, kv, t, h))
+    v = jax.random.normal(keys[2], (b, kv, t, h))
+    steps = jnp.broadcast_to(jnp.arange(t), (b, t))
+    # Row 0: two packed samples and padding; row 1: one sample.
+    seg = jnp.array([[1] * 9 + [2] * 8 + [0] * (t - 17), [1] * t])
+    return q, k, v, steps, seg
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 21])
+@pytest.mark.parametrize("window", [None, 5])
+def test_chunked_equals_full_attention_and_its_gradient(chunk, window):
+    q, k, v, steps, seg = _inputs()
+    full_mask = causal_mask(steps, steps, seg, seg, window)
+    chunked = ChunkedCausalMask(steps, seg, window, chunk)
+
+    def full(q, k, v):
+        return dot_product_attention(q, k, v, full_mask)
+
+    def part(q, k, v):
+        return chunked_causal_attention(q, k, v, chunked)
+
+    np.testing.assert_allclose(part(q, k, v), full(q, k, v), atol=1e-5)
+    weights = jax.random.normal(jax.random.key(1), q.shape)
+    g_full = jax.grad(lambda *a: jnp.sum(full(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    g_part = jax.grad(lambda *a: jnp.sum(part(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", g_part, g_full, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d/d{name}")
+
+
+def test_language_model_chunks_long_training_sequences_only():
+    tiny_cfg = TINY
+    model = LlavaModel(tiny_cfg.replace(attention_chunk=0), rngs=nnx.Rngs(0))
+    chunked = LlavaModel(tiny_cfg.replace(attention_chunk=8), rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(2), (2, 30), 0, 100)
+    seg = jnp.array([[1] * 12 + [2] * 14 + [0] * 4, [1] * 30])
+    pos = jnp.concatenate([jnp.arange(12), jnp.arange(14), jnp.zeros(4, int)])
+    pos = jnp.stack([pos, jnp.arange(30)])
+    want = model(ids, positions=pos, segment_ids=seg).logits
+    got = chunked(ids, positions=pos, segment_ids=seg).logits
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-4)
