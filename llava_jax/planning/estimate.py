@@ -124,6 +124,15 @@ class Plan:
         return None if s is None else mfu(self.model_flops, s, self.num_chips, chip)
 
     @property
+    def cost_plausible(self) -> bool | None:
+        """False when XLA counts fewer FLOPs than the model needs: XLA put matmuls in loops
+        of its own (collective matmuls over a large FSDP axis) whose body its cost analysis
+        counts once, so step time and MFU are then under- and over-estimates."""
+        if self.cost is None or not self.model_flops:
+            return None
+        return self.cost.flops * self.num_chips >= 0.98 * self.model_flops
+
+    @property
     def tokens_per_second(self) -> float | None:
         s = self.step_seconds
         return None if not s else self.batch_size * self.seq_len / s
@@ -414,7 +423,8 @@ def plan_to_dict(p: Plan, chip: Chip) -> dict[str, Any]:
     d = dataclasses.asdict(p)
     if p.memory is not None:
         d["memory"].update(total=p.memory.total, used=p.memory.used)
-    d.update(step_seconds=p.step_seconds, mfu=p.mfu(chip), tokens_per_second=p.tokens_per_second)
+    d.update(step_seconds=p.step_seconds, mfu=p.mfu(chip), tokens_per_second=p.tokens_per_second,
+             cost_plausible=p.cost_plausible)  # fmt: skip
     return d
 
 

@@ -82,6 +82,12 @@ def format_plan(p: Plan, chip: Chip, title: str) -> str:
             f"({p.tokens_per_second / p.num_chips:,.0f} per chip, padded rows)",
             f"  from                   {c.method}",
         ]
+        if p.cost_plausible is False:
+            lines.append(
+                "  WARNING: XLA counts fewer FLOPs than the model needs: it put matmuls in loops "
+                "of its own (collective matmuls), whose body its cost analysis counts once; the "
+                "step time is too low and the MFU too high"
+            )
     lines.append(f"Compile time: {p.compile_seconds:.1f} s")
     return "\n".join(lines)
 
