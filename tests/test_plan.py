@@ -248,3 +248,17 @@ def test_search_prints_a_table_of_fitting_configurations(capsys):
     assert by_accum == {1: 4, 2: 2, 4: 1}
     fits = [p["fits"] for p in plans]
     assert fits == sorted(fits, reverse=True)  # fitting ones first
+
+
+def test_a_cost_below_the_model_flops_is_flagged():
+    """XLA counting fewer FLOPs than the model needs means a loop body counted once."""
+    from llava_jax.planning.estimate import Cost, Plan
+
+    def plan_with(xla_flops_per_chip):
+        cost = Cost(xla_flops_per_chip, 1e9, 1.0, 1.0, "test")
+        return Plan("v5p-8", 4, "TPU v5p", {"data": 1, "fsdp": 4, "tensor": 1}, "full", 1,
+                    128, 32.0, 2048, True, None, None, cost, 4e15, 1.0)  # fmt: skip
+
+    assert plan_with(1.3e15).cost_plausible is True  # 5.2e15 >= 4e15
+    assert plan_with(0.78e15).cost_plausible is False
+    assert plan_with(1.3e15).mfu(CHIPS["v5p"]) == pytest.approx(4e15 / (4 * 459e12))
