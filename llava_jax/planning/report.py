@@ -39,8 +39,8 @@ def format_plan(p: Plan, chip: Chip, title: str) -> str:
     """The detailed report of one plan."""
     lines = [
         title,
-        f"  mesh {mesh_text(p)}, remat {p.remat_policy}, global batch {p.batch_size} "
-        f"({p.rows_per_chip:g} rows per chip per micro-batch, grad_accum {p.grad_accum}), "
+        f"  mesh {mesh_text(p)}, remat {p.remat_policy}, global batch {p.batch_size} rows "
+        f"({p.rows_per_chip:g} per chip per micro-batch, grad_accum {p.grad_accum}), "
         f"{p.seq_len} tokens per row",
     ]
     m = p.memory
