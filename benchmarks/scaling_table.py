@@ -154,11 +154,13 @@ def render(results: dict[str, dict]) -> str:
         mfu = f"{100 * p['mfu']:.0f}%" if p["mfu"] is not None and p["fits"] else "-"
         # XLA counted fewer FLOPs than the model needs (see the note under the table)
         cost = p["cost"] or {}
-        suspect = p["fits"] and cost.get("flops", 1e30) * p["num_chips"] < 0.98 * p["model_flops"]
+        suspect = p["fits"] and cost.get("flops", 1e30) * p["num_chips"] < p["model_flops"]
         tps = p["tokens_per_second"]
         tps = f"{tps / p['num_chips']:,.0f}" if tps and p["fits"] else "-"
         fits = "yes" if p["fits"] else "**no**"
         mark = "¹" if suspect else ""
+        if p["fits"] and cost and cost.get("xla_seconds") is None:
+            mark += "²"  # no optimal_seconds from libtpu: the roofline estimate
         rows.append(
             f"| {what} | {r['topology']} ({p['num_chips']} chips) | {setup} | {fits} | "
             f"{used} | {_fmt_seconds(step) if p['fits'] else '-'}{mark} | {mfu}{mark} | "

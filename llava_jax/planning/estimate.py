@@ -130,7 +130,7 @@ class Plan:
         counts once, so step time and MFU are then under- and over-estimates."""
         if self.cost is None or not self.model_flops:
             return None
-        return self.cost.flops * self.num_chips >= 0.98 * self.model_flops
+        return self.cost.flops * self.num_chips >= self.model_flops
 
     @property
     def tokens_per_second(self) -> float | None:
