@@ -119,7 +119,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _assets(init_from: str, workdir: epath.Path) -> Path:
+def _assets(init_from: str) -> Path:
     """The tokenizer and processor files of `init_from`, as a local directory.
 
     transformers reads tokenizers from local directories only, so the assets of a remote
@@ -177,7 +177,7 @@ def export_model_dir(
     return out
 
 
-def _max_image_tokens(config, cfg: LlavaConfig) -> int:
+def _max_image_tokens(config) -> int:
     if config.data.max_image_tokens > 0:
         return int(config.data.max_image_tokens)
     return int(config.data.max_len)  # image tokens can never outnumber a row's tokens
@@ -238,7 +238,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = config_loader.model_config(config)
     mesh = state_lib.mesh_from_config(config)
-    assets = _assets(config.init_from, workdir)
+    assets = _assets(config.init_from)
     tokenizer = load_tokenizer(assets)
     image_cfg = ImageProcessorConfig.from_pretrained(assets, model_cfg)
     if config.data.image_aspect_ratio:
@@ -267,7 +267,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
         config.train.batch_size // jax.process_count(),
         config.data.max_len,
         config.data.max_views,
-        _max_image_tokens(config, model_cfg),
+        _max_image_tokens(config),
     )
     from llava_jax.data.transforms import SampleTransform
 
