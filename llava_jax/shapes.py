@@ -67,6 +67,19 @@ class ShapesPaths:
     scenes: Path
     tokenizer: Path
 
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> ShapesPaths:
+        """The paths of a dataset written under `root`."""
+        root = Path(root)
+        return cls(
+            root=root,
+            stage1=root / "stage1.json",
+            stage2=root / "stage2.json",
+            heldout=root / "heldout.json",
+            scenes=root / "scenes.json",
+            tokenizer=root / "tokenizer",
+        )
+
 
 # -- scenes and images ----------------------------------------------------------------------
 
@@ -254,14 +267,7 @@ def write_shapes_dataset(
             if rng.random() < 0.05:  # a text-only sample now and then
                 qa = _TEXT_ONLY[rng.integers(len(_TEXT_ONLY))]
                 stage2.append(dict(id=f"text_{i:05d}", conversations=_conversation([qa], False)))
-    paths = ShapesPaths(
-        root=root,
-        stage1=root / "stage1.json",
-        stage2=root / "stage2.json",
-        heldout=root / "heldout.json",
-        scenes=root / "scenes.json",
-        tokenizer=root / "tokenizer",
-    )
+    paths = ShapesPaths.at(root)
     for path, records in ((paths.stage1, stage1), (paths.stage2, stage2),
                           (paths.heldout, heldout), (paths.scenes, scenes)):  # fmt: skip
         path.write_text(json.dumps(records, indent=1) + "\n")

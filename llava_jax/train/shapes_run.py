@@ -39,14 +39,7 @@ def _dataset(root: Path, config) -> shapes.ShapesPaths:
             seed=s.seed,
         )
         done.write_text("written by llava-jax train (configs/shapes_tiny.py)\n")
-    return shapes.ShapesPaths(
-        root=root,
-        stage1=root / "stage1.json",
-        stage2=root / "stage2.json",
-        heldout=root / "heldout.json",
-        scenes=root / "scenes.json",
-        tokenizer=root / "tokenizer",
-    )
+    return shapes.ShapesPaths.at(root)
 
 
 def _random_model_dir(out: Path, config, tokenizer_dir: Path) -> Path:
