@@ -8,7 +8,7 @@ Each step directory holds three items, written together and committed atomically
   meta/   JSON: the config, skip counts so far, wall-clock
 
 A run killed mid-save leaves only a temporary directory, which is never mistaken for a
-step and is removed when the next run opens the manager. Saves are asynchronous: the
+step; the next run's manager removes it in the background, before its first save. Saves are asynchronous: the
 device-to-host copy blocks, the write happens on a background thread.
 """
 
