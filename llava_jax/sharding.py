@@ -38,14 +38,35 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left."""
-    devices = list(devices if devices is not None else jax.devices())
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left.
+
+    On several TPU slices (multi-slice: the devices' `slice_index` differs) the sizes
+    describe one slice and `data` is multiplied by the slice count, so data parallelism is
+    the only traffic over the data-centre network and FSDP and tensor parallelism stay on
+    each slice's ICI.
+
+    Raises:
+      ValueError: the sizes do not divide the devices (one line).
+    """
+    devices = sorted(
+        devices if devices is not None else jax.devices(),
+        key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id),
+    )
+    num_slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    per_slice = len(devices) // num_slices
     sizes = [data, fsdp, tensor]
+    where = f"{per_slice} devices per slice" if num_slices > 1 else f"{len(devices)} devices"
+    named = dict(zip(MESH_AXES, sizes, strict=True))
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {named}: sizes must be positive, at most one of them -1")
     known = math.prod(s for s in sizes if s != -1)
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "
-                         f"{math.prod(sizes)} devices, found {len(devices)}")  # fmt: skip
+    if len(devices) % num_slices or per_slice % known:
+        raise ValueError(f"mesh {named} does not divide {where}")
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != per_slice:
+        named = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ValueError(f"mesh {named} needs {math.prod(sizes)} devices, found {where}")
+    sizes[0] *= num_slices  # slice-major device order: `data` rows fill one slice, then the next
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
 
 

@@ -89,7 +89,7 @@ def test_plan_mesh_puts_data_over_slices():
 
     devices = topo_lib.compile_devices(parse_topology("v5p-16", num_slices=2))
     config = load_config("configs/llava15_7b_finetune.py", ["--config.mesh.tensor=2"])
-    mesh = plan_mesh(config, devices, num_slices=2)
+    mesh = plan_mesh(config, devices)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()

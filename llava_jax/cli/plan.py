@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(
         topology_name=topology.name,
         chip=chip,
-        num_slices=topology.num_slices,
         estimate_cost=not args.memory_only,
         progress=progress,
     )

@@ -150,30 +150,15 @@ class PlanError(ValueError):
     """A configuration that cannot be compiled for reasons other than memory; one line."""
 
 
-def plan_mesh(config, devices: Sequence[Any], num_slices: int = 1) -> Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh` over compile-only devices.
-
-    With several slices, `config.mesh` describes one slice and `data` is multiplied by the
-    slice count: data parallelism runs over the data-centre network, FSDP and tensor
-    parallelism stay on each slice's ICI. `devices` must be sorted by (slice, id).
-    """
-    per_slice = len(devices) // num_slices
-    sizes = [int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)]
-    if sizes.count(-1) > 1:
-        raise PlanError(f"config.mesh {sizes}: at most one axis may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if known <= 0 or per_slice % known:
-        raise PlanError(
-            f"config.mesh (data, fsdp, tensor) = {tuple(sizes)} does not divide "
-            f"{per_slice} chips per slice"
-        )
-    sizes = [per_slice // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != per_slice:
-        raise PlanError(
-            f"config.mesh (data, fsdp, tensor) = {tuple(sizes)} needs "
-            f"{math.prod(sizes)} chips per slice, the slice has {per_slice}"
-        )
-    return make_mesh(sizes[0] * num_slices, sizes[1], sizes[2], devices=list(devices))
+def plan_mesh(config, devices: Sequence[Any]) -> Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh` over compile-only devices, built as
+    training builds it (`sharding.make_mesh`: on several slices, `config.mesh` describes
+    one slice and `data` also spans the slices)."""
+    m = config.mesh
+    try:
+        return make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=list(devices))
+    except ValueError as e:
+        raise PlanError(f"config.mesh: {e}") from None
 
 
 def batch_shape(model_cfg: LlavaConfig, config, rows: int) -> BatchShape:
@@ -335,7 +320,6 @@ def plan(
     *,
     topology_name: str,
     chip: Chip,
-    num_slices: int = 1,
     estimate_cost: bool = True,
     progress: Progress = None,
 ) -> Plan:
@@ -343,10 +327,10 @@ def plan(
 
     Args:
       config: a loaded recipe (`config_loader.load_config`), overrides applied.
-      devices: the topology's compile-only devices (`topology.compile_devices`).
+      devices: the topology's compile-only devices (`topology.compile_devices`); on several
+        slices `config.mesh` describes one slice and `data` also spans the slices.
       topology_name: for the report, e.g. "v5p-128".
       chip: the chip's peaks (`Topology.chip`).
-      num_slices: slices in `devices` (data parallelism over slices).
       estimate_cost: also run the small unrolled compiles for FLOPs and step time.
       progress: called with a line before each compile.
 
@@ -357,7 +341,7 @@ def plan(
       PlanError: the mesh or the batch does not divide over the chips.
     """
     model_cfg = config_loader.model_config(config)
-    mesh = plan_mesh(config, devices, num_slices)
+    mesh = plan_mesh(config, devices)
     accum = int(config.optimizer.grad_accum)
     batch = int(config.train.batch_size)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]

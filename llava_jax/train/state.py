@@ -38,11 +38,14 @@ class TrainState:
 
 
 def mesh_from_config(config, devices=None) -> Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh`."""
+    """The (data, fsdp, tensor) mesh of `config.mesh` (per slice on a multi-slice TPU run)."""
     from llava_jax.sharding import make_mesh
 
     m = config.mesh
-    return make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    try:
+        return make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    except ValueError as e:
+        raise ValueError(f"config.mesh: {e}") from None
 
 
 def apply_overrides(model_cfg: LlavaConfig, config) -> LlavaConfig:
