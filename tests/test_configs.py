@@ -168,6 +168,12 @@ def test_total_steps():
     assert total_steps(config, 10**6) == 7
     with pytest.raises(ConfigLoadError, match="0 records"):
         total_steps(load_config(str(CONFIGS / "llava_v1_finetune.py")), 0)
+    # Packed rows hold several records each: counting epochs in records would over-train.
+    packed = load_config(str(CONFIGS / "llava_v1_finetune.py"), ["--config.data.packing=True"])
+    with pytest.raises(ConfigLoadError, match="packing=True needs config.train.num_steps"):
+        total_steps(packed, 1000)
+    packed.train.num_steps = 40
+    assert total_steps(packed, 1000) == 40
 
 
 def test_shapes_tiny_fits_the_shapes_tokenizer():

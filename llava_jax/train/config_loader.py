@@ -265,10 +265,16 @@ def total_steps(config: ml_collections.ConfigDict, num_records: int) -> int:
     """Optimizer steps of the run: `train.num_steps` if > 0, else epochs over the records.
 
     As the HF Trainer counts them (no dropped last batch): ceil(num_epochs *
-    ceil(num_records / batch_size)), at least 1.
+    ceil(num_records / batch_size)), at least 1. Packed runs must give `num_steps`.
     """
     if config.train.num_steps > 0:
         return int(config.train.num_steps)
+    if config.data.packing:
+        raise ConfigLoadError(
+            "config.data.packing=True needs config.train.num_steps: a packed row holds "
+            "several records, so an epoch's step count is unknown before packing (about "
+            "num_epochs x records x mean tokens per record / (batch_size x max_len))"
+        )
     if num_records <= 0:
         raise ConfigLoadError(f"total_steps: the training data has {num_records} records")
     if config.train.batch_size <= 0 or config.train.num_epochs <= 0:
