@@ -53,7 +53,9 @@ def check_training(workdir: Path, steps: int) -> dict:
     from llava_jax.train.shapes_run import _random_model_dir
 
     recipe = str(Path(__file__).parents[1] / "configs" / "shapes_tiny.py") + ":stage1"
-    paths = shapes.write_shapes_dataset(workdir / "data", num_train=2000, num_val=8, seed=0)
+    paths = shapes.write_shapes_dataset(
+        workdir / "data", num_stage1=2000, num_stage2=8, num_val=8, seed=0
+    )
     overrides = [
         f"--config.train.num_steps={steps}",
         "--config.train.log_every=50",

@@ -14,7 +14,10 @@ Written as LLaVA JSON (paths relative to the output dir, which is the image root
 `stage1.json` (captions for the `plain` template), `stage2.json` (1-3 question turns, plus
 text-only questions), `heldout.json` (unseen images, one question each, for exact match), a
 word-level tokenizer in `tokenizer/`, and `scenes.json` (each image's scene, for checking).
-Everything follows from the seed.
+The three splits have their own images. Stage 2 gets many (images are cheap: ~0.5 ms each):
+a tiny decoder shown the same few thousand images epoch after epoch learns to recall their
+answers instead of reading the image (training accuracy climbs, held-out accuracy does not),
+so stage 2 sees each of its images about once. Everything follows from the seed.
 """
 
 from __future__ import annotations
@@ -223,7 +226,8 @@ def build_tokenizer():
 def write_shapes_dataset(
     out_dir: str | os.PathLike,
     *,
-    num_train: int = 2000,
+    num_stage1: int = 2000,
+    num_stage2: int = 2000,
     num_val: int = 200,
     image_size: int = 32,
     seed: int = 0,
@@ -232,7 +236,8 @@ def write_shapes_dataset(
 
     Args:
       out_dir: directory to write into (created; existing dataset files are replaced).
-      num_train: training images; each gets a caption (stage 1) and a conversation (stage 2).
+      num_stage1: images with a caption each (stage 1).
+      num_stage2: images with a conversation each (stage 2), other than stage 1's.
       num_val: held-out images, one question each.
       image_size: side of the square images in pixels (>= 16).
       seed: the seed of every random choice.
@@ -242,31 +247,38 @@ def write_shapes_dataset(
     """
     if image_size < 16:
         raise ValueError(f"image_size={image_size}: shapes need at least 16 px")
-    if num_train < 1 or num_val < 0:
-        raise ValueError(f"num_train={num_train}, num_val={num_val}: need >= 1 and >= 0")
+    if num_stage1 < 1 or num_stage2 < 1 or num_val < 0:
+        raise ValueError(
+            f"num_stage1={num_stage1}, num_stage2={num_stage2}, num_val={num_val}: "
+            "need >= 1, >= 1 and >= 0"
+        )
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     stage1, stage2, heldout, scenes = [], [], [], {}
-    for split, n in (("train", num_train), ("heldout", num_val)):
+    for split, n in (("stage1", num_stage1), ("stage2", num_stage2), ("heldout", num_val)):
         for i in range(n):
             scene = random_scene(rng)
             image = f"images/{split}_{i:05d}.png"
             draw_scene(scene, image_size).save(root / image)
             scenes[image] = [dataclasses.asdict(s) for s in scene]
             rid = f"{split}_{i:05d}"
-            if split == "heldout":
+            if split == "stage1":
+                stage1.append(dict(id=rid, image=image, conversations=[
+                    {"from": "human", "value": IMAGE_TOKEN},
+                    {"from": "gpt", "value": caption(scene)},
+                ]))  # fmt: skip
+            elif split == "stage2":
+                turns = _pick_questions(scene, rng, int(rng.choice(3, p=(0.6, 0.25, 0.15))) + 1)
+                stage2.append(dict(id=rid, image=image, conversations=_conversation(turns, True)))
+                if rng.random() < 0.05:  # a text-only sample now and then
+                    qa = _TEXT_ONLY[rng.integers(len(_TEXT_ONLY))]
+                    stage2.append(
+                        dict(id=f"text_{i:05d}", conversations=_conversation([qa], False))
+                    )
+            else:
                 turns = _pick_questions(scene, rng, 1)
                 heldout.append(dict(id=rid, image=image, conversations=_conversation(turns, True)))
-                continue
-            stage1.append(dict(id=rid, image=image, conversations=[
-                {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption(scene)}
-            ]))  # fmt: skip
-            turns = _pick_questions(scene, rng, int(rng.choice(3, p=(0.6, 0.25, 0.15))) + 1)
-            stage2.append(dict(id=rid, image=image, conversations=_conversation(turns, True)))
-            if rng.random() < 0.05:  # a text-only sample now and then
-                qa = _TEXT_ONLY[rng.integers(len(_TEXT_ONLY))]
-                stage2.append(dict(id=f"text_{i:05d}", conversations=_conversation([qa], False)))
     paths = ShapesPaths.at(root)
     for path, records in ((paths.stage1, stage1), (paths.stage2, stage2),
                           (paths.heldout, heldout), (paths.scenes, scenes)):  # fmt: skip

@@ -10,13 +10,12 @@ from llava_jax import shapes
 from llava_jax.data.templates import get_template, render_spans
 
 SIZE = 32
+SPLITS = dict(num_stage1=60, num_stage2=70, num_val=20, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return shapes.write_shapes_dataset(
-        tmp_path_factory.mktemp("shapes"), num_train=60, num_val=20, image_size=SIZE, seed=3
-    )
+    return shapes.write_shapes_dataset(tmp_path_factory.mktemp("shapes"), **SPLITS, seed=3)
 
 
 def read_scene(path, size=SIZE):
@@ -97,11 +96,12 @@ def test_records_are_llava_records(dataset):
     stage1 = json.loads(dataset.stage1.read_text())
     stage2 = json.loads(dataset.stage2.read_text())
     heldout = json.loads(dataset.heldout.read_text())
-    assert len(stage1) == 60 and len(heldout) == 20 and len(stage2) >= 60
+    assert len(stage1) == 60 and len(heldout) == 20
+    assert len([r for r in stage2 if "image" in r]) == 70
     assert any("image" not in r for r in stage2), "no text-only samples"
     assert any(len(r["conversations"]) > 2 for r in stage2), "no multi-turn samples"
-    train_images = {r["image"] for r in stage1}
-    assert not train_images & {r["image"] for r in heldout}
+    images = [{r["image"] for r in split if "image" in r} for split in (stage1, stage2, heldout)]
+    assert sum(map(len, images)) == len(set.union(*images)) == 150, "splits share images"
     ids = [r["id"] for r in stage2 + heldout]
     assert len(ids) == len(set(ids))
     for r in stage1 + stage2 + heldout:
@@ -137,20 +137,20 @@ def test_tokenizer_covers_every_word(dataset):
 
 
 def test_deterministic_from_the_seed(tmp_path, dataset):
-    again = shapes.write_shapes_dataset(tmp_path / "a", num_train=60, num_val=20, image_size=SIZE,
-                                        seed=3)  # fmt: skip
+    again = shapes.write_shapes_dataset(tmp_path / "a", **SPLITS, seed=3)
     for name in ("stage1", "stage2", "heldout", "scenes"):
         assert getattr(again, name).read_bytes() == getattr(dataset, name).read_bytes(), name
     for image in json.loads(dataset.scenes.read_text()):
         a = np.asarray(Image.open(again.root / image))
         assert np.array_equal(a, np.asarray(Image.open(dataset.root / image))), image
-    other = shapes.write_shapes_dataset(tmp_path / "b", num_train=60, num_val=20, image_size=SIZE,
-                                        seed=4)  # fmt: skip
+    other = shapes.write_shapes_dataset(tmp_path / "b", **SPLITS, seed=4)
     assert other.scenes.read_bytes() != dataset.scenes.read_bytes()
 
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="at least 16 px"):
-        shapes.write_shapes_dataset(tmp_path, num_train=1, num_val=1, image_size=8, seed=0)
-    with pytest.raises(ValueError, match="num_train=0"):
-        shapes.write_shapes_dataset(tmp_path, num_train=0, num_val=1, image_size=32, seed=0)
+        shapes.write_shapes_dataset(tmp_path, num_stage1=1, num_val=1, image_size=8, seed=0)
+    with pytest.raises(ValueError, match="num_stage1=0"):
+        shapes.write_shapes_dataset(tmp_path, num_stage1=0, num_val=1, image_size=32, seed=0)
+    with pytest.raises(ValueError, match="num_stage2=0"):
+        shapes.write_shapes_dataset(tmp_path, num_stage2=0, num_val=1, image_size=32, seed=0)

@@ -27,7 +27,9 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    paths = shapes.write_shapes_dataset(root / "data", num_train=48, num_val=4, seed=1)
+    paths = shapes.write_shapes_dataset(
+        root / "data", num_stage1=48, num_stage2=8, num_val=4, seed=1
+    )
     overrides = [
         f"--config.train.num_steps={STEPS}",
         "--config.train.batch_size=8",

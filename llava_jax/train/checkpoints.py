@@ -8,8 +8,8 @@ Each step directory holds three items, written together and committed atomically
   meta/   JSON: the config, skip counts so far, wall-clock
 
 A run killed mid-save leaves only a temporary directory, which is never mistaken for a
-step; the next run's manager removes it in the background, before its first save. Saves are asynchronous: the
-device-to-host copy blocks, the write happens on a background thread.
+step; the next run's manager removes it in the background, before its first save. Saves are
+asynchronous: the device-to-host copy blocks, the write happens on a background thread.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def _dataset(root: Path, config) -> shapes.ShapesPaths:
         s = config.shapes
         shapes.write_shapes_dataset(
             root,
-            num_train=s.num_train,
+            num_stage1=s.num_stage1,
+            num_stage2=s.num_stage2,
             num_val=s.num_val,
             image_size=s.image_size,
             seed=s.seed,
