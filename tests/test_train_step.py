@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -9,14 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import STAGE1, STAGE2, model_config, random_batch, run_losses, train_config
+from train_helpers import (
+    STAGE1,
+    STAGE2,
+    TINY,
+    model_config,
+    random_batch,
+    run_losses,
+    train_config,
+)
 
 from llava_jax.checkpoint import abstract_model, nested_to_flat
+from llava_jax.models.llava import LlavaModel
 from llava_jax.sharding import make_mesh
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import decay_mask, lr_schedule, trainable_labels
 from llava_jax.train.state import abstract_state, has_optimizer_state, init_state, labels_for
-from llava_jax.train.step import make_train_step, shard_batch
+from llava_jax.train.step import make_train_step, shard_batch, token_losses
 
 VISION_DIMS = {24, 40, 6}  # the tiny tower's width, MLP width and head dim (the LLM has none)
 
@@ -203,6 +213,29 @@ def test_bfloat16_compute_and_params(one_device):
     step = make_train_step(cfg, config, one_device, total_steps=10)
     state, metrics = step(state, shard_batch(random_batch(0), one_device))
     assert float(metrics["nonfinite"]) == 0.0 and 3.0 < float(metrics["loss"]) < 6.0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_the_whole_logits(tied):
+    """Chunks of 5 over 16 positions (the last one padded): same CE, argmax and gradients."""
+    cfg = model_config(text=dataclasses.replace(TINY.text, tie_word_embeddings=tied))
+    graphdef, params = nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(params=0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(1, rows=2, length=16).items()}
+
+    def total(p, chunk):
+        ce, correct = token_losses(graphdef, p, batch, chunk)
+        return jnp.sum(ce * batch["loss_mask"]), (ce, correct)
+
+    grad = jax.grad(total, has_aux=True)
+    (g_whole, (ce_whole, ok_whole)), (g_chunk, (ce_chunk, ok_chunk)) = (
+        grad(params, 0), grad(params, 5)
+    )  # fmt: skip
+    np.testing.assert_allclose(ce_chunk, ce_whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(ok_chunk, ok_whole)
+    flat_w, flat_c = nested_to_flat(g_whole), nested_to_flat(g_chunk)
+    for path, want in flat_w.items():
+        np.testing.assert_allclose(flat_c[path], want, rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 # -- FLOPs ------------------------------------------------------------------------------------

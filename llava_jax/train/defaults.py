@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "language_model/...", "image_newline"); everything else is frozen.
     c.train.trainable = ("multi_modal_projector/.*", "language_model/.*")
     c.train.seed = 0
+    # Positions of each row projected onto the vocabulary at once in the loss (0 = all):
+    # float32 logits [B, T, V] never exist whole (OneVision: T = 8192, V = 152k).
+    c.train.loss_chunk = 512
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_last = 2
