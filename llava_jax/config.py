@@ -214,6 +214,8 @@ class LlavaConfig:
     hf_extra: str = "{}"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Layers run in a `scan` (one compiled body); False unrolls them, and the attention and
+    # loss chunks below too (slower compiles; XLA's cost analysis then counts every copy).
     scan_layers: bool = True
     remat_policy: RematPolicy = RematPolicy.NONE
     # Training sequences longer than this attend in chunks of this many queries (memory

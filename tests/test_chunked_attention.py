@@ -27,12 +27,12 @@ def _inputs(b=2, t=21, n=4, kv=2, h=8, seed=0):
     return q, k, v, steps, seg
 
 
-@pytest.mark.parametrize("chunk", [4, 7, 21])
+@pytest.mark.parametrize("chunk, unroll", [(4, False), (7, False), (21, False), (7, True)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_chunked_equals_full_attention_and_its_gradient(chunk, window):
+def test_chunked_equals_full_attention_and_its_gradient(chunk, unroll, window):
     q, k, v, steps, seg = _inputs()
     full_mask = causal_mask(steps, steps, seg, seg, window)
-    chunked = ChunkedCausalMask(steps, seg, window, chunk)
+    chunked = ChunkedCausalMask(steps, seg, window, chunk, unroll=unroll)
 
     def full(q, k, v):
         return dot_product_attention(q, k, v, full_mask)
@@ -48,8 +48,9 @@ def test_chunked_equals_full_attention_and_its_gradient(chunk, window):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d/d{name}")
 
 
-def test_language_model_chunks_long_training_sequences_only():
-    tiny_cfg = TINY
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_language_model_chunks_long_training_sequences_only(scan_layers):
+    tiny_cfg = TINY.replace(scan_layers=scan_layers)
     model = LlavaModel(tiny_cfg.replace(attention_chunk=0), rngs=nnx.Rngs(0))
     chunked = LlavaModel(tiny_cfg.replace(attention_chunk=8), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(2), (2, 30), 0, 100)
@@ -60,3 +61,13 @@ def test_language_model_chunks_long_training_sequences_only():
     got = chunked(ids, positions=pos, segment_ids=seg).logits
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-4)
+
+
+def test_unrolled_chunks_are_straight_line_code():
+    """Unrolled (layers unrolled, as `llava-jax plan` compiles for its cost estimate), the
+    chunks leave no loop for XLA's cost analysis to count once."""
+    q, k, v, steps, seg = _inputs(t=28)
+    for unroll, loops in ((False, True), (True, False)):
+        mask = ChunkedCausalMask(steps, seg, None, 7, unroll=unroll)
+        hlo = jax.jit(chunked_causal_attention).lower(q, k, v, mask).as_text()
+        assert ("while" in hlo) == loops, unroll

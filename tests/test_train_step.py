@@ -215,10 +215,13 @@ def test_bfloat16_compute_and_params(one_device):
     assert float(metrics["nonfinite"]) == 0.0 and 3.0 < float(metrics["loss"]) < 6.0
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_chunked_loss_equals_the_whole_logits(tied):
-    """Chunks of 5 over 16 positions (the last one padded): same CE, argmax and gradients."""
-    cfg = model_config(text=dataclasses.replace(TINY.text, tie_word_embeddings=tied))
+@pytest.mark.parametrize("tied, scan_layers", [(False, True), (True, True), (False, False)])
+def test_chunked_loss_equals_the_whole_logits(tied, scan_layers):
+    """Chunks of 5 over 16 positions (the last one padded): same CE, argmax and gradients,
+    in a loop or unrolled."""
+    cfg = model_config(
+        text=dataclasses.replace(TINY.text, tie_word_embeddings=tied), scan_layers=scan_layers
+    )
     graphdef, params = nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(params=0)), nnx.Param)
     params = nnx.to_pure_dict(params)
     batch = {k: jnp.asarray(v) for k, v in random_batch(1, rows=2, length=16).items()}

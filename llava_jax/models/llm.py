@@ -177,7 +177,9 @@ class LanguageModel(nnx.Module):
         # The new tokens attend to each other causally, and to everything already cached.
         chunk = self.cfg.attention_chunk
         if cache is None and chunk and seq > chunk:
-            mask = ChunkedCausalMask(steps, segment_ids, t.sliding_window, chunk)
+            mask = ChunkedCausalMask(
+                steps, segment_ids, t.sliding_window, chunk, unroll=not self.cfg.scan_layers
+            )
         else:
             mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
         xs = None

@@ -94,6 +94,17 @@ class ChunkedCausalMask:
     segment_ids: jax.Array  # int[B, T]
     sliding_window: int | None = struct.field(pytree_node=False, default=None)
     chunk: int = struct.field(pytree_node=False, default=2048)
+    unroll: bool = struct.field(pytree_node=False, default=False)  # chunks as straight code
+
+
+def map_chunks(fn, xs, unroll: bool = False):
+    """`jax.lax.map(fn, xs)`, or the same as straight-line code when `unroll` (so XLA's cost
+    analysis, which counts a loop body once, counts every chunk)."""
+    if not unroll:
+        return jax.lax.map(fn, xs)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    outs = [fn(jax.tree.map(lambda x, i=i: x[i], xs)) for i in range(n)]
+    return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
 
 
 def chunked_causal_attention(
@@ -128,5 +139,5 @@ def chunked_causal_attention(
         m = causal_mask(q_steps, mask.steps, q_seg, mask.segment_ids, mask.sliding_window)
         return dot_product_attention(q_i, k, v, m)
 
-    out = jax.lax.map(one, jnp.arange(chunks))  # [C, B, c, N, H]
+    out = map_chunks(one, jnp.arange(chunks), mask.unroll)  # [C, B, c, N, H]
     return out.transpose(1, 0, 2, 3, 4).reshape(b, chunks * c, n, h)[:, :t]

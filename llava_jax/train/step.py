@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
+from llava_jax.nn.attention import map_chunks
 from llava_jax.train.optim import lr_schedules, make_optimizer
 from llava_jax.train.state import TrainState, labels_for, state_shardings
 
@@ -106,8 +107,10 @@ def token_losses(
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
     y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk)
     # Chunks lead, rows keep their (data, fsdp) sharding on the next axis.
-    per_chunk = jax.lax.map(  # ([n, b, chunk], [n, b, chunk])
-        jax.checkpoint(lambda hy: losses(*hy)), (h.swapaxes(0, 1), y.swapaxes(0, 1))
+    per_chunk = map_chunks(  # ([n, b, chunk], [n, b, chunk])
+        jax.checkpoint(lambda hy: losses(*hy)),
+        (h.swapaxes(0, 1), y.swapaxes(0, 1)),
+        unroll=not model.cfg.scan_layers,
     )
     ce, correct = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in per_chunk)
     return ce, correct
