@@ -48,11 +48,13 @@ def make_mesh(
     Raises:
       ValueError: the sizes do not divide the devices (one line).
     """
-    devices = sorted(
-        devices if devices is not None else jax.devices(),
-        key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id),
-    )
-    num_slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+    def slice_of(d):  # absent or 0 except on multi-slice TPUs
+        return getattr(d, "slice_index", None) or 0
+
+    devices = sorted(devices if devices is not None else jax.devices(),
+                     key=lambda d: (slice_of(d), d.id))  # fmt: skip
+    num_slices = len({slice_of(d) for d in devices})
     per_slice = len(devices) // num_slices
     sizes = [data, fsdp, tensor]
     where = f"{per_slice} devices per slice" if num_slices > 1 else f"{len(devices)} devices"

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from llava_jax.nn.chunks import over_positions
+
 _MASKED = -1e30  # finite, so fully masked rows (padding) give a uniform softmax, not NaN
 
 
@@ -97,16 +99,6 @@ class ChunkedCausalMask:
     unroll: bool = struct.field(pytree_node=False, default=False)  # chunks as straight code
 
 
-def map_chunks(fn, xs, unroll: bool = False):
-    """`jax.lax.map(fn, xs)`, or the same as straight-line code when `unroll` (so XLA's cost
-    analysis, which counts a loop body once, counts every chunk)."""
-    if not unroll:
-        return jax.lax.map(fn, xs)
-    n = jax.tree.leaves(xs)[0].shape[0]
-    outs = [fn(jax.tree.map(lambda x, i=i: x[i], xs)) for i in range(n)]
-    return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
-
-
 def chunked_causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: ChunkedCausalMask
 ) -> jax.Array:
@@ -122,22 +114,9 @@ def chunked_causal_attention(
     Returns:
       float[B, T, N, H].
     """
-    b, t, n, h = q.shape
-    c = mask.chunk
-    pad = -t % c
-    steps = jnp.pad(mask.steps, ((0, 0), (0, pad)))
-    segments = jnp.pad(mask.segment_ids, ((0, 0), (0, pad)))  # padded queries: segment 0
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    chunks = (t + pad) // c
 
-    @jax.checkpoint
-    def one(i):
-        start = i * c
-        q_i = jax.lax.dynamic_slice_in_dim(q, start, c, axis=1)
-        q_steps = jax.lax.dynamic_slice_in_dim(steps, start, c, axis=1)
-        q_seg = jax.lax.dynamic_slice_in_dim(segments, start, c, axis=1)
-        m = causal_mask(q_steps, mask.steps, q_seg, mask.segment_ids, mask.sliding_window)
+    def one(q_i, steps_i, segments_i):  # one chunk of queries (padded ones: segment 0)
+        m = causal_mask(steps_i, mask.steps, segments_i, mask.segment_ids, mask.sliding_window)
         return dot_product_attention(q_i, k, v, m)
 
-    out = map_chunks(one, jnp.arange(chunks), mask.unroll)  # [C, B, c, N, H]
-    return out.transpose(1, 0, 2, 3, 4).reshape(b, chunks * c, n, h)[:, :t]
+    return over_positions(one, (q, mask.steps, mask.segment_ids), mask.chunk, unroll=mask.unroll)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
-from llava_jax.nn.attention import map_chunks
+from llava_jax.nn.chunks import over_positions
 from llava_jax.train.optim import lr_schedules, make_optimizer
 from llava_jax.train.state import TrainState, labels_for, state_shardings
 
@@ -99,21 +99,9 @@ def token_losses(
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return ce, jnp.argmax(logits, axis=-1) == y
 
-    b, t, d = hidden.shape
-    if chunk <= 0 or t <= chunk:
+    if chunk <= 0 or hidden.shape[1] <= chunk:
         return losses(hidden, targets)
-    pad = -t % chunk
-    n = (t + pad) // chunk
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk)
-    # Chunks lead, rows keep their (data, fsdp) sharding on the next axis.
-    per_chunk = map_chunks(  # ([n, b, chunk], [n, b, chunk])
-        jax.checkpoint(lambda hy: losses(*hy)),
-        (h.swapaxes(0, 1), y.swapaxes(0, 1)),
-        unroll=not model.cfg.scan_layers,
-    )
-    ce, correct = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in per_chunk)
-    return ce, correct
+    return over_positions(losses, (hidden, targets), chunk, unroll=not model.cfg.scan_layers)
 
 
 def make_train_step(
