@@ -54,3 +54,11 @@ def test_builtin_run_end_to_end_then_resumes_as_complete(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "stage2" / "model").stat().st_mtime_ns == mtime
     assert "step 1/" not in again.stderr
+
+    # Other dataset sizes in the same workdir are refused, not silently given the old data.
+    other = _train(tmp_path, "--config.shapes.num_stage2=65")
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "holds a shapes dataset written with other settings (num_stage2: 64 -> 65)" in (
+        other.stderr
+    )
+    assert "Traceback" not in other.stderr

@@ -28,18 +28,27 @@ from llava_jax.train import config_loader, loop
 
 
 def _dataset(root: Path, config) -> shapes.ShapesPaths:
+    """The dataset under `root`: written once, its settings kept in `COMPLETE`; a later run
+    that asks for other settings is refused rather than silently given the old data."""
     done = root / "COMPLETE"
-    if not done.is_file():
-        s = config.shapes
-        shapes.write_shapes_dataset(
-            root,
-            num_stage1=s.num_stage1,
-            num_stage2=s.num_stage2,
-            num_val=s.num_val,
-            image_size=s.image_size,
-            seed=s.seed,
-        )
-        done.write_text("written by llava-jax train (configs/shapes_tiny.py)\n")
+    s = config.shapes
+    wanted = dict(num_stage1=s.num_stage1, num_stage2=s.num_stage2, num_val=s.num_val,
+                  image_size=s.image_size, seed=s.seed)  # fmt: skip
+    if done.is_file():
+        try:
+            written = json.loads(done.read_text())
+        except json.JSONDecodeError:
+            written = {}  # an older llava-jax's marker
+        changed = [f"{k}: {written.get(k)} -> {v}" for k, v in wanted.items()
+                   if written.get(k) != v]  # fmt: skip
+        if changed:
+            raise config_loader.ConfigLoadError(
+                f"{root} holds a shapes dataset written with other settings "
+                f"({', '.join(changed)}); use a new --workdir"
+            )
+    else:
+        shapes.write_shapes_dataset(root, **wanted)
+        done.write_text(json.dumps(wanted) + "\n")
     return shapes.ShapesPaths.at(root)
 
 
