@@ -100,16 +100,17 @@ def test_leave_one_out_accuracy(matches, want):
     assert _official_loop("cat", humans) == pytest.approx(want)
 
 
-def test_vqa_accuracy_normalises_only_when_humans_disagree():
-    # Disagreeing humans: both sides normalised, so "Cat." matches "cat" (m = 1) and "a cat".
-    humans = ["cat"] + ["dog"] * 9
-    assert vqa_accuracy("Cat.", humans) == pytest.approx(0.3)
-    humans = ["the cat", "a cat", "cat"] + ["dog"] * 7
-    assert vqa_accuracy("cat", humans) == pytest.approx(0.9)
-    # Unanimous humans: no normalisation at all, as in vqaEval.py.
+def test_vqa_accuracy_normalises_the_answer_always_and_humans_only_when_they_disagree():
+    # The answer is always normalised in full, as vqaEval.py does: case, punctuation.
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("Cat.", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)
+    # Unanimous humans are compared as they are: "two" is never turned into "2".
     assert vqa_accuracy("2", ["two"] * 10) == 0.0
-    assert vqa_accuracy(" two\n", ["two"] * 10) == 1.0
-    # Numbers as words against digits, once the humans disagree.
+    assert vqa_accuracy(" two\n", ["two"] * 10) == 0.0  # the answer becomes "2"
+    # Disagreeing humans get the punctuation step only: "cat." matches, "the cat" does not.
+    assert vqa_accuracy("cat", ["cat."] * 3 + ["dog"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("cat", ["the cat", "a cat", "cat"] + ["dog"] * 7) == pytest.approx(0.3)
+    # Numbers as words in the answer become digits.
     assert vqa_accuracy("two", ["2"] * 9 + ["3"]) == pytest.approx(1.0)
     assert vqa_accuracy("Three", ["2"] * 9 + ["3"]) == pytest.approx(0.3)
 

@@ -9,12 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from llava_jax.eval.normalize import (
-    evalai_answer,
-    process_digit_article,
-    process_punctuation,
-    strip_whitespace,
-)
+from llava_jax.eval.normalize import evalai_answer, normalize_vqa, process_punctuation
 
 
 def percent(hits: Iterable[float]) -> float | None:
@@ -40,17 +35,17 @@ def leave_one_out_accuracy(answer: str, humans: Sequence[str]) -> float:
 
 
 def vqa_accuracy(answer: str, humans: Sequence[str]) -> float:
-    """The official VQA accuracy (`vqaEval.py`) of one submitted answer.
+    """The official VQA accuracy (GT-Vision-Lab/VQA `vqaEval.py`) of one submitted answer.
 
-    As the script does, both sides are normalised only when the humans disagree; when all
-    gave the same string, the submitted answer must equal it after whitespace stripping.
-    Submit answers through `evalai_answer` (LLaVA does) so that this rarely matters.
+    As the script does, the answer is always normalised in full (whitespace, punctuation,
+    lower case, number words, articles, contractions); the human answers only go through the
+    punctuation step, and only when they disagree (the released annotations are already in
+    normal form). Submit answers through `evalai_answer` (LLaVA does) so that this rarely
+    matters.
     """
-    humans = [strip_whitespace(h) for h in humans]
-    answer = strip_whitespace(answer)
+    answer = normalize_vqa(answer)
     if len(set(humans)) > 1:
-        humans = [process_digit_article(process_punctuation(h)) for h in humans]
-        answer = process_digit_article(process_punctuation(answer))
+        humans = [process_punctuation(h) for h in humans]
     return leave_one_out_accuracy(answer, humans)
 
 
