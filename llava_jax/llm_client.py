@@ -3,12 +3,14 @@ server), on the standard library only.
 
 - `POST {base_url}/chat/completions` with `{"model", "messages", ...}`; the key comes from an
   environment variable (never a file), sent as `Authorization: Bearer ...` when set.
-- Retries with exponential backoff on 429 and 5xx and on connection errors (a `Retry-After`
-  header, when given, is honoured up to the backoff cap). 401 / 403 stop everything with one
-  line that names the variable to set; any other 4xx fails that request.
+- Retries with exponential backoff on the statuses that may pass (408, 429 and every 5xx but
+  501 and 505) and on connection errors (a `Retry-After` header, when given, is honoured up to
+  the backoff cap). 401 / 403 stop everything with one line that names the variable to set;
+  any other 4xx fails that request at once.
 - A disk cache keyed by the SHA-256 of the request (URL and body): a rerun sends nothing it
   already has an answer for. Only successful replies are cached.
-- `map` runs requests on a bounded thread pool and yields results as they complete.
+- `map` runs requests on a bounded thread pool and yields results as they complete; closing
+  it early stops the requests still retrying.
 """
 
 from __future__ import annotations
@@ -19,19 +21,33 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import tempfile
-import time
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+def is_transient(status: int) -> bool:
+    """Whether an HTTP status may pass on a retry: 408 (timeout), 429 (rate limit) and the 5xx
+    but 501 (Not Implemented) and 505 (HTTP Version Not Supported), which never do."""
+    return status in (408, 429) or (500 <= status < 600 and status not in (501, 505))
 
 
 class LLMError(RuntimeError):
-    """A request that failed for good (after retries, or a 4xx other than auth)."""
+    """A request that failed for good (after retries, or a 4xx other than auth).
+
+    Attributes:
+      transient: the cause may pass on its own (a rate limit, an overloaded server, a
+        timeout); False for a refused connection, an unknown host, a 4xx, a malformed reply.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class LLMAuthError(PermissionError):
@@ -43,12 +59,14 @@ Messages = Sequence[dict[str, str]]
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-    """The outcome of one request of a `map`: `text` on success, else `error`."""
+    """The outcome of one request of a `map`: `text` on success, else `error` (and whether
+    its cause may pass, `LLMError.transient`)."""
 
     index: int
     text: str | None = None
     error: str | None = None
     cached: bool = False
+    transient: bool = False
 
 
 class ChatClient:
@@ -61,10 +79,11 @@ class ChatClient:
         fine for a local server).
       cache_dir: where replies are cached (None: no cache).
       concurrency: requests in flight at most.
-      max_retries: retries after the first try, for 429 / 5xx / connection errors.
+      max_retries: retries after the first try, for 408 / 429 / 5xx / connection errors.
       backoff_s: the first retry's delay; it doubles each retry, up to `max_backoff_s`.
       timeout_s: per HTTP request.
-      sleep: the delay function (tests pass a recorder).
+      sleep: the delay function (tests pass a recorder); default: a wait that a closed `map`
+        cuts short.
     """
 
     def __init__(
@@ -78,7 +97,7 @@ class ChatClient:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         timeout_s: float = 120.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -108,22 +127,22 @@ class ChatClient:
         text, _ = self._chat(self.body(messages, **params))
         return text
 
-    def _chat(self, body: dict[str, Any]) -> tuple[str, bool]:
+    def _chat(self, body: dict[str, Any], stop: threading.Event | None = None) -> tuple[str, bool]:
         key = self.key(body)
         cached = self._cache_get(key)
         if cached is not None:
             return _content(cached, self.url), True
-        response = self._post(body)
+        response = self._post(body, stop or threading.Event())
         text = _content(response, self.url)
         self._cache_put(key, body, response)
         return text, False
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, body: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
+        last, transient = "", False
         for attempt in range(self.max_retries + 1):
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
@@ -140,26 +159,41 @@ class ChatClient:
                     hint = (f"set {self.api_key_env}" if not self.api_key
                             else f"check the key in {self.api_key_env}")  # fmt: skip
                     raise LLMAuthError(f"{self.url}: HTTP {e.code} {detail}; {hint}") from None
-                if e.code not in RETRY_STATUS:
+                if not is_transient(e.code):
                     raise LLMError(f"{self.url}: HTTP {e.code} {detail}") from None
-                last = f"HTTP {e.code} {detail}"
+                last, transient = f"HTTP {e.code} {detail}", True
                 after = _retry_after(e.headers.get("Retry-After"))
                 if after is not None:
                     delay = min(self.max_backoff_s, max(delay, after))
             except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
                     ConnectionError) as e:  # fmt: skip
-                last = str(getattr(e, "reason", e))
+                reason = getattr(e, "reason", e)
+                # A refused connection or an unknown host is retried (a server may be
+                # starting) but is not expected to pass; a reset or a timeout is.
+                last = str(reason)
+                transient = not isinstance(reason, (ConnectionRefusedError, socket.gaierror))
             if attempt < self.max_retries:
-                self.sleep(delay)
-        raise LLMError(f"{self.url}: gave up after {self.max_retries + 1} tries ({last})")
+                self._wait(delay, stop)
+            if stop.is_set():
+                raise LLMError(f"{self.url}: cancelled ({last})", transient)
+        raise LLMError(f"{self.url}: gave up after {self.max_retries + 1} tries ({last})",
+                       transient)  # fmt: skip
+
+    def _wait(self, delay: float, stop: threading.Event) -> None:
+        if self.sleep is not None:
+            self.sleep(delay)
+        else:
+            stop.wait(delay)
 
     # -- many requests ---------------------------------------------------------------------
 
     def map(self, bodies: Sequence[dict[str, Any]]) -> Iterator[Reply]:
         """Sends `bodies` (from `body()`), at most `concurrency` at once; yields a `Reply` per
-        body as each completes. An auth error cancels the rest and is raised."""
+        body as each completes. An auth error cancels the rest and is raised; closing the
+        iterator early cancels the requests not yet sent and ends the retries of the others."""
+        stop = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self._chat, b): i for i, b in enumerate(bodies)}
+            futures = {pool.submit(self._chat, b, stop): i for i, b in enumerate(bodies)}
             try:
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]
@@ -167,10 +201,11 @@ class ChatClient:
                         text, cached = future.result()
                         yield Reply(i, text=text, cached=cached)
                     except LLMError as e:
-                        yield Reply(i, error=str(e))
+                        yield Reply(i, error=str(e), transient=e.transient)
             finally:
                 for f in futures:
                     f.cancel()
+                stop.set()
 
     # -- cache -------------------------------------------------------------------------------
 

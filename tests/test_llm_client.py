@@ -32,13 +32,13 @@ def test_reply_and_request_body():
     ]
 
 
-def test_retries_429_and_5xx_with_exponential_backoff():
+def test_retries_408_429_and_5xx_with_exponential_backoff():
     with FakeLLM(echo) as llm:
-        llm.failures = {"flaky": [429, 500, 503]}
+        llm.failures = {"flaky": [408, 429, 500, 504, 507, 599]}
         c, delays = client(llm)
         assert c.chat([{"role": "user", "content": "flaky"}]) == "echo: flaky"
-    assert len(llm.requests) == 4
-    assert delays == [0.5, 1.0, 2.0]
+    assert len(llm.requests) == 7
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
 
 def test_retry_after_is_honoured():
@@ -58,13 +58,14 @@ def test_gives_up_after_max_retries():
     assert delays == [0.5, 1.0] and len(llm.requests) == 3
 
 
-def test_other_4xx_fails_at_once():
+@pytest.mark.parametrize("status", [400, 404, 422, 501, 505])
+def test_other_4xx_and_501_505_fail_at_once(status):
     with FakeLLM(echo) as llm:
-        llm.failures = {"bad": [400]}
+        llm.failures = {"bad": [status]}
         c, delays = client(llm)
-        with pytest.raises(LLMError, match="HTTP 400 status 400"):
+        with pytest.raises(LLMError, match=f"HTTP {status} status {status}") as error:
             c.chat([{"role": "user", "content": "bad"}])
-    assert delays == []
+    assert delays == [] and len(llm.requests) == 1 and not error.value.transient
 
 
 def test_auth_errors_name_the_variable(monkeypatch):
@@ -130,3 +131,34 @@ def test_unreachable_server_is_retried_then_fails():
     c = ChatClient("http://127.0.0.1:9/v1", "m", max_retries=1, backoff_s=0.0, sleep=lambda s: 0)
     with pytest.raises(LLMError, match="gave up after 2 tries"):
         c.chat([{"role": "user", "content": "x"}])
+    with pytest.raises(LLMError) as error:
+        c.chat([{"role": "user", "content": "x"}])
+    assert "Connection refused" in str(error.value) and not error.value.transient
+
+
+def test_a_server_error_that_persists_is_transient():
+    with FakeLLM(echo) as llm:
+        llm.failures = {"down": [503] * 10}
+        c, _ = client(llm, max_retries=1)
+        with pytest.raises(LLMError) as error:
+            c.chat([{"role": "user", "content": "down"}])
+    assert error.value.transient
+
+
+def test_closing_map_early_ends_the_retries_in_flight():
+    def ok_once_all_arrived(body):
+        deadline = time.perf_counter() + 5.0
+        while len(llm.requests) < 3 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        return "ok"
+
+    with FakeLLM(ok_once_all_arrived) as llm:
+        llm.failures = {"down": [503] * 1000}
+        c = ChatClient(llm.base_url, "m", concurrency=4, max_retries=100, backoff_s=10.0)
+        bodies = [c.body([{"role": "user", "content": m}]) for m in ("ok", "down", "down")]
+        replies = c.map(bodies)
+        assert next(replies).text == "ok"
+        start = time.perf_counter()
+        replies.close()  # the two "down" requests are waiting 10 s before their second try
+        assert time.perf_counter() - start < 5.0
+    assert len(llm.requests) == 3

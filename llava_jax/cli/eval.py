@@ -34,7 +34,8 @@ def add_judge_args(parser: argparse.ArgumentParser, prefix: str = "judge-") -> N
         help="reply cache (default: llm_cache/ in the output directory)",
     )
     parser.add_argument(f"--{prefix}max-retries", type=int, default=6, metavar="N",
-                        help="retries on 429 / 5xx, with exponential backoff")  # fmt: skip
+                        help="retries on 408 / 429 / 5xx (but 501, 505) and connection "
+                        "errors, with exponential backoff")  # fmt: skip
     parser.add_argument(f"--{prefix}backoff", type=float, default=1.0, metavar="S",
                         help="first retry delay in seconds; doubles per retry")  # fmt: skip
 
