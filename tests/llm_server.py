@@ -20,7 +20,7 @@ class FakeLLM:
     Attributes:
       failures: marker -> list of HTTP statuses; the n-th request whose last message contains
         the marker gets the n-th status (then normal replies).
-      requests: every request body received, in order.
+      requests: every request body received (any route, any key), in order.
     """
 
     def __init__(self, reply: Callable[[dict], str], key: str | None = None):
@@ -44,7 +44,6 @@ class FakeLLM:
     def _status_for(self, body: dict) -> int:
         last = body["messages"][-1]["content"]
         with self._lock:
-            self.requests.append(body)
             for marker, statuses in self.failures.items():
                 if marker in last:
                     n = self._seen[marker]
@@ -72,6 +71,8 @@ class FakeLLM:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake._lock:
+                    fake.requests.append(body)
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if fake.key is not None and self.headers.get("Authorization") != (

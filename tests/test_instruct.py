@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -244,3 +245,62 @@ def test_cli_needs_instances_for_boxes(coco):
     proc = cli("instruct", "--captions", coco[0], "--type", "detail", "--out", "x.jsonl",
                "--model", "m")  # fmt: skip
     assert proc.returncode == 2 and "--type detail needs --instances" in proc.stderr
+
+
+def many_images(tmp_path, n=20):
+    """A captions file of `n` images with one caption each."""
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 10, "height": 10}
+              for i in range(1, n + 1)]  # fmt: skip
+    caps = [{"id": i, "image_id": i, "caption": f"Picture {i}."} for i in range(1, n + 1)]
+    path = tmp_path / "many_captions.json"
+    path.write_text(json.dumps({"images": images, "annotations": caps}))
+    return path
+
+
+def free_port():
+    """A local port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_fails_fast_and_non_zero_when_nothing_listens(tmp_path):
+    out = tmp_path / "conv.jsonl"
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    proc = cli("instruct", "--captions", many_images(tmp_path), "--type", "conversation",
+               "--out", out, "--model", "m", "--base-url", url, "--max-retries", 1,
+               "--backoff", 0, "--concurrency", 2)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "llava-jax: error: no sample generated: 8 of 8 requests failed, 12 not asked; first "
+        f"error: {url}/chat/completions: gave up after 2 tries ("
+    )
+    assert "Connection refused" in last
+    assert "0 samples written, 0 already there, 8 rejected (request_failed 8), 12 not asked" in (
+        proc.stdout
+    )
+    assert len(read(tmp_path / "conv.jsonl.rejected.jsonl")) == 8
+
+
+def test_a_404_stops_after_the_first_requests(tmp_path):
+    with FakeLLM(fake_reply) as llm:
+        client = ChatClient(llm.base_url + "/wrong", "m", concurrency=1, max_retries=3)
+        summary = generate(client, load_contexts(many_images(tmp_path)), "conversation",
+                           tmp_path / "out.jsonl", echo=lambda m: None)  # fmt: skip
+    assert 8 <= len(llm.requests) <= 9  # the 9th may be in flight when the 8th fails
+    assert (summary.written, summary.not_asked, dict(summary.rejected)) == (
+        0, 12, {"request_failed": 8}
+    )  # fmt: skip
+    assert summary.failure().startswith("no sample generated: 8 of 8 requests failed, 12 not")
+    assert "HTTP 404 no route /v1/wrong/chat/completions" in summary.failure()
+
+
+def test_transient_failures_do_not_stop_early(tmp_path):
+    with FakeLLM(fake_reply) as llm:
+        llm.failures = {"Picture": [503] * 100}
+        client = ChatClient(llm.base_url, "m", max_retries=0)
+        summary = generate(client, load_contexts(many_images(tmp_path)), "conversation",
+                           tmp_path / "out.jsonl", echo=lambda m: None)  # fmt: skip
+    assert len(llm.requests) == 20 and summary.not_asked == 0
+    assert summary.failure().startswith("no sample generated: 20 of 20 requests failed; first")

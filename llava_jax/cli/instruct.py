@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     summary = generate(client, images, args.response_type, args.out, few_shot, params,
                        seed=args.seed, echo=echo)  # fmt: skip
     print(summary.format())
+    if summary.failure() is not None:
+        raise CommandError(summary.failure())
     return 0
 
 

@@ -15,6 +15,7 @@ client's cache, without paying twice for replies it had received).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +29,9 @@ from llava_jax.instruct.coco import ImageContext, context_text
 from llava_jax.instruct.prompts import DETAIL_INSTRUCTIONS, EXAMPLES, SYSTEM_MESSAGES
 
 RESPONSE_TYPES = ("conversation", "detail", "complex")
+# When the first this many replies are all the same lasting failure (a refused connection, a
+# 404), every other request would fail alike: stop instead of spending each one's retries.
+FAIL_FAST = 8
 
 
 class ReplyError(ValueError):
@@ -166,14 +170,45 @@ def done_ids(path: Path) -> set[str]:
 
 @dataclasses.dataclass
 class Summary:
+    """What a `generate` call did.
+
+    Attributes:
+      written: samples appended to the output.
+      skipped_done: images already in the output.
+      rejected: reason -> replies dropped (`request_failed` for requests that got no reply).
+      not_asked: images left out after a fail-fast stop.
+      first_error: the first failed request's error, if any.
+    """
+
     written: int
     skipped_done: int
     rejected: collections.Counter
+    not_asked: int = 0
+    first_error: str | None = None
 
     def format(self) -> str:
         why = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
-        return (f"{self.written} samples written, {self.skipped_done} already there, "
+        line = (f"{self.written} samples written, {self.skipped_done} already there, "
                 f"{sum(self.rejected.values())} rejected ({why})")  # fmt: skip
+        if self.not_asked:
+            line += f", {self.not_asked} not asked (the first {FAIL_FAST} requests failed alike)"
+        return line
+
+    def failure(self) -> str | None:
+        """One line when requests failed and nothing was written, else None."""
+        failed = self.rejected["request_failed"]
+        if self.written or not failed:
+            return None
+        asked = sum(self.rejected.values())
+        stopped = f", {self.not_asked} not asked" if self.not_asked else ""
+        return (f"no sample generated: {failed} of {asked} requests failed{stopped}; first "
+                f"error: {self.first_error}")  # fmt: skip
+
+
+def _fails_alike(replies: Sequence[Any]) -> bool:
+    """Whether `replies` are all the same failure, one not expected to pass on its own."""
+    errors = {r.error for r in replies}
+    return None not in errors and len(errors) == 1 and not any(r.transient for r in replies)
 
 
 def generate(
@@ -196,6 +231,9 @@ def generate(
       few_shot: system message and examples (default: built in).
       params: request parameters (temperature, max_tokens, ...).
       seed: draws the detail instruction.
+
+    When the first `FAIL_FAST` requests all fail alike with an error that is not expected to
+    pass (a refused connection, a 404), the rest are not asked (`Summary.not_asked`).
     """
     few_shot = few_shot or load_few_shot(response_type)
     out = Path(out)
@@ -205,27 +243,38 @@ def generate(
     bodies = [client.body(build_messages(few_shot, context_of(im, response_type)),
                           **(params or {})) for im in todo]  # fmt: skip
     rejected: collections.Counter = collections.Counter()
-    written = 0
+    written, answered, first, first_error = 0, 0, [], None
     echo(f"{len(images)} images, {len(images) - len(todo)} already in {out}; asking "
          f"{client.model} for {len(todo)}")  # fmt: skip
     rejects_path = out.with_name(out.name + ".rejected.jsonl")
-    with open(out, "a", encoding="utf-8") as f, open(rejects_path, "w", encoding="utf-8") as r:
-        for n, reply in enumerate(client.map(bodies), 1):
+    with (
+        contextlib.closing(client.map(bodies)) as replies,  # closed early: the retries end
+        open(out, "a", encoding="utf-8") as f,
+        open(rejects_path, "w", encoding="utf-8") as r,
+    ):
+        for n, reply in enumerate(replies, 1):
+            answered = n
             image = todo[reply.index]
             try:
                 if reply.error is not None:
+                    first_error = first_error or reply.error
                     raise ReplyError("request_failed", reply.error)
                 record = to_record(image, response_type, reply.text, seed)
             except ReplyError as e:
                 rejected[e.reason] += 1
                 r.write(json.dumps({"image": image.file_name, "reason": e.reason,
                                     "detail": str(e), "reply": reply.text}) + "\n")  # fmt: skip
-                continue
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            written += 1
+            else:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                written += 1
             if n % 100 == 0:
                 echo(f"{n}/{len(todo)} replies")
+            if n <= FAIL_FAST:
+                first.append(reply)
+            if n == FAIL_FAST < len(todo) and _fails_alike(first):
+                echo(f"stopping: the first {FAIL_FAST} requests all failed with {reply.error}")
+                break
     if not rejected:
         rejects_path.unlink()
-    return Summary(written, len(images) - len(todo), rejected)
+    return Summary(written, len(images) - len(todo), rejected, len(todo) - answered, first_error)
