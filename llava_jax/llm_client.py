@@ -127,6 +127,12 @@ class ChatClient:
         text, _ = self._chat(self.body(messages, **params))
         return text
 
+    def drop_cached(self, body: dict[str, Any]) -> None:
+        """Forgets the cached reply to `body`, so that the next request really asks again."""
+        path = self._cache_path(self.key(body))
+        if path is not None:
+            path.unlink(missing_ok=True)
+
     def _chat(self, body: dict[str, Any], stop: threading.Event | None = None) -> tuple[str, bool]:
         key = self.key(body)
         cached = self._cache_get(key)

@@ -222,6 +222,47 @@ def test_llava_bench_relative_score(tmp_path):
     assert "106.2 ± 6.2" in report.format() or "106.3 ± 6.2" in report.format()
 
 
+def test_a_changed_answer_is_judged_again(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    with FakeLLM(judge_reply) as llm:
+        judge = ChatClient(llm.base_url, "judge-1", cache_dir=tmp_path / "cache")
+        _, m = run("llava-bench", data, tmp_path / "out", {"0": "good", "1": "bad", "2": "good"},
+                   judge=judge)  # fmt: skip
+        assert m["relative_score"]["detail"]["mean"] == 50.0  # 4 / 8
+        _, m = run("llava-bench", data, tmp_path / "out", {"0": "good", "1": "good", "2": "good"},
+                   judge=judge)  # fmt: skip
+        assert len(llm.requests) == 4  # only question 1, whose answer changed
+        assert "[Assistant 2]\ngood" in llm.requests[-1]["messages"][1]["content"]
+    assert m["relative_score"]["detail"]["mean"] == 100.0  # 8 / 8
+    assert m["relative_score"]["all"]["mean"] == 100.0
+    assert len((tmp_path / "out/judge.jsonl").read_text().splitlines()) == 4
+
+
+def test_an_unreadable_judge_reply_is_asked_again_on_rerun(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    asked: dict[str, int] = {}
+
+    def unreadable_first(body):
+        content = body["messages"][-1]["content"]
+        asked[content] = asked.get(content, 0) + 1
+        return "I cannot rate this." if "flaky" in content and asked[content] == 1 else "8 6"
+
+    answers = {"0": "flaky", "1": "a", "2": "b"}
+    with FakeLLM(unreadable_first) as llm:
+        judge = ChatClient(llm.base_url, "judge-1", cache_dir=tmp_path / "cache")
+        _, m = run("llava-bench", data, tmp_path / "out", answers, judge=judge)
+        assert m["unreadable_judge_replies"] == 1 and "conv" not in m["relative_score"]
+        _, m = run("llava-bench", data, tmp_path / "out", answers, judge=judge)
+        assert len(llm.requests) == 4  # the unreadable one again, past the reply cache
+        assert m["unreadable_judge_replies"] == 0
+        assert m["relative_score"]["conv"]["mean"] == 75.0  # 6 / 8
+        run("llava-bench", data, tmp_path / "out", answers, judge=judge)
+        assert len(llm.requests) == 4  # now final
+    rows = [json.loads(x) for x in (tmp_path / "out/judge.jsonl").read_text().splitlines()]
+    flaky = [(r["reply"], r["score"]) for r in rows if r["question_id"] == "0"]
+    assert flaky == [("I cannot rate this.", None), ("8 6", [8.0, 6.0])]  # both kept
+
+
 def test_llava_bench_coco_context_has_boxes_and_unreadable_replies_are_counted(tmp_path):
     data = fx.make_llava_bench_coco(tmp_path / "coco")
     with FakeLLM(judge_reply) as llm:

@@ -1,9 +1,11 @@
 """Asking an LLM judge about every answer, several times, with the replies kept on disk.
 
 `judge_all` sends one request per (question, run) through a `ChatClient`, appends each raw
-reply to `OUT/judge.jsonl` as it arrives (with the score parsed from it), and on a rerun
-keeps the replies already there, so an interrupted judging resumes and nothing is paid for
-twice (the client's cache covers replies that were received but not yet written).
+reply to `OUT/judge.jsonl` as it arrives (with the score parsed from it and the request's
+key), and on a rerun keeps the readable replies to the very same requests, so an interrupted
+judging resumes and nothing is paid for twice (the client's cache covers replies that were
+received but not yet written), while a changed answer is judged again and an unreadable
+reply is asked again.
 """
 
 from __future__ import annotations
@@ -39,18 +41,23 @@ def parse_unit_score(reply: str) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
-def _load(path: Path, judge: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """The replies of `judge` already on disk (another judge's replies are not reused)."""
-    done = {}
+def _load(path: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The judgements on disk, by request key (`ChatClient.key`: the endpoint, judge model,
+    messages, answer included, and parameters): the readable ones, and the keys of the
+    requests whose last reply was unreadable (kept in the file, but asked again)."""
+    readable, unreadable = {}, set()
     for line in drop_partial_line(path).decode("utf-8").splitlines():
         try:
             row = json.loads(line)
-            if row["judge"] != judge:
-                continue
-            done[(str(row["question_id"]), int(row["run"]))] = row
+            key, score = row["request"], row["score"]
         except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by an interruption: judged again
-    return done
+            continue  # a line of an older layout, without its request key: judged again
+        if score is None:
+            unreadable.add(key)
+        else:
+            readable[key] = row
+            unreadable.discard(key)
+    return readable, unreadable
 
 
 def judge_all(
@@ -60,6 +67,10 @@ def judge_all(
     params: dict[str, Any],
 ) -> dict[tuple[str, int], Any]:
     """Judges every question `ctx.judge_runs` times.
+
+    A judgement on disk is reused only for the very same request, so a changed answer (or
+    question, reference, judge, prompt) is judged again. An unreadable reply is asked again on
+    every rerun, past the client's cache.
 
     Args:
       ctx: carries the client (`ctx.judge`), the run count and the output directory.
@@ -72,27 +83,36 @@ def judge_all(
     """
     client = ctx.judge
     path = ctx.out_dir / JUDGE_FILE
-    done = _load(path, client.model)
-    todo = [(q, r) for r in range(ctx.judge_runs) for q in requests if (q, r) not in done]
-    bodies = [client.body(requests[q], seed=r, **params) for q, r in todo]
-    failures = []
+    bodies = {(q, r): client.body(messages, seed=r, **params)
+              for r in range(ctx.judge_runs) for q, messages in requests.items()}  # fmt: skip
+    keys = {judged: client.key(body) for judged, body in bodies.items()}
+    readable, unreadable = _load(path)
+    scores = {judged: _as_score(readable[key]["score"]) for judged, key in keys.items()
+              if key in readable}  # fmt: skip
+    todo = [judged for judged in bodies if judged not in scores]
+    again = [judged for judged in todo if keys[judged] in unreadable]
+    for judged in again:
+        client.drop_cached(bodies[judged])
     if todo:
-        ctx.echo(f"judging {len(todo)} answers with {client.model} at {client.url}")
+        ctx.echo(f"judging {len(todo)} answers ({len(again)} unreadable before) with "
+                 f"{client.model} at {client.url}")  # fmt: skip
+    failures = []
     with open(path, "a", encoding="utf-8") as f:
-        for reply in client.map(bodies):
+        for reply in client.map([bodies[judged] for judged in todo]):
             q, r = todo[reply.index]
             if reply.error is not None:
                 failures.append(reply.error)
                 continue
-            row = {"question_id": q, "run": r, "judge": client.model, "reply": reply.text,
-                   "score": parse(reply.text)}  # fmt: skip
+            score = parse(reply.text)
+            row = {"question_id": q, "run": r, "judge": client.model,
+                   "request": keys[(q, r)], "reply": reply.text, "score": score}  # fmt: skip
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-            done[(q, r)] = row
+            scores[(q, r)] = _as_score(score)
     if failures:
         raise EvalDataError(f"{len(failures)} judge requests failed (rerun to retry; the "
                             f"replies so far are kept in {path}): {failures[0]}")  # fmt: skip
-    return {key: _as_score(row["score"]) for key, row in done.items() if key[0] in requests}
+    return scores
 
 
 def _as_score(value: Any) -> Any:
