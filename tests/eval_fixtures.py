@@ -169,20 +169,57 @@ def _b64_image(seed: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category",
+                   "image", "source", "l2-category", "comment", "split"]  # fmt: skip
+
+
+def write_tsv(path: Path, columns, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(columns)
+        w.writerows(rows)
+
+
 def make_mmbench(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image",
-               "source", "l2-category", "comment", "split"]  # fmt: skip
+    """Two questions without their rotations: the task rotates them."""
     rows = [
         ["10", "Which animal?", "nan", "dog", "cat", "cow", "", "B", "animals", _b64_image(30),
          "src", "perception", "nan", "dev"],
         ["11", "Is it day?", "A hint.", "yes", "no", "", "", "A", "time", "10", "src",
          "reasoning", "nan", "dev"],
     ]  # fmt: skip
-    with open(root / "mmbench_dev_20230712.tsv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(columns)
-        w.writerows(rows)
+    write_tsv(root / "mmbench_dev_20230712.tsv", MMBENCH_COLUMNS, rows)
+    return root
+
+
+def make_mmbench_released(root: Path) -> Path:
+    """As the released TSVs: every rotation of a question is a row of its own, with index
+    question + k * 1,000,000, its options and answer rotated, and the image given by the
+    question's index. Questions 10 (3 options), 11 (2) and 12 (4)."""
+
+    def row(index, question, options, answer, category, l2, image):
+        options = (options + [""] * 4)[:4]
+        return [str(index), question, "nan", *options, answer, category, image, "src", l2,
+                "nan", "dev"]  # fmt: skip
+
+    rows = [
+        row(10, "Which animal?", ["dog", "cat", "cow"], "B", "animals", "perception",
+            _b64_image(30)),
+        row(11, "Is it day?", ["yes", "no"], "A", "time", "reasoning", _b64_image(31)),
+        row(12, "Which colour?", ["red", "green", "blue", "tan"], "D", "colour", "perception",
+            _b64_image(32)),
+        row(1000010, "Which animal?", ["cat", "cow", "dog"], "A", "animals", "perception", "10"),
+        row(1000011, "Is it day?", ["no", "yes"], "B", "time", "reasoning", "11"),
+        row(1000012, "Which colour?", ["green", "blue", "tan", "red"], "C", "colour",
+            "perception", "12"),
+        row(2000010, "Which animal?", ["cow", "dog", "cat"], "C", "animals", "perception", "10"),
+        row(2000012, "Which colour?", ["blue", "tan", "red", "green"], "B", "colour",
+            "perception", "12"),
+        row(3000012, "Which colour?", ["tan", "red", "green", "blue"], "A", "colour",
+            "perception", "12"),
+    ]  # fmt: skip
+    write_tsv(root / "mmbench_dev_20230712.tsv", MMBENCH_COLUMNS, rows)
     return root
 
 

@@ -166,6 +166,50 @@ def test_mmbench_circular(tmp_path):
     assert m["by_l2_category"] == {"perception": 0.0, "reasoning": 100.0}
 
 
+def test_mmbench_released_rotations_are_asked_as_given_and_grouped(tmp_path):
+    data = fx.make_mmbench_released(tmp_path / "mmbench")
+    samples = {s.question_id: s for s in TASKS["mmbench"]().samples(data, "dev")}
+    # One sample per row, none rotated again; a question's rows share its id before the "/".
+    assert sorted(samples) == ["10/0", "10/1", "10/2", "11/0", "11/1", "12/0", "12/1", "12/2",
+                               "12/3"]  # fmt: skip
+    assert samples["10/1"].meta["options"] == ["cat", "cow", "dog"]
+    assert samples["10/1"].meta["answer"] == "A"  # the row's own answer
+    assert samples["12/3"].text == (
+        "<image>\nWhich colour?\nA. tan\nB. red\nC. green\nD. blue\n"
+        "Answer with the option's letter from the given choices directly."
+    )
+    assert samples["10/2"].images == samples["10/0"].images  # "10": row 10's image
+    answers = {
+        "10/0": "B", "10/1": "A", "10/2": "C",  # right every time
+        "11/0": "A", "11/1": "A",  # right, then wrong
+        "12/0": "C", "12/1": "C", "12/2": "B", "12/3": "A",  # wrong first, then right
+    }  # fmt: skip
+    _, m = run("mmbench", data, tmp_path / "out", answers)
+    assert m["questions"] == 9 and m["distinct_questions"] == 3
+    assert m["circular_accuracy"] == pytest.approx(100 / 3)  # question 10 only
+    assert m["first_pass_accuracy"] == pytest.approx(200 / 3)  # rows 10 and 11
+    assert m["by_category"] == {"animals": 100.0, "colour": 0.0, "time": 0.0}
+    assert m["by_l2_category"] == {"perception": 50.0, "reasoning": 0.0}
+
+
+def test_mmbench_released_test_split_submits_every_row(tmp_path):
+    data = fx.make_mmbench_released(tmp_path / "mmbench")
+    with open(data / "mmbench_dev_20230712.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    for r in rows[1:]:
+        r[7] = ""  # no answers
+    fx.write_tsv(data / "mmbench_test_20230712.tsv", rows[0], rows[1:])
+    answers = {"10/0": "B", "10/1": "A", "10/2": "C", "11/0": "A", "11/1": "A", "12/0": "C",
+               "12/1": "C", "12/2": "B", "12/3": "A"}  # fmt: skip
+    _, m = run("mmbench", data, tmp_path / "out", answers, split="test")
+    with open(m["submission"]) as f:
+        submitted = [(r["index"], r["prediction"]) for r in csv.DictReader(f, delimiter="\t")]
+    assert sorted(submitted) == sorted([
+        ("10", "B"), ("11", "A"), ("12", "C"), ("1000010", "A"), ("1000011", "A"),
+        ("1000012", "C"), ("2000010", "C"), ("2000012", "B"), ("3000012", "A"),
+    ])  # fmt: skip
+
+
 def test_mmbench_cn_instruction(tmp_path):
     data = fx.make_mmbench(tmp_path / "mmbench")
     (data / "mmbench_dev_cn_20231003.tsv").write_text(

@@ -5,10 +5,14 @@ Layout: the released TSV in DIR, `mmbench_{split}_YYYYMMDD.tsv` (LLaVA-1.5 uses
 hint, A, B, C, D (E, F when used), answer (dev only), category, l2-category and image
 (base64; a short number instead refers to the image of the row with that index).
 
-Every question is asked once per rotation of its options (n options, n passes; pass k
-shows the options starting from the k-th), as LLaVA's `--all-rounds` does. A question is
-right under circular evaluation only when every pass is right. Without answers (test),
-`mmbench_{split}_submission.tsv` holds the first pass's letters for the server.
+Circular evaluation: a question is right only when it is right under every rotation of its
+options. The released TSVs already hold the rotations, as extra rows whose index is the
+question's plus k × 1,000,000 (options and answer rotated); every row is then asked as given
+and rows are grouped by index % 1,000,000, as the official evaluator does (and LLaVA-1.5's
+`mmbench.sh`, which asks each row once). A TSV without such rows is rotated here: n options,
+n passes, pass k showing the options from the k-th. Pass 0 (index < 1,000,000) alone gives
+the first-pass accuracy. Without answers (test), `mmbench_{split}_submission.tsv` holds the
+letters of every row asked as given (with the released rotations, every row) for the server.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from llava_jax.eval.metrics import circular_accuracy, percent
 from llava_jax.eval.task import EvalDataError, Report, Sample, ScoreContext, Table, Task
 
 _MISSING = ("", "nan", "NaN", "None")
+# The released TSVs number the k-th rotation of question i as i + k * COPY_STRIDE.
+COPY_STRIDE = 1_000_000
 
 
 def read_tsv(data_dir: Path, split: str) -> tuple[Path, list[dict[str, str]]]:
@@ -68,6 +74,9 @@ class MMBench(Task):
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
         path, rows = read_tsv(data_dir, split)
         by_index = {r["index"]: r["image"] for r in rows}
+        number = {r["index"]: _row_number(path, r) for r in rows}
+        # The released files hold the rotations as rows of their own; others are rotated here.
+        rotations_given = any(n >= COPY_STRIDE for n in number.values())
         samples = []
         for row in rows:
             options = [row[c] for c in LETTERS[:6] if row.get(c, "") not in _MISSING]
@@ -80,38 +89,45 @@ class MMBench(Task):
                 raise EvalDataError(f"{path}: row {row['index']}: image is not base64") from None
             answer = row.get("answer", "")
             answer = None if answer in _MISSING else answer.strip()
-            for k in range(len(options)):
+            if answer is not None and answer not in LETTERS[: len(options)]:
+                raise EvalDataError(f"{path}: row {row['index']}: answer {answer!r} is not "
+                                    f"one of the {len(options)} options")  # fmt: skip
+            copy, question = divmod(number[row["index"]], COPY_STRIDE)
+            for k in range(1 if rotations_given else len(options)):
                 shown = rotate(options, k)
-                meta = {"index": row["index"], "pass": k, "options": shown,
+                meta = {"index": str(question), "pass": copy + k, "options": shown,
+                        "row": row["index"] if k == 0 else None,
                         "category": row.get("category", ""),
                         "l2_category": row.get("l2-category", ""),
                         "answer": None if answer is None
                         else LETTERS[(LETTERS.index(answer) - k) % len(options)]}  # fmt: skip
                 text = prompt_text(row, shown, chinese=split.endswith("_cn"))
-                samples.append(Sample(f"{row['index']}/{k}", text, (data,), meta))
+                samples.append(Sample(f"{question}/{copy + k}", text, (data,), meta))
         return samples
 
     def score(self, samples, predictions, ctx: ScoreContext) -> Report:
         letters = {s.question_id: option_letter(predictions[s.question_id], s.meta["options"])
                    for s in samples}  # fmt: skip
         unparsed = sum(v is None for v in letters.values())
-        first = [s for s in samples if s.meta["pass"] == 0]
         if any(s.meta["answer"] is None for s in samples):
             path = ctx.out_dir / f"mmbench_{ctx.split}_submission.tsv"
             with open(path, "w", encoding="utf-8", newline="") as f:
                 w = csv.writer(f, delimiter="\t")
                 w.writerow(["index", "question", *LETTERS[:4], "prediction"])
-                for s in first:
-                    opts = (s.meta["options"] + [""] * 4)[:4]
-                    w.writerow([s.meta["index"], s.text, *opts, letters[s.question_id] or ""])
+                for s in samples:
+                    if s.meta["row"] is not None:  # a row of the TSV, asked as given
+                        opts = (s.meta["options"] + [""] * 4)[:4]
+                        w.writerow([s.meta["row"], s.text, *opts, letters[s.question_id] or ""])
             return Report({"submission": str(path), "unparsed": unparsed},
                           [Table(["split", "submission"], [[ctx.split, str(path)]])])  # fmt: skip
         passes: dict[str, list[bool]] = defaultdict(list)
+        meta: dict[str, dict] = {}
         for s in samples:
             passes[s.meta["index"]].append(letters[s.question_id] == s.meta["answer"])
-        meta = {s.meta["index"]: s.meta for s in first}
+            meta.setdefault(s.meta["index"], s.meta)  # one question, counted once
         circular = circular_accuracy(passes)
-        single = percent(passes[i][0] for i in passes)
+        single = percent(letters[s.question_id] == s.meta["answer"] for s in samples
+                         if s.meta["pass"] == 0)  # fmt: skip
         by: dict[str, dict[str, float | None]] = {}
         for key in ("category", "l2_category"):
             groups: dict[str, dict[str, list[bool]]] = defaultdict(dict)
@@ -119,11 +135,18 @@ class MMBench(Task):
                 groups[meta[i][key]][i] = oks
             by[key] = {g: circular_accuracy(v) for g, v in sorted(groups.items()) if g}
         metrics = {"circular_accuracy": circular, "first_pass_accuracy": single,
-                   "unparsed": unparsed, "by_category": by["category"],
-                   "by_l2_category": by["l2_category"]}  # fmt: skip
+                   "distinct_questions": len(passes), "unparsed": unparsed,
+                   "by_category": by["category"], "by_l2_category": by["l2_category"]}  # fmt: skip
         tables = [Table(["", "circular", "first pass"], [["accuracy", circular, single]])]
         if by["l2_category"]:
             tables.append(
                 Table(["l2-category", "circular"], [[k, v] for k, v in by["l2_category"].items()])
             )
         return Report(metrics, tables)
+
+
+def _row_number(path: Path, row: dict[str, str]) -> int:
+    try:
+        return int(row["index"])
+    except ValueError:
+        raise EvalDataError(f"{path}: index {row['index']!r} is not a number") from None
