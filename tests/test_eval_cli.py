@@ -222,6 +222,12 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "testdev_balanced_questions.json: not found" in proc.stderr
     proc = cli("eval", "gqa", "--data", tmp_path, "--split", "nope")
     assert proc.returncode == 2 and "unknown split 'nope'" in proc.stderr
+    (tmp_path / "testdev_balanced_questions.json").write_text("[]")  # the wrong shape
+    proc = cli("eval", "gqa", "--data", tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"llava-jax: error: {tmp_path}/testdev_balanced_questions.json: expected a JSON object; "
+        "got a list"
+    ]
 
 
 def test_suite_runs_every_benchmark_found(pipeline, tmp_path):

@@ -79,6 +79,39 @@ def test_context_and_boxes(coco):
     assert contexts[1].boxes == ()
 
 
+@pytest.mark.parametrize(
+    "file, change, message",
+    [
+        ("captions.json", lambda d: d["annotations"][0].pop("caption"),
+         ": annotations[0]: missing field(s) caption"),
+        ("instances.json", lambda d: d["annotations"][1].update(image_id=99),
+         ": annotations[1]: no image with id 99"),
+        ("instances.json", lambda d: d["annotations"][0].update(category_id=5),
+         ": annotations[0]: no category with id 5"),
+        ("instances.json", lambda d: d.update(categories={"18": "dog"}),
+         " (a COCO annotation file): field 'categories' should be a list; got a JSON object"),
+    ],
+)  # fmt: skip
+def test_a_coco_file_of_the_wrong_shape_is_one_line_naming_it(coco, file, change, message):
+    path = coco[0].with_name(file)
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as error:
+        load_contexts(*coco)
+    assert str(error.value) == f"{path}{message}"
+
+
+def test_cli_a_captions_file_that_is_a_list_is_one_line(coco, tmp_path):
+    coco[0].write_text("[]")
+    proc = cli("instruct", "--captions", coco[0], "--type", "conversation", "--out",
+               tmp_path / "x.jsonl", "--model", "m")  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"llava-jax: error: {coco[0]} (a COCO annotation file): expected a JSON object with "
+        "'images', 'annotations'; got a list"
+    ]
+
+
 def test_messages_follow_the_paper():
     few = load_few_shot("conversation")
     messages = build_messages(few, "CONTEXT")

@@ -25,10 +25,10 @@ class GQA(Task):
     default_split = "testdev_balanced"
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
-        questions = read_json(data_dir / f"{split}_questions.json")
+        path = data_dir / f"{split}_questions.json"
         samples = []
-        for qid, q in questions.items():
-            require(q, ("imageId", "question"), f"GQA question {qid}")
+        for qid, q in read_json(path, dict).items():
+            require(q, ("imageId", "question"), f"{path}: question {qid}")
             meta = {"answer": q.get("answer"), "types": q.get("types") or {}}
             text = f"<image>\n{q['question']}\n{SHORT_ANSWER_PROMPT}"
             samples.append(Sample(str(qid), text, (data_dir / "images" / f"{q['imageId']}.jpg",),

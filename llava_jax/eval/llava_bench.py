@@ -36,9 +36,8 @@ from llava_jax.eval.task import (
     Table,
     Task,
     read_jsonl,
-    require,
+    records,
 )
-from llava_jax.instruct.coco import context_text
 
 JUDGE_SYSTEM = "You are a careful, impartial assistant who rates the quality of answers."
 # Paraphrases the rule of LLaVA's judge (llava/eval/table/rule.json): the four criteria,
@@ -53,6 +52,7 @@ JUDGE_RULE = (
     "which the answers appear sway you."
 )
 CATEGORIES = ("conv", "detail", "complex")
+QUESTION_FIELDS = ("question_id", "image", "text", "category")
 JUDGE_PARAMS = {"temperature": 0.2, "max_tokens": 1024}
 
 
@@ -81,20 +81,27 @@ class LlavaBench(Task):
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
         if split == "coco":
-            questions = read_jsonl(data_dir / "qa90_questions.jsonl")
-            answers = read_jsonl(data_dir / "qa90_gpt4_answer.jsonl")
+            # Imported here: instruct.coco uses eval.layout, so a module-level import would
+            # make the two packages import each other.
+            from llava_jax.instruct.coco import context_text
+
+            questions = read_jsonl(data_dir / "qa90_questions.jsonl", QUESTION_FIELDS)
+            answers = read_jsonl(data_dir / "qa90_gpt4_answer.jsonl", ("question_id", "text"))
+            path = data_dir / "caps_boxes_coco2014_val_80.jsonl"
             contexts = {}
-            for c in read_jsonl(data_dir / "caps_boxes_coco2014_val_80.jsonl"):
-                boxes = [(i["category"], i["bbox"]) for i in c.get("instances", [])]
+            for c in read_jsonl(path, ("image", "captions")):
+                instances = records(c.get("instances", []), ("category", "bbox"),
+                                    f"{path}: image {c['image']}: instances")  # fmt: skip
+                boxes = [(i["category"], i["bbox"]) for i in instances]
                 contexts[c["image"]] = context_text(c["captions"], boxes)
         else:
-            questions = read_jsonl(data_dir / "questions.jsonl")
-            answers = read_jsonl(data_dir / "answers_gpt4.jsonl")
-            contexts = {c["image"]: c["caption"] for c in read_jsonl(data_dir / "context.jsonl")}
+            questions = read_jsonl(data_dir / "questions.jsonl", QUESTION_FIELDS)
+            answers = read_jsonl(data_dir / "answers_gpt4.jsonl", ("question_id", "text"))
+            rows = read_jsonl(data_dir / "context.jsonl", ("image", "caption"))
+            contexts = {c["image"]: c["caption"] for c in rows}
         reference = {str(a["question_id"]): a["text"] for a in answers}
         samples = []
         for q in questions:
-            require(q, ("question_id", "image", "text", "category"), "a LLaVA-Bench question")
             qid = str(q["question_id"])
             if qid not in reference or q["image"] not in contexts:
                 raise EvalDataError(f"{data_dir}: question {qid} has no reference answer or "

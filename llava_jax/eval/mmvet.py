@@ -46,8 +46,9 @@ class MMVet(Task):
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
         samples = []
-        for qid, q in read_json(data_dir / "mm-vet.json").items():
-            require(q, ("imagename", "question", "answer"), f"MM-Vet question {qid}")
+        path = data_dir / "mm-vet.json"
+        for qid, q in read_json(path, dict).items():
+            require(q, ("imagename", "question", "answer"), f"{path}: question {qid}")
             meta = {"question": q["question"], "answer": q["answer"],
                     "capability": list(q.get("capability", []))}  # fmt: skip
             samples.append(Sample(qid, f"<image>\n{q['question']}",

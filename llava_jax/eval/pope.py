@@ -24,7 +24,6 @@ from llava_jax.eval.task import (
     Table,
     Task,
     read_jsonl,
-    require,
 )
 
 CATEGORIES = ("adversarial", "popular", "random")
@@ -42,8 +41,7 @@ class POPE(Task):
             path = data_dir / f"coco_pope_{category}.json"
             if not path.is_file() and (data_dir / "coco" / path.name).is_file():
                 path = data_dir / "coco" / path.name
-            for q in read_jsonl(path):
-                require(q, ("question_id", "image", "text", "label"), f"{path}")
+            for q in read_jsonl(path, ("question_id", "image", "text", "label")):
                 if q["label"] not in ("yes", "no"):
                     raise EvalDataError(f"{path}: label {q['label']!r} is not yes or no")
                 text = f"<image>\n{q['text']}\n{SHORT_ANSWER_PROMPT}"

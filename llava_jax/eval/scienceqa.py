@@ -25,6 +25,7 @@ from llava_jax.eval.task import (
     ScoreContext,
     Table,
     Task,
+    check_layout,
     read_json,
     require,
 )
@@ -76,20 +77,20 @@ class ScienceQA(Task):
     max_new_tokens = 128
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
-        problems = read_json(data_dir / "problems.json")
-        splits = read_json(data_dir / "pid_splits.json")
+        problems_path, splits_path = data_dir / "problems.json", data_dir / "pid_splits.json"
+        problems = read_json(problems_path, dict)
         part = "test" if split == "img" else split
-        if part not in splits:
-            raise EvalDataError(f"{data_dir / 'pid_splits.json'}: no split {part!r}")
+        splits = read_json(splits_path, {part: list})
         images = data_dir / "images" / part
         if not images.is_dir() and (data_dir / part).is_dir():
             images = data_dir / part
         samples = []
         for pid in splits[part]:
             if pid not in problems:
-                raise EvalDataError(f"{data_dir / 'problems.json'}: no problem {pid}")
-            p = problems[pid]
-            require(p, ("question", "choices", "answer", "subject", "grade"), f"problem {pid}")
+                raise EvalDataError(f"{problems_path}: no problem {pid}")
+            where = f"{problems_path}: problem {pid}"
+            p = require(problems[pid], ("question", "choices", "answer", "subject", "grade"), where)
+            check_layout(p["choices"], list, f"{where}: choices")
             image = p.get("image") or None
             if split == "img" and not image:
                 continue

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_jax.eval.layout import Layout, check_layout, records, require
+
 
 class EvalDataError(ValueError):
     """A benchmark directory that does not hold the published layout (printed as one line)."""
@@ -107,30 +109,47 @@ class Task:
         raise NotImplementedError
 
 
-def read_json(path: Path) -> Any:
-    """JSON from a benchmark file, with one-line errors that name the file."""
+# -- reading a benchmark's files ----------------------------------------------------------------
+#
+# Each loader says what layout it expects where it reads a file (`read_json(path, {"data":
+# list})`, `read_jsonl(path, fields)`, `records(...)`, `require(...)`, from `layout`), so that a
+# file of the wrong shape is one line naming the file, the place and what was found.
+
+
+def read_json(path: Path, expect: Layout | None = None) -> Any:
+    """JSON from a benchmark file, with one-line errors that name the file.
+
+    Args:
+      path: the file.
+      expect: its layout (see `check_layout`); None: anything.
+    """
     if not path.is_file():
         raise EvalDataError(f"{path}: not found (see docs/evaluation.md for the layout)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+    if expect is not None:
+        check_layout(data, expect, str(path))
+    return data
 
 
-def read_jsonl(path: Path) -> list[Any]:
-    """JSON Lines (blank lines skipped). Also accepts a file holding one JSON list."""
+def read_jsonl(path: Path, keys: Sequence[str] = ()) -> list[dict]:
+    """JSON Lines of objects holding `keys` (blank lines skipped). Also accepts a file holding
+    one JSON list."""
     if not path.is_file():
         raise EvalDataError(f"{path}: not found (see docs/evaluation.md for the layout)")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return read_json(path)
+        return records(read_json(path), keys, str(path))
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError as e:
                 raise EvalDataError(f"{path}:{number}: not valid JSON ({e})") from None
+            rows.append(require(row, keys, f"{path}:{number}"))
     return rows
 
 
@@ -152,9 +171,3 @@ def find_image(path: Path) -> Path:
     if not path.is_file():
         raise EvalDataError(f"{path}: image not found (see docs/evaluation.md for the layout)")
     return path
-
-
-def require(record: dict, keys: Sequence[str], where: str) -> None:
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)}")

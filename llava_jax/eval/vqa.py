@@ -23,7 +23,7 @@ from llava_jax.eval.task import (
     Table,
     Task,
     read_json,
-    require,
+    records,
 )
 
 VIZWIZ_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -68,21 +68,23 @@ class VQAv2(Task):
         return "test2015" if split.startswith("test") else split
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
-        questions = read_json(data_dir / f"v2_OpenEnded_mscoco_{split}_questions.json")
+        questions_path = data_dir / f"v2_OpenEnded_mscoco_{split}_questions.json"
+        questions = read_json(questions_path, {"questions": list})["questions"]
         annotations_path = data_dir / f"v2_mscoco_{split}_annotations.json"
         truth = {}
         if annotations_path.is_file():
-            for a in read_json(annotations_path)["annotations"]:
-                truth[a["question_id"]] = a
+            annotations = read_json(annotations_path, {"annotations": list})["annotations"]
+            where = f"{annotations_path}: annotations"
+            for i, a in enumerate(records(annotations, ("question_id", "answers"), where)):
+                answers = records(a["answers"], ("answer",), f"{where}[{i}].answers")
+                truth[a["question_id"]] = ([x["answer"] for x in answers], a.get("answer_type"))
         folder = self.image_dir(split)
         samples = []
-        for q in questions["questions"]:
-            require(q, ("question_id", "image_id", "question"), "a VQAv2 question")
+        keys = ("question_id", "image_id", "question")
+        for q in records(questions, keys, f"{questions_path}: questions"):
             meta = {"question_id": q["question_id"]}
             if q["question_id"] in truth:
-                a = truth[q["question_id"]]
-                meta["answers"] = [x["answer"] for x in a["answers"]]
-                meta["answer_type"] = a.get("answer_type")
+                meta["answers"], meta["answer_type"] = truth[q["question_id"]]
             image = data_dir / folder / f"COCO_{folder}_{int(q['image_id']):012d}.jpg"
             text = _prompt(q["question"], SHORT_ANSWER_PROMPT)
             samples.append(Sample(str(q["question_id"]), text, (image,), meta))
@@ -99,7 +101,8 @@ class VQAv2(Task):
         if ctx.split == "test-dev2015" and all_test.is_file():
             # The EvalAI test-dev phase takes answers for every test2015 question.
             rows += [{"question_id": q["question_id"], "answer": ""}
-                     for q in read_json(all_test)["questions"]
+                     for q in records(read_json(all_test, {"questions": list})["questions"],
+                                      ("question_id",), f"{all_test}: questions")
                      if q["question_id"] not in submitted]  # fmt: skip
         path = ctx.out_dir / f"vqav2_{ctx.split}_submission.json"
         _write(path, rows)
@@ -121,15 +124,17 @@ class TextVQA(Task):
     default_split = "val"
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
-        data = read_json(data_dir / f"TextVQA_0.5.1_{split}.json")["data"]
+        path = data_dir / f"TextVQA_0.5.1_{split}.json"
+        data = read_json(path, {"data": list})["data"]
         folder = "test_images" if split == "test" else "train_images"
         ocr_path = data_dir / f"TextVQA_Rosetta_OCR_v0.2_{split}.json"
         ocr = None
         if ocr_path.is_file():
-            ocr = {r["image_id"]: r.get("ocr_tokens", []) for r in read_json(ocr_path)["data"]}
+            rows = records(read_json(ocr_path, {"data": list})["data"], ("image_id",),
+                           f"{ocr_path}: data")  # fmt: skip
+            ocr = {r["image_id"]: r.get("ocr_tokens", []) for r in rows}
         samples = []
-        for q in data:
-            require(q, ("question_id", "image_id", "question"), "a TextVQA question")
+        for q in records(data, ("question_id", "image_id", "question"), f"{path}: data"):
             meta = {"question_id": q["question_id"]}
             if q.get("answers"):
                 meta["answers"] = list(q["answers"])
@@ -160,13 +165,13 @@ class VizWiz(Task):
     default_split = "val"
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
-        data = read_json(data_dir / "Annotations" / f"{split}.json")
+        path = data_dir / "Annotations" / f"{split}.json"
         samples = []
-        for q in data:
-            require(q, ("image", "question"), "a VizWiz question")
+        for i, q in enumerate(records(read_json(path, list), ("image", "question"), str(path))):
             meta = {"image": q["image"]}
             if q.get("answers"):
-                meta["answers"] = [a["answer"] for a in q["answers"]]
+                answers = records(q["answers"], ("answer",), f"{path}[{i}].answers")
+                meta["answers"] = [a["answer"] for a in answers]
                 meta["answer_type"] = q.get("answer_type")
             text = _prompt(q["question"], VIZWIZ_PROMPT, SHORT_ANSWER_PROMPT)
             samples.append(Sample(Path(q["image"]).stem, text, (data_dir / split / q["image"],),

@@ -12,6 +12,9 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from llava_jax.eval.layout import Layout, check_layout, records
 
 
 class AnnotationError(ValueError):
@@ -35,7 +38,7 @@ def context_text(captions: Sequence[str], boxes: Sequence[tuple[str, Sequence[fl
     return text
 
 
-def _read(path: str | os.PathLike, keys: Sequence[str]) -> dict:
+def _read(path: str | os.PathLike, expect: Layout) -> dict:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -43,10 +46,20 @@ def _read(path: str | os.PathLike, keys: Sequence[str]) -> dict:
         raise AnnotationError(f"{path}: not found") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise AnnotationError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise AnnotationError(f"{path}: not a COCO annotation file (no {', '.join(missing)})")
+    check_layout(data, expect, f"{path} (a COCO annotation file)")
     return data
+
+
+def _image_sizes(images: list, where: str) -> dict[int, tuple[int, int]]:
+    rows = records(images, ("id", "file_name", "width", "height"), where)
+    return {im["id"]: (im["width"], im["height"]) for im in rows}
+
+
+def _lookup(table: dict, key: Any, where: str, kind: str) -> Any:
+    """`table[key]`, or a one-line error: an id that refers to no image / category."""
+    if key not in table:
+        raise AnnotationError(f"{where}: no {kind} with id {key!r}")
+    return table[key]
 
 
 def normalise_box(bbox: Sequence[float], width: int, height: int) -> tuple[float, ...]:
@@ -65,21 +78,25 @@ def load_contexts(
       captions: a COCO `captions_*.json`.
       instances: a COCO `instances_*.json` of the same images (None: no boxes).
     """
-    caps = _read(captions, ("images", "annotations"))
+    caps = _read(captions, {"images": list, "annotations": list})
+    sizes = _image_sizes(caps["images"], f"{captions}: images")
     by_image: dict[int, list[str]] = defaultdict(list)
-    for a in caps["annotations"]:
+    where = f"{captions}: annotations"
+    for i, a in enumerate(records(caps["annotations"], ("image_id", "caption"), where)):
+        _lookup(sizes, a["image_id"], f"{where}[{i}]", "image")
         by_image[a["image_id"]].append(" ".join(str(a["caption"]).split()))
     boxes: dict[int, list] = defaultdict(list)
-    sizes = {im["id"]: (im["width"], im["height"]) for im in caps["images"]}
     if instances is not None:
-        inst = _read(instances, ("images", "annotations", "categories"))
-        names = {c["id"]: c["name"] for c in inst["categories"]}
-        sizes.update({im["id"]: (im["width"], im["height"]) for im in inst["images"]})
-        for a in inst["annotations"]:
-            width, height = sizes[a["image_id"]]
-            boxes[a["image_id"]].append(
-                (names[a["category_id"]], normalise_box(a["bbox"], width, height))
-            )
+        inst = _read(instances, {"images": list, "annotations": list, "categories": list})
+        sizes.update(_image_sizes(inst["images"], f"{instances}: images"))
+        where = f"{instances}: categories"
+        names = {c["id"]: c["name"] for c in records(inst["categories"], ("id", "name"), where)}
+        where = f"{instances}: annotations"
+        keys = ("image_id", "category_id", "bbox")
+        for i, a in enumerate(records(inst["annotations"], keys, where)):
+            width, height = _lookup(sizes, a["image_id"], f"{where}[{i}]", "image")
+            name = _lookup(names, a["category_id"], f"{where}[{i}]", "category")
+            boxes[a["image_id"]].append((name, normalise_box(a["bbox"], width, height)))
     return [
         ImageContext(im["id"], im["file_name"], tuple(by_image[im["id"]]),
                      tuple(boxes.get(im["id"], ())))
