@@ -392,6 +392,27 @@ def test_a_llava_bench_context_without_caption_names_its_line(tmp_path):
         TASKS["llava-bench"]().samples(data, "wild")
 
 
+def test_missing_images_stop_before_the_model_loads(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+
+    def load():
+        raise AssertionError("the model must not be loaded")
+
+    (data / "images/n2.jpg").unlink()
+    with pytest.raises(EvalDataError) as error:
+        evaluate(TASKS["gqa"](), data, tmp_path / "out", load, echo=lambda m: None)
+    assert str(error.value) == (
+        f"{data / 'images/n2.jpg'}: image not found (1 of 2 images missing; see "
+        "docs/evaluation.md for the layout)"
+    )
+    (data / "images/n1.jpg").unlink()
+    (data / "images").rmdir()
+    with pytest.raises(
+        EvalDataError, match=re.escape(f"{data / 'images'}: no such folder (2 of 2")
+    ):
+        evaluate(TASKS["gqa"](), data, tmp_path / "out", load, echo=lambda m: None)
+
+
 def test_limit(tmp_path):
     data = fx.make_gqa(tmp_path / "gqa")
     _, m = run("gqa", data, tmp_path / "out", {"201": "yes"}, limit=1)

@@ -23,6 +23,7 @@ from llava_jax.eval.task import (
     Sample,
     ScoreContext,
     Task,
+    check_images,
     drop_partial_line,
 )
 
@@ -178,6 +179,7 @@ def evaluate(
             raise EvalDataError(
                 f"{len(pending)} questions have no answer in {out.path}; pass --model to answer"
             )
+        check_images(pending)
         generate_answers(load_pipeline(), pending, out, batch_size,
                          max_new_tokens or task.max_new_tokens, echo)  # fmt: skip
         done = out.load()

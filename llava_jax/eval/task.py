@@ -167,7 +167,16 @@ def drop_partial_line(path: Path) -> bytes:
     return data
 
 
-def find_image(path: Path) -> Path:
-    if not path.is_file():
-        raise EvalDataError(f"{path}: image not found (see docs/evaluation.md for the layout)")
-    return path
+def check_images(samples: Sequence[Sample]) -> None:
+    """Stops with one line when an image file of `samples` is missing (before any model is
+    loaded): the topmost missing folder, else the first missing file, and how many are."""
+    paths = {ref for s in samples for ref in s.images if isinstance(ref, Path)}
+    missing = sorted(p for p in paths if not p.is_file())
+    if not missing:
+        return
+    top = missing[0]
+    while not top.parent.is_dir():
+        top = top.parent
+    what = "image not found" if top == missing[0] else "no such folder"
+    raise EvalDataError(f"{top}: {what} ({len(missing)} of {len(paths)} images missing; see "
+                        "docs/evaluation.md for the layout)")  # fmt: skip
