@@ -268,9 +268,17 @@ def test_cli_suite_scores_without_a_model(tmp_path):
     (out / "gqa-testdev_balanced/predictions.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows)
     )
+    fx.make_vizwiz(root / "vizwiz")
+    (out / "vizwiz-val").mkdir()
+    rows = [{"question_id": f"VizWiz_val_0000000{i}", "answer": a}
+            for i, a in enumerate(("Unanswerable", "white", "unanswerable"))]  # fmt: skip
+    (out / "vizwiz-val/predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = cli("eval", "llava-1.5", "--data", root, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    header, _, values = proc.stdout.splitlines()[:3]
+    header, _, values, _, note = proc.stdout.splitlines()[:5]
     assert header.split()[:3] == ["VQAv2", "GQA", "VizWiz"]
-    assert values.split()[:3] == ["-", "66.67", "-"]
-    assert json.loads((out / "suite.json").read_text())["scores"]["GQA"] == pytest.approx(200 / 3)
+    assert values.split()[:3] == ["-", "66.67", "63.33"]  # VizWiz: (1 + 0.9 + 0) / 3
+    assert note.startswith("VizWiz: the val split; LLaVA-1.5 reports test-dev")
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["scores"]["GQA"] == pytest.approx(200 / 3)
+    assert suite["notes"]["VizWiz"].startswith("the val split")

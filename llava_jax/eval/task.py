@@ -61,13 +61,18 @@ def _cell(value: Any) -> str:
 
 @dataclasses.dataclass
 class Report:
-    """The outcome of scoring: metrics (written to metrics.json) and the table to print."""
+    """The outcome of scoring: metrics (written to metrics.json), the tables to print and
+    notes printed under them."""
 
     metrics: dict[str, Any]
     tables: list[Table]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def format(self) -> str:
-        return "\n\n".join(t.format() for t in self.tables)
+        text = "\n\n".join(t.format() for t in self.tables)
+        if self.notes:
+            text += "\n\n" + "\n".join(self.notes)
+        return text
 
 
 @dataclasses.dataclass
