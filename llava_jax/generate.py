@@ -7,7 +7,8 @@ is what lets tokens stream out and stop strings end a row; the step donates the 
 is updated in place.
 
 Sampling follows transformers' logits processors, in their order: repetition penalty,
-temperature, top-k, top-p; temperature 0 is greedy.
+temperature, top-k, top-p; temperature 0 is greedy. Every setting is per row and traced, and
+every row draws with its own key, so requests with different settings share a batch.
 """
 
 from __future__ import annotations
@@ -87,29 +88,45 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // 256) * 256
 
 
-def _sample(logits, key, seen, knobs, *, greedy: bool, top_k: int):
+def warp(logits, seen, knobs):
+    """HF's logits processors, per row: float32[B, V] -> float32[B, V], -inf where dropped.
+
+    `knobs` holds one value per row (float32[B] temperature, repetition_penalty and
+    top_p_tail = 1 - top_p, subtracted in float64 as transformers does; int32[B] top_k), all
+    traced: a batch may mix settings and none of them recompiles.
+    Order and rules as transformers: repetition penalty on the tokens `seen` (prompt and
+    answer so far), temperature, top-k (keep logits >= the k-th largest, ties kept; 0 = off),
+    top-p (drop the low tail whose mass is <= 1 - top_p, keep at least one token).
+    """
+    penalty = knobs["repetition_penalty"][:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits / knobs["temperature"][:, None]
+    vocab = logits.shape[-1]
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    k = jnp.clip(knobs["top_k"], 0, vocab)[:, None]
+    kth = jnp.take_along_axis(ranked, vocab - jnp.maximum(k, 1), axis=-1)
+    ranked = jnp.where((k > 0) & (ranked < kth), -jnp.inf, ranked)  # still ascending
+    tail = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1) <= knobs["top_p_tail"][:, None]
+    ranked = jnp.where(tail.at[:, -1].set(False), -jnp.inf, ranked)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros_like(logits).at[rows, order].set(ranked)
+
+
+def _sample(logits, keys, seen, knobs, *, greedy: bool):
     """float32[B, V] logits -> int32[B] tokens, as HF's logits processors and samplers do.
 
-    `knobs` holds the float settings as traced scalars (changing them does not recompile);
-    only the greedy switch and top_k (a shape) are static.
+    `greedy` (static) is True when every row is greedy; otherwise rows with `knobs["greedy"]`
+    take the argmax and the others draw from `warp`'s logits with their own key (typed
+    key[B]), so a row's sample depends on its seed, not on the rows batched with it.
     """
-    penalty = knobs["repetition_penalty"]
-    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    logits = jnp.where(seen, penalised, logits)
+    penalty = knobs["repetition_penalty"][:, None]
+    penalised = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+    best = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / knobs["temperature"]
-    if top_k:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    # HF TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p, keep >= 1 token.
-    order = jnp.argsort(logits, axis=-1)  # ascending
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    tail = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1 - knobs["top_p"]
-    tail = tail.at[:, -1].set(False)
-    drop = jnp.zeros_like(tail).at[jnp.arange(tail.shape[0])[:, None], order].set(tail)
-    logits = jnp.where(drop, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return best
+    drawn = jax.vmap(jax.random.categorical)(keys, warp(logits, seen, knobs)).astype(jnp.int32)
+    return jnp.where(knobs["greedy"], best, drawn)
 
 
 class Generator:
@@ -124,14 +141,14 @@ class Generator:
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.decode = decode
-        static = ("greedy", "top_k")
+        static = ("greedy",)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=static)
         self._step = jax.jit(self._step_fn, static_argnames=static, donate_argnums=(1,))
 
     # -- the two compiled programs ---------------------------------------------------------
 
-    def _prefill_fn(self, state, cache, ids, positions, segment, pixels, taps, weights, key,
-                    knobs, greedy, top_k):  # fmt: skip
+    def _prefill_fn(self, state, cache, ids, positions, segment, pixels, taps, weights, keys,
+                    knobs, greedy):  # fmt: skip
         model = nnx.merge(self.graphdef, state)
         out = model.hidden_states(
             ids, pixel_values=pixels, taps=taps, tap_weights=weights, positions=positions,
@@ -141,17 +158,18 @@ class Generator:
         vocab = logits.shape[-1]
         seen = jnp.zeros((ids.shape[0], vocab), bool)
         seen = seen.at[jnp.arange(ids.shape[0])[:, None], ids].max(segment > 0)
-        token = _sample(logits, jax.random.fold_in(key, 0), seen, knobs, greedy=greedy, top_k=top_k)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+        token = _sample(logits, keys, seen, knobs, greedy=greedy)
         return token, out.cache, seen.at[jnp.arange(ids.shape[0]), token].set(True)
 
-    def _step_fn(self, state, cache, token, position, seen, key, step, knobs, greedy, top_k):
+    def _step_fn(self, state, cache, token, position, seen, keys, step, knobs, greedy):
         model = nnx.merge(self.graphdef, state)
         ones = jnp.ones_like(token)[:, None]
         out = model.hidden_states(token[:, None], positions=position[:, None], segment_ids=ones,
                                   cache=cache)  # fmt: skip
         logits = model.language_model.logits(out.hidden)[:, 0]
-        key = jax.random.fold_in(key, step)
-        token = _sample(logits, key, seen, knobs, greedy=greedy, top_k=top_k)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        token = _sample(logits, keys, seen, knobs, greedy=greedy)
         return token, out.cache, seen.at[jnp.arange(token.shape[0]), token].set(True)
 
     # -- host side -------------------------------------------------------------------------
@@ -196,42 +214,51 @@ class Generator:
     def generate(
         self,
         prompts: Sequence[Prompt],
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[Generation]:
         """Generates a continuation for every prompt.
 
         Args:
           prompts: the prompts, of any lengths and numbers of images.
-          sampling: decoding settings.
+          sampling: decoding settings for every prompt, or one per prompt (a row's tokens
+            then depend only on its own prompt and settings, seed included, not on the rows
+            batched with it).
           on_token: called as `on_token(row, token_id)` for each new token, for streaming.
 
         Returns:
           One `Generation` per prompt.
         """
-        ids, positions, segment, pixels, taps, weights, cache_len, lengths = self._batch(
-            prompts, sampling.max_new_tokens
-        )
         b = len(prompts)
+        rows = [sampling] * b if isinstance(sampling, SamplingConfig) else list(sampling)
+        if len(rows) != b:
+            raise ValueError(f"{len(rows)} sampling settings for {b} prompts")
+        most_new = max(r.max_new_tokens for r in rows)
+        ids, positions, segment, pixels, taps, weights, cache_len, lengths = self._batch(
+            prompts, most_new
+        )
         cache = KVCache.init(self.cfg.text, b, cache_len, self.cfg.dtype)
-        key = jax.random.key(sampling.seed)
+        keys = jax.vmap(jax.random.key)(np.array([r.seed % 2**32 for r in rows], np.uint32))
         knobs = {
-            "temperature": jnp.float32(sampling.temperature or 1.0),
-            "top_p": jnp.float32(sampling.top_p),
-            "repetition_penalty": jnp.float32(sampling.repetition_penalty),
+            "greedy": np.array([r.temperature == 0 for r in rows]),
+            "temperature": np.array([r.temperature or 1.0 for r in rows], np.float32),
+            "top_k": np.array([r.top_k for r in rows], np.int32),
+            "top_p_tail": np.array([1 - r.top_p for r in rows], np.float32),
+            "repetition_penalty": np.array([r.repetition_penalty for r in rows], np.float32),
         }
-        static = {"greedy": sampling.temperature == 0.0, "top_k": sampling.top_k}
+        greedy = bool(knobs["greedy"].all())
         start = time.perf_counter()
         token, cache, seen = self._prefill(
-            self.state, cache, ids, positions, segment, pixels, taps, weights, key, knobs, **static
-        )
+            self.state, cache, ids, positions, segment, pixels, taps, weights, keys, knobs,
+            greedy=greedy,
+        )  # fmt: skip
         position = positions[:, -1] + 1
         outputs: list[list[int]] = [[] for _ in range(b)]
         reasons = [""] * b
         # The decode rate is timed from the second token on, so that a first call's compile of
         # the decode step is not counted as decoding.
         first_token_at = decode_start = None
-        for step in range(1, sampling.max_new_tokens + 1):
+        for step in range(1, most_new + 1):
             host_tokens = np.asarray(token)
             if step == 1:
                 first_token_at = time.perf_counter()
@@ -243,11 +270,11 @@ class Generator:
                 outputs[row].append(int(host_tokens[row]))
                 if on_token is not None:
                     on_token(row, int(host_tokens[row]))
-                reasons[row] = self._finished(outputs[row], sampling)
-            if all(reasons) or step == sampling.max_new_tokens:
+                reasons[row] = self._finished(outputs[row], rows[row])
+            if all(reasons):
                 break
             token, cache, seen = self._step(
-                self.state, cache, token, position, seen, key, step, knobs, **static
+                self.state, cache, token, position, seen, keys, step, knobs, greedy=greedy
             )
             position = position + 1
         end = time.perf_counter()
@@ -257,7 +284,7 @@ class Generator:
             Generation(
                 token_ids=out,
                 prompt_tokens=n,
-                finish_reason=reason or "length",
+                finish_reason=reason,
                 time_to_first_token_s=first_token_at - start,
                 decode_tokens_per_s=rate,
             )
@@ -265,6 +292,7 @@ class Generator:
         ]
 
     def _finished(self, out: list[int], sampling: SamplingConfig) -> str:
+        """Why `out` ends: "stop" (a stop token or string), "length" (max_new_tokens) or ""."""
         if out[-1] in sampling.stop_token_ids:
             return "stop"
         if sampling.stop_strings and self.decode is not None:
@@ -274,4 +302,4 @@ class Generator:
             text = self.decode(out[-tail:])
             if any(s in text for s in sampling.stop_strings):
                 return "stop"
-        return ""
+        return "length" if len(out) >= sampling.max_new_tokens else ""

@@ -159,6 +159,49 @@ def test_sampling_is_reproducible_with_a_seed(models):
     assert any(o != first for o in others), "different seeds never changed the sample"
 
 
+def test_warp_matches_transformers_logits_processors_per_row():
+    """Each row's settings filter its logits exactly as transformers' processors (repetition
+    penalty, temperature, top-k, top-p, in that order) do for that row alone; ties included."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from llava_jax.generate import warp
+
+    rng = np.random.RandomState(11)
+    vocab = 64
+    logits = rng.randn(6, vocab).astype(np.float32)
+    logits[:, 10:14] = logits[:, 9:10]  # ties at the top-k and top-p cuts
+    seen_ids = rng.randint(0, vocab, size=(6, 5))
+    rows = [  # temperature, top_k, top_p, repetition_penalty
+        (1.0, 0, 1.0, 1.0), (0.7, 5, 1.0, 1.0), (1.3, 0, 0.8, 1.0),
+        (0.5, 3, 0.6, 1.4), (2.0, 64, 0.95, 0.8), (1.0, 1, 0.3, 1.0),
+    ]  # fmt: skip
+    seen = np.zeros((6, vocab), bool)
+    np.put_along_axis(seen, seen_ids, True, axis=1)
+    temperature, top_k, top_p, penalty = (np.array(col) for col in zip(*rows, strict=True))
+    knobs = {"temperature": temperature.astype(np.float32), "top_k": top_k.astype(np.int32),
+             "top_p_tail": (1 - top_p).astype(np.float32),
+             "repetition_penalty": penalty.astype(np.float32)}  # fmt: skip
+    ours = np.asarray(warp(jnp.asarray(logits), jnp.asarray(seen), knobs))
+    for i, (temperature, top_k, top_p, penalty) in enumerate(rows):
+        ids = torch.tensor(seen_ids[i : i + 1])
+        scores = torch.tensor(logits[i : i + 1])
+        scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
+        scores = TemperatureLogitsWarper(temperature)(ids, scores)
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(ids, scores)
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+        want = scores.numpy()[0]
+        kept = np.isfinite(want)
+        np.testing.assert_array_equal(np.isfinite(ours[i]), kept, err_msg=f"row {i}: kept set")
+        np.testing.assert_allclose(ours[i][kept], want[kept], rtol=1e-6, err_msg=f"row {i}")
+        assert 0 < kept.sum() < vocab or (top_k, top_p) in ((0, 1.0), (64, 0.95))
+
+
 def test_streaming_callback_sees_every_token(models):
     _, gen = models["llava"]
     prompt = Prompt(np.random.RandomState(7).randint(3, 140, size=6).astype(np.int32))
