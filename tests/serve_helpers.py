@@ -48,6 +48,7 @@ class LiveServer:
     """Runs an ASGI app with uvicorn in a thread on a free port of 127.0.0.1."""
 
     def __init__(self, app):
+        self.app = app
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

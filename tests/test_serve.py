@@ -37,6 +37,21 @@ QUESTIONS = ["What is in the picture?", "Describe the image.", "What colour is i
              "What is it?", "How many?"]  # fmt: skip
 
 
+_APPS = {}  # url -> the app behind it
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _server_of(url: str):
+    """The server state behind a live URL (its scheduler, for its counters)."""
+    return _APPS[url].state.server
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp("serve"))
@@ -58,6 +73,7 @@ def serve(pipeline):
         if key not in servers:
             cfg = ServeConfig(model_name=MODEL, **overrides)
             servers[key] = LiveServer(create_app(pipeline, cfg))
+            _APPS[servers[key].url] = servers[key].app
         return servers[key].url
 
     yield start
@@ -229,6 +245,53 @@ def test_eight_concurrent_requests_batch_and_match_sequential(serve):
     assert (health["requests"], health["batches"], health["largest_batch"]) == (8, 1, 8)
 
 
+# Greedy and sampled rows with every kind of setting, each its own seed.
+MIXED = [dict(temperature=0), dict(temperature=1.5, seed=1), dict(temperature=1.5, seed=2),
+         dict(temperature=1.0, top_k=3, seed=1), dict(temperature=0.7, top_p=0.8, seed=4),
+         dict(temperature=1.2, top_k=5, top_p=0.9, seed=5), dict(temperature=0, top_k=7),
+         dict(temperature=1.5, seed=1, repetition_penalty=1.3)]  # fmt: skip
+
+
+def settings(**kw) -> dict:
+    """OpenAI client arguments; top_k and repetition_penalty travel in extra_body."""
+    extra = {k: kw.pop(k) for k in ("top_k", "repetition_penalty") if k in kw}
+    return {**kw, "extra_body": extra} if extra else kw
+
+
+def ask_with(url: str, i: int) -> str:
+    out = client(url).chat.completions.create(
+        model=MODEL, messages=[user(QUESTIONS[i], seed=i)], max_tokens=NEW, **settings(**MIXED[i])
+    )
+    return out.choices[0].message.content
+
+
+def test_any_mix_of_settings_shares_a_batch_and_matches_alone(serve):
+    """A row's sample depends on its own request (seed included), not on its batch-mates."""
+    alone = [ask_with(serve(), i) for i in range(8)]
+    url = serve(batch_wait_s=5.0, batch_window_s=5.0)  # a batch waits to be full (or 5 s)
+    stats = _server_of(url).scheduler.stats
+    before = stats["requests"], stats["batches"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(functools.partial(ask_with, url), range(8)))
+    assert together == alone
+    assert (stats["requests"] - before[0], stats["batches"] - before[1]) == (8, 1)
+    # Rows 1 and 7 share seed 1 and temperature; the penalty is what sets them apart.
+    assert len(set(alone)) > 4, "too few distinct answers: the test could not tell rows apart"
+
+
+def test_no_sampling_setting_compiles_a_new_program(serve, pipeline):
+    url = serve()
+    ask_with(url, 1)  # sampled, greedy and padded rows of this bucket are compiled now
+    ask(url, 0)
+    programs = (pipeline.generator._prefill._cache_size(), pipeline.generator._step._cache_size())
+    for kw in (dict(temperature=0.3, top_k=11, seed=123), dict(temperature=2.0, top_k=999,
+               top_p=0.5, seed=-4), dict(temperature=0, top_k=12345)):  # fmt: skip
+        client(url).chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])],
+                                            max_tokens=NEW, **settings(**kw))  # fmt: skip
+    now = (pipeline.generator._prefill._cache_size(), pipeline.generator._step._cache_size())
+    assert now == programs
+
+
 def test_bad_requests_among_good_ones(serve):
     """Concurrent good and bad requests: each bad one gets its 400, each good one its answer."""
     url = serve(max_batch=1)  # batch size 1 was compiled already
@@ -296,6 +359,12 @@ def _bad_requests():
         "malformed-json": (None, b'{"model": ', 400, "invalid_request"),
         "not-an-object": ([1, 2], None, 400, "invalid_request"),
         "no-messages": ({"model": MODEL}, None, 400, "invalid_request"),
+        "include-usage-not-bool": (
+            {**good, "stream": True, "stream_options": {"include_usage": "no"}},
+            None,
+            400,
+            "invalid_request",
+        ),  # fmt: skip
         "bad-role": (
             {**good, "messages": [{"role": "tool", "content": "x"}]},
             None,
@@ -482,13 +551,61 @@ def test_api_key(serve):
     assert urllib.request.urlopen(url + "/").status == 200  # the page asks for the key
 
 
+def test_full_queue_over_http(serve):
+    """With max_queue requests still arriving, the next one gets 429, Retry-After and an
+    OpenAI error before its body is read; once they are in, requests are served again."""
+    url = serve(max_queue=2)
+    scheduler = _server_of(url).scheduler
+    with scheduler.arriving(), scheduler.arriving():
+        status, answer = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])]})
+        assert status == 429 and answer["error"]["code"] == "queue_full", answer
+        with pytest.raises(openai.RateLimitError):
+            client(url).chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])])
+        request = urllib.request.Request(url + "/v1/chat/completions", data=b"{}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.headers["Retry-After"] == "1"
+    status, _ = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])], "max_tokens": 1})
+    assert status == 200
+
+
+def test_non_ascii_api_key_is_a_401(serve):
+    url = serve(api_key="sekrit")
+    raw = urllib.request.Request(url + "/v1/models",
+                                 headers={"Authorization": "Bearer s\u00e9krit".encode().decode(
+                                     "latin-1")})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(raw)
+    assert e.value.code == 401
+
+
+def test_non_streaming_client_leaving_stops_its_row(serve):
+    url = serve(max_batch=1)
+    scheduler = _server_of(url).scheduler
+    before = scheduler.stats["cancelled"]
+    body = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 200,
+            "temperature": 0, "stop": ["never-said"]}  # fmt: skip
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        _wait_for(lambda: scheduler.stats["running"])  # generating
+    _wait_for(lambda: not scheduler.stats["running"])
+    assert scheduler.stats["cancelled"] == before + 1, "the row ran to its end"
+
+
 def test_client_leaving_mid_stream(serve, pipeline):
     url = serve()
+    before = _server_of(url).scheduler.stats["cancelled"]
     body = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 200, "stream": True}
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode())
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.readline().startswith(b"data: ")
     want, *_ = reference(pipeline, QUESTIONS[0])
+    _wait_for(lambda: _server_of(url).scheduler.stats["cancelled"] == before + 1)
     out = client(url).chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])],
                                               max_tokens=NEW, temperature=0)  # fmt: skip
     assert out.choices[0].message.content == want
@@ -549,7 +666,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command(model_dir):
+def test_serve_command(model_dir, pipeline):
+    """`llava-jax serve` on a model dir `convert hf-to-jax` wrote: the OpenAI client gets the
+    pipeline's own answer about an image, streamed and not."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llava_jax.cli.main", "serve", "--model", str(model_dir),
@@ -569,8 +688,16 @@ def test_serve_command(model_dir):
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.2)
         assert health["model"] == "tiny-llava"
-        models = client(f"http://127.0.0.1:{port}", api_key="k").models.list()
-        assert [m.id for m in models] == ["tiny-llava"]
+        api = client(f"http://127.0.0.1:{port}", api_key="k")
+        assert [m.id for m in api.models.list()] == ["tiny-llava"]
+        want, *_ = reference(pipeline, QUESTIONS[0])
+        out = api.chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])],
+                                          max_tokens=NEW, temperature=0)  # fmt: skip
+        assert out.choices[0].message.content == want
+        chunks = api.chat.completions.create(
+            model=MODEL, messages=[user(QUESTIONS[0])], max_tokens=NEW, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)

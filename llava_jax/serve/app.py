@@ -34,6 +34,7 @@ from llava_jax.serve.scheduler import Event, Job, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 DRAIN_BYTES = 64 * 1024 * 1024  # read this much of an oversized body, so the 413 arrives
+DISCONNECT_POLL_S = 0.05  # a non-streaming request checks this often whether its client left
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -61,7 +62,10 @@ def _check_key(request: Request, api_key: str | None) -> None:
     if api_key is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), api_key):
+    # Bytes, not str: compare_digest refuses non-ASCII str (a 500 instead of a 401).
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), api_key.encode()
+    ):
         raise APIError(401, "a valid API key is required: send Authorization: Bearer <key>",
                        "invalid_api_key")  # fmt: skip
 
@@ -69,6 +73,20 @@ def _check_key(request: Request, api_key: str | None) -> None:
 def _error_response(e: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _busy(e: QueueFull) -> APIError:
+    return APIError(429, f"the server is busy ({e}); retry shortly", "queue_full")
+
+
+async def _next_event(events: asyncio.Queue, request: Request) -> Event | None:
+    """The request's next event, or None once its client has disconnected."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -135,12 +153,12 @@ class _Server:
             sampling = self.pipeline.stop_config(
                 max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p,
                 top_k=chat.top_k, repetition_penalty=chat.repetition_penalty,
-                seed=chat.seed or 0,
+                seed=secrets.randbits(31) if chat.seed is None else chat.seed,
             )  # fmt: skip
         except ValueError as e:
             raise invalid(str(e)) from None
         stop = tuple(dict.fromkeys(chat.stop + sampling.stop_strings))
-        return Job(prompt, sampling, stop, sink=_no_sink, random_seed=chat.seed is None)
+        return Job(prompt, sampling, stop, sink=_no_sink)
 
     async def submit(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue[Event]]:
         """Prepares and queues a request; its events arrive on the returned queue."""
@@ -152,10 +170,11 @@ class _Server:
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry shortly", "queue_full") from None
+            raise _busy(e) from None
         return job, events
 
-    async def respond(self, chat: ChatRequest, job: Job, events: asyncio.Queue[Event]):
+    async def respond(self, request: Request, chat: ChatRequest, job: Job,
+                      events: asyncio.Queue[Event]):  # fmt: skip
         """The answer: a stream of server-sent events, or one JSON response."""
         meta = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()),
                 "model": self.cfg.model_name}  # fmt: skip
@@ -166,15 +185,18 @@ class _Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await self._gather(job, events, meta, usage)
+        return await self._gather(request, job, events, meta, usage)
 
-    async def _gather(self, job, events, meta, usage) -> JSONResponse:
+    async def _gather(self, request, job, events, meta, usage) -> JSONResponse | None:
+        """The whole answer as one response; the row stops as soon as the client leaves."""
         texts = []
         try:
-            while (event := await events.get()).kind == "delta":
+            while (event := await _next_event(events, request)) and event.kind == "delta":
                 texts.append(event.text)
         finally:
             job.cancelled.set()  # no-op when done; stops the row if the client left
+        if event is None:
+            return None  # nobody to answer
         if event.kind == "error":
             return _error_response(event.error)
         usage["completion_tokens"] = event.completion_tokens
@@ -248,10 +270,14 @@ def create_app(pipeline, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(request, cfg.api_key)
-        with server.scheduler.arriving():
+        try:
+            arriving = server.scheduler.arriving()  # counts against the queue bound
+        except QueueFull as e:
+            raise _busy(e) from None
+        with arriving:
             chat = parse_chat_request(await _read_json(request, cfg.max_body_bytes), cfg)
             job, events = await server.submit(chat)
-        return await server.respond(chat, job, events)
+        return await server.respond(request, chat, job, events)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -23,7 +23,8 @@ class ServeConfig:
         the context leaves).
       default_temperature: when a request gives none; 0 is greedy decoding.
       max_batch: most requests decoded together in one batch.
-      max_queue: most requests waiting for a batch; more get 429.
+      max_queue: most requests waiting for a batch or still being read and prepared; more
+        get 429 (before their bodies are read).
       batch_wait_s: at most this long, an idle scheduler given a request waits for the others
         the server is reading or preparing, so that they share its batch.
       batch_window_s: an idle scheduler given a request always waits this long for others

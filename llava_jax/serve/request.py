@@ -152,6 +152,9 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise invalid("stream_options must be an object", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid("stream_options.include_usage must be true or false", "stream_options")
     return ChatRequest(
         model=model,
         messages=tuple(messages),
@@ -164,7 +167,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
         seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
         stop=tuple(stop),
         stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
+        include_usage=include_usage,
     )
 
 

@@ -1,8 +1,8 @@
 """The batching scheduler: one thread runs the jitted generator over batches of requests.
 
 Requests wait in a bounded queue. When the generator is free, the scheduler takes the oldest
-request and every waiting request that can share its batch (the same sampling settings, which
-the generator applies per batch, and a combined length within the context), up to
+request and every waiting request that can share its batch (a combined length within the
+context; sampling settings and seeds are per row, so any mix of them shares a batch), up to
 `max_batch`; before it starts, it waits (at most `batch_wait_s`) for requests the server is
 still reading or preparing (`arriving`), so that clients answered together by the last batch
 come back together in the next. Requests arriving while a batch decodes join the next one.
@@ -21,7 +21,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +56,8 @@ class Job:
 
     Attributes:
       prompt: the tokenized prompt with its views.
-      sampling: the batch-level settings (`max_new_tokens` is this job's `max_tokens`).
+      sampling: this request's settings (`max_new_tokens` is its `max_tokens`; a request
+        without a seed has been given a random one).
       stop: stop strings of this request and of the template, cut from the answer.
       sink: receives `Event`s, called from the scheduler thread; must not block.
     """
@@ -66,17 +66,7 @@ class Job:
     sampling: SamplingConfig
     stop: tuple[str, ...]
     sink: Callable[[Event], None]
-    random_seed: bool = False  # no seed given: the batch draws one
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    @property
-    def batch_key(self) -> SamplingConfig:
-        """Jobs with equal keys may share a batch: max_new_tokens is per row, and greedy
-        decoding reads none of temperature, top-k, top-p and seed."""
-        s = dataclasses.replace(self.sampling, max_new_tokens=1)
-        if s.temperature == 0:
-            return dataclasses.replace(s, top_k=0, top_p=1.0, seed=0)
-        return dataclasses.replace(s, seed=0) if self.random_seed else s
 
 
 class _BatchDone(Exception):
@@ -91,13 +81,14 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = 0  # characters of the answer already sent
         self.finished = False
+        self.left = False  # the client went away before the answer ended
         self.hold = max(map(len, job.stop), default=1) - 1
 
     def push(self, token: int) -> None:
         if self.finished:
             return
         if self.job.cancelled.is_set():
-            self.finished = True  # the client left: nothing to send
+            self.finished = self.left = True  # nothing to send
             return
         self.ids.append(token)
         if token in self.job.sampling.stop_token_ids:
@@ -155,18 +146,32 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._arriving = 0
-        self.stats = {"batches": 0, "requests": 0, "running": 0, "largest_batch": 0}
+        # `cancelled`: rows stopped early because their client left.
+        self.stats = {"batches": 0, "requests": 0, "running": 0, "largest_batch": 0,
+                      "cancelled": 0}  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name="llava-jax-scheduler", daemon=True)
         self._thread.start()
 
     # -- the caller's side -------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def arriving(self):
-        """Marks a request being read and prepared: an idle scheduler waits for it (up to
-        `batch_wait_s`) so that it joins the batch about to start."""
+    def arriving(self) -> contextlib.AbstractContextManager:
+        """Marks a request being read and prepared: it counts against `max_queue` from now
+        on (so a flood of large requests is refused before their bodies are read and their
+        images decoded), and an idle scheduler waits for it (up to `batch_wait_s`) so that it
+        joins the batch about to start.
+
+        Raises:
+          QueueFull: `max_queue` requests are waiting or arriving already.
+        """
         with self._cond:
+            if self._arriving + len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{self._arriving + len(self._pending)} requests are waiting "
+                                "or arriving already")  # fmt: skip
             self._arriving += 1
+        return self._arrived()
+
+    @contextlib.contextmanager
+    def _arrived(self):
         try:
             yield
         finally:
@@ -233,7 +238,6 @@ class Scheduler:
             self._pending.popleft()
         if not self._pending:
             return []
-        first = self._pending[0]
         jobs, longest, most_new = [], 0, 0
         for job in list(self._pending):
             if len(jobs) == self.max_batch:
@@ -242,9 +246,7 @@ class Scheduler:
                 self._pending.remove(job)
                 continue
             n, new = len(job.prompt.input_ids), job.sampling.max_new_tokens
-            if job.batch_key != first.batch_key or max(longest, n) + max(most_new, new) > (
-                self.context
-            ):
+            if max(longest, n) + max(most_new, new) > self.context:
                 continue
             jobs.append(job)
             self._pending.remove(job)
@@ -267,13 +269,10 @@ class Scheduler:
                 if all(s.finished for s in streams):
                     raise _BatchDone
 
-        prompts = [job.prompt for job in jobs]
-        prompts += [prompts[0]] * (size - len(jobs))  # copies end when their original does
-        sampling = dataclasses.replace(
-            jobs[0].sampling, max_new_tokens=max(j.sampling.max_new_tokens for j in jobs)
-        )
-        if jobs[0].random_seed:
-            sampling = dataclasses.replace(sampling, seed=secrets.randbits(31))
+        # Padding rows copy the first job; they end when it does.
+        pad = size - len(jobs)
+        prompts = [job.prompt for job in jobs] + [jobs[0].prompt] * pad
+        sampling = [job.sampling for job in jobs] + [jobs[0].sampling] * pad
         try:
             self.generator.generate(prompts, sampling, on_token=on_token)
         except _BatchDone:
@@ -294,5 +293,6 @@ class Scheduler:
             return
         finally:
             self.stats["running"] = 0
+            self.stats["cancelled"] += sum(s.left for s in streams)
         for s in streams:  # rows the generator ended (a stop string it saw first)
             s.finish("stop")

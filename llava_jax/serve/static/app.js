@@ -35,8 +35,11 @@ function sampling() {
   const body = {
     temperature: Number($("temperature").value || 0),
     top_p: Number($("top-p").value || 1),
-    max_tokens: Math.max(1, Math.floor(Number($("max-tokens").value || 256))),
   };
+  // Empty: the server's default, which never asks for more than the context has room for.
+  if ($("max-tokens").value !== "") {
+    body.max_tokens = Math.max(1, Math.floor(Number($("max-tokens").value)));
+  }
   if ($("seed").value !== "") body.seed = Math.floor(Number($("seed").value));
   return body;
 }
