@@ -262,3 +262,26 @@ def test_a_cost_below_the_model_flops_is_flagged():
     assert plan_with(1.3e15).cost_plausible is True  # 5.2e15 >= 4e15
     assert plan_with(0.78e15).cost_plausible is False
     assert plan_with(1.3e15).mfu(CHIPS["v5p"]) == pytest.approx(4e15 / (4 * 459e12))
+
+
+@pytest.mark.slow
+def test_cost_compiles_count_windowed_matmuls():
+    """At 16-way FSDP, XLA:TPU turns the 7B layer's sharded matmuls into loops of its own
+    (windowed einsums), whose bodies `cost_analysis()` counts once: 0.89x the model FLOPs for
+    a layer whose full remat needs 1.3x. The cost compiles turn windowing off and count them
+    all (about 3 minutes of compiling)."""
+    from llava_jax.planning import estimate
+    from llava_jax.train.config_loader import load_config, model_config
+
+    devices = topo_lib.compile_devices(parse_topology("v5p-32"))
+    config = load_config("configs/llava15_7b_finetune.py", [])
+    one_layer = estimate._with_depth(model_config(config), 1, 1)
+    mesh = estimate.plan_mesh(config, devices)
+    rows = int(config.train.batch_size)
+    model = estimate.model_flops(one_layer, config, estimate.batch_shape(one_layer, config, rows))
+    default, *_ = estimate._compile(one_layer, config, mesh, rows)
+    counted, *_ = estimate._compile(one_layer, config, mesh, rows, for_cost=True)
+    assert "windowed_dot_general" in default.as_text()
+    assert estimate._costs(default)[0] * len(devices) < model  # the under-count
+    assert not estimate.has_xla_loops(counted)
+    assert estimate._costs(counted)[0] * len(devices) == pytest.approx(1.32 * model, rel=0.05)
