@@ -71,3 +71,24 @@ def test_unrolled_chunks_are_straight_line_code():
         mask = ChunkedCausalMask(steps, seg, None, 7, unroll=unroll)
         hlo = jax.jit(chunked_causal_attention).lower(q, k, v, mask).as_text()
         assert ("while" in hlo) == loops, unroll
+
+
+def test_bfloat16_attention_rounds_as_transformers_eager():
+    """bf16 inputs: the scores come out of the matmul in bf16 (as torch's bf16 matmul), the
+    softmax runs in float32, the probabilities go back to bf16: the result equals that recipe
+    written out, and neither matmul produces float32."""
+    q, k, v, steps, seg = _inputs()
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    mask = causal_mask(steps, steps, seg, seg)
+    out = dot_product_attention(q, k, v, mask)
+    # The reference, heads expanded: scores [B, N, T, S].
+    kk, vv = (jnp.repeat(x, 2, axis=1) for x in (k, v))
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q, kk) * jnp.bfloat16(8**-0.5)
+    scores = jnp.where(mask[:, None], scores, -1e30)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(jnp.bfloat16)
+    want = jnp.einsum("BNTS,BNSH->BTNH", probs, vv)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(out), np.float32(want), atol=1e-2, rtol=1e-2)
+    jaxpr = jax.make_jaxpr(dot_product_attention)(q, k, v, mask)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [e.outvars[0].aval.dtype for e in dots] == [jnp.bfloat16, jnp.bfloat16]
