@@ -117,6 +117,21 @@ def test_chat_page_in_chromium(served):
             page.click("#clear")
             expect(page.locator(".message")).to_have_count(0)
             expect(page.locator("#regenerate")).to_be_disabled()
+
+            # Settings: an empty max-tokens leaves the answer length to the server (which
+            # fits it in the context); seed, temperature and top-p are sent as typed.
+            page.fill("#max-tokens", "")
+            page.fill("#seed", "7")
+            page.fill("#temperature", "0.5")
+            page.fill("#top-p", "0.9")
+            page.fill("#prompt", "Hi")
+            page.press("#prompt", "Enter")
+            expect(page.locator(".message.assistant")).to_have_count(1)
+            expect(page.locator("#send")).to_be_visible(timeout=120_000)
+            expect(page.locator("#error")).to_be_hidden()
+            sent = bodies[-1]
+            assert "max_tokens" not in sent, sent
+            assert (sent["seed"], sent["temperature"], sent["top_p"]) == (7, 0.5, 0.9)
             assert not errors, errors
         finally:
             browser.close()
