@@ -247,6 +247,7 @@ class Generator:
             "repetition_penalty": np.array([r.repetition_penalty for r in rows], np.float32),
         }
         greedy = bool(knobs["greedy"].all())
+        knobs = jax.device_put(knobs)  # once, not at every decode step
         start = time.perf_counter()
         token, cache, seen = self._prefill(
             self.state, cache, ids, positions, segment, pixels, taps, weights, keys, knobs,
