@@ -5,6 +5,11 @@
     python benchmarks/scaling_table.py --render-only
     python benchmarks/scaling_table.py --memory-only --only "13B"   # fit only, no step time
     python benchmarks/scaling_table.py --recost                     # see below
+    python benchmarks/scaling_table.py --with-cost --only "13B"     # redo --memory-only rows
+
+The table in docs/scaling.md: the LLaVA-1.5-7B finetune rows and the grad_accum rows that
+fit with `--only`, then everything else with `--memory-only` (a fit in a minute or two per
+plan instead of five to fifteen on a 2-core machine), then `--with-cost` for some of those.
 
 Each (stage, topology, overrides) is planned once, in a fresh process (`llava-jax plan
 --json`, so a crash or an out-of-memory compile loses nothing), and appended to
@@ -46,22 +51,55 @@ class Stage:
     overrides: tuple[str, ...] = ()
 
 
-# Sample counts: LLaVA-1.5 558K / 665K; OneVision stage 1 558K, SI 3.6M, OV 1.6M (recipes.md).
+# Sample counts: LLaVA 595K / 80K (the finetune recipe's default :80k); LLaVA-1.5 558K / 665K;
+# OneVision stage 1 558K, SI 3.6M, OV 1.6M (recipes.md); LLaVA-NeXT 760K (its blog; no script
+# was released). Every recipe on at least three topologies.
 STAGES = (
+    Stage("LLaVA-7B pretrain", "configs/llava_v1_pretrain.py", 595_000,
+          ("v5p-8", "v5e-16", "v6e-8")),
+    Stage("LLaVA-7B finetune", "configs/llava_v1_finetune.py", 80_000,
+          ("v5p-8", "v5e-16", "v6e-8")),
     Stage("LLaVA-1.5-7B pretrain", "configs/llava15_7b_pretrain.py", 558_000,
           ("v5p-8", "v5e-16", "v6e-8")),
     Stage("LLaVA-1.5-7B finetune", "configs/llava15_7b_finetune.py", 665_000,
           ("v5p-8", "v5p-32", "v5p-128", "v5e-16", "v6e-8", "v6e-64")),
     Stage("LLaVA-1.5-13B pretrain", "configs/llava15_7b_pretrain.py:13b", 558_000,
-          ("v5p-8", "v6e-8")),
+          ("v5p-8", "v5p-32", "v6e-8")),
     Stage("LLaVA-1.5-13B finetune", "configs/llava15_7b_finetune.py:13b", 665_000,
           ("v5p-32", "v5e-16", "v6e-64")),
-    Stage("OneVision-0.5B stage 1", "configs/onevision_stage1.py:0.5b", 558_000, ("v5e-16",)),
-    Stage("OneVision-0.5B SI", "configs/onevision_si.py:0.5b", 3_600_000, ("v5p-32", "v6e-64")),
-    Stage("OneVision-7B stage 1", "configs/onevision_stage1.py:7b", 558_000, ("v5p-32",)),
-    Stage("OneVision-7B SI", "configs/onevision_si.py:7b", 3_600_000, ("v5p-128",)),
-    Stage("OneVision-7B OV", "configs/onevision_ov.py:7b", 1_600_000, ("v5p-128",)),
-    Stage("OneVision-72B OV", "configs/onevision_72b_ov.py", 1_600_000, ("v5p-128",)),
+    Stage("LLaVA-NeXT-7B finetune", "configs/llava_next_finetune.py", 760_000,
+          ("v5p-8", "v5p-32", "v6e-64")),
+    Stage("OneVision-0.5B stage 1", "configs/onevision_stage1.py:0.5b", 558_000,
+          ("v5e-16", "v5p-8", "v6e-8")),
+    Stage("OneVision-0.5B SI", "configs/onevision_si.py:0.5b", 3_600_000,
+          ("v5p-32", "v5p-128", "v6e-64")),
+    Stage("OneVision-0.5B OV", "configs/onevision_ov.py:0.5b", 1_600_000,
+          ("v5p-32", "v5p-128", "v6e-64")),
+    Stage("OneVision-7B stage 1", "configs/onevision_stage1.py:7b", 558_000,
+          ("v5p-32", "v5p-128", "v6e-64")),
+    Stage("OneVision-7B SI", "configs/onevision_si.py:7b", 3_600_000,
+          ("v5p-128", "v5p-256", "v6e-256")),
+    Stage("OneVision-7B OV", "configs/onevision_ov.py:7b", 1_600_000,
+          ("v5p-128", "v5p-256", "v6e-256")),
+    Stage("OneVision-72B stage 1", "configs/onevision_stage1.py:72b", 558_000,
+          ("v5p-128", "v5p-512", "v6e-256")),
+    Stage("OneVision-72B SI", "configs/onevision_si.py:72b", 3_600_000,
+          ("v5p-128", "v5p-512", "v6e-256")),
+    Stage("OneVision-72B OV", "configs/onevision_72b_ov.py", 1_600_000,
+          ("v5p-128", "v5p-512", "v6e-256")),
+    # What the plan suggests where the recipe as written does not fit (same global batch).
+    Stage("LLaVA-1.5-7B finetune", "configs/llava15_7b_finetune.py", 665_000, ("v6e-8",),
+          ("--config.optimizer.grad_accum=4",)),
+    Stage("OneVision-0.5B stage 1", "configs/onevision_stage1.py:0.5b", 558_000, ("v5e-16",),
+          ("--config.optimizer.grad_accum=8",)),
+    Stage("OneVision-7B stage 1", "configs/onevision_stage1.py:7b", 558_000, ("v5p-32",),
+          ("--config.optimizer.grad_accum=8",)),
+    Stage("OneVision-7B SI", "configs/onevision_si.py:7b", 3_600_000, ("v5p-128",),
+          ("--config.optimizer.grad_accum=4",)),
+    Stage("OneVision-7B SI", "configs/onevision_si.py:7b", 3_600_000, ("v5p-128",),
+          ("--config.mesh.tensor=4", "--config.optimizer.grad_accum=16")),
+    Stage("OneVision-72B SI", "configs/onevision_si.py:72b", 3_600_000, ("v5p-512",),
+          ("--config.mesh.tensor=8", "--config.optimizer.grad_accum=8")),
 )  # fmt: skip
 
 
@@ -176,7 +214,9 @@ def render(results: dict[str, dict]) -> str:
         "(est.) | Compile |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
-    order = {s.label: i for i, s in enumerate(STAGES)}
+    order = {}
+    for i, stage in enumerate(STAGES):
+        order.setdefault(stage.label, i)  # a stage's rows stay together
     for r in sorted(
         results.values(),
         key=lambda r: (order.get(r["label"], 99), r["topology"], len(r["overrides"])),
@@ -246,6 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="fit only: no cost compiles")
     parser.add_argument(
+        "--with-cost", action="store_true", help="plan again, fully, what fitted with --memory-only"
+    )
+    parser.add_argument(
         "--recost", action="store_true", help="re-estimate under-counted recorded plans"
     )
     parser.add_argument("--cost-of", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
@@ -276,7 +319,9 @@ def main(argv=None) -> int:
                     continue
                 overrides = (*stage.overrides, *args.overrides)
                 key = _key(stage.label, topology, overrides)
-                if key in results:
+                done = results.get(key)
+                fits = (done or {}).get("plan", {}).get("fits")
+                if done and not (args.with_cost and done.get("memory_only") and fits):
                     continue
                 print(f"planning {stage.label} on {topology} {' '.join(overrides)}", flush=True)
                 record = run_one(stage, topology, overrides, args.timeout, args.memory_only)
