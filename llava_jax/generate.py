@@ -88,19 +88,16 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // 256) * 256
 
 
-def warp(logits, seen, knobs):
-    """HF's logits processors, per row: float32[B, V] -> float32[B, V], -inf where dropped.
-
-    `knobs` holds one value per row (float32[B] temperature, repetition_penalty and
-    top_p_tail = 1 - top_p, subtracted in float64 as transformers does; int32[B] top_k), all
-    traced: a batch may mix settings and none of them recompiles.
-    Order and rules as transformers: repetition penalty on the tokens `seen` (prompt and
-    answer so far), temperature, top-k (keep logits >= the k-th largest, ties kept; 0 = off),
-    top-p (drop the low tail whose mass is <= 1 - top_p, keep at least one token).
-    """
+def _penalise(logits, seen, knobs):
+    """HF's repetition penalty on the tokens `seen` (prompt and answer so far), per row."""
     penalty = knobs["repetition_penalty"][:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
-    logits = logits / knobs["temperature"][:, None]
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _truncate(penalised, knobs):
+    """Temperature, top-k (keep logits >= the k-th largest, ties kept; 0 = off) and top-p
+    (drop the low tail whose mass is <= 1 - top_p, keep at least one token), per row."""
+    logits = penalised / knobs["temperature"][:, None]
     vocab = logits.shape[-1]
     order = jnp.argsort(logits, axis=-1)  # ascending
     ranked = jnp.take_along_axis(logits, order, axis=-1)
@@ -113,6 +110,17 @@ def warp(logits, seen, knobs):
     return jnp.zeros_like(logits).at[rows, order].set(ranked)
 
 
+def warp(logits, seen, knobs):
+    """HF's logits processors, per row: float32[B, V] -> float32[B, V], -inf where dropped.
+
+    `knobs` holds one value per row (float32[B] temperature, repetition_penalty and
+    top_p_tail = 1 - top_p, subtracted in float64 as transformers does; int32[B] top_k), all
+    traced: a batch may mix settings and none of them recompiles. Order and rules as
+    transformers: repetition penalty, temperature, top-k, top-p.
+    """
+    return _truncate(_penalise(logits, seen, knobs), knobs)
+
+
 def _sample(logits, keys, seen, knobs, *, greedy: bool):
     """float32[B, V] logits -> int32[B] tokens, as HF's logits processors and samplers do.
 
@@ -120,13 +128,12 @@ def _sample(logits, keys, seen, knobs, *, greedy: bool):
     take the argmax and the others draw from `warp`'s logits with their own key (typed
     key[B]), so a row's sample depends on its seed, not on the rows batched with it.
     """
-    penalty = knobs["repetition_penalty"][:, None]
-    penalised = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+    penalised = _penalise(logits, seen, knobs)
     best = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
     if greedy:
         return best
-    drawn = jax.vmap(jax.random.categorical)(keys, warp(logits, seen, knobs)).astype(jnp.int32)
-    return jnp.where(knobs["greedy"], best, drawn)
+    drawn = jax.vmap(jax.random.categorical)(keys, _truncate(penalised, knobs))
+    return jnp.where(knobs["greedy"], best, drawn.astype(jnp.int32))
 
 
 class Generator:
