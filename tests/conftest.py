@@ -6,3 +6,47 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+# -- the serving tests' model and servers (test_serve.py, test_serve_errors.py) ---------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from serve_helpers import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir):
+    from serve_helpers import TEMPLATE
+
+    from llava_jax.pipeline import Pipeline
+
+    return Pipeline.load(model_dir, template=TEMPLATE, echo=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def serve(pipeline):
+    """serve(**config) -> a live server's URL; servers share the pipeline (and its compiled
+    programs) and stop at the end of the module."""
+    from serve_helpers import APPS, MODEL, LiveServer
+
+    from llava_jax.serve import ServeConfig, create_app
+
+    servers = {}
+
+    def start(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in servers:
+            cfg = ServeConfig(model_name=MODEL, **overrides)
+            servers[key] = LiveServer(create_app(pipeline, cfg))
+            APPS[servers[key].url] = servers[key].app
+        return servers[key].url
+
+    yield start
+    for server in servers.values():
+        server.close()

@@ -1,5 +1,5 @@
-"""`llava-jax serve` over real HTTP on 127.0.0.1: the OpenAI client, streaming, batching,
-every class of bad request, the image-source flags, and the command itself.
+"""`llava-jax serve` over real HTTP on 127.0.0.1: the OpenAI client, streaming, batching, the
+image-source flags, and the command itself (bad requests: test_serve_errors.py).
 
 The reference for every answer is the pipeline run directly on the same conversation.
 """
@@ -9,116 +9,33 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import http.server
-import io
 import json
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 
-import openai
 import pytest
-from PIL import Image
-from serve_helpers import TEMPLATE, LiveServer, build_model_dir, data_url, png_bytes
+from serve_helpers import (
+    MODEL,
+    NEW,
+    QUESTIONS,
+    TEMPLATE,
+    client,
+    data_url,
+    png_bytes,
+    post,
+    reference,
+    server_of,
+    tiny_image_message,
+    user,
+)
 
 from llava_jax.data.image_processing import load_image
-from llava_jax.pipeline import Pipeline
-from llava_jax.serve import ServeConfig, create_app
+from llava_jax.serve import ServeConfig
 from llava_jax.serve.scheduler import Event, Job, QueueFull, Scheduler
-
-MODEL = "tiny-llava"
-NEW = 8  # answer length in every test: one cache bucket, so one compile per batch size
-# 33 to 41 prompt tokens each, all in one length bucket (as are the image questions below).
-QUESTIONS = ["What is in the picture?", "Describe the image.", "What colour is it?",
-             "Where was this taken?", "How many things are there?", "Describe it.",
-             "What is it?", "How many?"]  # fmt: skip
-
-
-_APPS = {}  # url -> the app behind it
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-def _server_of(url: str):
-    """The server state behind a live URL (its scheduler, for its counters)."""
-    return _APPS[url].state.server
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def pipeline(model_dir):
-    return Pipeline.load(model_dir, template=TEMPLATE, echo=lambda _: None)
-
-
-@pytest.fixture(scope="module")
-def serve(pipeline):
-    """serve(**config) -> a live server's URL; servers share the pipeline (and its compiled
-    programs) and stop at the end of the module."""
-    servers = {}
-
-    def start(**overrides):
-        key = tuple(sorted(overrides.items()))
-        if key not in servers:
-            cfg = ServeConfig(model_name=MODEL, **overrides)
-            servers[key] = LiveServer(create_app(pipeline, cfg))
-            _APPS[servers[key].url] = servers[key].app
-        return servers[key].url
-
-    yield start
-    for server in servers.values():
-        server.close()
-
-
-def reference(pipeline, question: str, seed: int = 0, max_tokens: int = NEW):
-    """(answer, finish_reason, prompt tokens) of the pipeline itself, greedy, for an image
-    then a question."""
-    image = load_image(png_bytes(seed))
-    prompt = pipeline.prompt([{"role": "user", "content": f"<image>\n{question}"}], [image])
-    sampling = pipeline.stop_config(max_new_tokens=max_tokens)
-    out = pipeline.generator.generate([prompt], sampling)[0]
-    ids = out.token_ids
-    if ids and ids[-1] in sampling.stop_token_ids:
-        ids = ids[:-1]
-    return pipeline.decode(ids), out.finish_reason, len(prompt.input_ids)
-
-
-def user(question: str, seed: int = 0) -> dict:
-    return {"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed))}},
-        {"type": "text", "text": question},
-    ]}  # fmt: skip
-
-
-def client(url: str, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
-                         timeout=120, **kw)  # fmt: skip
-
-
-def post(url: str, body, headers=None, raw: bytes | None = None):
-    """(status, decoded JSON) of a POST to /v1/chat/completions."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url + "/v1/chat/completions", data=data,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
 
 # -- the OpenAI client ------------------------------------------------------------------------
 
@@ -269,7 +186,7 @@ def test_any_mix_of_settings_shares_a_batch_and_matches_alone(serve):
     """A row's sample depends on its own request (seed included), not on its batch-mates."""
     alone = [ask_with(serve(), i) for i in range(8)]
     url = serve(batch_wait_s=5.0, batch_window_s=5.0)  # a batch waits to be full (or 5 s)
-    stats = _server_of(url).scheduler.stats
+    stats = server_of(url).scheduler.stats
     before = stats["requests"], stats["batches"]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(functools.partial(ask_with, url), range(8)))
@@ -296,7 +213,7 @@ def test_bad_requests_among_good_ones(serve):
     """Concurrent good and bad requests: each bad one gets its 400, each good one its answer."""
     url = serve(max_batch=1)  # batch size 1 was compiled already
     want = [ask(serve(), i) for i in range(4)]
-    broken = {"model": MODEL, "messages": _tiny_image_message(b"GIF89a broken"), "max_tokens": 2}
+    broken = {"model": MODEL, "messages": tiny_image_message(b"GIF89a broken"), "max_tokens": 2}
 
     def one(i):
         return ask(url, i // 2) if i % 2 == 0 else post(url, broken)
@@ -338,275 +255,6 @@ def test_full_queue_is_refused(pipeline):
         assert done == ["done"] * accepted
     finally:
         scheduler.close()
-
-
-# -- bad requests -----------------------------------------------------------------------------
-
-
-def _tiny_image_message(data: bytes, kind="png"):
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(data, kind)}},
-        {"type": "text", "text": "hi"}]}]  # fmt: skip
-
-
-def _bad_requests():
-    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    big = io.BytesIO()
-    Image.new("RGB", (300, 300), "red").save(big, format="PNG")  # small file, many pixels
-    big = big.getvalue()
-    jpeg = png_bytes()  # truncated below
-    return {
-        "malformed-json": (None, b'{"model": ', 400, "invalid_request"),
-        "not-an-object": ([1, 2], None, 400, "invalid_request"),
-        "no-messages": ({"model": MODEL}, None, 400, "invalid_request"),
-        "include-usage-not-bool": (
-            {**good, "stream": True, "stream_options": {"include_usage": "no"}},
-            None,
-            400,
-            "invalid_request",
-        ),  # fmt: skip
-        "bad-role": (
-            {**good, "messages": [{"role": "tool", "content": "x"}]},
-            None,
-            400,
-            "invalid_request",
-        ),  # fmt: skip
-        "unknown-model": ({**good, "model": "gpt-4o"}, None, 404, "model_not_found"),
-        "bad-temperature": ({**good, "temperature": 3}, None, 400, "invalid_request"),
-        "bad-max-tokens": ({**good, "max_tokens": "8"}, None, 400, "invalid_request"),
-        "placeholder-in-text": (
-            {**good, "messages": [{"role": "user", "content": "<image> x"}]},
-            None,
-            400,
-            "invalid_request",
-        ),  # fmt: skip
-        "unknown-part": (
-            {
-                **good,
-                "messages": [
-                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}
-                ],
-            },
-            None,
-            400,
-            "invalid_request",
-        ),  # fmt: skip
-        "undecodable-image": (
-            {**good, "messages": _tiny_image_message(b"not an image at all")},
-            None,
-            400,
-            "invalid_image",
-        ),  # fmt: skip
-        "truncated-image": (
-            {**good, "messages": _tiny_image_message(jpeg[:200])},
-            None,
-            400,
-            "invalid_image",
-        ),  # fmt: skip
-        "bad-base64": (
-            {
-                **good,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}
-                        ],
-                    }
-                ],
-            },
-            None,
-            400,
-            "invalid_image_url",
-        ),  # fmt: skip
-        "oversized-image": (
-            {**good, "messages": _tiny_image_message(big)},
-            None,
-            400,
-            "image_too_large",
-        ),  # fmt: skip
-        "too-many-images": (
-            {
-                **good,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": data_url(png_bytes(i))}}
-                            for i in range(3)
-                        ],
-                    }
-                ],
-            },
-            None,
-            400,
-            "too_many_images",
-        ),  # fmt: skip
-        "over-context": (
-            {**good, "messages": [{"role": "user", "content": "word " * 300}]},
-            None,
-            400,
-            "context_length_exceeded",
-        ),  # fmt: skip
-        "answer-over-context": (
-            {**good, "max_tokens": 250},
-            None,
-            400,
-            "context_length_exceeded",
-        ),  # fmt: skip
-        "remote-url": (
-            {
-                **good,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "image_url",
-                                "image_url": {"url": "http://127.0.0.1:9/cat.png"},
-                            }
-                        ],
-                    }
-                ],
-            },
-            None,
-            400,
-            "remote_images_disabled",
-        ),  # fmt: skip
-        "file-path": (
-            {
-                **good,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}
-                        ],
-                    }
-                ],
-            },
-            None,
-            400,
-            "local_images_disabled",
-        ),  # fmt: skip
-        "body-too-large": (
-            {**good, "messages": [{"role": "user", "content": "x" * 300_000}]},
-            None,
-            413,
-            "request_too_large",
-        ),  # fmt: skip
-    }
-
-
-BAD = _bad_requests()
-LIMITS = dict(max_image_pixels=200 * 200, max_images=2, max_body_bytes=200_000)
-
-
-@pytest.mark.parametrize("name", list(BAD))
-def test_bad_request_gets_an_openai_error(serve, name):
-    body, raw, status, code = BAD[name]
-    url = serve(**LIMITS)
-    got, answer = post(url, body, raw=raw)
-    assert got == status, answer
-    error = answer["error"]
-    assert error["code"] == code, error
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and "\n" not in error["message"]
-    # ... and the server goes on serving.
-    ok, _ = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])],
-                       "max_tokens": 1})  # fmt: skip
-    assert ok == 200
-
-
-def test_openai_client_raises_on_errors(serve):
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client(serve()).chat.completions.create(model="nope", messages=[user("hi")])
-    with pytest.raises(openai.BadRequestError, match="maximum context length"):
-        client(serve()).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "word " * 300}]
-        )
-
-
-def test_unknown_route_is_a_json_error(serve):
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(serve() + "/v1/completions")
-    assert e.value.code == 404
-    assert json.loads(e.value.read())["error"]["code"] == "not_found"
-
-
-def test_api_key(serve):
-    url = serve(api_key="sekrit")
-    status, answer = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])], "max_tokens": 1})
-    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
-    status, _ = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])], "max_tokens": 1},
-                     headers={"Authorization": "Bearer wrong"})  # fmt: skip
-    assert status == 401
-    with pytest.raises(openai.AuthenticationError):
-        client(url, api_key="wrong").models.list()
-    out = client(url, api_key="sekrit").chat.completions.create(
-        model=MODEL, messages=[user(QUESTIONS[0])], max_tokens=1
-    )
-    assert out.choices[0].finish_reason in ("length", "stop")
-    assert urllib.request.urlopen(url + "/health").status == 200  # open to probes
-    assert urllib.request.urlopen(url + "/").status == 200  # the page asks for the key
-
-
-def test_full_queue_over_http(serve):
-    """With max_queue requests still arriving, the next one gets 429, Retry-After and an
-    OpenAI error before its body is read; once they are in, requests are served again."""
-    url = serve(max_queue=2)
-    scheduler = _server_of(url).scheduler
-    with scheduler.arriving(), scheduler.arriving():
-        status, answer = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])]})
-        assert status == 429 and answer["error"]["code"] == "queue_full", answer
-        with pytest.raises(openai.RateLimitError):
-            client(url).chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])])
-        request = urllib.request.Request(url + "/v1/chat/completions", data=b"{}")
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(request)
-        assert e.value.headers["Retry-After"] == "1"
-    status, _ = post(url, {"model": MODEL, "messages": [user(QUESTIONS[0])], "max_tokens": 1})
-    assert status == 200
-
-
-def test_non_ascii_api_key_is_a_401(serve):
-    url = serve(api_key="sekrit")
-    raw = urllib.request.Request(url + "/v1/models",
-                                 headers={"Authorization": "Bearer s\u00e9krit".encode().decode(
-                                     "latin-1")})  # fmt: skip
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(raw)
-    assert e.value.code == 401
-
-
-def test_non_streaming_client_leaving_stops_its_row(serve):
-    url = serve(max_batch=1)
-    scheduler = _server_of(url).scheduler
-    before = scheduler.stats["cancelled"]
-    body = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 200,
-            "temperature": 0, "stop": ["never-said"]}  # fmt: skip
-    data = json.dumps(body).encode()
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as s:
-        s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
-        )
-        _wait_for(lambda: scheduler.stats["running"])  # generating
-    _wait_for(lambda: not scheduler.stats["running"])
-    assert scheduler.stats["cancelled"] == before + 1, "the row ran to its end"
-
-
-def test_client_leaving_mid_stream(serve, pipeline):
-    url = serve()
-    body = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 200, "stream": True}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode())
-    with urllib.request.urlopen(request, timeout=120) as response:
-        assert response.readline().startswith(b"data: ")
-    want, *_ = reference(pipeline, QUESTIONS[0])
-    out = client(url).chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])],
-                                              max_tokens=NEW, temperature=0)  # fmt: skip
-    assert out.choices[0].message.content == want
 
 
 # -- where images may come from ---------------------------------------------------------------
