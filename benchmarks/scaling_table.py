@@ -46,13 +46,14 @@ START, END = "<!-- scaling-table:start -->", "<!-- scaling-table:end -->"
 class Stage:
     label: str
     recipe: str
-    samples: int  # records in one epoch of the stage's data (recipes.md)
+    samples: int  # records in one epoch of the stage's data (model cards, scripts)
     topologies: tuple[str, ...]
     overrides: tuple[str, ...] = ()
 
 
 # Sample counts: LLaVA 595K / 80K (the finetune recipe's default :80k); LLaVA-1.5 558K / 665K;
-# OneVision stage 1 558K, SI 3.6M, OV 1.6M (recipes.md); LLaVA-NeXT 760K (its blog; no script
+# OneVision stage 1 558K, SI 3.6M, OV 1.6M (LLaVA-VL/LLaVA-NeXT
+# `scripts/train/README.md` and the lmms-lab model cards); LLaVA-NeXT 760K (its blog; no script
 # was released). Every recipe on at least three topologies.
 STAGES = (
     Stage("LLaVA-7B pretrain", "configs/llava_v1_pretrain.py", 595_000,

@@ -2,7 +2,7 @@
 
 `--config=configs/llava15_7b_finetune.py` (7B) or `...py:13b` (13B: same hyperparameters,
 the 13B preset). Source: haotian-liu/LLaVA `scripts/v1_5/finetune.sh` and the README
-"Hyperparameters" table (shared/reference/recipes.md §2).
+"Hyperparameters" table.
 
 Weights: `init_from` the stage-1 model dir, or `init_from` the `llava-jax init` dir plus
 `projector_from` the stage-1 `mm_projector.bin`. Data: `llava_v1_5_mix665k.json` with the
@@ -22,7 +22,8 @@ def get_config(arg=None):
     c = base_config()
     c.model.preset = SIZES[size]
     c.data.template = "vicuna_v1"  # --version v1
-    c.data.image_aspect_ratio = "pad"  # stage 2: expand2square, mean colour (recipes.md §2)
+    # stage 2: expand2square with the mean colour (`finetune.sh`: `--image_aspect_ratio pad`)
+    c.data.image_aspect_ratio = "pad"
     c.data.max_len = 2048  # --model_max_length 2048
     c.data.max_views = 1  # pad: one view per image
     c.data.group_by_length = True  # --group_by_modality_length True

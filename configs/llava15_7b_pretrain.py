@@ -2,7 +2,7 @@
 
 `--config=configs/llava15_7b_pretrain.py` (7B) or `...py:13b` (13B: same hyperparameters,
 the 13B preset). Source: haotian-liu/LLaVA `scripts/v1_5/pretrain.sh` and the README
-"Hyperparameters" table (shared/reference/recipes.md §2).
+"Hyperparameters" table.
 
 Data: `blip_laion_cc_sbu_558k.json` with the `square` image mode (center crop); the data
 pipeline's image mode is not a field of this config (see configs/README.md).
@@ -21,7 +21,8 @@ def get_config(arg=None):
     c = base_config()
     c.model.preset = SIZES[size]
     c.data.template = "plain"  # --version plain
-    c.data.image_aspect_ratio = "crop"  # stage 1: `square`, i.e. center crop (recipes.md §2)
+    c.data.image_aspect_ratio = "crop"  # stage 1: `square`, i.e. center crop (`pretrain.sh` sets no
+    # `--image_aspect_ratio`; `train.py`'s default `square` crops)
     c.data.max_len = 2048  # --model_max_length 2048
     c.data.max_views = 1  # one view per image
     c.data.group_by_length = False  # not set in pretrain.sh

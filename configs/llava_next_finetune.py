@@ -2,7 +2,7 @@
 
 `:vicuna-7b` (default), `:vicuna-13b` or `:mistral-7b`. The v1.6 training scripts were not
 released; what is known comes from the released `llava-v1.6-vicuna-*` config.json
-(shared/reference/recipes.md §3): `image_aspect_ratio anyres`, the 5 pinpoints,
+(`liuhaotian/llava-v1.6-vicuna-7b` on the hub): `image_aspect_ratio anyres`, the 5 pinpoints,
 `unfreeze_mm_vision_tower`, `mm_vision_tower_lr 2e-6`, `tokenizer_model_max_length 4096`.
 LR, batch size and grouping follow the LLaVA-1.5 finetune (unverified for v1.6).
 """

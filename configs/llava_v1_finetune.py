@@ -2,7 +2,8 @@
 
 `:80k` (default; `llava_instruct_80k.json`, 1 epoch, `scripts/finetune.sh`) or `:full`
 (`llava_instruct_158k.json`, 3 epochs, `scripts/finetune_full_schedule.sh`). Source:
-shared/reference/recipes.md §1. Architecture as in llava_v1_pretrain.py.
+haotian-liu/LLaVA `scripts/finetune.sh` and `scripts/finetune_full_schedule.sh`.
+Architecture as in llava_v1_pretrain.py.
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """LLaVA v1 (the original, not 1.5) stage 1: train the linear projector only.
 
-Source: haotian-liu/LLaVA `scripts/pretrain.sh` (shared/reference/recipes.md §1): CLIP
+Source: haotian-liu/LLaVA `scripts/pretrain.sh`: CLIP
 ViT-L/14 at 224 px (layer -2), Vicuna-7B v1.3, a single Linear connector.
 
 There is no preset for this model: it is the `llava-1.5-7b` preset with a 224 px tower, a

@@ -1,7 +1,7 @@
 """LLaVA-OneVision OneVision stage: single images, multi-image and video, from the SI model.
 
 `:0.5b`, `:7b` (default) or `:72b`. Source: LLaVA-VL/LLaVA-NeXT
-`scripts/train/finetune_ov.sh` (shared/reference/recipes.md §4): the SI hyperparameters on
+`scripts/train/finetune_ov.sh` (and `docs/LLaVA_OneVision.md`): the SI hyperparameters on
 `onevision.yaml`; multi-image samples are padded to one 729-token view each, videos take up
 to 32 frames (`frames_upbound 32`), which fits in the 37 views of an anyres_max_9 image.
 """

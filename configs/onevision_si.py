@@ -1,7 +1,7 @@
 """LLaVA-OneVision single-image stage: the whole model trains, the vision tower at 2e-6.
 
 `:0.5b`, `:7b` (default) or `:72b`. Source: LLaVA-VL/LLaVA-NeXT
-`scripts/train/finetune_si.sh` (shared/reference/recipes.md §4): template `qwen_1_5`,
+`scripts/train/finetune_si.sh` (and `scripts/train/README.md`): template `qwen_1_5`,
 `mm_tunable_parts=mm_vision_tower,mm_mlp_adapter,mm_language_model`, LR 1e-5, vision LR 2e-6,
 max length 32768, `anyres_max_9` with the (1x1)..(6x6) grid, global batch 256.
 """

@@ -1,7 +1,7 @@
 """LLaVA-OneVision stage 1: SigLIP + Qwen2, train the connector on BLIP-558K captions.
 
 `:0.5b`, `:7b` (default) or `:72b`. Source: LLaVA-VL/LLaVA-NeXT
-`scripts/train/pretrain_siglip.sh` (shared/reference/recipes.md §4): template `plain`,
+`scripts/train/pretrain_siglip.sh` (and `scripts/train/README.md`): template `plain`,
 `mm_tunable_parts=mm_mlp_adapter`, LR 1e-3, max length 8192, square images (one view; the
 image_newline is unused and frozen).
 """

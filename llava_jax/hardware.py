@@ -1,8 +1,8 @@
 """Peak bf16 FLOP/s and memory of the accelerators we report MFU against.
 
-Figures per chip from /shared/reference/performance.md §1 (Cloud TPU docs; NVIDIA
-datasheets). MFU is always divided by the peak of the chip that ran (or would run) the step,
-and never compared across chips.
+Figures per chip from the Cloud TPU docs (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e) and
+NVIDIA's H100 / H200 datasheets (989 TFLOP/s dense bf16). MFU is always divided by the peak
+of the chip that ran (or would run) the step, and never compared across chips.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""AnyRes geometry vs the tables in algorithms.md §6 and vs transformers' own functions."""
+"""AnyRes geometry vs tables derived from both references (transformers'
+`llava_next` / `llava_onevision` image processors and modeling files; haotian-liu/LLaVA and
+LLaVA-VL/LLaVA-NeXT `llava/mm_utils.py`, `llava/model/llava_arch.py`) and vs transformers'
+own functions."""
 
 import itertools
 from types import SimpleNamespace
@@ -54,8 +57,8 @@ def test_default_pinpoints_match_transformers():
     assert LlavaOnevisionImageProcessorPil.image_grid_pinpoints == OV["pinpoints"]
 
 
-# algorithms.md §6, LLaVA-NeXT: (H, W), HF canvas, grid, unpadded, HF tokens,
-# orig canvas, orig tokens.
+# LLaVA-NeXT, derived by running both references' geometry on these sizes:
+# (H, W), HF canvas, grid, unpadded, HF tokens, orig canvas, orig tokens.
 NEXT_TABLE = [
     ((336, 336), (336, 672), (1, 2), (24, 24), 1176, (672, 336), 1176),
     ((176, 110), (336, 672), (1, 2), (24, 16), 984, (672, 336), 1526),
@@ -85,7 +88,8 @@ def test_next_int_rounding_differs_for_704x1496():
     assert anyres.unpadded_shape((24, 72), (704, 1496), "round") == (0, 24, 10, 62)
 
 
-# algorithms.md §6, OneVision anyres_max_9: (H, W), best, grid, unpadded, resize target, tokens.
+# OneVision anyres_max_9 (transformers `llava_onevision`, the same way):
+# (H, W), best, grid, unpadded, resize target, tokens.
 OV_TABLE = [
     ((384, 384), (384, 384), (1, 1), (27, 27), None, 1485),
     ((100, 100), (384, 384), (1, 1), (27, 27), None, 1485),

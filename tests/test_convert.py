@@ -230,7 +230,8 @@ def original_spelling(key: str) -> str:
 
 
 def mixed_spelling(key: str) -> str:
-    """transformers 5 `save_pretrained` can revert only some renames (algorithms.md §9)."""
+    """transformers 5 `save_pretrained` can revert only some renames (its `conversion_mapping.py`
+    renames and `revert_weight_conversion`)."""
     key = legacy_spelling(key)
     return key.replace("vision_tower.vision_model.", "vision_tower.")
 

@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
-    """jax.distributed before anything touches a JAX backend (pitfalls.md §3)."""
+    """jax.distributed before anything touches a JAX backend (it raises "must be called
+    before any JAX calls that might initialise the XLA backend")."""
     import jax
 
     if args.coordinator:

@@ -1,6 +1,7 @@
 """The HF <-> JAX parameter mapping, one for all three families, used in both directions.
 
-HF checkpoints spell the same tensor several ways (algorithms.md §9): the llava-hf files
+HF checkpoints spell the same tensor several ways (transformers `conversion_mapping.py`
+and the v4.46 `convert_llava*_weights_to_hf.py` scripts): the llava-hf files
 (`language_model.model.*`, `vision_tower.vision_model.*`), transformers-5 module paths
 (`model.language_model.*`, `model.vision_tower.*`), and the original LLaVA / LLaVA-NeXT
 repositories (`model.layers.*`, `model.mm_projector.0.*`, `model.vision_tower.vision_tower.*`).

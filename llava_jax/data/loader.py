@@ -7,11 +7,12 @@
       -> transform (in `num_workers` processes); a SkipSample becomes a `Skipped` sentinel
       -> batcher (main process): counts and logs skips, pads or packs into `BatchShape`
 
-The batcher runs after `mp_prefetch`, so batches do not depend on the worker count's
-slicing (pitfalls.md §3), and it is the only stateful stage: its state is the upstream
-state from before the one sample it holds over (packing) plus the running totals, so a
-restored iterator re-reads that sample and yields exactly the batches an uninterrupted one
-would have.
+The batcher runs after `mp_prefetch`, so batches do not depend on the worker count's slicing
+(grain's `mp_prefetch` docstring, `_src/python/dataset/dataset.py`: with filtering or
+stateful transforms before it, its output "may change if `num_workers` is changed"), and it
+is the only stateful stage: its state is the upstream state from before the one sample it
+holds over (packing) plus the running totals, so a restored iterator re-reads that sample
+and yields exactly the batches an uninterrupted one would have.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The clean mode (`templates.render_spans` + `prompt.tokenize_spans`) trains each assistant reply
 and its end-of-turn token. This module reproduces what the original repositories train
-instead (algorithms.md §8), for parity runs, on the same token ids:
+instead (haotian-liu/LLaVA and
+LLaVA-VL/LLaVA-NeXT `llava/train/train.py`), for parity runs, on the same token ids:
 
 - `plain` (haotian-liu/LLaVA `train.py::preprocess_plain`): everything after
   `tokenizer("<image>")` is trained, i.e. the caption and its "\\n"; BOS and image ignored.

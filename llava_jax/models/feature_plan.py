@@ -1,7 +1,8 @@
 """Where each image token's feature comes from, computed on the host.
 
-Every family's feature packing (algorithms.md §5) is a fixed linear map from the projected
-view features to the image tokens: LLaVA-1.5 copies the 576 tokens of its one view; NeXT
+Every family's feature packing (transformers `pack_image_features` in `llava_next/` and
+`llava_onevision/modeling_*.py`) is a fixed linear map from the projected view features to
+the image tokens: LLaVA-1.5 copies the 576 tokens of its one view; NeXT
 copies the base view, then the unpadded crop grid row by row with `image_newline` after each
 row; OneVision also downsamples the grid bilinearly (anyres_max_N), gives a multi-image
 sample one view + one newline per image, and pools each video frame 27x27 -> 14x14 with one

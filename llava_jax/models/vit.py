@@ -4,9 +4,10 @@ Module and parameter names mirror HF `CLIPVisionModel` / `SiglipVisionModel`, so
 converter is a table. Axis legend: B images (views), P patches (+ CLS), D width, F MLP width,
 N heads, H head dim.
 
-Numerics (algorithms.md §1): CLIP uses quick_gelu, LayerNorm eps 1e-5, a CLS token and
-`pre_layrnorm`; SigLIP uses tanh-GELU, eps 1e-6, no CLS, no pre-norm. `post_layernorm` is
-held only so checkpoints round-trip: LLaVA reads `hidden_states`, which never pass it.
+Numerics (transformers `clip/modeling_clip.py`, `siglip/modeling_siglip.py`): CLIP uses
+quick_gelu, LayerNorm eps 1e-5, a CLS token and `pre_layrnorm`; SigLIP uses tanh-GELU, eps
+1e-6, no CLS, no pre-norm. `post_layernorm` is held only so checkpoints round-trip: LLaVA
+reads `hidden_states`, which never pass it.
 """
 
 from __future__ import annotations

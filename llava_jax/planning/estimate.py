@@ -42,7 +42,8 @@ from llava_jax.train import config_loader, flops
 from llava_jax.train.state import abstract_state, labels_for
 from llava_jax.train.step import batch_sharding, make_train_step
 
-# HBM bandwidth per chip, bytes/s (performance.md §1), for the roofline cross-check.
+# HBM bandwidth per chip, bytes/s, for the roofline cross-check (Cloud TPU docs, the v4 / v5e
+# / v5p / v6e system-architecture pages).
 HBM_BANDWIDTH = {"TPU v4": 1200e9, "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v6e": 1638e9}
 # A schedule length for the compile: it only fixes constants of the LR schedule.
 _PLAN_STEPS = 1000
@@ -118,7 +119,7 @@ class Plan:
     memory: Memory | None
     error: str | None  # XLA's out-of-memory text, or why the configuration is invalid
     cost: Cost | None
-    model_flops: float  # performance.md §3 convention, padded batch, whole step
+    model_flops: float  # `train/flops.py` convention, padded batch, whole step
     compile_seconds: float
 
     @property
@@ -325,7 +326,7 @@ def _direct_cost(compiled, chip: Chip) -> Cost:
 
 
 def model_flops(model_cfg: LlavaConfig, config, shape: BatchShape) -> float:
-    """performance.md §3 model FLOPs of one optimizer step on the padded global batch."""
+    """Model FLOPs (`train/flops.py`) of one optimizer step on the padded global batch."""
     labels = labels_for(model_cfg, config)
     return flops.train_flops_per_step(
         model_cfg,

@@ -1,7 +1,8 @@
 """Training checkpoints: the whole resumable state in one orbax step directory.
 
 Each step directory holds three items, written together and committed atomically by orbax
-(a temporary directory renamed into place, or `commit_success.txt` on GCS; pitfalls.md §2):
+(a temporary directory renamed into place, or `commit_success.txt` on GCS; orbax
+`_src/path/atomicity.py`):
 
   state/  the TrainState pytree (params, optimizer state, step), sharded as in training
   data/   the Grain iterator state, one `process_{i}-of-{n}.json` per process
@@ -43,7 +44,8 @@ class Checkpointer:
             save_decision_policy=policies.AnySavePolicy(
                 [
                     policies.FixedIntervalPolicy(save_every),
-                    # A custom policy must name preemption itself (pitfalls.md §2).
+                    # A custom policy must name preemption itself (orbax
+                    # `_src/checkpoint_managers/save_decision_policy.py`).
                     policies.PreemptionCheckpointingPolicy(),
                 ]
             ),

@@ -24,7 +24,8 @@ import ml_collections
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 
-# Trainable-parameter patterns of the papers' stages (recipes.md §5).
+# Trainable-parameter patterns of the papers' stages (haotian-liu/LLaVA
+# `scripts/v1_5/*.sh`; LLaVA-VL/LLaVA-NeXT `llava/train/train.py`, `mm_tunable_parts`).
 CONNECTOR = ("multi_modal_projector/.*",)
 CONNECTOR_AND_LLM = ("multi_modal_projector/.*", "language_model/.*")
 # OneVision `mm_tunable_parts=mm_vision_tower,mm_mlp_adapter,mm_language_model`: everything,

@@ -1,4 +1,6 @@
-"""Model FLOPs of one train step, counted as performance.md §3 says (MaxText's convention).
+"""Model FLOPs of one train step, counted with MaxText's convention
+(AI-Hypercomputer/maxtext `maxtext_utils.py`: `calculate_tflops_training_per_device`, and
+`calculate_gemma3_vision_layers_tflops_per_device` for a frozen vision encoder).
 
 A part that trains counts 3x its forward FLOPs (forward + two backward matmuls). The frozen
 vision tower counts 1x (forward only: nothing before it needs gradients). A frozen LLM in

@@ -59,7 +59,9 @@ HF_ASSET_FILES = (
     "generation_config.json",
 )
 # Fields that must not change between a checkpoint and a resumed run: the data order and
-# the meaning of a step depend on them (pitfalls.md §3).
+# the meaning of a step depend on them (MaxText's Grain guide,
+# `docs/guides/data_input_pipeline/data_input_grain.md`: a changed batch size skips or
+# duplicates data).
 RESUME_KEYS = (
     "data.train",
     "data.seed",

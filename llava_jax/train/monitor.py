@@ -47,7 +47,7 @@ class Monitor:
         peak_flops: float | None = None,
     ):
         self.total_steps = total_steps
-        self.flops_per_step = flops_per_step  # model FLOPs of one step (performance.md §3)
+        self.flops_per_step = flops_per_step  # model FLOPs of one step (`train/flops.py`)
         self.peak_flops = peak_flops  # of all chips together; None on CPUs
         self.enabled = enabled
         self.stream = stream or sys.stderr
