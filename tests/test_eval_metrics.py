@@ -13,6 +13,7 @@ from llava_jax.eval.metrics import (
     mme_subtask_score,
     relative_score,
     textvqa_accuracy,
+    vizwiz_accuracy,
     vqa_accuracy,
 )
 from llava_jax.eval.normalize import (
@@ -100,19 +101,45 @@ def test_leave_one_out_accuracy(matches, want):
     assert _official_loop("cat", humans) == pytest.approx(want)
 
 
-def test_vqa_accuracy_normalises_the_answer_always_and_humans_only_when_they_disagree():
-    # The answer is always normalised in full, as vqaEval.py does: case, punctuation.
-    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("Cat.", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)
-    # Unanimous humans are compared as they are: "two" is never turned into "2".
-    assert vqa_accuracy("2", ["two"] * 10) == 0.0
-    assert vqa_accuracy(" two\n", ["two"] * 10) == 0.0  # the answer becomes "2"
-    # Disagreeing humans get the punctuation step only: "cat." matches, "the cat" does not.
-    assert vqa_accuracy("cat", ["cat."] * 3 + ["dog"] * 7) == pytest.approx(0.9)
-    assert vqa_accuracy("cat", ["the cat", "a cat", "cat"] + ["dog"] * 7) == pytest.approx(0.3)
-    # Numbers as words in the answer become digits.
-    assert vqa_accuracy("two", ["2"] * 9 + ["3"]) == pytest.approx(1.0)
-    assert vqa_accuracy("Three", ["2"] * 9 + ["3"]) == pytest.approx(0.3)
+# (prediction, human answers, accuracy × 100) as GT-Vision-Lab/VQA vqaEval.py at a013f00 (2021)
+# computes them (`VQAEval.evaluate`, run on each case; values copied from its `evalQA`).
+VQA_OFFICIAL = [
+    ("two", ["two"] * 4 + ["2"] * 2 + ["3"] * 4, 100.0),  # the 2016 script: 60
+    ("none", ["nothing"] * 5 + ["none"] * 5, 100.0),  # the 2016 script: 0
+    ("Yes", ["yes"] * 10, 0.0),  # agreeing humans: nothing is normalised
+    ("yes", ["yes"] * 10, 100.0),
+    (" two\n", ["two"] * 10, 100.0),  # whitespace is always stripped
+    ("2", ["two"] * 10, 0.0),
+    ("cat", ["cat."] * 3 + ["dog"] * 7, 90.0),
+    ("cat", ["the cat", "a cat", "cat"] + ["dog"] * 7, 90.0),  # the 2016 script: 30
+    ("two", ["2"] * 9 + ["3"], 100.0),
+    ("Three", ["2"] * 9 + ["3"], 30.0),
+    ("Cat.", ["cat"] + ["dog"] * 9, 30.0),
+]
+
+
+@pytest.mark.parametrize("answer, humans, want", VQA_OFFICIAL)
+def test_vqa_accuracy_matches_the_2021_official_script(answer, humans, want):
+    assert 100 * vqa_accuracy(answer, humans) == pytest.approx(want)
+
+
+# The VizWiz evaluator (vizwiz.org, vqaEval.py `VQAEval`), run on each case: the prediction
+# normalised in full, the human answers compared raw.
+VIZWIZ_OFFICIAL = [
+    ("coca cola", ["coca-cola"] * 5 + ["coke"] * 5, 0.0),  # ours used to say 100
+    ("T-shirt", ["t-shirt"] * 10, 0.0),
+    ("Dr. Pepper", ["dr. pepper"] * 10, 0.0),
+    ("dr pepper", ["dr pepper"] * 10, 100.0),
+    ("blue/white", ["blue/white"] * 10, 0.0),
+    ("blue white", ["blue/white"] * 4 + ["blue"] * 6, 0.0),
+    ("unanswerable", ["unanswerable"] * 10, 100.0),
+    ("Two", ["2"] * 10, 100.0),
+]
+
+
+@pytest.mark.parametrize("answer, humans, want", VIZWIZ_OFFICIAL)
+def test_vizwiz_accuracy_matches_the_official_evaluator(answer, humans, want):
+    assert 100 * vizwiz_accuracy(answer, humans) == pytest.approx(want)
 
 
 def test_textvqa_accuracy_normalises_both_sides():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from llava_jax.eval.normalize import evalai_answer, normalize_vqa, process_punctuation
+from llava_jax.eval.normalize import evalai_answer, normalize_vqa, strip_whitespace
 
 
 def percent(hits: Iterable[float]) -> float | None:
@@ -35,18 +35,29 @@ def leave_one_out_accuracy(answer: str, humans: Sequence[str]) -> float:
 
 
 def vqa_accuracy(answer: str, humans: Sequence[str]) -> float:
-    """The official VQA accuracy (GT-Vision-Lab/VQA `vqaEval.py`) of one submitted answer.
+    """The official VQA accuracy of one submitted answer, as GT-Vision-Lab/VQA
+    `PythonEvaluationTools/vqaEvaluation/vqaEval.py` computes it since commit a013f00 (2021,
+    "Fixed processing answers bug").
 
-    As the script does, the answer is always normalised in full (whitespace, punctuation,
-    lower case, number words, articles, contractions); the human answers only go through the
-    punctuation step, and only when they disagree (the released annotations are already in
-    normal form). Submit answers through `evalai_answer` (LLaVA does) so that this rarely
-    matters.
+    Both sides lose newlines, tabs and outer spaces. When the human answers disagree, the
+    answer and every human answer are normalised in full (punctuation, lower case, number
+    words, articles, contractions); when they agree, nothing is normalised and the answer must
+    equal theirs exactly. (The 2016 script normalised the answer always and the humans with
+    the punctuation step only.) Submit answers through `evalai_answer`, as LLaVA does.
     """
-    answer = normalize_vqa(answer)
+    answer = strip_whitespace(answer)
+    humans = [strip_whitespace(h) for h in humans]
     if len(set(humans)) > 1:
-        humans = [process_punctuation(h) for h in humans]
+        answer = normalize_vqa(answer)
+        humans = [normalize_vqa(h) for h in humans]
     return leave_one_out_accuracy(answer, humans)
+
+
+def vizwiz_accuracy(answer: str, humans: Sequence[str]) -> float:
+    """VizWiz's own evaluator (the `vqaEval.py` of vizwiz.org/tasks-and-datasets/vqa, class
+    `VQAEval` by Qing Li): the answer is normalised in full, the human answers are compared
+    as they are in the annotations (so "coca cola" does not match "coca-cola")."""
+    return leave_one_out_accuracy(normalize_vqa(answer), list(humans))
 
 
 def textvqa_accuracy(answer: str, humans: Sequence[str]) -> float:
