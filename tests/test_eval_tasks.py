@@ -13,6 +13,7 @@ import pytest
 from llm_server import FakeLLM
 
 from llava_jax.eval import TASKS, EvalDataError
+from llava_jax.eval.mme import PERCEPTION
 from llava_jax.eval.runner import evaluate
 from llava_jax.llm_client import ChatClient
 
@@ -148,6 +149,34 @@ def test_mme(tmp_path):
         {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
     )
     assert m["cognition"]["score"] == pytest.approx(3 * 200 + 50)
+
+
+def test_mme_reads_the_release_layout_and_asks_as_llava_mme_jsonl(tmp_path):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    assert (data / "artwork/questions_answers_YN/0001.txt").is_file()  # the release's name
+    samples = {s.question_id: s for s in TASKS["mme"]().samples(data, "perception")}
+    # Every perception subtask, the five with images/ + questions_answers_YN/ included.
+    assert {q.split("/")[0] for q in samples} == set(PERCEPTION)
+    assert samples["artwork/0001/0"].text == (
+        "<image>\nIs this a cat?\nAnswer the question using a single word or phrase."
+    )
+
+
+@pytest.mark.parametrize("subtask", ["artwork", "OCR"])
+def test_mme_missing_subtask_questions_is_an_error(tmp_path, subtask):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    texts = data / subtask / ("questions_answers_YN" if subtask == "artwork" else "")
+    for txt in texts.glob("*.txt"):
+        txt.unlink()
+    with pytest.raises(EvalDataError, match=f"{subtask}: no question files"):
+        TASKS["mme"]().samples(data, "all")
+
+
+def test_mme_old_folder_name_is_not_read_as_a_smaller_sum(tmp_path):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    (data / "scene/questions_answers_YN").rename(data / "scene/questions_answer_YES_NO")
+    with pytest.raises(EvalDataError, match="scene: no question files"):
+        TASKS["mme"]().samples(data, "perception")
 
 
 def test_mmbench_circular(tmp_path):
