@@ -77,6 +77,22 @@ def test_gqa(tmp_path):
     assert preds[0] == {"questionId": "201", "prediction": "yes"}
 
 
+def test_gqa_scores_only_balanced_questions_as_the_official_script(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+    questions = json.loads((data / "testdev_balanced_questions.json").read_text())
+    questions["203"]["isBalanced"] = False  # a testdev_all question outside the balanced set
+    (data / "testdev_all_questions.json").write_text(json.dumps(questions))
+    answers = {"201": "Yes.", "202": "right", "203": "table"}
+    _, m = run("gqa", data, tmp_path / "out", answers, split="testdev_all")
+    assert m["accuracy"] == 50.0 and m["scored_questions"] == 2  # 203 (right) is not scored
+    preds = json.loads((tmp_path / "out/gqa_testdev_all_predictions.json").read_text())
+    assert len(preds) == 3  # but it is answered
+    del questions["203"]["isBalanced"]
+    (data / "testdev_all_questions.json").write_text(json.dumps(questions))
+    with pytest.raises(EvalDataError, match="question 203: no field 'isBalanced'"):
+        run("gqa", data, tmp_path / "out2", answers, split="testdev_all")
+
+
 def test_textvqa(tmp_path):
     data = fx.make_textvqa(tmp_path / "textvqa")
     _, m = run("textvqa", data, tmp_path / "out", {"1": "coca cola", "2": "STOP!"})
