@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_jax.eval.answers import mme_yes_no, option_letter, pope_yes_no
+from llava_jax.eval.answers import mmbench_letter, mme_yes_no, pope_yes_no, scienceqa_letter
 from llava_jax.eval.metrics import (
     binary_metrics,
     circular_accuracy,
@@ -153,27 +153,42 @@ def test_gqa_normalisation():
     assert normalize_gqa(" Yes.") == "yes" and normalize_gqa("left") == "left"
 
 
-@pytest.mark.parametrize(
-    "text, want",
-    [
-        ("A", "A"),
-        ("B.", "B"),
-        ("(C) a cat", "C"),
-        ("C) a cat", "C"),
-        ("D: the cat", "D"),
-        ("The answer is B.", "B"),
-        ("I think the answer is (C).", "C"),
-        ("Answer: D", "D"),
-        ("A dog", None),  # the article, not option A
-        ("The answer is E.", None),  # only four options
-        ("The answer is A. No, the answer is B.", None),  # two different letters
-        ("cat", "B"),  # the text of one option
-        ("Cat.", "B"),
-        ("something else", None),
-    ],
-)
-def test_option_letter(text, want):
-    assert option_letter(text, ["dog", "cat", "bird", "fish"]) == want
+# What LLaVA's llava/eval/eval_science_qa.py reads (its main loop, run on each case with four
+# choices; None is its "FAILED", always wrong).
+SCIENCEQA_OFFICIAL = [
+    ("A", "A"), ("B. Texas", "B"), ("A. ", "A"), ("The answer is B.", "B"),
+    ("I think The answer is C, yes", "C"),  # its "." matches any character
+    ("B.", None), ("(A)", None), ("B) Texas", None), ("answer: C", None), ("Texas", None),
+    ("The answer is B", None), ("the answer is B.", None), ("A.Texas", None), (" B", None),
+    ("The answer is A. The answer is B.", None), ("The answer is E.", None), ("E", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, want", SCIENCEQA_OFFICIAL)
+def test_scienceqa_letter_reads_only_what_the_official_script_reads(text, want):
+    assert scienceqa_letter(text, 4) == want
+
+
+# VLMEvalKit's `can_infer` (vlmeval/utils/matching_util.py at e8e78f0), run on each case with
+# the options dog, cat, cow, bird; None is its False.
+MMBENCH_OFFICIAL = [
+    ("A is correct", "A"), ("**B**", "B"), ("Option B", "B"), ("C, cow", "C"), ("B,", "B"),
+    ("B.", "B"), ("(C)", "C"), ("A cow", "A"), ("It is a cow.", "C"), ("cat", "B"),
+    ("C cow is it not B", "C"),  # two letters: the option text decides
+    ("The answer is A. No, B.", "A"),
+    ("The correct answer is **D** because blah blah blah blah", "D"),
+    ("Sorry, I can't help with images of people yet.", "Z"), ("Z", "Z"),
+    ("I cannot tell, Z.", "Z"),
+    ("I think it is a cow in the picture", None),  # longer than twice the options' text
+    ("A dog is sitting there and it is big", None),  # "A" too far from the end
+    ("It is a cat or a dog", None), ("X", None),
+    ("Failed to obtain answer via API: cow", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, want", MMBENCH_OFFICIAL)
+def test_mmbench_letter_matches_vlmevalkit_exact_matching(text, want):
+    assert mmbench_letter(text, ["dog", "cat", "cow", "bird"]) == want
 
 
 @pytest.mark.parametrize(

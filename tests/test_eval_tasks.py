@@ -38,7 +38,7 @@ def test_scienceqa(tmp_path):
     )
     assert samples[1].images == (data / "images/test/p2/image.png",)
     assert samples[3].images == () and "<image>" not in samples[3].text
-    answers = {"p1": "The answer is B.", "p2": "B", "p3": "A.", "p4": "b1"}
+    answers = {"p1": "The answer is B.", "p2": "B", "p3": "A", "p4": "B. b1"}
     report, m = run("scienceqa", data, tmp_path / "out", answers, split="test")
     want = {"NAT": 50.0, "SOC": 100.0, "LAN": 100.0, "TXT": 50.0, "IMG": 50.0, "NO": 100.0,
             "G1-6": 100.0, "G7-12": 50.0, "Avg": 75.0}  # fmt: skip
@@ -48,6 +48,14 @@ def test_scienceqa(tmp_path):
     # The image split (the default): only p1 and p2.
     _, m = run("scienceqa", data, tmp_path / "out-img", answers)
     assert m["questions"] == 2 and m["accuracy"] == 50.0 and m["table"]["NO"] is None
+
+
+def test_scienceqa_reads_answers_as_llava_eval_science_qa(tmp_path):
+    data = fx.make_scienceqa(tmp_path / "sqa")
+    # Right in substance, but not a form the official script reads: wrong there, and here.
+    answers = {"p1": "The answer is B", "p2": "(B)", "p3": "A.", "p4": "b1"}
+    _, m = run("scienceqa", data, tmp_path / "out", answers, split="test")
+    assert m["accuracy"] == 0.0 and m["unparsed"] == 4
 
 
 def test_vqav2_val_and_test_dev_submission(tmp_path):
@@ -210,6 +218,10 @@ def test_mmbench_circular(tmp_path):
     _, m = run("mmbench", data, tmp_path / "out", answers)
     assert m["circular_accuracy"] == 50.0 and m["first_pass_accuracy"] == 100.0
     assert m["by_l2_category"] == {"perception": 0.0, "reasoning": 100.0}
+    # VLMEvalKit's exact matching reads each of these forms (the old reader none of them).
+    answers.update({"10/0": "**B**", "10/1": "cat is right", "10/2": "Option C"})
+    _, m = run("mmbench", data, tmp_path / "out2", answers)
+    assert m["circular_accuracy"] == 100.0 and m["unparsed"] == 0
 
 
 def test_mmbench_released_rotations_are_asked_as_given_and_grouped(tmp_path):
@@ -271,10 +283,15 @@ def test_mmbench_test_split_writes_a_submission(tmp_path):
     tsv = tsv.replace("\tA\ttime", "\t\ttime")
     (data / "mmbench_test_20230712.tsv").write_text(tsv)
     answers = {"10/0": "B", "10/1": "A", "10/2": "A", "11/0": "A", "11/1": "B"}
+    answers["11/0"] = "I would say it is day."  # no letter: the server's matcher decides
     _, m = run("mmbench", data, tmp_path / "out", answers, split="test")
     with open(m["submission"]) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    assert [(r["index"], r["prediction"]) for r in rows] == [("10", "B"), ("11", "A")]
+    # The raw answers under the TSV's own questions, as LLaVA's converter submits them.
+    assert [(r["index"], r["question"], r["prediction"]) for r in rows] == [
+        ("10", "Which animal?", "B"),
+        ("11", "Is it day?", "I would say it is day."),
+    ]
 
 
 def judge_reply(body):
