@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llava_jax.eval.answers import mmbench_letter, mme_yes_no, pope_yes_no, scienceqa_letter
+from llava_jax.eval.judge import parse_score_pair, parse_unit_score
 from llava_jax.eval.metrics import (
     binary_metrics,
     circular_accuracy,
@@ -239,10 +240,45 @@ def test_circular_accuracy():
 
 
 def test_relative_score_and_spread():
-    assert relative_score([6, 8], [8, 8]) == pytest.approx(87.5)
+    assert relative_score([(8, 6), (8, 8)]) == pytest.approx(87.5)
     assert mean_std([80.0, 90.0]) == pytest.approx((85.0, 5.0))
     with pytest.raises(ValueError):
-        relative_score([1], [0])
+        relative_score([(0, 1)])
+
+
+# LLaVA's eval_gpt_review_bench.py::parse_score and summarize_gpt_review.py, run on each case.
+LLAVA_BENCH_PARSE_OFFICIAL = [
+    ("8 6\nAssistant 1 was ...", (8.0, 6.0)), ("8,6", (8.0, 6.0)), ("7.5 9", (7.5, 9.0)),
+    ("Assistant 1: 8\nAssistant 2: 6", None),  # we used to read (1, 8)
+    ("8  6", None), ("8, 6", None), ("8 6 ", None), ("8/10 6/10", None), ("Scores: 8 6", None),
+    ("\n8 6", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reply, want", LLAVA_BENCH_PARSE_OFFICIAL)
+def test_llava_bench_reply_is_parsed_as_llava_does(reply, want):
+    assert parse_score_pair(reply) == want
+
+
+def test_llava_bench_relative_score_as_llava_summary():
+    # Three reviews, one unreadable ([-1, -1]): means (5.0, 4.333) -> 86.66 (summary: 86.7).
+    assert relative_score([(8, 6), (8, 8), (-1, -1)]) == pytest.approx(100 * 4.333 / 5.0)
+    # Means rounded to 3 decimals before dividing: (7.6667, 6.3333) -> 6.333 / 7.667.
+    assert relative_score([(8, 6), (7, 7), (8, 6)]) == pytest.approx(100 * 6.333 / 7.667)
+
+
+# MM-Vet's mm-vet_evaluator.py: `float(content.split(" ")[0].strip())` in [0, 1], else asked
+# again (None here).
+MMVET_PARSE_OFFICIAL = [
+    ("0.7", 0.7), (".5", 0.5), ("1.0 because it is right", 1.0), ("0.3\n", 0.3), ("0", 0.0),
+    ("Correctness: 0.7", None), (" 0.8", None), ("1.5", None), ("-0.1", None), ("0.5,", None),
+    ("wrong", None), ("", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reply, want", MMVET_PARSE_OFFICIAL)
+def test_mmvet_grade_is_parsed_as_the_official_evaluator(reply, want):
+    assert parse_unit_score(reply) == want
 
 
 def test_scienceqa_table():

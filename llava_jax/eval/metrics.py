@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from llava_jax.eval.normalize import evalai_answer, normalize_vqa, strip_whitespace
 
 
@@ -121,14 +123,18 @@ def circular_accuracy(passes: Mapping[str, Sequence[bool]]) -> float | None:
 # -- LLM-judged benchmarks -----------------------------------------------------------------------
 
 
-def relative_score(model_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
-    """LLaVA-Bench: mean(model score) / mean(reference answer score) × 100."""
-    if not model_scores or len(model_scores) != len(reference_scores):
-        raise ValueError("relative_score needs as many model as reference scores, at least one")
-    reference = sum(reference_scores) / len(reference_scores)
+def relative_score(pairs: Sequence[tuple[float, float]]) -> float:
+    """LLaVA-Bench, as LLaVA's `llava/eval/summarize_gpt_review.py` computes it from
+    (reference score, model score) pairs: each mean rounded to 3 decimals, then
+    mean(model) / mean(reference) × 100. An unreadable judge reply enters as (-1, -1), as
+    `eval_gpt_review_bench.py::parse_score` writes it.
+    """
+    if not pairs:
+        raise ValueError("relative_score of no judged answers")
+    reference, model = (round(float(m), 3) for m in np.asarray(pairs, np.float64).mean(0))
     if reference == 0:
         raise ValueError("the reference answers scored 0 on average")
-    return 100.0 * (sum(model_scores) / len(model_scores)) / reference
+    return 100.0 * model / reference
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
