@@ -1,7 +1,8 @@
 """Benchmark metrics as pure functions of predictions and ground truth.
 
 Every function here is checked against hand-computed values in tests/test_eval_metrics.py.
-Percentages are returned as floats in [0, 100]; nothing is rounded until a table prints it.
+Percentages are returned as floats in [0, 100]; nothing is rounded until a table prints it,
+except where an official scorer rounds on the way (LLaVA-Bench's means).
 """
 
 from __future__ import annotations
