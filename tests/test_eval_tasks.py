@@ -139,6 +139,18 @@ def test_vizwiz(tmp_path):
     assert sub[0] == {"image": "VizWiz_val_00000000.jpg", "answer": "unanswerable"}
 
 
+def test_vizwiz_compares_with_the_raw_human_answers(tmp_path):
+    data = fx.make_vizwiz(tmp_path / "vizwiz")
+    rows = json.loads((data / "Annotations/val.json").read_text())
+    rows[1]["answers"] = [{"answer": a} for a in ["coca-cola"] * 5 + ["coke"] * 5]
+    (data / "Annotations/val.json").write_text(json.dumps(rows))
+    answers = {"VizWiz_val_00000000": "unanswerable", "VizWiz_val_00000001": "Coca-Cola",
+               "VizWiz_val_00000002": "yes"}  # fmt: skip
+    _, m = run("vizwiz", data, tmp_path / "out", answers)
+    # Submitted as "coca cola" (EvalAI's processor); VizWiz's evaluator: no match (0).
+    assert m["by_answer_type"]["other"] == 0.0 and m["accuracy"] == pytest.approx(200 / 3)
+
+
 def test_pope(tmp_path):
     data = fx.make_pope(tmp_path / "pope")
     answers = {
