@@ -150,7 +150,7 @@ def make_mme(root: Path) -> Path:
     for i, subtask in enumerate(PERCEPTION + COGNITION):
         folder = root / subtask
         if subtask in MME_SPLIT_LAYOUT:
-            texts, images = folder / "questions_answer_YES_NO", folder / "images"
+            texts, images = folder / "questions_answers_YN", folder / "images"
         else:
             texts = images = folder
         texts.mkdir(parents=True, exist_ok=True)

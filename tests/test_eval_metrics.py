@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_jax.eval.answers import mme_yes_no, option_letter, pope_yes_no
+from llava_jax.eval.answers import mmbench_letter, mme_yes_no, pope_yes_no, scienceqa_letter
+from llava_jax.eval.judge import parse_score_pair, parse_unit_score
 from llava_jax.eval.metrics import (
     binary_metrics,
     circular_accuracy,
@@ -13,6 +14,7 @@ from llava_jax.eval.metrics import (
     mme_subtask_score,
     relative_score,
     textvqa_accuracy,
+    vizwiz_accuracy,
     vqa_accuracy,
 )
 from llava_jax.eval.normalize import (
@@ -100,19 +102,45 @@ def test_leave_one_out_accuracy(matches, want):
     assert _official_loop("cat", humans) == pytest.approx(want)
 
 
-def test_vqa_accuracy_normalises_the_answer_always_and_humans_only_when_they_disagree():
-    # The answer is always normalised in full, as vqaEval.py does: case, punctuation.
-    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("Cat.", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)
-    # Unanimous humans are compared as they are: "two" is never turned into "2".
-    assert vqa_accuracy("2", ["two"] * 10) == 0.0
-    assert vqa_accuracy(" two\n", ["two"] * 10) == 0.0  # the answer becomes "2"
-    # Disagreeing humans get the punctuation step only: "cat." matches, "the cat" does not.
-    assert vqa_accuracy("cat", ["cat."] * 3 + ["dog"] * 7) == pytest.approx(0.9)
-    assert vqa_accuracy("cat", ["the cat", "a cat", "cat"] + ["dog"] * 7) == pytest.approx(0.3)
-    # Numbers as words in the answer become digits.
-    assert vqa_accuracy("two", ["2"] * 9 + ["3"]) == pytest.approx(1.0)
-    assert vqa_accuracy("Three", ["2"] * 9 + ["3"]) == pytest.approx(0.3)
+# (prediction, human answers, accuracy × 100) as GT-Vision-Lab/VQA vqaEval.py at a013f00 (2021)
+# computes them (`VQAEval.evaluate`, run on each case; values copied from its `evalQA`).
+VQA_OFFICIAL = [
+    ("two", ["two"] * 4 + ["2"] * 2 + ["3"] * 4, 100.0),  # the 2016 script: 60
+    ("none", ["nothing"] * 5 + ["none"] * 5, 100.0),  # the 2016 script: 0
+    ("Yes", ["yes"] * 10, 0.0),  # agreeing humans: nothing is normalised
+    ("yes", ["yes"] * 10, 100.0),
+    (" two\n", ["two"] * 10, 100.0),  # whitespace is always stripped
+    ("2", ["two"] * 10, 0.0),
+    ("cat", ["cat."] * 3 + ["dog"] * 7, 90.0),
+    ("cat", ["the cat", "a cat", "cat"] + ["dog"] * 7, 90.0),  # the 2016 script: 30
+    ("two", ["2"] * 9 + ["3"], 100.0),
+    ("Three", ["2"] * 9 + ["3"], 30.0),
+    ("Cat.", ["cat"] + ["dog"] * 9, 30.0),
+]
+
+
+@pytest.mark.parametrize("answer, humans, want", VQA_OFFICIAL)
+def test_vqa_accuracy_matches_the_2021_official_script(answer, humans, want):
+    assert 100 * vqa_accuracy(answer, humans) == pytest.approx(want)
+
+
+# The VizWiz evaluator (vizwiz.org, vqaEval.py `VQAEval`), run on each case: the prediction
+# normalised in full, the human answers compared raw.
+VIZWIZ_OFFICIAL = [
+    ("coca cola", ["coca-cola"] * 5 + ["coke"] * 5, 0.0),  # ours used to say 100
+    ("T-shirt", ["t-shirt"] * 10, 0.0),
+    ("Dr. Pepper", ["dr. pepper"] * 10, 0.0),
+    ("dr pepper", ["dr pepper"] * 10, 100.0),
+    ("blue/white", ["blue/white"] * 10, 0.0),
+    ("blue white", ["blue/white"] * 4 + ["blue"] * 6, 0.0),
+    ("unanswerable", ["unanswerable"] * 10, 100.0),
+    ("Two", ["2"] * 10, 100.0),
+]
+
+
+@pytest.mark.parametrize("answer, humans, want", VIZWIZ_OFFICIAL)
+def test_vizwiz_accuracy_matches_the_official_evaluator(answer, humans, want):
+    assert 100 * vizwiz_accuracy(answer, humans) == pytest.approx(want)
 
 
 def test_textvqa_accuracy_normalises_both_sides():
@@ -126,27 +154,42 @@ def test_gqa_normalisation():
     assert normalize_gqa(" Yes.") == "yes" and normalize_gqa("left") == "left"
 
 
-@pytest.mark.parametrize(
-    "text, want",
-    [
-        ("A", "A"),
-        ("B.", "B"),
-        ("(C) a cat", "C"),
-        ("C) a cat", "C"),
-        ("D: the cat", "D"),
-        ("The answer is B.", "B"),
-        ("I think the answer is (C).", "C"),
-        ("Answer: D", "D"),
-        ("A dog", None),  # the article, not option A
-        ("The answer is E.", None),  # only four options
-        ("The answer is A. No, the answer is B.", None),  # two different letters
-        ("cat", "B"),  # the text of one option
-        ("Cat.", "B"),
-        ("something else", None),
-    ],
-)
-def test_option_letter(text, want):
-    assert option_letter(text, ["dog", "cat", "bird", "fish"]) == want
+# What LLaVA's llava/eval/eval_science_qa.py reads (its main loop, run on each case with four
+# choices; None is its "FAILED", always wrong).
+SCIENCEQA_OFFICIAL = [
+    ("A", "A"), ("B. Texas", "B"), ("A. ", "A"), ("The answer is B.", "B"),
+    ("I think The answer is C, yes", "C"),  # its "." matches any character
+    ("B.", None), ("(A)", None), ("B) Texas", None), ("answer: C", None), ("Texas", None),
+    ("The answer is B", None), ("the answer is B.", None), ("A.Texas", None), (" B", None),
+    ("The answer is A. The answer is B.", None), ("The answer is E.", None), ("E", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, want", SCIENCEQA_OFFICIAL)
+def test_scienceqa_letter_reads_only_what_the_official_script_reads(text, want):
+    assert scienceqa_letter(text, 4) == want
+
+
+# VLMEvalKit's `can_infer` (vlmeval/utils/matching_util.py at e8e78f0), run on each case with
+# the options dog, cat, cow, bird; None is its False.
+MMBENCH_OFFICIAL = [
+    ("A is correct", "A"), ("**B**", "B"), ("Option B", "B"), ("C, cow", "C"), ("B,", "B"),
+    ("B.", "B"), ("(C)", "C"), ("A cow", "A"), ("It is a cow.", "C"), ("cat", "B"),
+    ("C cow is it not B", "C"),  # two letters: the option text decides
+    ("The answer is A. No, B.", "A"),
+    ("The correct answer is **D** because blah blah blah blah", "D"),
+    ("Sorry, I can't help with images of people yet.", "Z"), ("Z", "Z"),
+    ("I cannot tell, Z.", "Z"),
+    ("I think it is a cow in the picture", None),  # longer than twice the options' text
+    ("A dog is sitting there and it is big", None),  # "A" too far from the end
+    ("It is a cat or a dog", None), ("X", None),
+    ("Failed to obtain answer via API: cow", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, want", MMBENCH_OFFICIAL)
+def test_mmbench_letter_matches_vlmevalkit_exact_matching(text, want):
+    assert mmbench_letter(text, ["dog", "cat", "cow", "bird"]) == want
 
 
 @pytest.mark.parametrize(
@@ -197,10 +240,45 @@ def test_circular_accuracy():
 
 
 def test_relative_score_and_spread():
-    assert relative_score([6, 8], [8, 8]) == pytest.approx(87.5)
+    assert relative_score([(8, 6), (8, 8)]) == pytest.approx(87.5)
     assert mean_std([80.0, 90.0]) == pytest.approx((85.0, 5.0))
     with pytest.raises(ValueError):
-        relative_score([1], [0])
+        relative_score([(0, 1)])
+
+
+# LLaVA's eval_gpt_review_bench.py::parse_score and summarize_gpt_review.py, run on each case.
+LLAVA_BENCH_PARSE_OFFICIAL = [
+    ("8 6\nAssistant 1 was ...", (8.0, 6.0)), ("8,6", (8.0, 6.0)), ("7.5 9", (7.5, 9.0)),
+    ("Assistant 1: 8\nAssistant 2: 6", None),  # we used to read (1, 8)
+    ("8  6", None), ("8, 6", None), ("8 6 ", None), ("8/10 6/10", None), ("Scores: 8 6", None),
+    ("\n8 6", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reply, want", LLAVA_BENCH_PARSE_OFFICIAL)
+def test_llava_bench_reply_is_parsed_as_llava_does(reply, want):
+    assert parse_score_pair(reply) == want
+
+
+def test_llava_bench_relative_score_as_llava_summary():
+    # Three reviews, one unreadable ([-1, -1]): means (5.0, 4.333) -> 86.66 (summary: 86.7).
+    assert relative_score([(8, 6), (8, 8), (-1, -1)]) == pytest.approx(100 * 4.333 / 5.0)
+    # Means rounded to 3 decimals before dividing: (7.6667, 6.3333) -> 6.333 / 7.667.
+    assert relative_score([(8, 6), (7, 7), (8, 6)]) == pytest.approx(100 * 6.333 / 7.667)
+
+
+# MM-Vet's mm-vet_evaluator.py: `float(content.split(" ")[0].strip())` in [0, 1], else asked
+# again (None here).
+MMVET_PARSE_OFFICIAL = [
+    ("0.7", 0.7), (".5", 0.5), ("1.0 because it is right", 1.0), ("0.3\n", 0.3), ("0", 0.0),
+    ("Correctness: 0.7", None), (" 0.8", None), ("1.5", None), ("-0.1", None), ("0.5,", None),
+    ("wrong", None), ("", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reply, want", MMVET_PARSE_OFFICIAL)
+def test_mmvet_grade_is_parsed_as_the_official_evaluator(reply, want):
+    assert parse_unit_score(reply) == want
 
 
 def test_scienceqa_table():

@@ -13,6 +13,7 @@ import pytest
 from llm_server import FakeLLM
 
 from llava_jax.eval import TASKS, EvalDataError
+from llava_jax.eval.mme import PERCEPTION
 from llava_jax.eval.runner import evaluate
 from llava_jax.llm_client import ChatClient
 
@@ -37,7 +38,7 @@ def test_scienceqa(tmp_path):
     )
     assert samples[1].images == (data / "images/test/p2/image.png",)
     assert samples[3].images == () and "<image>" not in samples[3].text
-    answers = {"p1": "The answer is B.", "p2": "B", "p3": "A.", "p4": "b1"}
+    answers = {"p1": "The answer is B.", "p2": "B", "p3": "A", "p4": "B. b1"}
     report, m = run("scienceqa", data, tmp_path / "out", answers, split="test")
     want = {"NAT": 50.0, "SOC": 100.0, "LAN": 100.0, "TXT": 50.0, "IMG": 50.0, "NO": 100.0,
             "G1-6": 100.0, "G7-12": 50.0, "Avg": 75.0}  # fmt: skip
@@ -47,6 +48,14 @@ def test_scienceqa(tmp_path):
     # The image split (the default): only p1 and p2.
     _, m = run("scienceqa", data, tmp_path / "out-img", answers)
     assert m["questions"] == 2 and m["accuracy"] == 50.0 and m["table"]["NO"] is None
+
+
+def test_scienceqa_reads_answers_as_llava_eval_science_qa(tmp_path):
+    data = fx.make_scienceqa(tmp_path / "sqa")
+    # Right in substance, but not a form the official script reads: wrong there, and here.
+    answers = {"p1": "The answer is B", "p2": "(B)", "p3": "A.", "p4": "b1"}
+    _, m = run("scienceqa", data, tmp_path / "out", answers, split="test")
+    assert m["accuracy"] == 0.0 and m["unparsed"] == 4
 
 
 def test_vqav2_val_and_test_dev_submission(tmp_path):
@@ -74,6 +83,22 @@ def test_gqa(tmp_path):
     assert m["semantic"] == pytest.approx({"attr": 0.0, "obj": 100.0, "rel": 100.0})
     preds = json.loads((tmp_path / "out/gqa_testdev_balanced_predictions.json").read_text())
     assert preds[0] == {"questionId": "201", "prediction": "yes"}
+
+
+def test_gqa_scores_only_balanced_questions_as_the_official_script(tmp_path):
+    data = fx.make_gqa(tmp_path / "gqa")
+    questions = json.loads((data / "testdev_balanced_questions.json").read_text())
+    questions["203"]["isBalanced"] = False  # a testdev_all question outside the balanced set
+    (data / "testdev_all_questions.json").write_text(json.dumps(questions))
+    answers = {"201": "Yes.", "202": "right", "203": "table"}
+    _, m = run("gqa", data, tmp_path / "out", answers, split="testdev_all")
+    assert m["accuracy"] == 50.0 and m["scored_questions"] == 2  # 203 (right) is not scored
+    preds = json.loads((tmp_path / "out/gqa_testdev_all_predictions.json").read_text())
+    assert len(preds) == 3  # but it is answered
+    del questions["203"]["isBalanced"]
+    (data / "testdev_all_questions.json").write_text(json.dumps(questions))
+    with pytest.raises(EvalDataError, match="question 203: no field 'isBalanced'"):
+        run("gqa", data, tmp_path / "out2", answers, split="testdev_all")
 
 
 def test_textvqa(tmp_path):
@@ -114,6 +139,18 @@ def test_vizwiz(tmp_path):
     assert sub[0] == {"image": "VizWiz_val_00000000.jpg", "answer": "unanswerable"}
 
 
+def test_vizwiz_compares_with_the_raw_human_answers(tmp_path):
+    data = fx.make_vizwiz(tmp_path / "vizwiz")
+    rows = json.loads((data / "Annotations/val.json").read_text())
+    rows[1]["answers"] = [{"answer": a} for a in ["coca-cola"] * 5 + ["coke"] * 5]
+    (data / "Annotations/val.json").write_text(json.dumps(rows))
+    answers = {"VizWiz_val_00000000": "unanswerable", "VizWiz_val_00000001": "Coca-Cola",
+               "VizWiz_val_00000002": "yes"}  # fmt: skip
+    _, m = run("vizwiz", data, tmp_path / "out", answers)
+    # Submitted as "coca cola" (EvalAI's processor); VizWiz's evaluator: no match (0).
+    assert m["by_answer_type"]["other"] == 0.0 and m["accuracy"] == pytest.approx(200 / 3)
+
+
 def test_pope(tmp_path):
     data = fx.make_pope(tmp_path / "pope")
     answers = {
@@ -150,6 +187,34 @@ def test_mme(tmp_path):
     assert m["cognition"]["score"] == pytest.approx(3 * 200 + 50)
 
 
+def test_mme_reads_the_release_layout_and_asks_as_llava_mme_jsonl(tmp_path):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    assert (data / "artwork/questions_answers_YN/0001.txt").is_file()  # the release's name
+    samples = {s.question_id: s for s in TASKS["mme"]().samples(data, "perception")}
+    # Every perception subtask, the five with images/ + questions_answers_YN/ included.
+    assert {q.split("/")[0] for q in samples} == set(PERCEPTION)
+    assert samples["artwork/0001/0"].text == (
+        "<image>\nIs this a cat?\nAnswer the question using a single word or phrase."
+    )
+
+
+@pytest.mark.parametrize("subtask", ["artwork", "OCR"])
+def test_mme_missing_subtask_questions_is_an_error(tmp_path, subtask):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    texts = data / subtask / ("questions_answers_YN" if subtask == "artwork" else "")
+    for txt in texts.glob("*.txt"):
+        txt.unlink()
+    with pytest.raises(EvalDataError, match=f"{subtask}: no question files"):
+        TASKS["mme"]().samples(data, "all")
+
+
+def test_mme_old_folder_name_is_not_read_as_a_smaller_sum(tmp_path):
+    data = fx.make_mme(tmp_path / "MME_Benchmark_release_version")
+    (data / "scene/questions_answers_YN").rename(data / "scene/questions_answer_YES_NO")
+    with pytest.raises(EvalDataError, match="scene: no question files"):
+        TASKS["mme"]().samples(data, "perception")
+
+
 def test_mmbench_circular(tmp_path):
     data = fx.make_mmbench(tmp_path / "mmbench")
     samples = {s.question_id: s for s in TASKS["mmbench"]().samples(data, "dev")}
@@ -165,6 +230,10 @@ def test_mmbench_circular(tmp_path):
     _, m = run("mmbench", data, tmp_path / "out", answers)
     assert m["circular_accuracy"] == 50.0 and m["first_pass_accuracy"] == 100.0
     assert m["by_l2_category"] == {"perception": 0.0, "reasoning": 100.0}
+    # VLMEvalKit's exact matching reads each of these forms (the old reader none of them).
+    answers.update({"10/0": "**B**", "10/1": "cat is right", "10/2": "Option C"})
+    _, m = run("mmbench", data, tmp_path / "out2", answers)
+    assert m["circular_accuracy"] == 100.0 and m["unparsed"] == 0
 
 
 def test_mmbench_released_rotations_are_asked_as_given_and_grouped(tmp_path):
@@ -226,10 +295,15 @@ def test_mmbench_test_split_writes_a_submission(tmp_path):
     tsv = tsv.replace("\tA\ttime", "\t\ttime")
     (data / "mmbench_test_20230712.tsv").write_text(tsv)
     answers = {"10/0": "B", "10/1": "A", "10/2": "A", "11/0": "A", "11/1": "B"}
+    answers["11/0"] = "I would say it is day."  # no letter: the server's matcher decides
     _, m = run("mmbench", data, tmp_path / "out", answers, split="test")
     with open(m["submission"]) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    assert [(r["index"], r["prediction"]) for r in rows] == [("10", "B"), ("11", "A")]
+    # The raw answers under the TSV's own questions, as LLaVA's converter submits them.
+    assert [(r["index"], r["question"], r["prediction"]) for r in rows] == [
+        ("10", "Which animal?", "B"),
+        ("11", "Is it day?", "I would say it is day."),
+    ]
 
 
 def judge_reply(body):
@@ -260,8 +334,9 @@ def test_llava_bench_relative_score(tmp_path):
     r = m["relative_score"]
     assert (r["conv"]["mean"], r["conv"]["std"]) == pytest.approx((106.25, 6.25))
     assert (r["detail"]["mean"], r["detail"]["std"]) == pytest.approx((56.25, 6.25))
-    assert r["all"]["runs"] == pytest.approx([20 / 24 * 100, 23 / 24 * 100])
-    assert (r["all"]["mean"], r["all"]["std"]) == pytest.approx((21.5 / 24 * 100, 1.5 / 24 * 100))
+    # Model means 20 / 3 and 23 / 3, rounded to 3 decimals first (summarize_gpt_review.py).
+    assert r["all"]["runs"] == pytest.approx([6.667 / 8 * 100, 7.667 / 8 * 100])
+    assert (r["all"]["mean"], r["all"]["std"]) == pytest.approx((7.167 / 8 * 100, 6.25))
     replies = [json.loads(x) for x in (tmp_path / "out/judge.jsonl").read_text().splitlines()]
     assert len(replies) == 6 and all(x["reply"].endswith("Both answers are fine.") for x in replies)
     assert "106.2 ± 6.2" in report.format() or "106.3 ± 6.2" in report.format()
@@ -296,7 +371,10 @@ def test_an_unreadable_judge_reply_is_asked_again_on_rerun(tmp_path):
     with FakeLLM(unreadable_first) as llm:
         judge = ChatClient(llm.base_url, "judge-1", cache_dir=tmp_path / "cache")
         _, m = run("llava-bench", data, tmp_path / "out", answers, judge=judge)
-        assert m["unreadable_judge_replies"] == 1 and "conv" not in m["relative_score"]
+        # Counted as (-1, -1), as LLaVA's summary does: conv -1 / -1; all 3.667 / 5.0.
+        assert m["unreadable_judge_replies"] == 1
+        assert m["relative_score"]["conv"]["mean"] == 100.0
+        assert m["relative_score"]["all"]["mean"] == pytest.approx(100 * 3.667 / 5)
         _, m = run("llava-bench", data, tmp_path / "out", answers, judge=judge)
         assert len(llm.requests) == 4  # the unreadable one again, past the reply cache
         assert m["unreadable_judge_replies"] == 0
@@ -316,7 +394,8 @@ def test_llava_bench_coco_context_has_boxes_and_unreadable_replies_are_counted(t
                    judge=judge)  # fmt: skip
         content = llm.requests[0]["messages"][1]["content"]
     assert "A dog on grass.\nA brown dog.\n\ndog: [0.100, 0.200, 0.500, 0.750]" in content
-    assert m["unreadable_judge_replies"] == 1 and m["relative_score"] == {}
+    assert m["unreadable_judge_replies"] == 1
+    assert m["relative_score"]["all"]["reference_mean"] == -1.0  # kept in, as LLaVA does
 
 
 def test_llava_bench_needs_a_judge(tmp_path):
@@ -338,6 +417,29 @@ def test_mmvet(tmp_path):
                    judge=judge, judge_runs=1)  # fmt: skip
     assert m["score"]["total"]["mean"] == 50.0
     assert m["score"]["ocr"]["mean"] == 100.0 and m["score"]["rec"]["mean"] == 50.0
+
+
+def test_mmvet_unreadable_grades_are_asked_again_as_the_official_evaluator(tmp_path):
+    data = fx.make_mmvet(tmp_path / "mmvet")
+
+    def grade(body):
+        if "It says stop." in body["messages"][-1]["content"]:
+            return "0.8" if body["temperature"] == 0.5 else "Correctness: 0.8"
+        return " 1.0"  # never readable (the first field is empty)
+
+    with FakeLLM(grade) as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        _, m = run("mm-vet", data, tmp_path / "out", {"v1_0": "It says stop.", "v1_1": "A dog"},
+                   judge=judge, judge_runs=1)  # fmt: skip
+        asks = [(r["temperature"], r["max_tokens"], r["messages"][-1]["content"].endswith(
+            "\nPredict the correctness of the answer (digit): ")) for r in llm.requests
+            if "A dog" in r["messages"][-1]["content"]]  # fmt: skip
+    # mm-vet_evaluator.py: greedy, 3 tokens, then asked again with the digit prompt at rising
+    # temperatures, and 0 when still unreadable.
+    assert asks == [(0.0, 3, False), (0.0, 3, True), (0.5, 3, True), (1.0, 3, True),
+                    (1.5, 3, True)]  # fmt: skip
+    assert m["score"]["total"]["mean"] == pytest.approx(40.0)  # (0.8 + 0) / 2
+    assert m["unreadable_judge_replies"] == 1 and m["judge_requests_asked_again"] == 2 + 4
 
 
 def test_missing_prediction_without_model_is_one_clear_error(tmp_path):

@@ -11,7 +11,6 @@ reply is asked again.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,29 @@ from typing import Any
 from llava_jax.eval.task import EvalDataError, ScoreContext, drop_partial_line
 
 JUDGE_FILE = "judge.jsonl"
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def parse_score_pair(reply: str) -> tuple[float, float] | None:
-    """LLaVA-Bench: the first non-empty line holds the two scores ("8 6", "8, 6", "8/10 6/10"
-    is not accepted: exactly two numbers)."""
-    for line in reply.splitlines():
-        if line.strip():
-            numbers = _NUMBER.findall(line.replace(",", " "))
-            return (float(numbers[0]), float(numbers[1])) if len(numbers) == 2 else None
-    return None
+    """LLaVA-Bench, as LLaVA's `llava/eval/eval_gpt_review_bench.py::parse_score`: the first
+    line, commas turned into spaces, split on single spaces, must be exactly two numbers
+    ("8 6", "8,6"); anything else ("Assistant 1: 8", "8  6", "8/10 6/10") is unreadable."""
+    fields = reply.split("\n")[0].replace(",", " ").split(" ")
+    if len(fields) != 2:
+        return None
+    try:
+        return float(fields[0]), float(fields[1])
+    except ValueError:
+        return None
 
 
 def parse_unit_score(reply: str) -> float | None:
-    """MM-Vet: the first number of the reply, which must lie in [0, 1]."""
-    found = _NUMBER.search(reply)
-    if found is None:
+    """MM-Vet, as its `mm-vet_evaluator.py`: the reply's first space-separated field, as a
+    number in [0, 1] ("0.7", ".5", "1.0 because ..."); "Correctness: 0.7" or " 0.8" is
+    unreadable (and so is "nan", which the original's range check lets through)."""
+    try:
+        value = float(reply.split(" ")[0].strip())
+    except ValueError:
         return None
-    value = float(found.group())
     return value if 0.0 <= value <= 1.0 else None
 
 
@@ -65,6 +68,7 @@ def judge_all(
     requests: dict[str, list[dict[str, str]]],
     parse: Callable[[str], Any],
     params: dict[str, Any],
+    only: set[tuple[str, int]] | None = None,
 ) -> dict[tuple[str, int], Any]:
     """Judges every question `ctx.judge_runs` times.
 
@@ -77,6 +81,7 @@ def judge_all(
       requests: question id -> the chat messages for the judge.
       parse: reply -> score (None when the reply holds none).
       params: request parameters (temperature, max_tokens); run r also sends `seed=r`.
+      only: the (question id, run) pairs to judge, when not all of them.
 
     Returns:
       (question id, run) -> parsed score, None for unreadable replies.
@@ -84,7 +89,8 @@ def judge_all(
     client = ctx.judge
     path = ctx.out_dir / JUDGE_FILE
     bodies = {(q, r): client.body(messages, seed=r, **params)
-              for r in range(ctx.judge_runs) for q, messages in requests.items()}  # fmt: skip
+              for r in range(ctx.judge_runs) for q, messages in requests.items()
+              if only is None or (q, r) in only}  # fmt: skip
     keys = {judged: client.key(body) for judged, body in bodies.items()}
     readable, unreadable = _load(path)
     scores = {judged: _as_score(readable[key]["score"]) for judged, key in keys.items()

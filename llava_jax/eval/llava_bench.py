@@ -17,8 +17,9 @@ Layouts:
 
 The judge sees the context, the question, the reference answer as assistant 1 and the model's
 as assistant 2, and puts both 1-10 scores on its first line. Per category (conv, detail,
-complex) and overall: relative score = mean(model) / mean(reference) × 100, as in the LLaVA
-paper, with mean and std over the judge runs.
+complex) and overall: relative score = mean(model) / mean(reference) × 100, as LLaVA's
+`summarize_gpt_review.py` computes it (unreadable replies as (-1, -1), means rounded to 3
+decimals first), with mean and std over the judge runs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ JUDGE_RULE = (
 CATEGORIES = ("conv", "detail", "complex")
 QUESTION_FIELDS = ("question_id", "image", "text", "category")
 JUDGE_PARAMS = {"temperature": 0.2, "max_tokens": 1024}
+# LLaVA's `eval_gpt_review_bench.py` keeps an unreadable reply as [-1, -1], and
+# `summarize_gpt_review.py` averages it in.
+UNREADABLE_PAIR = (-1.0, -1.0)
 
 
 def judge_messages(context: str, question: str, reference: str, answer: str) -> list[dict]:
@@ -124,11 +128,11 @@ class LlavaBench(Task):
         for run in runs_of(scores, ctx.judge_runs):
             pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for q, pair in run.items():
-                if pair is not None:
-                    pairs[category[q]].append(pair)
-                    pairs["all"].append(pair)
+                pair = UNREADABLE_PAIR if pair is None else pair
+                pairs[category[q]].append(pair)
+                pairs["all"].append(pair)
             for name, ps in pairs.items():
-                per_run[name].append(relative_score([p[1] for p in ps], [p[0] for p in ps]))
+                per_run[name].append(relative_score(ps))
                 absolute[name] += ps
         names = [c for c in (*CATEGORIES, "all") if c in per_run]
         names += sorted(set(per_run) - set(names))
@@ -152,4 +156,9 @@ class LlavaBench(Task):
             }
             rows.append([name, f"{mean:.1f} ± {std:.1f}", ref, model])
         table = Table(["category", "relative score", "reference (1-10)", "model (1-10)"], rows)
-        return Report(metrics, [table])
+        notes = []
+        if metrics["unreadable_judge_replies"]:
+            notes.append(f"{metrics['unreadable_judge_replies']} unreadable judge replies count "
+                         "as scores (-1, -1), as LLaVA's summarize_gpt_review.py counts them; "
+                         "a rerun asks them again")  # fmt: skip
+        return Report(metrics, [table], notes)

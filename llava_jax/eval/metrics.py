@@ -1,7 +1,8 @@
 """Benchmark metrics as pure functions of predictions and ground truth.
 
 Every function here is checked against hand-computed values in tests/test_eval_metrics.py.
-Percentages are returned as floats in [0, 100]; nothing is rounded until a table prints it.
+Percentages are returned as floats in [0, 100]; nothing is rounded until a table prints it,
+except where an official scorer rounds on the way (LLaVA-Bench's means).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from llava_jax.eval.normalize import evalai_answer, normalize_vqa, process_punctuation
+import numpy as np
+
+from llava_jax.eval.normalize import evalai_answer, normalize_vqa, strip_whitespace
 
 
 def percent(hits: Iterable[float]) -> float | None:
@@ -35,18 +38,29 @@ def leave_one_out_accuracy(answer: str, humans: Sequence[str]) -> float:
 
 
 def vqa_accuracy(answer: str, humans: Sequence[str]) -> float:
-    """The official VQA accuracy (GT-Vision-Lab/VQA `vqaEval.py`) of one submitted answer.
+    """The official VQA accuracy of one submitted answer, as GT-Vision-Lab/VQA
+    `PythonEvaluationTools/vqaEvaluation/vqaEval.py` computes it since commit a013f00 (2021,
+    "Fixed processing answers bug").
 
-    As the script does, the answer is always normalised in full (whitespace, punctuation,
-    lower case, number words, articles, contractions); the human answers only go through the
-    punctuation step, and only when they disagree (the released annotations are already in
-    normal form). Submit answers through `evalai_answer` (LLaVA does) so that this rarely
-    matters.
+    Both sides lose newlines, tabs and outer spaces. When the human answers disagree, the
+    answer and every human answer are normalised in full (punctuation, lower case, number
+    words, articles, contractions); when they agree, nothing is normalised and the answer must
+    equal theirs exactly. (The 2016 script normalised the answer always and the humans with
+    the punctuation step only.) Submit answers through `evalai_answer`, as LLaVA does.
     """
-    answer = normalize_vqa(answer)
+    answer = strip_whitespace(answer)
+    humans = [strip_whitespace(h) for h in humans]
     if len(set(humans)) > 1:
-        humans = [process_punctuation(h) for h in humans]
+        answer = normalize_vqa(answer)
+        humans = [normalize_vqa(h) for h in humans]
     return leave_one_out_accuracy(answer, humans)
+
+
+def vizwiz_accuracy(answer: str, humans: Sequence[str]) -> float:
+    """VizWiz's own evaluator (the `vqaEval.py` of vizwiz.org/tasks-and-datasets/vqa, class
+    `VQAEval` by Qing Li): the answer is normalised in full, the human answers are compared
+    as they are in the annotations (so "coca cola" does not match "coca-cola")."""
+    return leave_one_out_accuracy(normalize_vqa(answer), list(humans))
 
 
 def textvqa_accuracy(answer: str, humans: Sequence[str]) -> float:
@@ -110,14 +124,18 @@ def circular_accuracy(passes: Mapping[str, Sequence[bool]]) -> float | None:
 # -- LLM-judged benchmarks -----------------------------------------------------------------------
 
 
-def relative_score(model_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
-    """LLaVA-Bench: mean(model score) / mean(reference answer score) × 100."""
-    if not model_scores or len(model_scores) != len(reference_scores):
-        raise ValueError("relative_score needs as many model as reference scores, at least one")
-    reference = sum(reference_scores) / len(reference_scores)
+def relative_score(pairs: Sequence[tuple[float, float]]) -> float:
+    """LLaVA-Bench, as LLaVA's `llava/eval/summarize_gpt_review.py` computes it from
+    (reference score, model score) pairs: each mean rounded to 3 decimals, then
+    mean(model) / mean(reference) × 100. An unreadable judge reply enters as (-1, -1), as
+    `eval_gpt_review_bench.py::parse_score` writes it.
+    """
+    if not pairs:
+        raise ValueError("relative_score of no judged answers")
+    reference, model = (round(float(m), 3) for m in np.asarray(pairs, np.float64).mean(0))
     if reference == 0:
         raise ValueError("the reference answers scored 0 on average")
-    return 100.0 * (sum(model_scores) / len(model_scores)) / reference
+    return 100.0 * model / reference
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -11,8 +11,10 @@ question's plus k × 1,000,000 (options and answer rotated); every row is then a
 and rows are grouped by index % 1,000,000, as the official evaluator does (and LLaVA-1.5's
 `mmbench.sh`, which asks each row once). A TSV without such rows is rotated here: n options,
 n passes, pass k showing the options from the k-th. Pass 0 (index < 1,000,000) alone gives
-the first-pass accuracy. Without answers (test), `mmbench_{split}_submission.tsv` holds the
-letters of every row asked as given (with the released rotations, every row) for the server.
+the first-pass accuracy. Answers are read with VLMEvalKit's exact matching
+(`answers.mmbench_letter`), the mode of its circular evaluation without an LLM judge. Without
+answers (test), `mmbench_{split}_submission.tsv` holds the raw answer of every row asked as
+given (with the released rotations, every row) for the server to match.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from llava_jax.eval.answers import LETTERS, MULTIPLE_CHOICE_PROMPT, option_letter
+from llava_jax.eval.answers import LETTERS, MULTIPLE_CHOICE_PROMPT, NO_OPTION, mmbench_letter
 from llava_jax.eval.metrics import circular_accuracy, percent
 from llava_jax.eval.task import EvalDataError, Report, Sample, ScoreContext, Table, Task
 
@@ -96,6 +98,7 @@ class MMBench(Task):
             for k in range(1 if rotations_given else len(options)):
                 shown = rotate(options, k)
                 meta = {"index": str(question), "pass": copy + k, "options": shown,
+                        "question": row["question"],
                         "row": row["index"] if k == 0 else None,
                         "category": row.get("category", ""),
                         "l2_category": row.get("l2-category", ""),
@@ -106,18 +109,21 @@ class MMBench(Task):
         return samples
 
     def score(self, samples, predictions, ctx: ScoreContext) -> Report:
-        letters = {s.question_id: option_letter(predictions[s.question_id], s.meta["options"])
+        letters = {s.question_id: mmbench_letter(predictions[s.question_id], s.meta["options"])
                    for s in samples}  # fmt: skip
-        unparsed = sum(v is None for v in letters.values())
+        unparsed = sum(v in (None, NO_OPTION) for v in letters.values())
         if any(s.meta["answer"] is None for s in samples):
+            # As LLaVA's `scripts/convert_mmbench_for_submission.py`: the raw answer of every
+            # row asked as given, for the server to match.
             path = ctx.out_dir / f"mmbench_{ctx.split}_submission.tsv"
             with open(path, "w", encoding="utf-8", newline="") as f:
                 w = csv.writer(f, delimiter="\t")
                 w.writerow(["index", "question", *LETTERS[:4], "prediction"])
                 for s in samples:
-                    if s.meta["row"] is not None:  # a row of the TSV, asked as given
+                    if s.meta["row"] is not None:
                         opts = (s.meta["options"] + [""] * 4)[:4]
-                        w.writerow([s.meta["row"], s.text, *opts, letters[s.question_id] or ""])
+                        w.writerow([s.meta["row"], s.meta["question"], *opts,
+                                    predictions[s.question_id]])  # fmt: skip
             return Report({"submission": str(path), "unparsed": unparsed},
                           [Table(["split", "submission"], [[ctx.split, str(path)]])])  # fmt: skip
         passes: dict[str, list[bool]] = defaultdict(list)

@@ -1,9 +1,14 @@
 """MME (Fu et al., 2023): yes/no questions, two per image, over 14 subtasks.
 
 Layout (`MME_Benchmark_release_version/`, pass it as DIR): one folder per subtask, either
-with `images/` and `questions_answer_YES_NO/` subfolders (artwork, celebrity, landmark,
-posters, scene) or with each image next to its `.txt` (the others). A `.txt` holds one
-`question<TAB>Yes|No` line per question, for the image of the same name (.jpg or .png).
+with `images/` and `questions_answers_YN/` subfolders (artwork, celebrity, landmark,
+posters, scene) or with each image next to its `.txt` (the others), as the release has it
+and LLaVA's `convert_answer_to_mme.py` reads it. A `.txt` holds one `question<TAB>Yes|No`
+line per question, for the image of the same name (.jpg or .png). Every subtask of the split
+must be there with at least one question file: a missing one is an error, not a smaller sum.
+
+Prompt, as LLaVA-1.5's `llava_mme.jsonl`: the question without its "Please answer yes or
+no." (LLaVA's converter puts it back to find the ground truth), then the short-answer line.
 
 Scoring follows MME's `calculation.py`: per subtask acc (per question) + acc+ (per image,
 both questions right), × 100 each; perception and cognition are the sums of their subtasks'
@@ -23,12 +28,13 @@ PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "landmark", "artwork", "OCR")  # fmt: skip
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
              "code_reasoning")  # fmt: skip
+YES_NO_INSTRUCTION = "Please answer yes or no."
 
 
 def _pairs(folder: Path) -> list[tuple[Path, Path]]:
     """(question file, image) pairs of one subtask folder, in file-name order."""
-    if (folder / "questions_answer_YES_NO").is_dir():
-        texts, images = folder / "questions_answer_YES_NO", folder / "images"
+    if (folder / "questions_answers_YN").is_dir():
+        texts, images = folder / "questions_answers_YN", folder / "images"
     else:
         texts = images = folder
     pairs = []
@@ -38,7 +44,16 @@ def _pairs(folder: Path) -> list[tuple[Path, Path]]:
         if not found:
             raise EvalDataError(f"{txt}: no image {txt.stem}.jpg or .png in {images}")
         pairs.append((txt, found[0]))
+    if not pairs:
+        raise EvalDataError(f"{folder}: no question files (questions_answers_YN/*.txt next to "
+                            "images/, or *.txt next to their images)")  # fmt: skip
     return pairs
+
+
+def prompt_text(question: str) -> str:
+    """LLaVA-1.5's MME prompt (`llava_mme.jsonl`): "Please answer yes or no." dropped."""
+    question = question.replace(YES_NO_INSTRUCTION, "").strip()
+    return f"<image>\n{question}\n{SHORT_ANSWER_PROMPT}"
 
 
 class MME(Task):
@@ -61,7 +76,7 @@ class MME(Task):
                     question, sep, answer = line.rpartition("\t")
                     if not sep or answer.strip().lower() not in ("yes", "no"):
                         raise EvalDataError(f"{txt}:{i + 1}: not `question<TAB>Yes|No`")
-                    text = f"<image>\n{question.strip()}\n{SHORT_ANSWER_PROMPT}"
+                    text = prompt_text(question)
                     meta = {"subtask": subtask, "image": image.name,
                             "answer": answer.strip().lower()}  # fmt: skip
                     samples.append(Sample(f"{subtask}/{txt.stem}/{i}", text, (image,), meta))

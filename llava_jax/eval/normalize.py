@@ -1,8 +1,8 @@
 """Answer normalisation of the official VQA evaluation, and of EvalAI's answer processor.
 
-The VQA evaluation script (GT-Vision-Lab/VQA, `vqaEval.py`) compares a prediction, after
-`process_punctuation` and `process_digit_article`, with the ten human answers (which get
-`process_punctuation` only, and only when they disagree). The EvalAI answer
+The VQA evaluation script (GT-Vision-Lab/VQA, `vqaEval.py`) compares a prediction with the
+ten human answers, both after `process_punctuation` and `process_digit_article` when the
+humans disagree (`metrics.vqa_accuracy` says when). The EvalAI answer
 processor (`m4c_evaluator.py::EvalAIAnswerProcessor`, which LLaVA applies to every answer it
 submits, and which the TextVQA evaluator applies to both sides) lower-cases and strips commas
 and question marks first. The quirks of the originals are kept on purpose, because they decide

@@ -7,8 +7,10 @@ Layout (the ScienceQA release, as LLaVA's docs/Evaluation.md uses it):
     DIR/pid_splits.json      {"test": [pid, ...], ...}
     DIR/images/test/PID/image.png   (or DIR/test/PID/image.png)
 
-Columns follow ScienceQA's `evaluations.py`: NAT / SOC / LAN by subject; TXT = has a text
-context (hint), IMG = has an image, NO = neither; G1-6 / G7-12 by grade; Avg over all.
+Answers are read as LLaVA's `llava/eval/eval_science_qa.py` reads them
+(`answers.scienceqa_letter`). Columns follow ScienceQA's `evaluations.py`: NAT / SOC / LAN
+by subject; TXT = has a text context (hint), IMG = has an image, NO = neither; G1-6 / G7-12
+by grade; Avg over all.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava_jax.eval.answers import LETTERS, MULTIPLE_CHOICE_PROMPT, option_letter
+from llava_jax.eval.answers import LETTERS, MULTIPLE_CHOICE_PROMPT, scienceqa_letter
 from llava_jax.eval.metrics import percent
 from llava_jax.eval.task import (
     EvalDataError,
@@ -108,7 +110,7 @@ class ScienceQA(Task):
     def score(self, samples, predictions, ctx: ScoreContext) -> Report:
         rows, unparsed = [], 0
         for s in samples:
-            letter = option_letter(predictions[s.question_id], s.meta["choices"])
+            letter = scienceqa_letter(predictions[s.question_id], len(s.meta["choices"]))
             unparsed += letter is None
             rows.append((s.meta, letter == LETTERS[s.meta["answer"]]))
         table = scienceqa_table(rows)

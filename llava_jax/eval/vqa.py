@@ -1,8 +1,10 @@
 """VQA-accuracy benchmarks: VQAv2, TextVQA and VizWiz.
 
 All three score an answer against ten human answers with the VQA accuracy (min(#matching
-humans / 3, 1) over the leave-one-out subsets). As LLaVA does, every answer goes through
-EvalAI's answer processor before it is scored or written to a submission file. Splits
+humans / 3, 1) over the leave-one-out subsets), each with its own official normalisation
+(`metrics.vqa_accuracy`, `textvqa_accuracy`, `vizwiz_accuracy`). As LLaVA does, every
+answer goes through EvalAI's answer processor before it is scored or written to a
+submission file. Splits
 without public answers (VQAv2 test-dev, TextVQA and VizWiz test) only write the submission.
 """
 
@@ -13,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from llava_jax.eval.answers import SHORT_ANSWER_PROMPT
-from llava_jax.eval.metrics import percent, textvqa_accuracy, vqa_accuracy
+from llava_jax.eval.metrics import percent, textvqa_accuracy, vizwiz_accuracy, vqa_accuracy
 from llava_jax.eval.normalize import evalai_answer
 from llava_jax.eval.task import (
     EvalDataError,
@@ -184,7 +186,7 @@ class VizWiz(Task):
         _write(path, [{"image": s.meta["image"], "answer": submitted[s.question_id]}
                       for s in samples])  # fmt: skip
         scored = [s for s in samples if "answers" in s.meta]
-        scores = [vqa_accuracy(submitted[s.question_id], s.meta["answers"]) for s in scored]
+        scores = [vizwiz_accuracy(submitted[s.question_id], s.meta["answers"]) for s in scored]
         # Whether the model said "unanswerable" exactly for the unanswerable questions.
         said = [submitted[s.question_id] == "unanswerable" for s in scored]
         truth = [s.meta.get("answer_type") == "unanswerable" for s in scored]
