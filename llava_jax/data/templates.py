@@ -211,7 +211,9 @@ def _check_messages(messages: Sequence[Message], alternate: bool) -> str | None:
     return system
 
 
-def _place_media(content: str) -> str:
+def place_media(content: str) -> str:
+    """A turn's single placeholder moved to its start, followed by "\\n" (`preprocess_multimodal`
+    of both original repos); several placeholders stay where they are."""
     found = PLACEHOLDER.findall(content)
     if len(found) != 1:
         return content  # interleaved placeholders stay where they are (LLaVA-NeXT)
@@ -239,7 +241,7 @@ def _template_spans(template: Template, messages: Sequence[Message], generation:
             # preprocess_plain: the instruction is reduced to its image, the caption follows.
             spans.append(("".join(PLACEHOLDER.findall(m["content"])), False))
             continue
-        content = _place_media(m["content"])
+        content = place_media(m["content"])
         if m["role"] == "user":
             if i == 0 and template.system_in_first_user:
                 content = system_block + content
