@@ -117,9 +117,7 @@ def build_tiny_bytelevel_tokenizer():
     for tok, i in _ADDED.items():
         del vocab[f"<unused{i}>"]
         vocab[tok] = i
-    tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in _BYTE_MERGES])
-    )
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in _BYTE_MERGES]))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
