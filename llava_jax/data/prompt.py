@@ -212,8 +212,9 @@ def tokenize_spans(
     """Ids and label mask of a conversation from `templates.render_spans`.
 
     Each span is tokenized on its own and the ids concatenated, so the mask can never be off
-    by a token (pitfalls.md #1). For the tokenizers LLaVA uses this gives the ids of
-    `tokenize_prompt` on the joined text, since spans are cut where tokens start.
+    by a token (the originals' "tokenization mismatch"). For the tokenizers LLaVA uses this
+    gives the ids of `tokenize_prompt` on the joined text, since spans are cut where tokens
+    start.
 
     Returns:
       (int32[L] ids, bool[L] trained); media tokens and BOS are never trained.

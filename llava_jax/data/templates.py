@@ -10,7 +10,7 @@ whose text holds `<image>` / `<video>` placeholders (`prompt.tokenize_prompt` ex
   template reads them. The default whenever the checkpoint has one (`resolve_template`).
 
 `render` gives the prompt text; `render_spans` gives the same text cut into (text, is_trained)
-spans for label masking in training (algorithms.md §8, clean mode): an assistant reply and its
+spans for label masking in training (docs/data.md, clean mode): an assistant reply and its
 end of turn are trained, everything else is not. Tokenizing span by span and concatenating
 (`prompt.tokenize_spans`) makes the original's "tokenization mismatch" impossible.
 """
