@@ -159,9 +159,9 @@ def test_clean_ids_and_masks_are_the_hand_derived_ones(case, tokenizers):
 # -- reference mode: the original code's own output -------------------------------------------
 
 # The ids and labels of the original code, run on the tiny tokenizers: haotian-liu/LLaVA
-# (c121f04) `llava/train/train.py::preprocess_plain` / `preprocess_v1` with
-# `llava/mm_utils.py::tokenizer_image_token`, LLaVA-VL/LLaVA-NeXT (df17966)
-# `preprocess_qwen`; then `DataCollatorForSupervisedDataset`'s and
+# (c121f04) `llava/train/train.py::preprocess_plain`, `preprocess_v1`, `preprocess_llama_2`,
+# `preprocess_mpt` with `llava/mm_utils.py::tokenizer_image_token`, LLaVA-VL/LLaVA-NeXT
+# (df17966) `preprocess_qwen`; then `DataCollatorForSupervisedDataset`'s and
 # `prepare_inputs_labels_for_multimodal`'s cuts at `model_max_length`, 9 features per image.
 # Adapted only where it cannot run as is: `conv.system` / `system_message` set to "Hi." (the
 # originals cannot read a system turn), `tokenizer.legacy` read as False when absent, the
@@ -248,6 +248,50 @@ ORIGINAL = {
          139, 140, 142, 83, 120, 116, 2, 137, 83, 134, 120, 50, 139],
         "0000000000000000000000000000000000000000000",
     ),
+    "llama_2_2/bos": (
+        [1, 4, 90, 40, 45, 140, 92, 4, 85, 85, 50, 56, 50, 87, 87, 5, 39, 14, 81, 5, 85, 146,
+         50, 56, 50, 87, 87, 5, 5, *IMG, 4, 5, 54, 13, 108, 4, 111, 112, 25, 88, 4, 90, 82, 40,
+         45, 140, 92, 120, 116, 4, 2, 1, 90, 40, 45, 140, 92, 134, 4, 90, 82, 40, 45, 140, 92,
+         4, 63, 4, 2],
+        "00000000000000000000000000000000000000000000000000000001111000000000000001111",
+    ),
+    "mistral_2/no_bos": (
+        [4, 90, 40, 45, 140, 92, 4, 85, 85, 50, 56, 50, 87, 87, 5, 39, 14, 81, 5, 85, 146, 50,
+         56, 50, 87, 87, 5, 5, *IMG, 4, 5, 54, 13, 108, 4, 111, 112, 25, 88, 4, 90, 82, 40, 45,
+         140, 92, 120, 116, 4, 2, 90, 40, 45, 140, 92, 134, 4, 90, 82, 40, 45, 140, 92, 4, 63,
+         4, 2],
+        "000000000000000000000000000000000000000000000000000000111100000000000001111",
+    ),
+    "mistral_2/bos": (
+        [1, 4, 90, 40, 45, 140, 92, 4, 85, 85, 50, 56, 50, 87, 87, 5, 39, 14, 81, 5, 85, 146,
+         50, 56, 50, 87, 87, 5, 5, *IMG, 4, 5, 54, 13, 108, 4, 111, 112, 25, 88, 4, 90, 82, 40,
+         45, 140, 92, 120, 116, 4, 2, 90, 40, 45, 140, 92, 134, 4, 90, 82, 40, 45, 140, 92, 4,
+         63, 4, 2],
+        "0000000000000000000000000000000000000000000000000000000000000000000000000000",
+    ),
+    "llama_2_1/bpe": (
+        [61, 43, 48, 117, 63, 1, 30, 30, 53, 59, 53, 32, 32, 2, 42, 75, 16, 2, 30, 123, 53, 59,
+         53, 32, 32, 125, *IMG, 2, 57, 74, 104, 1, 105, 106, 86, 33, 1, 61, 17, 43, 48, 117, 63,
+         111, 109, 1, 123, 85, 32],
+        "000000000000000000000000000000000000000000000000000000000",
+    ),
+    "mpt_1/bpe": (
+        [152, 85, 127, 128, 2, 42, 75, 16, 153, 152, 130, 2, *IMG, 2, 57, 74, 104, 1, 105, 106,
+         86, 33, 153, 152, 67, 85, 85, 105, 86, 103, 86, 2, 35, 109, 153],
+        "0000000000000000000000000000000000000000000",
+    ),
+    "mpt_2/bos/cut60": (
+        [1, 152, 24, 30, 24, 25, 10, 18, 5, 39, 14, 81, 153, 152, 26, 24, 105, 5, *IMG, 4, 5,
+         54, 13, 108, 4, 111, 112, 25, 88, 153, 152, 6, 24, 24, 111, 25, 106, 25, 5, 32, 116,
+         153, 152, 26, 24, 105, 5, 106, 9, 153, 152, 6],
+        "000000000000000000000000000000000000000000000011100000000000",
+    ),
+    "mpt_2/bos/cut61": (
+        [1, 152, 24, 30, 24, 25, 10, 18, 5, 39, 14, 81, 153, 152, 26, 24, 105, 5, *IMG, 4, 5,
+         54, 13, 108, 4, 111, 112, 25, 88, 153, 152, 6, 24, 24, 111, 25, 106, 25, 5, 32, 116,
+         153, 152, 26, 24, 105, 5, 106, 9, 153, 152, 6, 24],
+        "0000000000000000000000000000000000000000000000000000000000000",
+    ),
 }
 # fmt: on
 ORIGINAL_CASES = {  # name -> (template, conversation, max_len, legacy)
@@ -257,6 +301,11 @@ ORIGINAL_CASES = {  # name -> (template, conversation, max_len, legacy)
     "v1_trailing": ("vicuna_v1", [SYSTEM, *ROUND_1, ROUND_2[0]], 512, False),
     "qwen_1": ("qwen_1_5", [SYSTEM, *ROUND_1], 512, False),
     "qwen_2": ("qwen_1_5", [SYSTEM, *ROUND_1, *ROUND_2], 512, False),
+    "llama_2_1": ("llava_llama_2", [SYSTEM, *ROUND_1], 512, False),
+    "llama_2_2": ("llava_llama_2", [SYSTEM, *ROUND_1, *ROUND_2], 512, False),
+    "mistral_2": ("mistral_instruct", [SYSTEM, *ROUND_1, *ROUND_2], 512, False),
+    "mpt_1": ("chatml_direct", [SYSTEM, *ROUND_1], 512, False),
+    "mpt_2": ("chatml_direct", [SYSTEM, *ROUND_1, *ROUND_2], 512, False),
 }
 
 
@@ -285,6 +334,11 @@ MISMATCHES = {  # where the original prints WARNING: tokenization mismatch and t
     "v1_2/bpe": "38 vs. 44",
     "v1_trailing/bos": "29 vs. 33",  # a trailing human turn ends the round loop early
     "v1_2/bos/legacy/cut43": "42 vs. 41",  # no -1 for later rounds; the cut leaves 43 > 42
+    "mistral_2/bos": "69 vs. 68",  # preprocess_llama_2 has no -1 for later rounds
+    "llama_2_1/bpe": "47 vs. 49",
+    # preprocess_mpt's -1 fits none of the tiny tokenizers; a cut at 60 skips the check.
+    "mpt_1/bpe": "34 vs. 35",
+    "mpt_2/bos/cut61": "60 vs. 61",
 }
 
 
@@ -385,10 +439,12 @@ def test_plain_reference_takes_one_image_turn_and_one_caption(tokenizers):
 
 
 def test_reference_masking_needs_a_template_with_an_original(tokenizers):
-    for name in ("llava_llama_2", "chatml_direct", "llava_v0"):
-        with pytest.raises(ValueError, match="use masking='clean'"):
-            _transform(tokenizers["bos"], name, "reference")
+    # llava_v0's original is the fallback of `preprocess`, whose format is not its template's.
+    with pytest.raises(ValueError, match="template 'llava_v0' has no original.*masking='clean'"):
+        _transform(tokenizers["bos"], "llava_v0", "reference")
     assert masking.reference_style(get_template("v1")) == "v1"
+    assert masking.reference_style(get_template("mistral_instruct")) == "llama_2"
+    assert masking.reference_style(get_template("chatml_direct")) == "mpt"
     assert masking.reference_style(get_template("qwen_2")) == "qwen"
 
 

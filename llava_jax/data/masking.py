@@ -6,7 +6,7 @@ reproduces, token for token, the ids and labels of the original repositories ins
 parity runs:
 
 - `tokenizer_image_token` (haotian-liu/LLaVA `llava/mm_utils.py`, the same in LLaVA-NeXT),
-  used by `plain` and `v1`: the text between placeholders is tokenized chunk by chunk, each
+  used by all but `qwen_1_5`: the text between placeholders is tokenized chunk by chunk, each
   chunk with the tokenizer's special tokens and all BOS but the first dropped. A
   SentencePiece tokenizer starts each chunk with a "▁" (a "▁" token before the "\\n" after
   `<image>`, "▁A" for a caption's "A"), which tokenizing the whole prompt does not give.
@@ -21,6 +21,11 @@ parity runs:
   as for transformers' v5 `LlamaTokenizer` default). When the round lengths do not add up to
   the sample's length, and stay under `model_max_length`, the original masks the whole sample
   and prints `WARNING: tokenization mismatch`; that raises `SkipSample("no_supervised_tokens")`.
+- `llava_llama_2` / `mistral_instruct` (`preprocess_llama_2`): the same with rounds cut at
+  "[/INST] " and no correction for later rounds.
+- `chatml_direct` (`preprocess_mpt`): rounds cut at `<|im_end|>` (the system, the first user
+  turn and its reply make the first), each instruction at `<|im_end|><|im_start|>assistant\\n`,
+  a `-1` for the trailing "▁" (no BOS counted) and `+1` for later rounds of legacy tokenizers.
 - `qwen_1_5` (LLaVA-VL/LLaVA-NeXT `llava/train/train.py::preprocess_qwen`): the system
   message and then each message go through the chat template
   "<|im_start|>{role}\\n{content}<|im_end|>\\n" and are tokenized one by one, with no special
@@ -38,7 +43,7 @@ Departures, where the original cannot be followed:
   image's features (or, when the collator cut the placeholder itself, hands the image to the
   next sample); llava-jax places whole media only.
 - A leading system turn replaces the default system message: the originals cannot read one
-  (`roles["system"]` is a KeyError in `preprocess_v1` and `preprocess_qwen`).
+  (`roles["system"]` is a KeyError in each `preprocess_*`).
 - A sample with no trained token (a mismatch, or a cut before the first reply) is skipped and
   counted instead of contributing a zero loss.
 """
@@ -57,13 +62,22 @@ from llava_jax.data.templates import PLACEHOLDER, Template
 from llava_jax.models.feature_plan import Media
 
 # Template name -> the original preprocessing function whose ids and labels we reproduce.
-REFERENCE_STYLES = {"plain": "plain", "vicuna_v1": "v1", "llava_v1": "v1", "qwen_1_5": "qwen"}
+REFERENCE_STYLES = {
+    "plain": "plain",
+    "vicuna_v1": "v1",
+    "llava_v1": "v1",
+    "llava_llama_2": "llama_2",
+    "mistral_instruct": "llama_2",
+    "chatml_direct": "mpt",
+    "qwen_1_5": "qwen",
+}
 
 MediaTokens = Mapping[str, tuple[str, int]]  # {"image": ("<image>", id), ...}
 
 
 def reference_style(template: object) -> str:
-    """The original preprocessing ("plain", "v1", "qwen") of `template`; else ValueError."""
+    """The original preprocessing ("plain", "v1", "llama_2", "mpt", "qwen") of `template`;
+    else ValueError."""
     name = getattr(template, "name", None)
     if not isinstance(template, Template) or name not in REFERENCE_STYLES:
         raise ValueError(
@@ -106,10 +120,10 @@ def reference_tokenize(
     tokens = media_tokens(tokenizer, cfg)
     if style == "plain":
         ids, trained = _plain(template, messages, tokenizer, tokens)
-    elif style == "v1":
-        ids, trained = _v1(template, messages, tokenizer, tokens, max_len)
-    else:
+    elif style == "qwen":
         ids, trained = _qwen(template, messages, tokenizer, tokens)
+    else:
+        ids, trained = _by_rounds(style, template, messages, tokenizer, tokens, max_len)
     ids, trained = expand_media(tokenizer, ids, trained, media, cfg)
     if len(ids) <= max_len:
         return ids, trained
@@ -150,22 +164,40 @@ def _plain(template: Template, messages, tokenizer, tokens: MediaTokens):
     return ids, trained
 
 
-def _v1(template: Template, messages, tokenizer, tokens: MediaTokens, max_len: int):
-    # conv.sep + conv.roles[1] + ": " and conv.sep2 of SeparatorStyle.TWO, read off the template.
-    user_tail = template.user_format.split("{content}")[1]
-    sep = user_tail + template.assistant_format.split("{content}")[0]
-    sep2 = template.end_of_turn
+def _rounds(style: str, template: Template, conversation: str) -> tuple[list[str], str]:
+    """The rounds the original cuts the prompt into, and what ends each round's instruction."""
+    if style == "v1":  # conv.sep2, and conv.sep + conv.roles[1] + ": "
+        user_tail = template.user_format.split("{content}")[1]
+        return conversation.split("</s>"), user_tail + "ASSISTANT: "
+    if style == "llama_2":
+        return conversation.split("</s>"), "[/INST] "
+    # mpt: cut at conv.sep; the system, the first user turn and its reply make one round.
+    sep = "<|im_end|>"
+    pieces = conversation.split(sep)
+    rounds = [sep.join(pieces[:3])]
+    rounds += [sep.join(pieces[k : k + 2]) for k in range(3, len(pieces), 2)]
+    return rounds, sep + "<|im_start|>assistant\n"
+
+
+def _by_rounds(
+    style: str, template: Template, messages, tokenizer, tokens: MediaTokens, max_len: int
+):
+    """preprocess_v1, preprocess_llama_2 and preprocess_mpt: the prompt tokenized whole, the
+    mask from the lengths of its rounds and their instructions tokenized on their own."""
+    conversation = templates.render(template, messages, add_generation_prompt=False)
+    ids = np.asarray(tokenizer_image_token(conversation, tokenizer, tokens), np.int64)
     legacy = getattr(tokenizer, "legacy", False)
 
     def length(text: str) -> int:
         return len(tokenizer_image_token(text, tokenizer, tokens))
 
-    conversation = templates.render(template, messages, add_generation_prompt=False)
-    ids = np.asarray(tokenizer_image_token(conversation, tokenizer, tokens), np.int64)
+    # The originals' offsets: BOS (not for mpt) and the "▁" that ends an instruction alone,
+    # and a per-round correction for tokenizers that do (v1) or do not (mpt) add a "▁".
+    cur_len, offset = (0, 1) if style == "mpt" else (1, 2)
+    correction = {"v1": 0 if legacy else -1, "llama_2": 0, "mpt": 1 if legacy else 0}[style]
     trained = np.ones(len(ids), bool)
     total_len = int(np.sum(ids != tokenizer.pad_token_id))
-    rounds = conversation.split(sep2)
-    cur_len = 1
+    rounds, sep = _rounds(style, template, conversation)
     trained[:cur_len] = False
     for i, rou in enumerate(rounds):
         if rou == "":
@@ -175,10 +207,10 @@ def _v1(template: Template, messages, tokenizer, tokens: MediaTokens, max_len: i
             break
         parts[0] += sep
         round_len = length(rou)
-        instruction_len = length(parts[0]) - 2
-        if i != 0 and not legacy:
-            round_len -= 1
-            instruction_len -= 1
+        instruction_len = length(parts[0]) - offset
+        if i != 0:
+            round_len += correction
+            instruction_len += correction
         # Python slice semantics, as the original's torch slicing (negative ends wrap).
         trained[cur_len : cur_len + instruction_len] = False
         cur_len += round_len

@@ -79,8 +79,8 @@ class SampleTransform:
         blocks (clean masking only).
       max_len: the most tokens a sample may have, media tokens included.
       max_views: the most views (AnyRes crops, images, video frames) a sample may have.
-      masking: "clean" or "reference" (the original code's ids and labels; plain, vicuna_v1,
-        llava_v1 and qwen_1_5 templates).
+      masking: "clean" or "reference" (the original code's ids and labels; the templates of
+        `masking.REFERENCE_STYLES`).
       video_frames: frames sampled uniformly from each video.
       max_pixels: refuse images and video frames with more pixels (tightens Pillow's limit).
       drop_trailing_rounds: shorten an over-long conversation by whole trailing rounds
