@@ -8,6 +8,9 @@ breaks naive segment-wise tokenization), BOS is added, and `<image>`, `<video>`,
 
 Ids fit the tiny models of `llava_jax.tiny_hf`: 160 ids, `<image>` = 150, `<video>` = 151,
 BOS = 1, EOS = 2 (the LlamaConfig defaults).
+
+`build_tiny_bytelevel_tokenizer` is the other kind LLaVA models use, a byte-level BPE like
+Qwen2's, with the same media and ChatML ids.
 """
 
 from __future__ import annotations
