@@ -8,6 +8,9 @@ breaks naive segment-wise tokenization), BOS is added, and `<image>`, `<video>`,
 
 Ids fit the tiny models of `llava_jax.tiny_hf`: 160 ids, `<image>` = 150, `<video>` = 151,
 BOS = 1, EOS = 2 (the LlamaConfig defaults).
+
+`build_tiny_bytelevel_tokenizer` is the other kind LLaVA models use, a byte-level BPE like
+Qwen2's, with the same media and ChatML ids.
 """
 
 from __future__ import annotations
@@ -81,3 +84,50 @@ def save_tiny_tokenizer(out_dir: str | os.PathLike, **kwargs) -> Path:
     out = Path(out_dir)
     build_tiny_tokenizer(**kwargs).save_pretrained(out)
     return out
+
+
+# -- a byte-level BPE tokenizer, as Qwen2's --------------------------------------------------
+
+# Qwen2's pre-tokenizer split (Qwen/Qwen2-7B tokenizer.json): a space joins the word after it.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# GPT-2's byte-to-character map for the bytes used here: " " is "Ġ", "\n" is "Ċ".
+_BYTE_ALPHABET = "ĠĊ" + "".join(chr(b) for b in range(33, 127))
+_BYTE_MERGES = (
+    "Ġ t", "h e", "Ġt he", "Ġ a", "i n", "e r", "a n", "a t", "i s", "Ġ i", "Ġi s", "Ġ c",
+    "Ġc at", "Ġ W", "Ġ A", "U S", "E R", "US ER", "A S", "S I", "S T", "A N", "AN T",
+    "AS SI", "ASSI ST", "ASSIST ANT", "< /", "s >", "Ċ Ċ", "y s", "ys t", "e m", "u s", "us er",
+)  # fmt: skip
+
+
+def build_tiny_bytelevel_tokenizer():
+    """A byte-level BPE `PreTrainedTokenizerFast` like Qwen2's: no BOS, spaces are `Ġ` and
+    belong to the word after them, "\\n" is `Ċ`; `<|endoftext|>` (id 0) is EOS and padding.
+
+    The ids of `<image>`, `<video>`, `<|im_start|>`, `<|im_end|>` are those of
+    `build_tiny_tokenizer`, so the tiny models take either. Only ASCII text is covered.
+    """
+    import transformers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = ["<|endoftext|>", *_BYTE_ALPHABET, *("".join(m.split(" ")) for m in _BYTE_MERGES)]
+    assert len(tokens) <= min(_ADDED.values()), "merges overflow into the added-token ids"
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    for i in range(len(tokens), VOCAB_SIZE):
+        vocab[f"<unused{i}>"] = i
+    for tok, i in _ADDED.items():
+        del vocab[f"<unused{i}>"]
+        vocab[tok] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in _BYTE_MERGES]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", *_ADDED]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )

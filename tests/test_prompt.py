@@ -26,7 +26,11 @@ from llava_jax.data.prompt import (
 )
 from llava_jax.hf_config import from_hf_config
 from llava_jax.models.feature_plan import Media, sample_plan
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
+from llava_jax.tiny_tokenizer import (
+    build_tiny_bytelevel_tokenizer,
+    build_tiny_tokenizer,
+    save_tiny_tokenizer,
+)
 
 IMAGE, VIDEO = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN
 IMG, VID = Media.image(9, 9), Media.video(2)
@@ -123,6 +127,19 @@ def test_tiny_tokenizer_fits_the_tiny_models():
     assert len(tokenizer) == hf_tiny.VOCAB
     assert tokenizer.convert_tokens_to_ids(["<image>", "<video>"]) == [IMAGE, VIDEO]
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)  # LlamaConfig defaults
+
+
+def test_tiny_bytelevel_tokenizer_is_qwen2_like():
+    tokenizer = build_tiny_bytelevel_tokenizer()
+    assert len(tokenizer) == hf_tiny.VOCAB
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<video>"]) == [IMAGE, VIDEO]
+    text = "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n"
+    ids = tokenizer(text).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "<|im_start|>", "user", "Ċ", "<image>", "Ċ", "W", "h", "at", "Ġ", "is", "Ġi", "t", "?",
+        "<|im_end|>", "Ċ",
+    ]  # no BOS; a space belongs to the word after it  # fmt: skip
+    assert tokenizer.decode(ids) == text
 
 
 # (family, media, expected tokens per item): counts by hand where they are short to derive.

@@ -35,10 +35,11 @@ LLAVA_LLAMA_2_SYS = (
     "visual content that the user provides, and assist the user with a variety of tasks using "
     "natural language.\n<</SYS>>\n\n"
 )
-# Written by hand from Conversation.get_prompt() (and preprocess_plain for `plain`):
-# (one user turn + generation prompt, two user turns + generation prompt).
+# Written by hand from Conversation.get_prompt():
+# (one user turn + generation prompt, two user turns + generation prompt). The original's
+# `plain` cannot write a reply in a prompt (its sep2 is None); we write it as a caption.
 EXPECTED = {
-    "plain": ("<image>", "<image>A cat.\n"),
+    "plain": ("<image>\nWhat is this?\n", "<image>\nWhat is this?\nA cat.\nWhy?\n"),
     "llava_v0": (
         VICUNA.format(who="human") + "###Human: <image>\nWhat is this?###Assistant:",
         VICUNA.format(who="human")
@@ -181,9 +182,36 @@ def test_system_message_replaces_the_default():
     assert render(get_template("qwen_1_5"), system + ONE_TURN).startswith(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
     )
-    # An empty system message leaves the system block out.
-    empty = render(get_template("qwen_1_5"), [{"role": "system", "content": ""}, *ONE_TURN])
-    assert empty.startswith("<|im_start|>user\n<image>\n")
+
+
+# haotian-liu/LLaVA and LLaVA-VL/LLaVA-NeXT (qwen_1_5) `llava/conversation.py`, run with
+# `conv.system = ""`, a user turn "<image>\nHi" and a None reply: styles that write
+# `system + sep` keep the separator.
+EMPTY_SYSTEM = {
+    "plain": "<image>\nHi\n",
+    "llava_v0": "###Human: <image>\nHi###Assistant:",
+    "vicuna_v1": " USER: <image>\nHi ASSISTANT:",
+    "llava_v1": " USER: <image>\nHi ASSISTANT:",
+    "llava_llama_2": "[INST] <image>\nHi [/INST]",
+    "mistral_instruct": "[INST] <image>\nHi [/INST]",
+    "chatml_direct": "<|im_end|><|im_start|>user\n<image>\nHi<|im_end|><|im_start|>assistant\n",
+    "qwen_1_5": "<|im_start|>user\n<image>\nHi<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_an_empty_system_message_keeps_the_original_separator(name):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "<image>\nHi"}]
+    assert render(get_template(name), messages) == EMPTY_SYSTEM[name]
+
+
+def test_plain_prompt_keeps_the_question():
+    # A question asked of a stage-1 model reaches it (get_prompt), though its training
+    # samples reduce the instruction to the image (preprocess_plain).
+    plain = get_template("plain")
+    assert render(plain, [{"role": "user", "content": "Hi <image>"}]) == "<image>\nHi\n"
+    caption = [{"role": "user", "content": "Hi <image>"}, {"role": "assistant", "content": "A"}]
+    assert render(plain, caption, add_generation_prompt=False) == "<image>A\n"
 
 
 def test_template_names_and_stop_strings():

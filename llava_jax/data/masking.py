@@ -1,33 +1,51 @@
-"""Label masks as the original LLaVA training code computes them: the "reference" masking mode.
+"""Input ids and labels as the original LLaVA training code makes them: "reference" masking.
 
-The clean mode (`templates.render_spans` + `prompt.tokenize_spans`) trains each assistant reply
-and its end-of-turn token. This module reproduces what the original repositories train
-instead (haotian-liu/LLaVA and
-LLaVA-VL/LLaVA-NeXT `llava/train/train.py`), for parity runs, on the same token ids:
+The clean mode (`templates.render_spans` + `prompt.tokenize_spans`) tokenizes the prompt as
+transformers' processors do and trains each assistant reply and its end of turn. This module
+reproduces, token for token, the ids and labels of the original repositories instead, for
+parity runs:
 
-- `plain` (haotian-liu/LLaVA `train.py::preprocess_plain`): everything after
-  `tokenizer("<image>")` is trained, i.e. the caption and its "\\n"; BOS and image ignored.
-  The record must be exactly one human turn holding `<image>` and one gpt caption (the
-  original asserts both).
+- `tokenizer_image_token` (haotian-liu/LLaVA `llava/mm_utils.py`, the same in LLaVA-NeXT),
+  used by all but `qwen_1_5`: the text between placeholders is tokenized chunk by chunk, each
+  chunk with the tokenizer's special tokens and all BOS but the first dropped. A
+  SentencePiece tokenizer starts each chunk with a "▁" (a "▁" token before the "\\n" after
+  `<image>`, "▁A" for a caption's "A"), which tokenizing the whole prompt does not give.
+- `plain` (haotian-liu/LLaVA `llava/train/train.py::preprocess_plain`): "<image>" + caption
+  + "\\n"; everything after `tokenizer_image_token("<image>")` is trained. The record must be
+  one human turn holding one placeholder and one gpt caption (the original asserts the
+  placeholder and the two turns, and keeps a single `<image>` whatever the turn held).
 - `vicuna_v1` / `llava_v1` (`preprocess_v1`): the prompt is cut into rounds at `</s>` and
   each round at " ASSISTANT: "; lengths come from tokenizing each piece on its own, with the
   `-2` (BOS and the trailing "▁") and, for rounds after the first, the `-1` correction of
   non-legacy tokenizers (`tokenizer.legacy`, False when the tokenizer has no such attribute,
   as for transformers' v5 `LlamaTokenizer` default). When the round lengths do not add up to
-  the sample's length the original masks the whole sample and prints `WARNING: tokenization
-  mismatch`; here that raises `SkipSample("no_supervised_tokens", ...)`, so it is counted.
-- `qwen_1_5` (LLaVA-NeXT `preprocess_qwen`): each message is tokenized on its own; the
-  whole assistant message is trained, `<|im_start|>assistant\\n` and the trailing "\\n"
-  included, and the ids of "\\n" (198 in Qwen's vocabulary), `<|im_start|>` and
-  `<|im_end|>` are trained everywhere, system and user turns included.
+  the sample's length, and stay under `model_max_length`, the original masks the whole sample
+  and prints `WARNING: tokenization mismatch`; that raises `SkipSample("no_supervised_tokens")`.
+- `llava_llama_2` / `mistral_instruct` (`preprocess_llama_2`): the same with rounds cut at
+  "[/INST] " and no correction for later rounds.
+- `chatml_direct` (`preprocess_mpt`): rounds cut at `<|im_end|>` (the system, the first user
+  turn and its reply make the first), each instruction at `<|im_end|><|im_start|>assistant\\n`,
+  a `-1` for the trailing "▁" (no BOS counted) and `+1` for later rounds of legacy tokenizers.
+- `qwen_1_5` (LLaVA-VL/LLaVA-NeXT `llava/train/train.py::preprocess_qwen`): the system
+  message and then each message go through the chat template
+  "<|im_start|>{role}\\n{content}<|im_end|>\\n" and are tokenized one by one, with no special
+  tokens (no BOS, whatever the tokenizer); the whole assistant message is trained,
+  `<|im_start|>assistant\\n` and the trailing "\\n" included, and the ids of "\\n" (198, Qwen2's,
+  hard-coded there; the tokenizer's own here), `<|im_start|>` and `<|im_end|>` everywhere.
 
-Lengths are measured with the tokenizer's own handling of the media token (an added token,
-one id per placeholder), as transformers' processors tokenize, rather than the original's
-`tokenizer_image_token`, which tokenizes the text after an image on its own and so adds a
-"▁" there on SentencePiece tokenizers: the ids stay those of the clean mode, only the mask
-differs. Other departures: a leading system turn keeps its text in the ids (preprocess_qwen
-would replace it by the default system message), and image positions are never trained (the
-original gives them IGNORE_INDEX when it splices the features in).
+Then, as `prepare_inputs_labels_for_multimodal` (`llava/model/llava_arch.py` of both repos):
+each placeholder becomes its media's tokens, never trained, and the sample is cut at
+`model_max_length` (our `max_len`), training on what is left. The collator's earlier cut of
+the unexpanded ids (`DataCollatorForSupervisedDataset`) removes nothing the later one keeps.
+
+Departures, where the original cannot be followed:
+- A cut that reaches media tokens is refused (`too_long`): the original trains on part of an
+  image's features (or, when the collator cut the placeholder itself, hands the image to the
+  next sample); llava-jax places whole media only.
+- A leading system turn replaces the default system message: the originals cannot read one
+  (`roles["system"]` is a KeyError in each `preprocess_*`).
+- A sample with no trained token (a mismatch, or a cut before the first reply) is skipped and
+  counted instead of contributing a zero loss.
 """
 
 from __future__ import annotations
@@ -36,16 +54,30 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from llava_jax.config import LlavaConfig
 from llava_jax.data import templates
+from llava_jax.data.prompt import expand_media, media_tokens
 from llava_jax.data.schema import SkipSample
 from llava_jax.data.templates import PLACEHOLDER, Template
+from llava_jax.models.feature_plan import Media
 
-# Template name -> the original preprocessing function whose masks we reproduce.
-REFERENCE_STYLES = {"plain": "plain", "vicuna_v1": "v1", "llava_v1": "v1", "qwen_1_5": "qwen"}
+# Template name -> the original preprocessing function whose ids and labels we reproduce.
+REFERENCE_STYLES = {
+    "plain": "plain",
+    "vicuna_v1": "v1",
+    "llava_v1": "v1",
+    "llava_llama_2": "llama_2",
+    "mistral_instruct": "llama_2",
+    "chatml_direct": "mpt",
+    "qwen_1_5": "qwen",
+}
+
+MediaTokens = Mapping[str, tuple[str, int]]  # {"image": ("<image>", id), ...}
 
 
 def reference_style(template: object) -> str:
-    """The original preprocessing ("plain", "v1", "qwen") of `template`; else ValueError."""
+    """The original preprocessing ("plain", "v1", "llama_2", "mpt", "qwen") of `template`;
+    else ValueError."""
     name = getattr(template, "name", None)
     if not isinstance(template, Template) or name not in REFERENCE_STYLES:
         raise ValueError(
@@ -56,75 +88,116 @@ def reference_style(template: object) -> str:
     return REFERENCE_STYLES[name]
 
 
-def reference_mask(
+def reference_tokenize(
     template: Template,
     messages: Sequence[Mapping[str, str]],
-    ids: np.ndarray,
     tokenizer,
-    media_tokens: Mapping[str, str],
-) -> np.ndarray:
-    """The original code's trained mask over `ids`.
+    media: Sequence[Media],
+    cfg: LlavaConfig,
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The original code's input ids and trained mask of a conversation.
 
     Args:
       template: a template of `REFERENCE_STYLES`.
-      messages: the conversation `[{"role", "content"}]` that `ids` encode (an optional system
-        message first, then user and assistant alternating).
-      ids: int[N], the conversation's token ids with one id per media placeholder (before
-        expansion to the media's token count), as `prompt.tokenize_spans` makes them.
-      tokenizer: the HF tokenizer that made `ids`.
-      media_tokens: {"image": "<image>", "video": "<video>"}: the token string that stands
-        for each placeholder kind in the tokenizer's vocabulary.
+      messages: `[{"role", "content"}]`, an optional system message first, then user and
+        assistant alternating; `<image>` / `<video>` mark the media.
+      tokenizer: the model's HF tokenizer.
+      media: the media items, in the order of their placeholders.
+      cfg: the model config (token ids, feature layout).
+      max_len: the original's `model_max_length`.
 
     Returns:
-      bool[N], True where the original trains the token.
+      (int32[L] ids, bool[L] trained), L <= max_len; labels are `where(trained, ids, -100)`.
 
     Raises:
       SkipSample: `no_supervised_tokens` where the original masks the whole sample
-        (tokenization mismatch), `malformed_record` where it fails an assertion (plain).
+        (tokenization mismatch), `malformed_record` where it fails an assertion (plain),
+        `too_long` where its cut at `max_len` reaches media tokens.
+      PromptError: the text holds a media token's string outside placeholders.
     """
     style = reference_style(template)
-    ids = np.asarray(ids)
-
-    def with_tokens(text: str) -> str:
-        return PLACEHOLDER.sub(lambda m: media_tokens[m.group()[1:-1]], text)
-
+    tokens = media_tokens(tokenizer, cfg)
     if style == "plain":
-        return _plain(messages, ids, tokenizer, with_tokens)
-    if style == "v1":
-        text = with_tokens(templates.render(template, messages, add_generation_prompt=False))
-        return _v1(template, text, ids, tokenizer)
-    return _qwen(template, messages, ids, tokenizer, with_tokens)
+        ids, trained = _plain(template, messages, tokenizer, tokens)
+    elif style == "qwen":
+        ids, trained = _qwen(template, messages, tokenizer, tokens)
+    else:
+        ids, trained = _by_rounds(style, template, messages, tokenizer, tokens, max_len)
+    ids, trained = expand_media(tokenizer, ids, trained, media, cfg)
+    if len(ids) <= max_len:
+        return ids, trained
+    media_ids = [token_id for _, token_id in tokens.values()]
+    if np.isin(ids[max_len:], media_ids).any():
+        raise SkipSample(
+            "too_long",
+            f"{len(ids)} tokens > max_len {max_len}, and the original's cut there would cut "
+            "media tokens (llava-jax never cuts media)",
+        )
+    return ids[:max_len], trained[:max_len]
 
 
-def _plain(messages, ids, tokenizer, with_tokens) -> np.ndarray:
+def tokenizer_image_token(text: str, tokenizer, tokens: MediaTokens) -> list[int]:
+    """`llava/mm_utils.py::tokenizer_image_token`: one media id per placeholder, the text
+    between them tokenized chunk by chunk, the first chunk's BOS kept and the others' dropped."""
+    chunks = [tokenizer(chunk).input_ids for chunk in PLACEHOLDER.split(text)]
+    offset = int(bool(chunks[0]) and chunks[0][0] == tokenizer.bos_token_id)
+    ids = list(chunks[0])
+    for placeholder, chunk in zip(PLACEHOLDER.findall(text), chunks[1:], strict=True):
+        ids += [tokens[placeholder[1:-1]][1], *chunk[offset:]]
+    return ids
+
+
+def _plain(template: Template, messages, tokenizer, tokens: MediaTokens):
     roles = [m["role"] for m in messages]
-    if roles != ["user", "assistant"] or templates.IMAGE not in messages[0]["content"]:
+    found = PLACEHOLDER.findall(messages[0]["content"]) if messages else []
+    if roles != ["user", "assistant"] or len(found) != 1:
         raise SkipSample(
             "malformed_record",
-            "the plain format takes one human turn holding <image> and one gpt caption",
+            "the plain format takes one human turn holding one placeholder and one gpt caption",
         )
-    # preprocess_plain: the instruction is reduced to "<image>"; tokenizer("<image>") -> BOS
-    # and the image are ignored, the caption and its "\n" trained.
-    ignored = len(tokenizer(with_tokens(templates.IMAGE)).input_ids)
+    # preprocess_plain: the instruction is reduced to its image; the caption and "\n" follow.
+    text = templates.render(template, messages, add_generation_prompt=False)
+    ids = tokenizer_image_token(text, tokenizer, tokens)
     trained = np.ones(len(ids), bool)
-    trained[:ignored] = False
-    return trained
+    trained[: len(tokenizer_image_token(found[0], tokenizer, tokens))] = False
+    return ids, trained
 
 
-def _v1(template: Template, conversation: str, ids, tokenizer) -> np.ndarray:
-    # conv.sep + conv.roles[1] + ": " and conv.sep2 of SeparatorStyle.TWO, read off the template.
-    user_tail = template.user_format.split("{content}")[1]
-    sep = user_tail + template.assistant_format.split("{content}")[0]
-    sep2 = template.end_of_turn
+def _rounds(style: str, template: Template, conversation: str) -> tuple[list[str], str]:
+    """The rounds the original cuts the prompt into, and what ends each round's instruction."""
+    if style == "v1":  # conv.sep2, and conv.sep + conv.roles[1] + ": "
+        user_tail = template.user_format.split("{content}")[1]
+        return conversation.split("</s>"), user_tail + "ASSISTANT: "
+    if style == "llama_2":
+        return conversation.split("</s>"), "[/INST] "
+    # mpt: cut at conv.sep; the system, the first user turn and its reply make one round.
+    sep = "<|im_end|>"
+    pieces = conversation.split(sep)
+    rounds = [sep.join(pieces[:3])]
+    rounds += [sep.join(pieces[k : k + 2]) for k in range(3, len(pieces), 2)]
+    return rounds, sep + "<|im_start|>assistant\n"
+
+
+def _by_rounds(
+    style: str, template: Template, messages, tokenizer, tokens: MediaTokens, max_len: int
+):
+    """preprocess_v1, preprocess_llama_2 and preprocess_mpt: the prompt tokenized whole, the
+    mask from the lengths of its rounds and their instructions tokenized on their own."""
+    conversation = templates.render(template, messages, add_generation_prompt=False)
+    ids = np.asarray(tokenizer_image_token(conversation, tokenizer, tokens), np.int64)
     legacy = getattr(tokenizer, "legacy", False)
 
     def length(text: str) -> int:
-        return len(tokenizer(text).input_ids)
+        return len(tokenizer_image_token(text, tokenizer, tokens))
 
+    # The originals' offsets: BOS (not for mpt) and the "▁" that ends an instruction alone,
+    # and a per-round correction for tokenizers that do (v1) or do not (mpt) add a "▁".
+    cur_len, offset = (0, 1) if style == "mpt" else (1, 2)
+    correction = {"v1": 0 if legacy else -1, "llama_2": 0, "mpt": 1 if legacy else 0}[style]
     trained = np.ones(len(ids), bool)
     total_len = int(np.sum(ids != tokenizer.pad_token_id))
-    rounds = conversation.split(sep2)
-    cur_len = 1
+    rounds, sep = _rounds(style, template, conversation)
     trained[:cur_len] = False
     for i, rou in enumerate(rounds):
         if rou == "":
@@ -134,55 +207,40 @@ def _v1(template: Template, conversation: str, ids, tokenizer) -> np.ndarray:
             break
         parts[0] += sep
         round_len = length(rou)
-        instruction_len = length(parts[0]) - 2
-        if i != 0 and not legacy:
-            round_len -= 1
-            instruction_len -= 1
+        instruction_len = length(parts[0]) - offset
+        if i != 0:
+            round_len += correction
+            instruction_len += correction
         # Python slice semantics, as the original's torch slicing (negative ends wrap).
         trained[cur_len : cur_len + instruction_len] = False
         cur_len += round_len
     trained[cur_len:] = False
-    if cur_len != total_len:
+    if cur_len < max_len and cur_len != total_len:
         raise SkipSample(
             "no_supervised_tokens",
             f"tokenization mismatch: {cur_len} vs. {total_len}. #turn = {len(rounds)}. "
             "(the original masks the whole sample)",
         )
-    return trained
+    return ids, trained
 
 
-def _message_texts(template: Template, messages) -> list[tuple[str, str]]:
-    """(role, text) of the system block and of each message, cut from prefix renders."""
-    head = 1 if messages and messages[0]["role"] == "system" else 0
-    prefixes = [
-        templates.render(template, messages[:k], add_generation_prompt=False)
-        for k in range(head, len(messages) + 1)
-    ]
-    pieces = [("system", prefixes[0])]
-    for m, before, after in zip(messages[head:], prefixes[:-1], prefixes[1:], strict=True):
-        if not after.startswith(before):
-            raise RuntimeError(f"template {template.name}: a render is not a prefix of the next")
-        pieces.append((m["role"], after[len(before) :]))
-    return pieces
-
-
-def _qwen(template: Template, messages, ids, tokenizer, with_tokens) -> np.ndarray:
-    # Special tokens the tokenizer adds to any text (a BOS; Qwen adds none) lead the ids.
-    prefix = len(tokenizer("").input_ids)
-    trained = np.zeros(len(ids), bool)
-    cur_len = prefix
-    for role, text in _message_texts(template, messages):
-        n = len(tokenizer(with_tokens(text), add_special_tokens=False).input_ids)
-        trained[cur_len : cur_len + n] = role == "assistant"
-        cur_len += n
-    if cur_len != len(ids):
-        raise SkipSample(
-            "no_supervised_tokens",
-            f"tokenization mismatch: the messages tokenized one by one give {cur_len} tokens, "
-            f"the conversation {len(ids)}",
-        )
+def _qwen(template: Template, messages, tokenizer, tokens: MediaTokens):
+    head = int(messages[0]["role"] == "system")
+    system = messages[0]["content"] if head else template.system
+    # preprocess_qwen's chat template is the template's turn formats; the system block is
+    # written even when empty.
+    texts = [("system", template.system_format.replace("{system}", system))]
+    for m in messages[head:]:
+        turn = template.user_format if m["role"] == "user" else template.assistant_format
+        texts.append((m["role"], turn.replace("{content}", templates.place_media(m["content"]))))
+    ids, trained = [], []
+    for role, text in texts:
+        text = PLACEHOLDER.sub(lambda p: tokens[p.group()[1:-1]][0], text)
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        trained += [role == "assistant"] * len(piece)
     newline = tokenizer.encode("\n", add_special_tokens=False)[-1]  # 198 for Qwen2
     vocab = tokenizer.get_vocab()
     unmasked = [newline, *(vocab[t] for t in ("<|im_start|>", "<|im_end|>") if t in vocab)]
-    trained |= (np.arange(len(ids)) >= prefix) & np.isin(ids, unmasked)
-    return trained
+    ids = np.asarray(ids, np.int64)
+    return ids, np.asarray(trained, bool) | np.isin(ids, unmasked)

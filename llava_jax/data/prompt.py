@@ -27,8 +27,10 @@ from llava_jax.models.feature_plan import Media
 
 __all__ = [
     "PromptError",
+    "expand_media",
     "load_tokenizer",
     "media_token_counts",
+    "media_tokens",
     "stop_token_ids",
     "tokenize_prompt",
     "tokenize_spans",
@@ -86,7 +88,7 @@ def _check_media(text: str, media: Sequence[Media], cfg: LlavaConfig) -> list[st
     return found
 
 
-def _media_tokens(tokenizer, cfg: LlavaConfig) -> dict[str, tuple[str, int]]:
+def media_tokens(tokenizer, cfg: LlavaConfig) -> dict[str, tuple[str, int]]:
     """{"image": (token string, id), ...}; each must be an added token of the tokenizer."""
     added = tokenizer.get_added_vocab()
     tokens = {}
@@ -127,6 +129,28 @@ def _expand(ids, found, counts, tokens, trained=None):
     return out, np.repeat(trained, repeats)
 
 
+def expand_media(
+    tokenizer, ids, trained, media: Sequence[Media], cfg: LlavaConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ids with one media id per placeholder -> each repeated to its media item's token count.
+
+    For ids made otherwise than by `tokenize_spans` (the original code's, `masking.py`).
+
+    Args:
+      tokenizer: the model's HF tokenizer.
+      ids: int[N], one image / video id per placeholder, in the order of `media`.
+      trained: bool[N], the label mask over `ids`.
+      media: the media items, in the order of their placeholders.
+      cfg: the model config (token ids, feature layout).
+
+    Returns:
+      (int32[L] ids, bool[L] trained); media tokens are never trained.
+    """
+    kinds = [m.kind for m in media]
+    counts = media_token_counts(cfg, media)
+    return _expand(ids, kinds, counts, media_tokens(tokenizer, cfg), trained)
+
+
 def _one_token_each(text: str, tokens) -> str:
     return PLACEHOLDER.sub(lambda m: tokens[m.group()[1:-1]][0], text)
 
@@ -134,7 +158,7 @@ def _one_token_each(text: str, tokens) -> str:
 def _prepare(tokenizer, text: str, media: Sequence[Media], cfg: LlavaConfig):
     found = _check_media(text, media, cfg)
     counts = media_token_counts(cfg, media)
-    return found, counts, _media_tokens(tokenizer, cfg)
+    return found, counts, media_tokens(tokenizer, cfg)
 
 
 def _adds_bos(tokenizer, text: str, add_special_tokens: bool | None) -> bool:
@@ -188,9 +212,9 @@ def tokenize_spans(
     """Ids and label mask of a conversation from `templates.render_spans`.
 
     Each span is tokenized on its own and the ids concatenated, so the mask can never be off
-    by a token (the original's "WARNING: tokenization mismatch",
-    haotian-liu/LLaVA #661, #1166). For the tokenizers LLaVA uses this gives the ids of
-    `tokenize_prompt` on the joined text, since spans are cut where tokens start.
+    by a token (the originals' "tokenization mismatch"). For the tokenizers LLaVA uses this
+    gives the ids of `tokenize_prompt` on the joined text, since spans are cut where tokens
+    start.
 
     Returns:
       (int32[L] ids, bool[L] trained); media tokens and BOS are never trained.

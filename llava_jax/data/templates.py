@@ -9,11 +9,10 @@ whose text holds `<image>` / `<video>` placeholders (`prompt.tokenize_prompt` ex
   transformers' own renderer, with HF's typed content parts (`{"type": "image"}`) where the
   template reads them. The default whenever the checkpoint has one (`resolve_template`).
 
-`render` gives the prompt text; `render_spans` gives the same text cut into (text,
-is_trained) spans for label masking in training (clean mode; the original's masks are in
-`masking.py`): an assistant reply and its end of turn are trained, everything else is not.
-Tokenizing span by span and concatenating (`prompt.tokenize_spans`) makes the original's
-"tokenization mismatch" impossible.
+`render` gives the prompt text; `render_spans` gives the same text cut into (text, is_trained)
+spans for label masking in training (docs/data.md, clean mode): an assistant reply and its
+end of turn are trained, everything else is not. Tokenizing span by span and concatenating
+(`prompt.tokenize_spans`) makes the original's "tokenization mismatch" impossible.
 """
 
 from __future__ import annotations
@@ -45,8 +44,10 @@ class Template:
     Attributes:
       name: the original `--conv-mode` name.
       system: the default system message; a leading `system` message replaces it.
-      system_format: how a non-empty system message is written (`{system}` is replaced). An
-        empty one is left out (as NeXT's CHATML and LLAMA_2 styles do).
+      system_format: how a non-empty system message is written (`{system}` is replaced).
+      empty_system: how an empty system message is written: the separator `get_prompt` still
+        writes after it (`system + sep`). None: the block is left out (NeXT's CHATML and the
+        LLAMA_2 style's `wrap_sys`).
       user_format: one user turn (`{content}` is replaced).
       assistant_format: one assistant turn (`{content}` is replaced).
       end_of_turn: what the text after `{content}` starts with and the model must learn to
@@ -58,8 +59,10 @@ class Template:
       media: "start": a turn's single placeholder moves to its start, followed by "\\n"
         (haotian-liu `preprocess_multimodal`; NeXT skips turns that already start with it,
         which differs only for e.g. "<image>What"); several placeholders stay in place.
-        "only": a user turn is reduced to its placeholders (`preprocess_plain`, whose
-        caption follows the image directly).
+        "only": in the training form (`add_generation_prompt=False`, `render_spans`) a user
+        turn is reduced to its placeholders, the caption following directly
+        (`preprocess_plain`); a prompt for generation keeps the user's text, placed as
+        "start" does (`get_prompt`: "<image>\\nHi\\n").
     """
 
     name: str
@@ -70,6 +73,7 @@ class Template:
     end_of_turn: str
     generation_prompt: str
     stop_strings: tuple[str, ...]
+    empty_system: str | None = None
     turn_separator: str = ""
     system_in_first_user: bool = False
     media: Literal["start", "only"] = "start"
@@ -102,6 +106,7 @@ _TWO = dict(
     end_of_turn="</s>",
     generation_prompt="ASSISTANT:",
     stop_strings=("</s>",),
+    empty_system=" ",
 )
 _IM = dict(end_of_turn="<|im_end|>", generation_prompt="<|im_start|>assistant\n")
 
@@ -109,11 +114,13 @@ TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         # PLAIN (stage-1 pretraining): "<image>{caption}\n", no EOS; caption + "\n" trained.
+        # A prompt is every message followed by sep="\n" (the original's sep2 is None, so its
+        # get_prompt cannot write a reply; we write it as the caption it was trained as).
         Template(
             name="plain",
             system="",
             system_format="{system}",
-            user_format="{content}",
+            user_format="{content}\n",
             assistant_format="{content}\n",
             end_of_turn="\n",
             generation_prompt="",
@@ -130,6 +137,7 @@ TEMPLATES: dict[str, Template] = {
             end_of_turn="###",
             generation_prompt="Assistant:",
             stop_strings=("###",),
+            empty_system="###",
         ),
         Template(name="vicuna_v1", system=_VICUNA_SYSTEM.format(who="user"), **_TWO),
         Template(name="llava_v1", system=_VICUNA_SYSTEM.format(who="human"), **_TWO),
@@ -150,6 +158,7 @@ TEMPLATES: dict[str, Template] = {
             user_format="<|im_start|>user\n{content}<|im_end|>",
             assistant_format="<|im_start|>assistant\n{content}<|im_end|>",
             stop_strings=("<|im_end|>",),
+            empty_system="<|im_end|>",  # conv.system holds "<|im_start|>system\n" itself
             **_IM,
         ),
         # CHATML style (OneVision).
@@ -202,10 +211,10 @@ def _check_messages(messages: Sequence[Message], alternate: bool) -> str | None:
     return system
 
 
-def _place_media(content: str, role: str, template: Template) -> str:
+def place_media(content: str) -> str:
+    """A turn's single placeholder moved to its start, followed by "\\n" (`preprocess_multimodal`
+    of both original repos); several placeholders stay where they are."""
     found = PLACEHOLDER.findall(content)
-    if template.media == "only":
-        return "".join(found) if role == "user" else content
     if len(found) != 1:
         return content  # interleaved placeholders stay where they are (LLaVA-NeXT)
     rest = content.replace(found[0], "").strip()
@@ -216,7 +225,10 @@ def _template_spans(template: Template, messages: Sequence[Message], generation:
     system = _check_messages(messages, alternate=True)
     turns = messages[1:] if system is not None else messages
     system = template.system if system is None else system
-    system_block = template.system_format.replace("{system}", system) if system else ""
+    if system:
+        system_block = template.system_format.replace("{system}", system)
+    else:
+        system_block = template.empty_system or ""
     head, _, tail = template.assistant_format.partition("{content}")
     # A space that ends the reply's header goes with the reply: BPE and SentencePiece
     # vocabularies attach a space to the word after it ("ASSISTANT:", " A cat</s>").
@@ -225,7 +237,11 @@ def _template_spans(template: Template, messages: Sequence[Message], generation:
 
     spans = [] if template.system_in_first_user else [(system_block, False)]
     for i, m in enumerate(turns):
-        content = _place_media(m["content"], m["role"], template)
+        if m["role"] == "user" and template.media == "only" and not generation:
+            # preprocess_plain: the instruction is reduced to its image, the caption follows.
+            spans.append(("".join(PLACEHOLDER.findall(m["content"])), False))
+            continue
+        content = place_media(m["content"])
         if m["role"] == "user":
             if i == 0 and template.system_in_first_user:
                 content = system_block + content

@@ -21,12 +21,14 @@ and does, for one record:
 4. Render the conversation with the template and tokenize span by span
    (`prompt.tokenize_spans`), media tokens expanded to the feature plan's exact counts.
    "clean" masking trains each assistant reply and its end of turn (`plain`: the caption and
-   its "\\n"); "reference" reproduces the original code's masks (`masking.py`).
-5. Budget before any truncation: media tokens are never cut. A sample over `max_len` first
-   loses whole trailing rounds (a human turn and its gpt reply) that hold no placeholder,
-   keeping as many rounds as fit and at least one; if even that is too long, or its views
-   exceed `max_views`, it is skipped as `too_long`. A sample left with no trained token is
-   skipped as `no_supervised_tokens`.
+   its "\\n"); "reference" reproduces the original code's ids and labels (`masking.py`).
+5. Budget before any truncation: media tokens are never cut. Clean masking: a sample over
+   `max_len` first loses whole trailing rounds (a human turn and its gpt reply) that hold no
+   placeholder, keeping as many rounds as fit and at least one; if even that is too long it
+   is skipped as `too_long`. Reference masking cuts at `max_len` as the original does and
+   trains on what is left, unless the cut would reach media tokens (`too_long`). A sample
+   whose views exceed `max_views` is `too_long`; one left with no trained token is skipped as
+   `no_supervised_tokens`.
 
 Every failure is a `SkipSample` carrying one of `schema.SKIP_REASONS` and the record id.
 """
@@ -43,7 +45,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import masking
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import ImageError, load_image, preprocess_images
-from llava_jax.data.prompt import media_token_counts, tokenize_spans
+from llava_jax.data.prompt import tokenize_spans
 from llava_jax.data.schema import Example, RawRecord, SkipSample
 from llava_jax.data.sources import resolve_media
 from llava_jax.data.templates import (
@@ -77,12 +79,12 @@ class SampleTransform:
         blocks (clean masking only).
       max_len: the most tokens a sample may have, media tokens included.
       max_views: the most views (AnyRes crops, images, video frames) a sample may have.
-      masking: "clean" or "reference" (the original code's masks; plain, vicuna_v1,
-        llava_v1 and qwen_1_5 templates).
+      masking: "clean" or "reference" (the original code's ids and labels; the templates of
+        `masking.REFERENCE_STYLES`).
       video_frames: frames sampled uniformly from each video.
       max_pixels: refuse images and video frames with more pixels (tightens Pillow's limit).
       drop_trailing_rounds: shorten an over-long conversation by whole trailing rounds
-        instead of skipping it.
+        instead of skipping it (clean masking; reference masking cuts as the original).
     """
 
     cfg: LlavaConfig
@@ -187,7 +189,15 @@ class SampleTransform:
         return views
 
     def _tokenize(self, messages: list[Message], media: Sequence[Media]):
-        """(int32[L], bool[L]) of the longest prefix of whole rounds within max_len."""
+        """(int32[L], bool[L]): reference masking's, or clean masking's longest prefix of whole
+        rounds within max_len."""
+        if self.masking == "reference":
+            try:
+                return masking.reference_tokenize(
+                    self.template, messages, self.tokenizer, media, self.cfg, self.max_len
+                )
+            except PromptError as e:  # e.g. the media token's text written in the conversation
+                raise SkipSample("placeholder_mismatch", str(e)) from None
         ids, trained = self._tokenize_all(messages, media)
         if len(ids) <= self.max_len:
             return ids, trained
@@ -231,37 +241,11 @@ class SampleTransform:
             ids, trained = tokenize_spans(self.tokenizer, spans, media, self.cfg)
         except PromptError as e:  # e.g. the media token's text written in the conversation
             raise SkipSample("placeholder_mismatch", str(e)) from None
-        if self.masking == "reference":
-            trained = self._reference_mask(messages, ids, media)
         return ids.astype(np.int32), trained
 
     @property
     def _media_ids(self) -> list[int]:
         return [i for i in (self.cfg.image_token_id, self.cfg.video_token_id) if i is not None]
-
-    def _reference_mask(self, messages, ids: np.ndarray, media: Sequence[Media]) -> np.ndarray:
-        """The original code's mask, computed with one token per placeholder, then expanded."""
-        counts = iter(media_token_counts(self.cfg, media))
-        media_ids = self._media_ids
-        starts, i = [], 0  # where each token of the unexpanded sequence starts
-        while i < len(ids):
-            starts.append(i)
-            i += next(counts) if ids[i] in media_ids else 1
-        starts = np.asarray(starts, np.int64)
-        tokens = {
-            kind: self.tokenizer.convert_ids_to_tokens(token_id)
-            for kind, token_id in (
-                ("image", self.cfg.image_token_id),
-                ("video", self.cfg.video_token_id),
-            )
-            if token_id is not None
-        }
-        trained = masking.reference_mask(
-            self.template, messages, ids[starts], self.tokenizer, tokens
-        )
-        expanded = np.repeat(trained, np.diff(np.append(starts, len(ids))))
-        expanded[np.isin(ids, media_ids)] = False  # features are inputs, never labels
-        return expanded
 
 
 # -- conversation checks ---------------------------------------------------------------------
