@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # LLaVA JSON / JSONL, a YAML mixture, an ArrayRecord dir, or tfds:NAME
     c.data.image_root = ""  # where relative image / video paths resolve
     c.data.template = "vicuna_v1"  # a name from data/templates.py
-    c.data.masking = "clean"  # or "reference": the original code's input ids and labels exactly (docs/data.md)
+    # "clean", or "reference": the original code's input ids and labels exactly (docs/data.md)
+    c.data.masking = "clean"
     # LLaVA's `image_aspect_ratio` for single-image models: "crop" (square: resize + center
     # crop) or "pad" (pad to a square with the mean colour); "" = the model's processor config.
     c.data.image_aspect_ratio = ""
