@@ -393,7 +393,8 @@ def test_llava_bench_coco_context_has_boxes_and_unreadable_replies_are_counted(t
         _, m = run("llava-bench", data, tmp_path / "out", {"0": "unreadable"}, split="coco",
                    judge=judge)  # fmt: skip
         content = llm.requests[0]["messages"][1]["content"]
-    assert "A dog on grass.\nA brown dog.\n\ndog: [0.100, 0.200, 0.500, 0.750]" in content
+    # As `eval_gpt_review_visual.py` writes it: the box as Python prints the list.
+    assert "[Context]\nA dog on grass.\nA brown dog.\n\ndog: [0.1, 0.2, 0.5, 0.75]\n\n" in content
     assert m["unreadable_judge_replies"] == 1
     assert m["relative_score"]["all"]["reference_mean"] == -1.0  # kept in, as LLaVA does
 
@@ -519,3 +520,64 @@ def test_limit(tmp_path):
     data = fx.make_gqa(tmp_path / "gqa")
     _, m = run("gqa", data, tmp_path / "out", {"201": "yes"}, limit=1)
     assert m["questions"] == 1 and m["accuracy"] == 100.0
+
+
+RULES = {  # the layout of haotian-liu/LLaVA `llava/eval/table/rule.json`, rules shortened
+    "llava_bench_conv": {"role": "Assistant", "prompt": "Rate the conversation."},
+    "llava_bench_detail": {"role": "Assistant", "prompt": "Rate the description."},
+    "llava_bench_complex": {"role": "Assistant", "prompt": "Rate the reasoning."},
+    "conv": {"role": "Helper", "prompt": "Rate the COCO conversation."},
+}
+
+
+def test_llava_bench_judges_with_llava_rule_json(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    (data / "rule.json").write_text(json.dumps(RULES))
+    with FakeLLM(judge_reply) as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        report, m = run("llava-bench", data, tmp_path / "out", {"0": "good", "1": "bad",
+                        "2": "good"}, judge=judge)  # fmt: skip
+        sent = {r["messages"][1]["content"]: r["messages"][0]["content"] for r in llm.requests}
+    # LLaVA's system message and each category's rule, as `eval_gpt_review_bench.py` sends.
+    assert set(sent.values()) == {
+        "You are a helpful and precise assistant for checking the quality of the answer."
+    }
+    rule_of = {c.split("[Question]\n")[1].split("\n")[0]: c.split("[System]\n")[1] for c in sent}
+    assert rule_of == {
+        "What is it?": "Rate the conversation.\n\n",
+        "Describe it.": "Rate the description.\n\n",
+        "Why?": "Rate the reasoning.\n\n",
+    }
+    assert m["judge_rules"] == "LLaVA rule.json"
+    assert "paraphrase" not in report.format()
+
+
+def test_llava_bench_without_rule_json_says_the_numbers_are_not_comparable(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    with FakeLLM(judge_reply) as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        report, m = run("llava-bench", data, tmp_path / "out", {"0": "good", "1": "bad",
+                        "2": "good"}, judge=judge)  # fmt: skip
+    assert m["judge_rules"] == "llava-jax paraphrase"
+    assert "not comparable with published numbers" in report.format()
+
+
+def test_llava_bench_coco_uses_the_bare_category_rules(tmp_path):
+    data = fx.make_llava_bench_coco(tmp_path / "coco")
+    (data / "rule.json").write_text(json.dumps(RULES))
+    with FakeLLM(judge_reply) as llm:
+        judge = ChatClient(llm.base_url, "judge-1")
+        run("llava-bench", data, tmp_path / "out", {"0": "good"}, split="coco", judge=judge)
+        content = llm.requests[0]["messages"][1]["content"]
+    assert "[Helper 1]\n" in content and content.endswith(
+        "[System]\nRate the COCO conversation.\n\n"
+    )
+
+
+def test_llava_bench_rule_json_without_a_category_is_one_line(tmp_path):
+    data = fx.make_llava_bench(tmp_path / "wild")
+    del_detail = {k: v for k, v in RULES.items() if k != "llava_bench_detail"}
+    (data / "rule.json").write_text(json.dumps(del_detail))
+    with FakeLLM(judge_reply) as llm, pytest.raises(EvalDataError, match="llava_bench_detail"):
+        run("llava-bench", data, tmp_path / "out", {"0": "a", "1": "b", "2": "c"},
+            judge=ChatClient(llm.base_url, "judge-1"))  # fmt: skip

@@ -16,7 +16,11 @@ Layouts:
     DIR/val2014/IMAGE  (COCO val2014; `COCO_val2014_`-prefixed names are found too)
 
 The judge sees the context, the question, the reference answer as assistant 1 and the model's
-as assistant 2, and puts both 1-10 scores on its first line. Per category (conv, detail,
+as assistant 2, and puts both 1-10 scores on its first line. With LLaVA's own rules file
+(`llava/eval/table/rule.json` of haotian-liu/LLaVA) copied to `DIR/rule.json`, the judge gets
+its rule per category and LLaVA's system message, as `eval_gpt_review_bench.py` (wild) and
+`eval_gpt_review_visual.py` (COCO) send them; without it, our paraphrase, which the report
+labels (the numbers are then not comparable with the papers'). Per category (conv, detail,
 complex) and overall: relative score = mean(model) / mean(reference) × 100, as LLaVA's
 `summarize_gpt_review.py` computes it (unreadable replies as (-1, -1), means rounded to 3
 decimals first), with mean and std over the judge runs.
@@ -24,6 +28,7 @@ decimals first), with mean and std over the judge runs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,11 +41,16 @@ from llava_jax.eval.task import (
     ScoreContext,
     Table,
     Task,
+    read_json,
     read_jsonl,
     records,
 )
 
 JUDGE_SYSTEM = "You are a careful, impartial assistant who rates the quality of answers."
+# LLaVA's system message (haotian-liu/LLaVA `llava/eval/eval_gpt_review_bench.py`), sent with
+# the rules of its `rule.json`.
+OFFICIAL_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+RULES_FILE = "rule.json"
 # Paraphrases the rule of LLaVA's judge (llava/eval/table/rule.json): the four criteria,
 # a 1-10 overall score each, both scores alone on the first line, then the explanation.
 JUDGE_RULE = (
@@ -60,13 +70,52 @@ JUDGE_PARAMS = {"temperature": 0.2, "max_tokens": 1024}
 UNREADABLE_PAIR = (-1.0, -1.0)
 
 
-def judge_messages(context: str, question: str, reference: str, answer: str) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class JudgeRule:
+    """What the judge is told: a system message, the answers' role name and the rule."""
+
+    system: str = JUDGE_SYSTEM
+    role: str = "Assistant"
+    prompt: str = JUDGE_RULE
+
+
+PARAPHRASE = JudgeRule()
+
+
+def judge_messages(
+    context: str, question: str, reference: str, answer: str, rule: JudgeRule = PARAPHRASE
+) -> list[dict]:
+    r = rule.role
     content = (
         f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
-        f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
-        f"[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n"
+        f"[{r} 1]\n{reference}\n\n[End of {r} 1]\n\n"
+        f"[{r} 2]\n{answer}\n\n[End of {r} 2]\n\n[System]\n{rule.prompt}\n\n"
     )
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+    return [{"role": "system", "content": rule.system}, {"role": "user", "content": content}]
+
+
+def official_rules(data_dir: Path, split: str, categories: set[str]) -> dict[str, JudgeRule]:
+    """Each category's rule from LLaVA's `rule.json` in `data_dir`, or {} when it is absent.
+
+    In-the-wild questions use the `llava_bench_<category>` entries
+    (`eval_gpt_review_bench.py`), COCO questions the bare `<category>` ones
+    (`eval_gpt_review_visual.py`).
+    """
+    path = data_dir / RULES_FILE
+    if not path.exists():
+        return {}
+    table = read_json(path, dict)
+    rules = {}
+    for category in sorted(categories):
+        key = category if split == "coco" else f"llava_bench_{category}"
+        entry = table.get(key)
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(f), str) for f in ("role", "prompt")
+        ):
+            raise EvalDataError(f"{path}: no rule {key!r} with string 'role' and 'prompt' "
+                                "(copy haotian-liu/LLaVA llava/eval/table/rule.json)")  # fmt: skip
+        rules[category] = JudgeRule(OFFICIAL_SYSTEM, entry["role"], entry["prompt"])
+    return rules
 
 
 def _coco_image(data_dir: Path, name: str) -> Path:
@@ -85,10 +134,6 @@ class LlavaBench(Task):
 
     def samples(self, data_dir: Path, split: str) -> list[Sample]:
         if split == "coco":
-            # Imported here: instruct.coco uses eval.layout, so a module-level import would
-            # make the two packages import each other.
-            from llava_jax.instruct.coco import context_text
-
             questions = read_jsonl(data_dir / "qa90_questions.jsonl", QUESTION_FIELDS)
             answers = read_jsonl(data_dir / "qa90_gpt4_answer.jsonl", ("question_id", "text"))
             path = data_dir / "caps_boxes_coco2014_val_80.jsonl"
@@ -96,13 +141,17 @@ class LlavaBench(Task):
             for c in read_jsonl(path, ("image", "captions")):
                 instances = records(c.get("instances", []), ("category", "bbox"),
                                     f"{path}: image {c['image']}: instances")  # fmt: skip
-                boxes = [(i["category"], i["bbox"]) for i in instances]
-                contexts[c["image"]] = context_text(c["captions"], boxes)
+                # As `eval_gpt_review_visual.py` writes it: the captions, a blank line, then
+                # "category: [x1, y1, x2, y2]" per object, the box as Python prints the list.
+                boxes = "\n".join(f"{i['category']}: {i['bbox']}" for i in instances)
+                contexts[c["image"]] = "\n".join(c["captions"]) + "\n\n" + boxes
         else:
             questions = read_jsonl(data_dir / "questions.jsonl", QUESTION_FIELDS)
             answers = read_jsonl(data_dir / "answers_gpt4.jsonl", ("question_id", "text"))
             rows = read_jsonl(data_dir / "context.jsonl", ("image", "caption"))
-            contexts = {c["image"]: c["caption"] for c in rows}
+            # `eval_gpt_review_bench.py` joins a list of captions with newlines.
+            contexts = {c["image"]: c["caption"] if isinstance(c["caption"], str)
+                        else "\n".join(map(str, c["caption"])) for c in rows}  # fmt: skip
         reference = {str(a["question_id"]): a["text"] for a in answers}
         samples = []
         for q in questions:
@@ -118,9 +167,14 @@ class LlavaBench(Task):
         return samples
 
     def score(self, samples, predictions, ctx: ScoreContext) -> Report:
-        requests = {s.question_id: judge_messages(s.meta["context"], s.meta["question"],
-                                                  s.meta["reference"], predictions[s.question_id])
-                    for s in samples}  # fmt: skip
+        rules = official_rules(ctx.data_dir, ctx.split, {s.meta["category"] for s in samples})
+        requests = {
+            s.question_id: judge_messages(
+                s.meta["context"], s.meta["question"], s.meta["reference"],
+                predictions[s.question_id], rules.get(s.meta["category"], PARAPHRASE),
+            )
+            for s in samples
+        }  # fmt: skip
         scores = judge_all(ctx, requests, parse_score_pair, JUDGE_PARAMS)
         category = {s.question_id: s.meta["category"] for s in samples}
         per_run: dict[str, list[float]] = defaultdict(list)
@@ -139,6 +193,7 @@ class LlavaBench(Task):
         metrics = {
             "judge": ctx.judge.model,
             "judge_runs": ctx.judge_runs,
+            "judge_rules": f"LLaVA {RULES_FILE}" if rules else "llava-jax paraphrase",
             "unreadable_judge_replies": unreadable(scores),
             "relative_score": {},
         }
@@ -157,6 +212,10 @@ class LlavaBench(Task):
             rows.append([name, f"{mean:.1f} ± {std:.1f}", ref, model])
         table = Table(["category", "relative score", "reference (1-10)", "model (1-10)"], rows)
         notes = []
+        if not rules:
+            notes.append(f"judged with llava-jax's paraphrase of LLaVA's rules: not comparable "
+                         f"with published numbers; put LLaVA's llava/eval/table/rule.json at "
+                         f"{ctx.data_dir / RULES_FILE} to judge as LLaVA does")  # fmt: skip
         if metrics["unreadable_judge_replies"]:
             notes.append(f"{metrics['unreadable_judge_replies']} unreadable judge replies count "
                          "as scores (-1, -1), as LLaVA's summarize_gpt_review.py counts them; "
