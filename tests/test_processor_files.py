@@ -186,9 +186,14 @@ OV_IMAGE = {"image_processor_type": "LlavaOnevisionImageProcessor",
             "image_std": [0.5] * 3,
             "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7)
                                      for j in range(1, 7)]}  # fmt: skip
+# With the keys a saved LlavaOnevisionVideoProcessor carries besides the pixel settings.
 OV_VIDEO = {"video_processor_type": "LlavaOnevisionVideoProcessor",
             "size": {"height": 384, "width": 384}, "image_mean": [0.5] * 3,
-            "image_std": [0.5] * 3}  # fmt: skip
+            "image_std": [0.5] * 3, "resample": 3, "default_to_square": False,
+            "do_center_crop": None, "crop_size": None, "do_sample_frames": False, "fps": None,
+            "num_frames": None, "return_metadata": False, "video_metadata": None,
+            "data_format": "channels_first",
+            "processor_class": "LlavaOnevisionProcessor"}  # fmt: skip
 
 
 @pytest.mark.parametrize("where", ["nested", "video_preprocessor_config.json"])
