@@ -30,7 +30,7 @@ from llava_jax.models.feature_plan import Media, build_feature_plan  # noqa: E40
 IMAGE_TOKEN = 32000
 
 
-def build_hf():
+def build_hf(image_token: int = IMAGE_TOKEN):
     torch.manual_seed(0)
     vision = transformers.SiglipVisionConfig(
         hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
@@ -42,8 +42,8 @@ def build_hf():
         tie_word_embeddings=True, eos_token_id=None,
     )  # fmt: skip
     cfg = transformers.LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-        video_token_index=IMAGE_TOKEN + 1, tie_word_embeddings=True,
+        vision_config=vision, text_config=text, image_token_index=image_token,
+        video_token_index=image_token + 1, tie_word_embeddings=True,
     )  # fmt: skip
     return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
 

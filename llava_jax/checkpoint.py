@@ -175,7 +175,7 @@ def load_params(
                 f"{params_dir}: parameters do not fit the config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        device = default_sharding()
         target = {}
         for path, want in expected.items():
             got = tuple(stored[path].shape)
@@ -193,16 +193,35 @@ def load_params(
     return nested_to_flat(restored)
 
 
+def default_sharding() -> jax.sharding.Sharding:
+    """Where a loaded model's parameters go unless a mesh says otherwise: the first local device."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def model_from_params(cfg: LlavaConfig, params: Mapping[str, Any]) -> LlavaModel:
+    """`LlavaModel(cfg)` holding `params` (flat {path: array}), each placed on the device.
+
+    Host NumPy arrays would be copied into the device again at every jitted call (a decode
+    step reads all weights), so every parameter becomes a device array here, whichever
+    loader produced it; arrays already placed stay where they are.
+    """
+    device = default_sharding()
+    placed = {
+        path: value if isinstance(value, jax.Array) else jax.device_put(value, device)
+        for path, value in params.items()
+    }
+    model = abstract_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, flat_to_nested(placed))
+    nnx.update(model, state)
+    return model
+
+
 def load_model(model_dir: str | os.PathLike, **overrides: Any) -> LlavaModel:
     """A ready `LlavaModel` from a model directory; `overrides` replace config fields
     (execution switches such as `dtype`, `scan_layers`, `remat_policy`)."""
     cfg = load_config(model_dir).replace(**overrides)
-    params = load_params(model_dir, cfg, dtype=cfg.param_dtype)
-    model = abstract_model(cfg)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, flat_to_nested(params))
-    nnx.update(model, state)
-    return model
+    return model_from_params(cfg, load_params(model_dir, cfg, dtype=cfg.param_dtype))
 
 
 def model_params(model: LlavaModel) -> dict[str, np.ndarray]:

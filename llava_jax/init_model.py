@@ -285,8 +285,8 @@ def assemble(
       llm_dir: HF Llama / Mistral / Qwen2 causal-LM dir, with its tokenizer.
       recipe: the model config the recipe trains (`config_loader.model_config`).
       out_dir: the model dir to create (must not exist, or be empty).
-      image_processor_dir: where `preprocessor_config.json` (mean / std) comes from; default
-        the vision dir's, if it has one.
+      image_processor_dir: where the image processor's mean / std come from (read where
+        transformers reads them: `find_processor_dict`); default the vision dir's, if it has one.
       seed: seed of the connector / image_newline initialisation.
       allow_pickle: also read `.bin` / `.pt` weights.
       projector_from: a connector checkpoint loaded over the fresh connector
@@ -357,11 +357,19 @@ def assemble(
     with tempfile.TemporaryDirectory(prefix=".init-assets-") as tmp:
         assets = Path(tmp)
         tokenizer.save_pretrained(assets)
+        from llava_jax.data.image_config import find_processor_dict
+
         source_dir = Path(image_processor_dir or vision_dir)
-        source = source_dir / "preprocessor_config.json"
-        if image_processor_dir and not source.is_file():
-            raise CheckpointError(f"{source_dir}: no preprocessor_config.json")
-        proc = processor_json(cfg, _read_json(source) if source.is_file() else None)
+        try:
+            source = find_processor_dict(source_dir, "image_processor")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if image_processor_dir and source is None:
+            raise CheckpointError(
+                f"{source_dir}: no image processor (preprocessor_config.json, or "
+                "processor_config.json with an image_processor entry)"
+            )
+        proc = processor_json(cfg, source and source.settings)
         (assets / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
         for name in _LLM_ASSETS:
             if (Path(llm_dir) / name).is_file():

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from llava_jax import checkpoint
 from llava_jax.config import Family, LlavaConfig
@@ -34,11 +33,7 @@ def _load_hf(path: Path, overrides: dict[str, Any]) -> LlavaModel:
     cfg = read_hf_config(path).replace(**overrides)
     with CheckpointReader(path) as reader:
         params = hf_to_params(cfg, reader.keys(), reader.shape, reader.read, cfg.param_dtype)
-    model = checkpoint.abstract_model(cfg)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, checkpoint.flat_to_nested(params))
-    nnx.update(model, state)
-    return model
+    return checkpoint.model_from_params(cfg, params)  # device arrays, as `load_model` gives
 
 
 def load_any_model(

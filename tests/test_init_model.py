@@ -294,3 +294,26 @@ def test_projector_and_vocab_checks(tmp_path, capsys):
     assert main(["init", *args[1:-1], str(small), "--out", str(tmp_path / "x")]) == 2
     assert "the recipe's vocab_size 100 must hold both" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_image_processor_saved_by_transformers5(tmp_path, capsys):
+    # transformers 5 nests the image processor in processor_config.json and writes no
+    # preprocessor_config.json; its mean / std are the ones init must take.
+    from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+
+    _, _, recipe = build_parts(tmp_path, "llava")
+    mean, std = [0.1, 0.2, 0.3], [0.3, 0.2, 0.1]
+    image = transformers.CLIPImageProcessorPil(image_mean=mean, image_std=std)
+    transformers.CLIPProcessor(image_processor=image, tokenizer=build_tiny_tokenizer()
+                               ).save_pretrained(tmp_path / "proc")  # fmt: skip
+    assert not (tmp_path / "proc" / "preprocessor_config.json").exists()
+    args = ["init", "--vision", str(tmp_path / "vision"), "--llm", str(tmp_path / "llm"),
+            "--config", str(recipe), "--image-processor"]  # fmt: skip
+    assert main([*args, str(tmp_path / "proc"), "--out", str(tmp_path / "out")]) == 0
+    proc = json.loads((tmp_path / "out" / "assets" / "preprocessor_config.json").read_text())
+    assert (proc["image_mean"], proc["image_std"]) == (mean, std)
+    # A directory with no image processor at all is refused, naming what was looked for.
+    assert main([*args, str(tmp_path / "llm"), "--out", str(tmp_path / "x")]) == 2
+    assert "no image processor (preprocessor_config.json, or processor_config" in (
+        capsys.readouterr().err
+    )

@@ -56,8 +56,9 @@ def add_parser(subparsers) -> None:
         "--image-processor",
         type=Path,
         metavar="HF_DIR",
-        help="take the image mean / std from this dir's preprocessor_config.json "
-        "(default: the vision dir's, else the tower's standard values)",
+        help="take the image mean / std from this dir's image processor (preprocessor_config"
+        ".json, or processor_config.json as transformers 5 saves it; default: the vision "
+        "dir's, else the tower's standard values)",
     )
     parser.add_argument(
         "--projector",

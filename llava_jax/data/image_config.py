@@ -1,6 +1,6 @@
-"""How images become views: `ImageProcessorConfig`, read from a checkpoint's
-`preprocessor_config.json` with transformers' field names and defaults, or derived from the
-model config when the file is absent.
+"""How images become views: `ImageProcessorConfig`, read from a checkpoint's processor files
+(`processor_config.json` as transformers 5 writes it, or `preprocessor_config.json`) with
+transformers' field names and defaults, or derived from the model config when there are none.
 """
 
 from __future__ import annotations
@@ -263,19 +263,43 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, cfg: LlavaConfig) -> ImageProcessorConfig:
-        """`preprocessor_config.json` of `model_dir` if present, else `for_model`; checked."""
-        path = Path(model_dir) / "preprocessor_config.json"
-        if not path.is_file():
+        """The image processor transformers would load from `model_dir`, checked against `cfg`.
+
+        Read from the files transformers reads, in its order (`find_processor_dict`); the
+        `for_model` defaults only when `model_dir` has none. For OneVision a video processor,
+        when the directory has its own, must make the same pixels: videos are preprocessed
+        with these settings, so a differing one is refused rather than ignored.
+        """
+        model_dir = Path(model_dir)
+        found = find_processor_dict(model_dir, "image_processor")
+        if found is None:
             proc = cls.for_model(cfg)
         else:
-            try:
-                d = json.loads(path.read_text())
-                ratio = cfg.vision_aspect_ratio if cfg.family == Family.LLAVA_ONEVISION else None
-                proc = cls.from_hf(d, cfg.family, aspect_ratio=ratio)
-            except (ValueError, TypeError, KeyError) as e:
-                raise ValueError(f"{path}: {e}") from None
+            ratio = cfg.vision_aspect_ratio if cfg.family == Family.LLAVA_ONEVISION else None
+            proc = _parse(found, cfg.family, ratio)
+        if cfg.family == Family.LLAVA_ONEVISION:
+            video = find_processor_dict(model_dir, "video_processor")
+            if video is not None and video.source != getattr(found, "source", None):
+                proc = proc.with_video_processor(_parse(video, cfg.family, proc.aspect_ratio),
+                                                 video.source)  # fmt: skip
         proc.check_model(cfg)
         return proc
+
+    def with_video_processor(
+        self, video: ImageProcessorConfig, source: str
+    ) -> ImageProcessorConfig:
+        """This config with the frame sampling of `video`, whose pixels must be the same."""
+        pixels = {f.name for f in dataclasses.fields(self)} - {
+            "image_grid_pinpoints", "video_num_frames", "video_fps"}  # fmt: skip
+        differ = sorted(n for n in pixels if getattr(self, n) != getattr(video, n))
+        if differ:
+            raise ValueError(
+                f"{source}: the video processor differs from the image processor in {differ}; "
+                "llava-jax preprocesses videos with the image processor's settings"
+            )
+        return dataclasses.replace(
+            self, video_num_frames=video.video_num_frames, video_fps=video.video_fps
+        )
 
     def check_model(self, cfg: LlavaConfig) -> None:
         """Raises unless these views are the ones `cfg`'s vision tower and feature plan expect."""
@@ -288,6 +312,63 @@ class ImageProcessorConfig:
             )
         if self.is_anyres and self.image_grid_pinpoints != tuple(cfg.image_grid_pinpoints):
             raise ValueError("image_grid_pinpoints differ between the image processor and model")
+
+
+# Where transformers 5.24 looks, best first: `processor_config.json` nests each sub-processor
+# (what `ProcessorMixin.save_pretrained` writes since v5), then the per-processor files
+# (`image_processing_base.get_image_processor_dict`, `video_processing_utils.
+# get_video_processor_dict`).
+PROCESSOR_FILE = "processor_config.json"
+_PROCESSOR_FILES = {
+    "image_processor": ("preprocessor_config.json",),
+    "video_processor": ("video_preprocessor_config.json", "preprocessor_config.json"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundProcessor:
+    """Where a processor's settings were found: the file, with the key when nested."""
+
+    source: str  # e.g. "DIR/processor_config.json[image_processor]"
+    settings: dict[str, Any]
+
+
+def find_processor_dict(model_dir: str | Path, kind: str) -> FoundProcessor | None:
+    """The settings of `kind` ("image_processor" or "video_processor") in a checkpoint
+    directory, from the first file transformers would take them from; None when no file has
+    them. A file that exists but is not a JSON object raises, naming it.
+    """
+    model_dir = Path(model_dir)
+    nested = _read_json_object(model_dir / PROCESSOR_FILE)
+    if nested is not None and kind in nested:
+        source = f"{model_dir / PROCESSOR_FILE}[{kind}]"
+        if not isinstance(nested[kind], dict):
+            raise ValueError(f"{source}: expected a JSON object, found {nested[kind]!r:.60}")
+        return FoundProcessor(source, nested[kind])
+    for name in _PROCESSOR_FILES[kind]:
+        settings = _read_json_object(model_dir / name)
+        if settings is not None:
+            return FoundProcessor(str(model_dir / name), settings)
+    return None
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def _parse(found: FoundProcessor, family: Family, aspect_ratio: str | None) -> ImageProcessorConfig:
+    try:
+        return ImageProcessorConfig.from_hf(found.settings, family, aspect_ratio=aspect_ratio)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{found.source}: {e}") from None
 
 
 _PARSED_KEYS = set(_HF_COMMON) | {
