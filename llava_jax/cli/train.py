@@ -6,6 +6,8 @@ import argparse
 import glob
 import os
 
+from llava_jax.paths import absolute
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,7 +23,12 @@ def add_parser(subparsers) -> None:
         metavar="RECIPE[:ARG]",
         help="a recipe file, e.g. configs/llava15_7b_finetune.py or configs/x.py:13b",
     )
-    parser.add_argument("--workdir", required=True, help="checkpoints, logs and the model")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        type=absolute,
+        help="checkpoints, logs and the model (a local path or gs://)",
+    )
     parser.add_argument(
         "--init-from",
         metavar="DIR",
