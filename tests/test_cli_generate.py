@@ -81,6 +81,24 @@ def test_generate_streams_text(hf_dir):
     assert "converting it in memory" in proc.stderr
 
 
+def test_animated_image_and_a_one_token_answer(hf_dir, tmp_path):
+    """An animated GIF: its first frame, said on stderr (issue 18.2). A one-token answer has
+    no decode step to time: `decode_tokens_per_s` is null, not 0.0 (issue 18.6)."""
+    path, _ = hf_dir
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    proc = cli("generate", "--model", path, "--image", tmp_path / "anim.gif", "--prompt", PROMPT,
+               "--raw", "--max-new-tokens", 1, "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"warning: --image {tmp_path / 'anim.gif'}: an animated image of 3 frames; only the "
+        f"first is used (--video {tmp_path / 'anim.gif'} takes its frames as a video)"
+    ) in proc.stderr.splitlines()
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) == 1
+    assert out["decode_tokens_per_s"] is None
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
