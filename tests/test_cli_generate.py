@@ -99,6 +99,18 @@ def test_animated_image_and_a_one_token_answer(hf_dir, tmp_path):
     assert out["decode_tokens_per_s"] is None
 
 
+def test_help_lists_every_template_name(capsys):
+    """`--template bogus` lists the aliases (qwen_2, v1) too; so must --help (issue 18.6)."""
+    from llava_jax.cli.main import main
+    from llava_jax.data.templates import ALIASES, TEMPLATES
+
+    for command in ("generate", "chat"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        missing = [n for n in [*TEMPLATES, *ALIASES] if f"{n}," not in text and f"{n})" not in text]
+        assert not missing, f"{command} --help does not list {missing}"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -7,15 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from llava_jax.data.templates import template_names  # light: no jax, no transformers
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, metavar="PATH",
                         help="llava-jax model directory, or a Hugging Face checkpoint "
                         "(converted in memory)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
-                        help="conversation template (plain, llava_v0, vicuna_v1, llava_v1, "
-                        "llava_llama_2, mistral_instruct, chatml_direct, qwen_1_5); default: "
-                        "the checkpoint's own chat template")  # fmt: skip
+                        help=f"conversation template ({', '.join(template_names())}); "
+                        "default: the checkpoint's own chat template")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: as the model was saved)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
