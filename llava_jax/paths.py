@@ -28,5 +28,6 @@ def absolute(path: str | os.PathLike) -> str:
 
 
 def local_path(text: str) -> Path:
-    """argparse `type=` for a local file or directory flag: an absolute Path."""
-    return Path(absolute(text))
+    """argparse `type=` for a local file or directory flag: an absolute Path ("" is the
+    working directory, as `Path("")` is)."""
+    return Path(os.path.abspath(text))

@@ -19,7 +19,7 @@ import pytest
 from llm_server import FakeLLM
 from test_init_model import build_parts
 
-from llava_jax import checkpoint, shapes
+from llava_jax import checkpoint, paths, shapes
 from llava_jax.train import config_loader
 from llava_jax.train.shapes_run import _random_model_dir
 
@@ -82,6 +82,16 @@ def test_data_build(inputs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["num_records"] == 16, manifest
+
+
+def test_absolute_keeps_urls_and_unset_values(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert paths.absolute("runs/../data/x.json") == str(tmp_path / "data" / "x.json")
+    assert paths.absolute(Path("/abs/p")) == "/abs/p"
+    for kept in ("gs://bucket/run1", "memory://x", ""):
+        assert paths.absolute(kept) == kept
+    assert paths.local_path("ckpt/x") == tmp_path / "ckpt" / "x"
+    assert paths.local_path("") == tmp_path
 
 
 def test_config_paths_are_made_absolute(tmp_path, monkeypatch):
