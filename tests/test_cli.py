@@ -277,4 +277,3 @@ def test_no_tpu_search_and_no_torch_advice_on_a_machine_without_them():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False", "libtpu was loaded"
     assert proc.stderr == ""
-
