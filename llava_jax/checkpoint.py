@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from llava_jax import paths
 from llava_jax.config import LlavaConfig
 from llava_jax.convert.tensor_io import CheckpointError  # one error type for all checkpoints
 from llava_jax.models.llava import LlavaModel
@@ -126,10 +128,6 @@ def _umask() -> int:
     return mask
 
 
-def _absolute(path: epath.Path) -> epath.Path:
-    return path if "://" in str(path) else path.absolute()
-
-
 def is_model_dir(path: str | os.PathLike) -> bool:
     return (epath.Path(path) / CONFIG_FILE).is_file()  # local or gs://
 
@@ -159,7 +157,7 @@ def load_params(
       dtype: cast every parameter to this dtype while restoring (default: as stored).
     """
     cfg = cfg or load_config(model_dir)
-    params_dir = _absolute(epath.Path(model_dir)) / PARAMS_DIR
+    params_dir = epath.Path(paths.absolute(model_dir)) / PARAMS_DIR  # orbax: absolute only
     if not params_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ (incomplete checkpoint?)")
     expected = abstract_params(cfg)
@@ -190,7 +188,32 @@ def load_params(
         except Exception as e:  # tensorstore raises a bare Exception for a truncated data file
             reason = (str(e).splitlines() or [type(e).__name__])[0].split(" See full")[0]
             raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({reason})") from e
-    return nested_to_flat(restored)
+    params = nested_to_flat(restored)
+    check_finite(params, params_dir)
+    return params
+
+
+def check_finite(params: Mapping[str, Any], where: str | os.PathLike) -> None:
+    """Refuses floating-point parameters holding NaN or infinity, naming the first.
+
+    Damaged bytes in a weights file (same size, so nothing else notices) otherwise load
+    silently, and the model answers with empty or garbage text. One fused reduction per
+    tensor on its own devices: a read of the weights, no copy.
+    """
+    floating = {k: v for k, v in params.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+    counts = jax.device_get(_count_nonfinite(floating))
+    bad = sorted(k for k, n in counts.items() if n)
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{where}: {bad[0]} holds {int(counts[bad[0]]):,} NaN or infinite values{more}; "
+            "the weights are damaged"
+        )
+
+
+@jax.jit
+def _count_nonfinite(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32) for k, v in params.items()}
 
 
 def default_sharding() -> jax.sharding.Sharding:

@@ -76,7 +76,7 @@ class Generation:
     prompt_tokens: int
     finish_reason: str  # "stop" (stop token or string) or "length"
     time_to_first_token_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float | None = None  # None: under 3 tokens, no decode step timed
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -287,7 +287,7 @@ class Generator:
             position = position + 1
         end = time.perf_counter()
         decoded = max(len(o) for o in outputs) - 2
-        rate = decoded / (end - decode_start) if decoded > 0 else 0.0
+        rate = decoded / (end - decode_start) if decoded > 0 else None
         return [
             Generation(
                 token_ids=out,

@@ -7,6 +7,8 @@ user gets wrong, and `selfcheck`. Hermetic: the models are tiny and built in the
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -233,3 +235,45 @@ def test_unexpected_error_is_not_hidden(monkeypatch):
 def test_usage_error_returns_2(capsys):
     assert main(["convert", "hf-to-jax", "--hf", "x"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+# -- what does not concern the user stays off the console (issue 18.6) ------------------------
+
+# A command replaced by one that starts JAX's backends and imports transformers, as the real
+# commands do; it prints whether libtpu was loaded.
+PROBE = """
+import sys
+import llava_jax.cli.selfcheck as command
+
+def probe(args):
+    import jax
+    import transformers
+    from jax._src.lib import _jax
+    jax.devices()
+    print(_jax.pjrt_plugin_loaded("tpu"))
+    return 0
+
+command.run = probe
+from llava_jax.cli.main import main
+sys.exit(main(["selfcheck"]))
+"""
+
+
+def test_no_tpu_search_and_no_torch_advice_on_a_machine_without_them():
+    """libtpu, installed for `plan`, is not loaded where there is no TPU (it printed five
+    `E0000 ... INVALID_ARGUMENT` lines); transformers' "PyTorch was not found" is dropped."""
+    from jax._src import hardware_utils
+
+    from llava_jax.cli.noise import on_cloud_tpu
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed: JAX never loads it")
+    if on_cloud_tpu() or hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        pytest.skip("this machine has a TPU")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_FORCE_TPU_INIT")}
+    code = "import sys; sys.modules['torch'] = None\n" + PROBE  # as if torch were not installed
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False", "libtpu was loaded"
+    assert proc.stderr == ""

@@ -81,6 +81,36 @@ def test_generate_streams_text(hf_dir):
     assert "converting it in memory" in proc.stderr
 
 
+def test_animated_image_and_a_one_token_answer(hf_dir, tmp_path):
+    """An animated GIF: its first frame, said on stderr (issue 18.2). A one-token answer has
+    no decode step to time: `decode_tokens_per_s` is null, not 0.0 (issue 18.6)."""
+    path, _ = hf_dir
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    proc = cli("generate", "--model", path, "--image", tmp_path / "anim.gif", "--prompt", PROMPT,
+               "--raw", "--max-new-tokens", 1, "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"warning: --image {tmp_path / 'anim.gif'}: an animated image of 3 frames; only the "
+        f"first is used (--video {tmp_path / 'anim.gif'} takes its frames as a video)"
+    ) in proc.stderr.splitlines()
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) == 1
+    assert out["decode_tokens_per_s"] is None
+
+
+def test_help_lists_every_template_name(capsys):
+    """`--template bogus` lists the aliases (qwen_2, v1) too; so must --help (issue 18.6)."""
+    from llava_jax.cli.main import main
+    from llava_jax.data.templates import ALIASES, TEMPLATES
+
+    for command in ("generate", "chat"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        missing = [n for n in [*TEMPLATES, *ALIASES] if f"{n}," not in text and f"{n})" not in text]
+        assert not missing, f"{command} --help does not list {missing}"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -21,7 +21,14 @@ import pytest
 import torch
 import transformers
 
-from llava_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, load_config, load_model, load_params
+from llava_jax.checkpoint import (
+    CONFIG_FILE,
+    PARAMS_DIR,
+    load_config,
+    load_model,
+    load_params,
+    save_model_dir,
+)
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
 from llava_jax.convert.jax_to_hf import convert_jax_to_hf
 from llava_jax.convert.mapping import canonical_key
@@ -512,6 +519,48 @@ def test_half_written_model_dir(case, tmp_path, damage, match):
     raises_one_line(CheckpointError, match, load_model, d)
     raises_one_line(CheckpointError, match, convert_jax_to_hf, d, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def _overwrite_middle(path: Path, n: int = 4096, byte: int = 0xFF):
+    """Same size, `n` bytes in the middle replaced (0xFF...: NaN in every float format)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + n] = bytes([byte]) * n
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_weights_in_a_model_dir_are_refused(case, tmp_path):
+    """Flipped bytes keep the file's size and orbax reads them; the NaNs must not load."""
+    d = _half_written(case("llava"), tmp_path, lambda d: _overwrite_middle(_largest_file(d)))
+    match = r"params: \S+ holds [\d,]+ NaN or infinite values.*; the weights are damaged$"
+    raises_one_line(CheckpointError, match, load_params, d)
+    raises_one_line(CheckpointError, match, load_model, d)
+
+
+def test_non_finite_parameter_is_named(case, tmp_path):
+    c = case("llava")
+    params = dict(c.params)
+    name = "multi_modal_projector/linear_2/kernel"
+    params[name] = params[name].copy()
+    params[name][0, :3] = [np.inf, -np.inf, np.nan]
+    save_model_dir(tmp_path / "model", load_config(c.jax), params)
+    message = raises_one_line(CheckpointError, "NaN or infinite", load_params, tmp_path / "model")
+    assert message == (
+        f"{tmp_path / 'model' / PARAMS_DIR}: {name} holds 3 NaN or infinite values; "
+        "the weights are damaged"
+    )
+
+
+def test_non_finite_hf_tensor_is_named(case, tmp_path):
+    c = case("llava_next")
+    tensors = spelled(c, legacy_spelling, drop_tied_head=True)
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key][1, 1] = np.nan
+    message = convert_broken(c, tmp_path, tensors)
+    assert message == (
+        f"model.safetensors: tensor {key!r} holds 1 NaN or infinite values; the weights are damaged"
+    )
 
 
 def test_params_that_do_not_fit_the_config(case, tmp_path):

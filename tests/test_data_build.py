@@ -140,6 +140,9 @@ def test_manifest_counts_every_skip_by_reason(dataset, tmp_path):
     assert {x["id"]: x["reason"] for x in lines} == dataset.skipped
     assert [x["id"] for x in lines] == [i for i in _json_ids(dataset.json) if i in dataset.skipped]
     assert all(x["detail"] for x in lines)
+    details = {x["id"]: x["detail"] for x in lines}
+    assert details["noconv"] == "no conversations"  # an object, without conversations
+    assert details["train.json:11"] == "not an object: a JSON list"
     assert summary.line().startswith(f"{len(dataset.good)} records in 2 shards -> {out}; skipped 8")
 
 
@@ -287,6 +290,16 @@ def test_cli_errors_are_one_line(dataset, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err == f"llava-jax: error: {message.format(**fill)}\n"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_cli_a_json_list_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"id": "a", "conversations": []}, {"id": "caf\u00e9"}]'.encode("latin-1"))
+    argv = ["data", "build", "--input", str(path), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"llava-jax: error: {path}: not UTF-8 text (byte 46 is b'\\xe9')\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_an_existing_out(dataset, tmp_path, capsys):

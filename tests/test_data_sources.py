@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from llava_jax.data import mixture
-from llava_jax.data.schema import RawRecord, SkipSample
+from llava_jax.data.schema import NotAnObject, RawRecord, SkipSample, conversations_problem
 from llava_jax.data.sources import open_source, resolve_media
 
 
@@ -67,8 +67,11 @@ def test_jsonl_with_blank_and_invalid_lines(tmp_path):
     got = list(open_source(str(path), "root"))
     want = expected("data.jsonl", "root")
     # The invalid line is a record (index 2, blank lines are not records) that is not an
-    # object: conversations None, so the transform skips it as malformed_record.
-    assert got == [*want[:2], RawRecord("data.jsonl:2", None, root="root"), *want[2:]]
+    # object, its cause kept, so the transform skips it as malformed_record.
+    invalid = got[2].conversations
+    assert isinstance(invalid, NotAnObject), invalid
+    assert invalid.what.startswith("a JSON string 'data.jsonl line 4: invalid JSON: "), invalid
+    assert got == [*want[:2], RawRecord("data.jsonl:2", invalid, root="root"), *want[2:]]
 
 
 def test_malformed_records_are_passed_on_not_raised(tmp_path):
@@ -77,11 +80,14 @@ def test_malformed_records_are_passed_on_not_raised(tmp_path):
     path.write_text(json.dumps(bad))
     got = list(open_source(str(path)))
     assert got == [
-        RawRecord("bad.json:0", None),
-        RawRecord("bad.json:1", None),
+        RawRecord("bad.json:0", NotAnObject("a JSON number")),
+        RawRecord("bad.json:1", NotAnObject("a JSON string 'text'")),
         RawRecord("noconv", None),
         RawRecord("badimg", turns(), images=(7,)),
     ]
+    problems = [conversations_problem(r.conversations) for r in got[:3]]
+    assert problems == ["not an object: a JSON number", "not an object: a JSON string 'text'",
+                        "no conversations"]  # fmt: skip
     with pytest.raises(SkipSample) as e:
         resolve_media(got[3].images[0], "/images", got[3].id)
     assert (e.value.reason, e.value.record_id) == ("malformed_record", "badimg")

@@ -16,7 +16,7 @@ from llm_server import FakeLLM
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from llava_jax.eval import TASKS
-from llava_jax.eval.runner import evaluate
+from llava_jax.eval.runner import EvalDataError, PredictionsFile, evaluate
 from llava_jax.llm_client import ChatClient
 from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
@@ -189,6 +189,31 @@ def test_cli_scores_a_predictions_file_without_a_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[2].split() == ["overall", "66.67"]
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_cli_a_non_string_answer_is_one_line_naming_the_line(tmp_path):
+    """`"answer": 123` was scored as the text "123" (issue 18.2)."""
+    data = fx.make_gqa(tmp_path / "gqa")
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = ['{"question_id": "201", "answer": "yes"}', '{"question_id": "202", "answer": 123}']
+    (out / "predictions.jsonl").write_text("\n".join(rows) + "\n")
+    proc = cli("eval", "gqa", "--data", data, "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"llava-jax: error: {out / 'predictions.jsonl'}:2: the answer is 123, not a string"
+    ]
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("answer", ["null", "true", '["yes"]', '{"text": "yes"}', "1.5"])
+def test_only_string_answers_load(tmp_path, answer):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(f'{{"question_id": 7, "answer": {answer}}}\n')
+    with pytest.raises(EvalDataError, match=r"predictions.jsonl:1: the answer is .*, not a str"):
+        PredictionsFile(path).load()
+    path.write_text('{"question_id": 7, "answer": "yes"}\n')
+    assert PredictionsFile(path).load() == {"7": "yes"}
 
 
 def test_cli_judge_flags(tmp_path, monkeypatch):

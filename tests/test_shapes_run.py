@@ -25,11 +25,16 @@ SHORT = [
 
 
 def _train(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """As the README runs it: `--workdir NAME` relative to the working directory, which
+    is not the checkout (orbax refuses a relative path that reaches it; issue 18.1)."""
     cmd = [sys.executable, "-m", "llava_jax.cli.main", "train",
-           "--config", str(ROOT / "configs" / "shapes_tiny.py"), "--workdir", str(workdir),
+           "--config", str(ROOT / "configs" / "shapes_tiny.py"), "--workdir", workdir.name,
            *SHORT, *overrides]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": path}  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=workdir.parent)  # fmt: skip
 
 
 def test_builtin_run_end_to_end_then_resumes_as_complete(tmp_path):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.paths import local_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,12 +37,12 @@ def add_parser(subparsers) -> None:
         "to a llava-jax model directory (config, orbax parameters, tokenizer files).",
     )
     to_jax.add_argument(
-        "--hf", required=True, type=Path, metavar="DIR", help="Hugging Face model directory"
+        "--hf", required=True, type=local_path, metavar="DIR", help="Hugging Face model directory"
     )
     to_jax.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="llava-jax model directory to create (must not exist, or be empty)",
     )
@@ -64,12 +65,12 @@ def add_parser(subparsers) -> None:
         "transformers' from_pretrained loads.",
     )
     to_hf.add_argument(
-        "--ckpt", required=True, type=Path, metavar="DIR", help="llava-jax model directory"
+        "--ckpt", required=True, type=local_path, metavar="DIR", help="llava-jax model directory"
     )
     to_hf.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="Hugging Face directory to create (must not exist, or be empty)",
     )

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.paths import absolute, local_path
 
 
 def add_parser(subparsers) -> None:
@@ -28,15 +29,22 @@ def add_parser(subparsers) -> None:
         "(counts of skipped records by reason) and skipped.jsonl.",
     )
     build.add_argument(
-        "--input", required=True, metavar="JSON_OR_YAML", help="LLaVA .json/.jsonl or .yaml"
+        "--input",
+        required=True,
+        type=absolute,
+        metavar="JSON_OR_YAML",
+        help="LLaVA .json/.jsonl or .yaml",
     )
     build.add_argument(
-        "--image-root", type=Path, metavar="DIR", help="folder the records' media paths are in"
+        "--image-root",
+        type=local_path,
+        metavar="DIR",
+        help="folder the records' media paths are in",
     )
     build.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="directory to create (must not exist, or be empty)",
     )

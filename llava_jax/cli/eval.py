@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.paths import local_path
 
 TASK_NAMES = ("scienceqa", "vqav2", "gqa", "textvqa", "vizwiz", "pope", "mme", "mmbench",
               "llava-bench", "mm-vet")  # fmt: skip
@@ -29,7 +30,7 @@ def add_judge_args(parser: argparse.ArgumentParser, prefix: str = "judge-") -> N
                         help="requests in flight at most (default %(default)s)")  # fmt: skip
     parser.add_argument(
         f"--{prefix}cache-dir",
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="reply cache (default: llm_cache/ in the output directory)",
     )
@@ -62,18 +63,18 @@ def add_parser(subparsers) -> None:
                         help=f"one of {', '.join(TASK_NAMES)}; or {SUITE}: every benchmark "
                         "found under --data (one folder each), summarised as the LLaVA-1.5 "
                         "table")  # fmt: skip
-    parser.add_argument("--model", type=Path, metavar="PATH",
+    parser.add_argument("--model", type=local_path, metavar="PATH",
                         help="llava-jax model directory or Hugging Face checkpoint (not needed "
                         "when every question already has a prediction in OUT)")  # fmt: skip
     parser.add_argument(
         "--data",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="the benchmark's directory, in its published layout",
     )
     parser.add_argument(
-        "--out", type=Path, metavar="DIR", help="output directory (default: eval/TASK-SPLIT)"
+        "--out", type=local_path, metavar="DIR", help="output directory (default: eval/TASK-SPLIT)"
     )
     parser.add_argument("--split", metavar="NAME", help="the task's split (default: the "
                         "one the LLaVA papers report)")  # fmt: skip
@@ -116,11 +117,11 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{SUITE} runs every task on its default split; --split is for "
                                "one task")  # fmt: skip
         task, split = None, None
-        out = args.out or Path("eval") / SUITE
+        out = args.out or local_path(f"eval/{SUITE}")
     else:
         task = TASKS[args.task]()
         split = args.split or task.default_split
-        out = args.out or Path("eval") / f"{args.task}-{split}"
+        out = args.out or local_path(f"eval/{args.task}-{split}")
     if args.limit is not None and args.limit < 1:
         raise CommandError(f"--limit must be >= 1, got {args.limit}")
     if args.judge_runs < 1:

@@ -7,15 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from llava_jax.data.templates import template_names  # light: no jax, no transformers
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, metavar="PATH",
                         help="llava-jax model directory, or a Hugging Face checkpoint "
                         "(converted in memory)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
-                        help="conversation template (plain, llava_v0, vicuna_v1, llava_v1, "
-                        "llava_llama_2, mistral_instruct, chatml_direct, qwen_1_5); default: "
-                        "the checkpoint's own chat template")  # fmt: skip
+                        help=f"conversation template ({', '.join(template_names())}); "
+                        "default: the checkpoint's own chat template")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: as the model was saved)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
@@ -103,6 +104,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from llava_jax.data.video import load_video
 
     images = [load_image(p) for p in args.image]
+    for path in args.image:
+        _warn_if_animated(path)
     videos = []
     if args.video is not None:
         frames, _ = load_video(args.video, num_frames=None if args.video_fps else args.video_frames,
@@ -128,11 +131,25 @@ def run_generate(args: argparse.Namespace) -> int:
             "prompt_tokens": result.prompt_tokens,
             "image_tokens": int(sum(int(t) in media_ids for t in prompt.input_ids)),
             "time_to_first_token_s": round(result.time_to_first_token_s, 4),
-            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            "decode_tokens_per_s": _round(result.decode_tokens_per_s, 2),
         }))  # fmt: skip
     else:
         print()
     return 0
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _warn_if_animated(path: Path) -> None:
+    """LLaVA sees one still image: say that only an animation's first frame is used."""
+    from llava_jax.data.image_processing import count_frames
+
+    frames = count_frames(path)
+    if frames > 1:
+        print(f"warning: --image {path}: an animated image of {frames} frames; only the first "
+              f"is used (--video {path} takes its frames as a video)", file=sys.stderr)  # fmt: skip
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -10,9 +10,9 @@ it. The output is a llava-jax model dir that `llava-jax train --init-from` start
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.paths import local_path
 
 
 def add_parser(subparsers) -> None:
@@ -27,14 +27,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--vision",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="HF_DIR",
         help="CLIPVisionModel / SiglipVisionModel (or CLIPModel) directory",
     )
     parser.add_argument(
         "--llm",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="HF_DIR",
         help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM "
         "directory with its tokenizer",
@@ -48,13 +48,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="llava-jax model directory to create (must not exist, or be empty)",
     )
     parser.add_argument(
         "--image-processor",
-        type=Path,
+        type=local_path,
         metavar="HF_DIR",
         help="take the image mean / std from this dir's image processor (preprocessor_config"
         ".json, or processor_config.json as transformers 5 saves it; default: the vision "
@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--projector",
-        type=Path,
+        type=local_path,
         metavar="PATH",
         help="load the connector from a stage-1 mm_projector.bin / .safetensors "
         "or model dir (default: config.projector_from, else fresh)",

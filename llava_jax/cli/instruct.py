@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from llava_jax.cli import CommandError
 from llava_jax.cli.eval import add_judge_args, make_client
+from llava_jax.paths import local_path
 
 
 def add_parser(subparsers) -> None:
@@ -19,10 +19,10 @@ def add_parser(subparsers) -> None:
         "complex-reasoning samples (LLaVA JSON Lines) through any OpenAI-compatible endpoint. "
         "A rerun resumes; replies are cached.",
     )
-    parser.add_argument("--captions", type=Path, metavar="FILE", help="COCO captions_*.json")
+    parser.add_argument("--captions", type=local_path, metavar="FILE", help="COCO captions_*.json")
     parser.add_argument(
         "--instances",
-        type=Path,
+        type=local_path,
         metavar="FILE",
         help="COCO instances_*.json (boxes; needed for detail and complex)",
     )
@@ -32,8 +32,8 @@ def add_parser(subparsers) -> None:
         dest="response_type",
         help="the response type to generate",
     )
-    parser.add_argument("--out", type=Path, metavar="FILE.jsonl", help="output (appended)")
-    parser.add_argument("--few-shot", type=Path, metavar="DIR",
+    parser.add_argument("--out", type=local_path, metavar="FILE.jsonl", help="output (appended)")
+    parser.add_argument("--few-shot", type=local_path, metavar="DIR",
                         help="few-shot examples: NNN_caps.txt + NNN_conv.txt pairs and an "
                         "optional system_message.txt (default: built-in)")  # fmt: skip
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images")
@@ -56,12 +56,12 @@ def add_parser(subparsers) -> None:
     )
     flt.add_argument(
         "--captions",
-        type=Path,
+        type=local_path,
         required=True,
         metavar="FILE",
         help="LLaVA JSON/JSONL, JSONL of {image, caption}, or CC3M's .tsv",
     )
-    flt.add_argument("--out", type=Path, required=True, metavar="FILE",
+    flt.add_argument("--out", type=local_path, required=True, metavar="FILE",
                      help="LLaVA records: .json (a list) or .jsonl")  # fmt: skip
     flt.add_argument("--min-count", type=int, default=3, metavar="N")
     flt.add_argument("--max-per-phrase", type=int, default=100, metavar="N")
@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
     flt.add_argument("--spacy-model", default="en_core_web_sm", metavar="NAME")
     flt.add_argument(
         "--noun-phrases",
-        type=Path,
+        type=local_path,
         metavar="FILE",
         help='precomputed phrases, JSONL of {"id", "noun_phrases"} (no spaCy)',
     )

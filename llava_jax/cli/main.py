@@ -20,6 +20,7 @@ from llava_jax.cli import (
     generate,
     init,
     instruct,
+    noise,
     plan,
     selfcheck,
     serve,
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     verbose = getattr(args, "verbose", False)
     try:
+        noise.quiet()
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if verbose:

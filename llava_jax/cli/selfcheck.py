@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.paths import local_path
 from llava_jax.selfcheck import FAMILIES
 
 
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--workdir",
-        type=Path,
+        type=local_path,
         metavar="DIR",
         help="keep the tiny HF and converted models here, one folder per "
         "family (default: a temporary directory, removed afterwards)",

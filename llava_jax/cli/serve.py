@@ -6,9 +6,9 @@ import argparse
 import ipaddress
 import os
 import sys
-from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.paths import local_path
 
 API_KEY_ENV = "LLAVA_JAX_API_KEY"
 
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         "URLs, streaming), GET /v1/models, GET /health, and a chat page at /. Concurrent "
         "requests are decoded together in batches.",
     )
-    parser.add_argument("--model", required=True, type=Path, metavar="PATH",
+    parser.add_argument("--model", required=True, type=local_path, metavar="PATH",
                         help="llava-jax model directory, or a Hugging Face checkpoint "
                         "(converted in memory)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
                         help="most images in one request (default 8)")  # fmt: skip
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (default: refused)")  # fmt: skip
-    parser.add_argument("--local-image-dir", type=Path, metavar="DIR",
+    parser.add_argument("--local-image-dir", type=local_path, metavar="DIR",
                         help="allow file:// image URLs, read from under DIR only "
                         "(default: refused)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=256, metavar="N",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+
+from llava_jax.cli.noise import on_cloud_tpu
+from llava_jax.paths import absolute
 
 
 def add_parser(subparsers) -> None:
@@ -21,7 +23,12 @@ def add_parser(subparsers) -> None:
         metavar="RECIPE[:ARG]",
         help="a recipe file, e.g. configs/llava15_7b_finetune.py or configs/x.py:13b",
     )
-    parser.add_argument("--workdir", required=True, help="checkpoints, logs and the model")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        type=absolute,
+        help="checkpoints, logs and the model (a local path or gs://)",
+    )
     parser.add_argument(
         "--init-from",
         metavar="DIR",
@@ -47,16 +54,9 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         if args.num_processes is None or args.process_id is None:
             raise ValueError("--coordinator needs --num-processes and --process-id")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif _on_cloud_tpu() or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    elif on_cloud_tpu() or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         # JAX finds its peers itself (the TPU VM metadata server); one host is fine too.
         jax.distributed.initialize()
-
-
-def _on_cloud_tpu() -> bool:
-    """A Cloud TPU VM: TPU device files, or the worker list a TPU runtime sets."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")) or bool(
-        os.environ.get("TPU_WORKER_HOSTNAMES")
-    )
 
 
 def run(args: argparse.Namespace) -> int:

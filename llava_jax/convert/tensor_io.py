@@ -39,6 +39,7 @@ _FORMATS = [  # (safetensors name, numpy dtype, torch dtype); the format is litt
 ]
 DTYPES: dict[str, np.dtype] = {name: np.dtype(dtype) for name, dtype, _ in _FORMATS}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_FLOATING = {DTYPES[name] for name in ("F64", "F32", "F16", "BF16")}
 _TORCH_DTYPES = {f"torch.{torch_name}": DTYPES[name] for name, _, torch_name in _FORMATS}
 _MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
 _PICKLE_SUFFIXES = (".bin", ".pt")
@@ -273,12 +274,21 @@ class CheckpointReader:
         """
         e = self._entry(key)
         out = np.empty(e.shape, e.dtype)
-        dst = memoryview(_bytes_of(out))
+        self._read_into(e, key, memoryview(_bytes_of(out)))
+        if e.dtype in _FLOATING and not np.isfinite(out).all():
+            # Damaged bytes keep the file's size: nothing else notices (issue 18).
+            raise CheckpointError(
+                f"{e.path.name}: tensor {key!r} holds {int((~np.isfinite(out)).sum()):,} NaN or "
+                "infinite values; the weights are damaged"
+            )
+        return out
+
+    def _read_into(self, e: _Entry, key: str, dst: memoryview) -> None:
         if e.tensor is not None:  # a byte copy: numpy cannot view torch bfloat16 tensors
             import torch
 
             dst[:] = memoryview(e.tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            return out
+            return
         if e.path not in self._open_files:  # unbuffered: readinto fills `out` directly
             self._open_files[e.path] = open(e.path, "rb", buffering=0)
         f, done = self._open_files[e.path], 0
@@ -291,7 +301,6 @@ class CheckpointReader:
                     f"file ends at {e.begin + done} (changed since it was opened?)"
                 )
             done += n
-        return out
 
     def close(self) -> None:
         """Closes the files opened by `read`."""

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from llava_jax.data import shards
-from llava_jax.data.schema import RawRecord, SkipSample
+from llava_jax.data.schema import RawRecord, SkipSample, conversations_problem
 from llava_jax.data.sources import open_source, resolve_media
 
 RECORDS_PER_SHARD = 50_000  # the default shard count aims at this
@@ -221,8 +221,7 @@ def _write_shard(source, bounds: list[int], path: Path, stop: threading.Event):
 def _embed(record: RawRecord) -> RawRecord:
     """The record with each media file's bytes in place of its path, checked."""
     if not isinstance(record.conversations, list):
-        what = "not an object" if record.conversations is None else "conversations not a list"
-        raise SkipSample("malformed_record", what, record.id)
+        raise SkipSample("malformed_record", conversations_problem(record.conversations), record.id)
     images = tuple(_read(ref, record, "image") for ref in record.images)
     videos = tuple(_read(ref, record, "video") for ref in record.videos)
     return dataclasses.replace(record, images=images, videos=videos, root=None)

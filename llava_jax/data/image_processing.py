@@ -58,6 +58,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def count_frames(path: str | Path) -> int:
+    """Frames in an image file `load_image` has read: over 1 for an animated GIF, WebP or
+    PNG, of which `load_image` decodes the first."""
+    with Image.open(path, formats=IMAGE_FORMATS) as im:
+        return getattr(im, "n_frames", 1)
+
+
 def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
     """Decodes an image file into an upright RGB PIL image, or raises `ImageError`.
 

@@ -39,13 +39,30 @@ class SkipSample(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class NotAnObject:
+    """`RawRecord.conversations` of a record that is not a JSON object: what it is instead."""
+
+    what: str  # "a JSON list", "a JSON string '...'" (an unreadable JSONL line's cause)
+
+
+def conversations_problem(conversations: Any) -> str:
+    """Why `RawRecord.conversations` (known not to be a list) cannot be trained on."""
+    if isinstance(conversations, NotAnObject):
+        return f"not an object: {conversations.what}"
+    if conversations is None:
+        return "no conversations"
+    return f"conversations is a {type(conversations).__name__}, not a list"
+
+
+@dataclasses.dataclass(frozen=True)
 class RawRecord:
     """One training sample as a source stores it, before any decoding.
 
     Attributes:
       id: the record's `id` (or `<source>:<index>` when it has none), for logs.
       conversations: the LLaVA `conversations` list, `[{"from": ..., "value": ...}, ...]`,
-        not yet validated.
+        not yet validated (None when the record has none; `NotAnObject` for a record
+        that is not a JSON object).
       images: per image, its bytes (ArrayRecord, TFDS) or its path relative to `root`.
       videos: the same for videos.
       root: the image root that relative paths resolve against (None when all are bytes).

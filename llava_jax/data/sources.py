@@ -8,11 +8,11 @@
   * `tfds:NAME[/CONFIG][:SPLIT]`, a prepared TFDS dataset read with `tfds.data_source`.
 
 Sources never fail on a bad record: a record that is not an object, or has no
-`conversations`, still comes out as a `RawRecord` (with `conversations=None`, or whatever
-ill-typed value it held), and the sample transform skips it as `malformed_record` under its
-id, so the skip is counted with every other. Media references are not checked here either:
-the transform calls `resolve_media`, which raises `SkipSample` for a path that leaves the
-image root or does not exist.
+`conversations`, still comes out as a `RawRecord` (with `conversations` a `NotAnObject`,
+None, or whatever ill-typed value it held), and the sample transform skips it as
+`malformed_record` under its id, so the skip is counted with every other. Media references
+are not checked here either: the transform calls `resolve_media`, which raises `SkipSample`
+for a path that leaves the image root or does not exist.
 
 Memory: mix665k is about 1 GB of JSON. A source keeps each record as compact JSON bytes in
 one NumPy buffer (plus an int64 offset per record) and decodes a record on `__getitem__`, so
@@ -34,7 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from llava_jax.data.schema import RawRecord, SkipSample
+from llava_jax.data.schema import NotAnObject, RawRecord, SkipSample
 
 TFDS_PREFIX = "tfds:"
 
@@ -196,14 +196,21 @@ def load_json_table(path: str | Path, root: str | None) -> JsonTable:
     return JsonTable(path.name, data, offsets, None if root is None else str(root))
 
 
+_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}  # fmt: skip
+
+
 def record_from_json(obj: Any, default_id: str, root: str | None) -> RawRecord:
     """One LLaVA record (a parsed JSON value) as a `RawRecord`, without validating it.
 
     `image` / `video` may be a string or a list; anything else is passed on as one entry for
-    `resolve_media` to reject. A value that is not an object gives `conversations=None`.
+    `resolve_media` to reject. A value that is not an object gives `NotAnObject`.
     """
     if not isinstance(obj, dict):
-        return RawRecord(id=default_id, conversations=None, root=root)
+        what = f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
+        if isinstance(obj, str):
+            what += f" {obj[:200]!r}"
+        return RawRecord(id=default_id, conversations=NotAnObject(what), root=root)
     record_id = obj.get("id")
     return RawRecord(
         id=default_id if record_id is None else str(record_id),
@@ -262,10 +269,19 @@ def _jsonl_record(line: bytes, path: Path, number: int) -> bytes:
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; JSON is UTF-8 (RFC 8259 §8.1), and a stray byte names the file."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        byte = raw[e.start : e.start + 1]
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start:,} is {byte!r})") from None
+
+
 def _iter_json_list(path: Path):
     """Yields the elements of a JSON list one by one: the whole list never exists as objects."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_utf8(path)
     decoder = json.JSONDecoder()
     pos = _WHITESPACE.match(text, 0).end()
     if not text.startswith("[", pos):

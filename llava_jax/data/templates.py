@@ -176,10 +176,15 @@ TEMPLATES: dict[str, Template] = {
 ALIASES = {"v1": "vicuna_v1", "qwen_2": "qwen_1_5"}  # as in the originals' conv_templates
 
 
+def template_names() -> list[str]:
+    """Every name `get_template` takes, aliases included, sorted."""
+    return sorted([*TEMPLATES, *ALIASES])
+
+
 def get_template(name: str) -> Template:
     name = ALIASES.get(name, name)
     if name not in TEMPLATES:
-        choices = ", ".join(sorted([*TEMPLATES, *ALIASES]))
+        choices = ", ".join(template_names())
         raise PromptError(f"unknown template {name!r}; choose one of {choices}")
     return TEMPLATES[name]
 
@@ -436,7 +441,7 @@ def resolve_template(name: str | None, model_dir: str | os.PathLike) -> Template
         return get_template(trained)
     template = load_chat_template(model_dir)
     if template is None:
-        choices = ", ".join(sorted(TEMPLATES))
+        choices = ", ".join(template_names())
         raise PromptError(
             f"{assets_dir(model_dir)}: no chat template (chat_template.jinja, chat_template.json "
             f"or tokenizer_config.json); pass a template name, one of {choices}"

@@ -46,7 +46,7 @@ from llava_jax.data import masking
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import ImageError, load_image, preprocess_images
 from llava_jax.data.prompt import tokenize_spans
-from llava_jax.data.schema import Example, RawRecord, SkipSample
+from llava_jax.data.schema import Example, RawRecord, SkipSample, conversations_problem
 from llava_jax.data.sources import resolve_media
 from llava_jax.data.templates import (
     IMAGE,
@@ -259,8 +259,7 @@ def parse_conversation(conversations: Any) -> list[Message]:
     (no turns, or a blank one), `unknown_role`.
     """
     if not isinstance(conversations, list):
-        kind = type(conversations).__name__
-        raise SkipSample("malformed_record", f"conversations is a {kind}, not a list")
+        raise SkipSample("malformed_record", conversations_problem(conversations))
     if not conversations:
         raise SkipSample("empty_conversation", "conversations is empty")
     messages = []

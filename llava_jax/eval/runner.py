@@ -48,12 +48,17 @@ class PredictionsFile:
                 continue
             try:
                 row = json.loads(line)
-                answers[str(row["question_id"])] = str(row["answer"])
+                question_id, answer = str(row["question_id"]), row["answer"]
             except (ValueError, KeyError, TypeError):
                 raise EvalDataError(
                     f"{self.path}:{number}: not a prediction line "
                     '({"question_id": ..., "answer": ...})'
                 ) from None
+            if not isinstance(answer, str):  # 123 would be scored as the text "123"
+                raise EvalDataError(
+                    f"{self.path}:{number}: the answer is {json.dumps(answer)}, not a string"
+                )
+            answers[question_id] = answer
         return answers
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:

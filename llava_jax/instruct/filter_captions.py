@@ -147,6 +147,7 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     file is written whole under a temporary name, then renamed."""
     path = Path(path)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+    path.parent.mkdir(parents=True, exist_ok=True)  # as every other --out
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         if path.suffix == ".json":

@@ -22,7 +22,9 @@ from typing import Any
 
 import ml_collections
 
+from llava_jax import paths
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.data.sources import TFDS_PREFIX
 
 # Trainable-parameter patterns of the papers' stages (haotian-liu/LLaVA
 # `scripts/v1_5/*.sh`; LLaVA-VL/LLaVA-NeXT `llava/train/train.py`, `mm_tunable_parts`).
@@ -36,6 +38,8 @@ EVERYTHING = ("vision_tower/.*", "multi_modal_projector/.*", "language_model/.*"
 _OPEN_DICTS = ("model.overrides", "model.overrides.vision", "model.overrides.text",
                "data.tfds_fields")  # fmt: skip
 _NESTED = {"vision": VisionConfig, "text": TextConfig}
+# Fields that hold a local path or a URL; relative paths are made absolute on loading.
+PATH_FIELDS = ("init_from", "projector_from", "data.train", "data.image_root")
 
 
 class ConfigLoadError(ValueError):
@@ -82,7 +86,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config.lock()
     for override in overrides:
         apply_override(config, override)
+    _absolute_paths(config)
     return config
+
+
+def _absolute_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes the PATH_FIELDS absolute against the working directory, in place."""
+    for name in PATH_FIELDS:
+        *parents, leaf = name.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        value = node[leaf]
+        if isinstance(value, str) and not value.startswith(TFDS_PREFIX):  # a dataset name
+            node[leaf] = paths.absolute(value)
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

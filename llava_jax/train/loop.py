@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from llava_jax import checkpoint, hardware
+from llava_jax import checkpoint, hardware, paths
 from llava_jax.config import LlavaConfig
 from llava_jax.data import batching, loader, sources, templates
 from llava_jax.data.image_config import ImageProcessorConfig
@@ -127,7 +127,7 @@ def _assets(init_from: str) -> Path:
     transformers reads tokenizers from local directories only, so the assets of a remote
     model dir (gs://) are copied next to the process first.
     """
-    if "://" not in init_from:
+    if not paths.is_url(init_from):
         return templates.assets_dir(init_from)
     remote = epath.Path(init_from) / checkpoint.ASSETS_DIR
     local = Path(tempfile.mkdtemp(prefix="llava-jax-assets-"))
@@ -165,7 +165,7 @@ def export_model_dir(
         raise checkpoint.CheckpointError(f"{out}: a model is already exported here")
     with ocp.StandardCheckpointer() as ckptr:
         params_dir = out / checkpoint.PARAMS_DIR
-        ckptr.save(params_dir if "://" in str(out) else params_dir.absolute(), params, force=True)
+        ckptr.save(epath.Path(paths.absolute(params_dir)), params, force=True)
     if jax.process_index() == 0:
         assets = out / checkpoint.ASSETS_DIR
         assets.mkdir(parents=True, exist_ok=True)
