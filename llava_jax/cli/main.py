@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from llava_jax.cli import (
     CommandError,
+    chat,
     convert,
     data,
     eval,  # noqa: A004 (the module, not the builtin)
@@ -29,7 +30,7 @@ from llava_jax.cli import (
 PROG = "llava-jax"
 
 # A new command is a module with `add_parser(subparsers)` and one entry here.
-COMMANDS = (selfcheck, convert, generate, init, data, train, plan, eval, instruct, serve)
+COMMANDS = (selfcheck, convert, generate, chat, init, data, train, plan, eval, instruct, serve)
 
 # ValueError covers CheckpointError and ConfigError; OSError covers FileNotFoundError,
 # PermissionError, a full disk.
