@@ -2,7 +2,7 @@
 
 Expected errors (bad input the user can fix) print one line, `llava-jax: error: <message>`,
 and exit 2; `--verbose` adds the traceback. Anything else is a bug and keeps Python's
-traceback and exit status 1. Ctrl-C exits 130.
+traceback and exit status 1. Ctrl-C exits 130, wherever it lands (`interrupt.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from llava_jax.cli import (
     serve,
     train,
 )
+from llava_jax.cli.interrupt import stoppable
 
 PROG = "llava-jax"
 
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     verbose = getattr(args, "verbose", False)
     try:
-        return int(args.run(args) or 0)
+        with stoppable():
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()
