@@ -26,6 +26,7 @@ from llava_jax.cli import (
     serve,
     train,
 )
+from llava_jax.cli.failures import hide_echoes
 from llava_jax.cli.interrupt import stoppable
 
 PROG = "llava-jax"
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     verbose = getattr(args, "verbose", False)
+    if not verbose:
+        hide_echoes()
     try:
         with stoppable():
             return int(args.run(args) or 0)
