@@ -75,3 +75,18 @@ def test_train_checks_the_config_before_the_data(capsys, tmp_path, override, mes
                     workdir, f"--config.{override}")  # fmt: skip
     assert code == 2 and err[-1] == f"llava-jax: error: {message}", err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "pope", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["eval", "pope", "--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+        (["eval", "pope", "--template", "bogus"], "unknown template 'bogus'"),
+        (["serve", "--template", "bogus"], "unknown template 'bogus'"),
+    ],
+)
+def test_eval_and_serve_check_arguments_first(capsys, tmp_path, argv, message):
+    data = ["--data", tmp_path / "missing-data"] if argv[0] == "eval" else []
+    code, err = run(capsys, *argv, "--model", tmp_path / "missing", *data)
+    assert code == 2 and len(err) == 1 and message in err[0], err
