@@ -152,7 +152,9 @@ def test_given_length_that_does_not_fit_is_refused(hf_dir):
     proc = cli("generate", "--model", path, "--prompt", PROMPT.replace("<image>", ""), "--raw",
                "--max-new-tokens", 250)  # fmt: skip
     assert proc.returncode == 2
-    assert "250 new tokens exceeds the model's context of 256" in proc.stderr.splitlines()[-1]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("llava-jax: error: --max-new-tokens 250: the prompt's "), last
+    assert "of the model's context of 256; ask for at most that, or leave it out" in last
 
 
 def chat(path, script: bytes, *flags):

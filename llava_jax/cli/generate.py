@@ -164,11 +164,17 @@ class Streamer:
 
 
 def _max_new_tokens(requested: int | None, prompt_tokens: int, context: int) -> int:
-    """The answer's length: a requested one as given (the generator refuses one that does
-    not fit), the default capped at the room left, saying so."""
-    if requested is not None:
-        return requested
+    """The answer's length: a requested one as given or refused, the default capped at the
+    room left, saying so."""
     room = context - prompt_tokens  # the context is max_position_embeddings
+    if requested is not None:
+        if requested > room:
+            raise CommandError(
+                f"--max-new-tokens {requested}: the prompt's {prompt_tokens} tokens leave "
+                f"{max(room, 0)} of the model's context of {context}; ask for at most that, or "
+                "leave it out"
+            )
+        return requested
     if room < 1:
         raise CommandError(
             f"the prompt of {prompt_tokens} tokens fills the model's context of {context} "
