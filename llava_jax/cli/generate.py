@@ -16,6 +16,7 @@ from pathlib import Path
 from llava_jax.cli import CommandError
 
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_VIDEO_FRAMES = 8
 
 
 def model_args(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +52,9 @@ def add_parser(subparsers) -> None:
                      help="an image (repeat for several, in the order of the <image> "
                      "placeholders)")  # fmt: skip
     gen.add_argument("--video", type=Path, metavar="FILE", help="a video file")
-    gen.add_argument("--video-frames", type=int, default=8, metavar="N",
-                     help="frames sampled uniformly from --video (default 8)")  # fmt: skip
+    gen.add_argument("--video-frames", type=int, default=DEFAULT_VIDEO_FRAMES, metavar="N",
+                     help=f"frames sampled uniformly from --video (default "
+                     f"{DEFAULT_VIDEO_FRAMES})")  # fmt: skip
     gen.add_argument("--video-fps", type=float, metavar="FPS",
                      help="sample --video at this rate instead of a fixed count")  # fmt: skip
     gen.add_argument("--prompt", required=True, help="the question; <image> / <video> mark "
@@ -111,7 +113,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--video-frames must be >= 1, got {args.video_frames}")
     if args.video_fps is not None and not args.video_fps > 0:
         raise CommandError(f"--video-fps must be > 0, got {args.video_fps}")
-    if args.video is None and (args.video_fps is not None or args.video_frames != 8):
+    sampled = args.video_fps is not None or args.video_frames != DEFAULT_VIDEO_FRAMES
+    if args.video is None and sampled:
         raise CommandError("--video-frames and --video-fps sample --video, which is not given")
     check_placeholders(args.prompt, len(args.image), int(args.video is not None), args.raw)
 
