@@ -17,6 +17,8 @@ import gc, os, signal, sys
 from llava_jax import shapes
 from llava_jax.cli.main import main
 
+# As at a terminal, even when the tests run as a shell's background job (SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 writing = False
 def interrupt_inside(phase, info):
     global writing

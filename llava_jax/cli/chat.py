@@ -54,7 +54,7 @@ class Exchange:
 class Chat:
     """The history, and what the model's context allows of it."""
 
-    def __init__(self, pipeline, args: argparse.Namespace):
+    def __init__(self, pipeline, args: argparse.Namespace, images: list[Any]):
         self.pipeline, self.args = pipeline, args
         self.context = pipeline.cfg.text.max_position_embeddings
         # Room an answer needs before the oldest exchanges go: the length asked for, or by
@@ -64,7 +64,7 @@ class Chat:
         default = min(DEFAULT_MAX_NEW_TOKENS, self.context // 4)
         self.wanted = default if self.requested is None else self.requested
         self.history: list[Exchange] = []
-        self.pending: list[Any] = []
+        self.pending = images  # for the next message
         self.capped = False
 
     def reset(self) -> None:
@@ -119,14 +119,14 @@ class Chat:
 
 def run_chat(args: argparse.Namespace) -> int:
     check_model_args(args)
-    from llava_jax.data.image_processing import ImageError, load_image
+    from llava_jax.data.image_processing import load_image
 
-    first_images = [load_image(p) for p in args.image]
-    chat = Chat(load_pipeline(args), args)
-    chat.pending = first_images
-    # A byte that is not UTF-8 becomes a lone surrogate that `check_utf8` reports, instead of
-    # a UnicodeDecodeError that would end the conversation.
-    sys.stdin.reconfigure(errors="surrogateescape")
+    images = [load_image(p) for p in args.image]
+    chat = Chat(load_pipeline(args), args, images)
+    if hasattr(sys.stdin, "reconfigure"):
+        # A byte that is not UTF-8 becomes a lone surrogate that `check_utf8` reports,
+        # instead of a UnicodeDecodeError that would end the conversation.
+        sys.stdin.reconfigure(errors="surrogateescape")
     say(f"Chat with the model. {COMMANDS}.")
     while True:
         try:
@@ -157,6 +157,6 @@ def run_chat(args: argparse.Namespace) -> int:
             else:
                 raise CommandError(f"unknown command {command}; {COMMANDS}; start a message "
                                    "with // to send one that begins with /")  # fmt: skip
-        except (CommandError, ImageError, ValueError) as e:
-            # ValueError: placeholders that do not match the images, a template's refusal.
+        except (CommandError, ValueError) as e:
+            # ValueError: an unreadable image, placeholders that do not match the images, ...
             say(f"error: {e}")
