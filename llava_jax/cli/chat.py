@@ -2,8 +2,9 @@
 
 The conversation stays open whatever a message does. One that would pass the model's
 context first drops the oldest exchanges, saying so; one that does not fit even alone is
-refused and the history kept. A line starting with `/` is a command (`//` sends a message
-that starts with `/`); an unknown one is an error that lists them.
+refused and the history kept. Ctrl-C during an answer stops it (and drops it); at the prompt
+it leaves. A line starting with `/` is a command (`//` sends a message that starts with
+`/`); an unknown one is an error that lists them.
 """
 
 from __future__ import annotations
@@ -160,3 +161,6 @@ def run_chat(args: argparse.Namespace) -> int:
         except (CommandError, ValueError) as e:
             # ValueError: an unreadable image, placeholders that do not match the images, ...
             say(f"error: {e}")
+        except KeyboardInterrupt:  # stops the answer, not the conversation
+            print()
+            say("(stopped; the answer is not kept. Ctrl-C at the prompt, /quit or Ctrl-D leaves)")
