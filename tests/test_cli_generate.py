@@ -166,27 +166,21 @@ def chat(path, script: bytes, *flags):
 
 
 def test_chat_outlives_a_full_context(hf_dir):
-    """A conversation past the context drops its oldest exchange and goes on; a message too
-    long even alone, a bad byte and an unknown command are errors, and the chat stays open."""
+    """With the default answer length (capped, said once), a conversation past the context
+    drops its oldest exchange and goes on; a message too long even alone, a bad byte and an
+    unknown command are errors, and the chat stays open."""
     path, _ = hf_dir
-    long = b"word " * 14  # with the system prompt, two of these fit the context, not three
-    script = b"\n".join([long, long, b"word " * 300, b"\xff oops", b"/bogus", long, b"hi", b""])
-    proc = chat(path, script, "--max-new-tokens", "3")
+    long = b"word " * 14  # with the system prompt and a capped answer, two do not fit
+    script = b"\n".join([long, long, b"word " * 300, b"\xff oops", b"/bogus", b"hi", b""])
+    proc = chat(path, script)
     stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, stderr
-    assert stdout.count("assistant> ") == 4, (stdout, stderr)
+    assert stdout.count("assistant> ") == 3, (stdout, stderr)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3, stderr
-    assert "more than the model's context of 256: not sent" in errors[0]
+    assert "1025 tokens, more than the model's context of 256: not sent" in errors[0]
     assert "not valid UTF-8 (byte 0xff" in errors[1]
     assert "unknown command /bogus" in errors[2] and "/reset" in errors[2]
+    assert stderr.count("(answers are capped at what the model's context of 256 tokens") == 1
     assert "(dropped the oldest 1 exchange(s)" in stderr
     assert "Traceback" not in stderr
-
-
-def test_chat_default_length_fits_the_context(hf_dir):
-    path, _ = hf_dir
-    proc = chat(path, b"Hello\n")
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode().count("assistant> ") == 1
-    assert "(answers are capped at what the model's context of 256" in proc.stderr.decode()
