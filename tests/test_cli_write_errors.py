@@ -2,7 +2,7 @@
 
 The disk fills by a file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, Python
 ignores SIGXFSZ), which takes the same path through orbax and tensorstore as ENOSPC without
-needing a small filesystem.
+needing a small filesystem; where user namespaces allow it, a 300 KB tmpfs fills for real.
 """
 
 from __future__ import annotations
@@ -52,3 +52,34 @@ def test_a_failed_write_is_one_line(dirs, tmp_path, direction):
         proc.stderr[-3000:]
     )
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no half-written directory
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+             "mount -t tmpfs -o size=64k tmpfs /mnt"]  # fmt: skip
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user namespaces")
+def test_a_full_disk_is_one_line(dirs, tmp_path):
+    """A real ENOSPC on a 300 KB tmpfs: the writes still in flight when orbax gives up each
+    print tensorstore's 'Event loop is closed' too, unless hidden."""
+    hf, _ = dirs
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=300k tmpfs {disk} && "
+        f"{sys.executable} -m llava_jax.cli.main convert hf-to-jax --hf {hf} --out {disk}/out; "
+        f"status=$?; ls -A {disk}; exit $status"
+    )
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    expected = f"llava-jax: error: {disk}/out: No space left on device"
+    assert proc.stderr.strip().splitlines() == [expected], proc.stderr[-3000:]
+    assert proc.stdout.strip() == ""  # nothing left on the disk
