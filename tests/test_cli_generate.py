@@ -184,3 +184,13 @@ def test_chat_outlives_a_full_context(hf_dir):
     assert stderr.count("(answers are capped at what the model's context of 256 tokens") == 1
     assert "(dropped the oldest 1 exchange(s)" in stderr
     assert "Traceback" not in stderr
+
+
+def test_chat_refuses_a_length_the_context_cannot_hold(hf_dir):
+    path, _ = hf_dir
+    proc = chat(path, b"Hello\n", "--max-new-tokens", "256")
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        "llava-jax: error: --max-new-tokens 256 leaves no room for a message in the model's "
+        "context of 256 tokens"
+    )

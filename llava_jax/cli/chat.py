@@ -62,6 +62,11 @@ class Chat:
         # default a quarter of the context (at most the default length), so that a small
         # context still holds a few exchanges.
         self.requested = args.max_new_tokens  # None: the default, capped to the room left
+        if self.requested is not None and self.requested >= self.context:
+            raise CommandError(
+                f"--max-new-tokens {self.requested} leaves no room for a message in the model's "
+                f"context of {self.context} tokens"
+            )
         default = min(DEFAULT_MAX_NEW_TOKENS, self.context // 4)
         self.wanted = default if self.requested is None else self.requested
         self.history: list[Exchange] = []
