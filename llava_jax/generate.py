@@ -41,15 +41,17 @@ class SamplingConfig:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(
-                f"invalid sampling: temperature={self.temperature}, top_p={self.top_p}, "
-                f"top_k={self.top_k}"
-            )
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Each check names the one bad setting; written so that NaN fails them too.
+        rules = (
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 is off)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 is off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 is off)"),
+        )
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -162,3 +162,65 @@ def test_chat_session(hf_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 3
     assert "(image added: 1 pending)" in proc.stderr and "(history cleared)" in proc.stderr
+
+
+def test_default_length_fits_the_context(hf_dir):
+    """Without --max-new-tokens the answer takes what the 256-token context leaves (the
+    default 256 would not fit beside any prompt), and says so."""
+    path, _ = hf_dir
+    proc = cli("generate", "--model", path, "--image", path / "photo.png", "--prompt", PROMPT,
+               "--raw", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    room = 256 - out["prompt_tokens"]
+    assert f"(at most {room} new tokens" in proc.stderr, proc.stderr
+    assert len(out["token_ids"]) <= room
+
+
+def test_given_length_that_does_not_fit_is_refused(hf_dir):
+    path, _ = hf_dir
+    proc = cli("generate", "--model", path, "--prompt", PROMPT.replace("<image>", ""), "--raw",
+               "--max-new-tokens", 250)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("llava-jax: error: --max-new-tokens 250: the prompt's "), last
+    assert "of the model's context of 256; ask for at most that, or leave it out" in last
+
+
+def chat(path, script: bytes, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "llava_jax.cli.main", "chat", "--model", str(path),
+         "--template", "vicuna_v1", *flags],
+        input=script, capture_output=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_chat_outlives_a_full_context(hf_dir):
+    """With the default answer length (capped, said once), a conversation past the context
+    drops its oldest exchange and goes on; a message too long even alone, a bad byte and an
+    unknown command are errors, and the chat stays open."""
+    path, _ = hf_dir
+    long = b"word " * 14  # with the system prompt and a capped answer, two do not fit
+    script = b"\n".join([long, long, b"word " * 300, b"\xff oops", b"/bogus", b"hi", b""])
+    proc = chat(path, script)
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert stdout.count("assistant> ") == 3, (stdout, stderr)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, stderr
+    assert "1025 tokens, more than the model's context of 256: not sent" in errors[0]
+    assert "not valid UTF-8 (byte 0xff" in errors[1]
+    assert "unknown command /bogus" in errors[2] and "/reset" in errors[2]
+    assert stderr.count("(answers are capped at what the model's context of 256 tokens") == 1
+    assert "(dropped the oldest 1 exchange(s)" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_chat_refuses_a_length_the_context_cannot_hold(hf_dir):
+    path, _ = hf_dir
+    proc = chat(path, b"Hello\n", "--max-new-tokens", "256")
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        "llava-jax: error: --max-new-tokens 256 leaves no room for a message in the model's "
+        "context of 256 tokens"
+    )

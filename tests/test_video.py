@@ -224,6 +224,24 @@ def test_missing_decoder_says_how_to_install_it(tmp_path, monkeypatch):
         load_video(path)
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"hello, this is a text file\n", "not a video container known without PyAV (MP4"),
+        (b"G" + b"not a transport stream " * 10, "not a video container known without PyAV"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "a still image, not a video"),
+    ],
+    ids=["text", "text-starting-with-G", "png"],
+)
+def test_not_a_video_without_pyav_is_not_a_missing_decoder(tmp_path, monkeypatch, data, message):
+    monkeypatch.setitem(sys.modules, "av", None)
+    path = _write(tmp_path / "v.mp4", data)
+    with pytest.raises(VideoError) as info:
+        load_video(path)
+    assert str(info.value).startswith(f"{path}: {message}"), info.value
+    assert "needs PyAV" not in str(info.value)
+
+
 def test_sampling_arguments_are_checked():
     with pytest.raises(ValueError, match="mutually exclusive"):
         sample_frame_indices(10, num_frames=2, fps=1, video_fps=10)

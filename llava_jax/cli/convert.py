@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llava_jax.cli import CommandError
+from llava_jax.cli.failures import os_errors
 from llava_jax.paths import local_path
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,7 +97,8 @@ def run_hf_to_jax(args: argparse.Namespace) -> int:
     _require_empty(args.out)
 
     start = time.perf_counter()
-    cfg = convert_hf_to_jax(args.hf, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    with os_errors(args.out):
+        cfg = convert_hf_to_jax(args.hf, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
     _report(cfg.family, args.out, args.out, time.perf_counter() - start)
     return 0
 
@@ -116,7 +118,8 @@ def run_jax_to_hf(args: argparse.Namespace) -> int:
     cfg = load_config(args.ckpt)  # a one-line error for a wrong directory, before any work
     max_shard_size = parse_size(args.max_shard_size)
     start = time.perf_counter()
-    _write_atomically(args.out, lambda tmp: convert_jax_to_hf(args.ckpt, tmp, max_shard_size))
+    with os_errors(args.out):
+        _write_atomically(args.out, lambda tmp: convert_jax_to_hf(args.ckpt, tmp, max_shard_size))
     _report(cfg.family, args.ckpt, args.out, time.perf_counter() - start)
     return 0
 

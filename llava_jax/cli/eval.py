@@ -126,6 +126,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--limit must be >= 1, got {args.limit}")
     if args.judge_runs < 1:
         raise CommandError(f"--judge-runs must be >= 1, got {args.judge_runs}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 is not "the default"
+        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.template is not None:
+        from llava_jax.data.templates import get_template
+
+        get_template(args.template)  # an unknown name fails now, not after the model loads
     echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
 
     load = None

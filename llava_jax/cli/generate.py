@@ -1,4 +1,10 @@
-"""`llava-jax generate` (one answer) and `llava-jax chat` (a conversation in the terminal)."""
+"""`llava-jax generate`: one answer to one prompt, streamed to stdout.
+
+Every argument is checked before anything loads: a wrong flag costs no model load. The
+answer's length defaults to what the model's context leaves, as transformers' `generate`
+caps its default length at `max_position_embeddings`; a `--max-new-tokens` the user gave is
+kept, or refused when it does not fit.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,15 @@ import json
 import sys
 from pathlib import Path
 
+from llava_jax.cli import CommandError
 from llava_jax.data.templates import template_names  # light: no jax, no transformers
 
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_VIDEO_FRAMES = 8
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
+
+def model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags `generate` and `chat` share: the model and how to sample."""
     parser.add_argument("--model", required=True, type=Path, metavar="PATH",
                         help="llava-jax model directory, or a Hugging Face checkpoint "
                         "(converted in memory)")  # fmt: skip
@@ -19,7 +30,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         "default: the checkpoint's own chat template")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: as the model was saved)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help=f"most tokens in an answer (default: {DEFAULT_MAX_NEW_TOKENS}, "
+                        "or what the model's context leaves after the prompt)")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="0 (default) is greedy decoding")  # fmt: skip
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P")
@@ -34,13 +47,14 @@ def add_parser(subparsers) -> None:
         help="answer one prompt about images or a video",
         description="Generate an answer to one prompt; the answer streams to stdout.",
     )
-    _model_args(gen)
+    model_args(gen)
     gen.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
                      help="an image (repeat for several, in the order of the <image> "
                      "placeholders)")  # fmt: skip
     gen.add_argument("--video", type=Path, metavar="FILE", help="a video file")
-    gen.add_argument("--video-frames", type=int, default=8, metavar="N",
-                     help="frames sampled uniformly from --video (default 8)")  # fmt: skip
+    gen.add_argument("--video-frames", type=int, default=DEFAULT_VIDEO_FRAMES, metavar="N",
+                     help=f"frames sampled uniformly from --video (default "
+                     f"{DEFAULT_VIDEO_FRAMES})")  # fmt: skip
     gen.add_argument("--video-fps", type=float, metavar="FPS",
                      help="sample --video at this rate instead of a fixed count")  # fmt: skip
     gen.add_argument("--prompt", required=True, help="the question; <image> / <video> mark "
@@ -50,40 +64,90 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.set_defaults(run=run_generate)
 
-    chat = subparsers.add_parser(
-        "chat",
-        help="hold a conversation about images in the terminal",
-        description="Interactive chat. Commands: /image FILE adds an image to your next "
-        "message, /reset clears the history, /quit (or Ctrl-D) leaves.",
-    )
-    _model_args(chat)
-    chat.add_argument("--image", action="append", default=[], type=Path, metavar="FILE")
-    chat.set_defaults(run=run_chat)
+
+# -- checks that need no model ---------------------------------------------------------------
 
 
-def _sampling(args):
+def check_model_args(args: argparse.Namespace) -> None:
+    """The shared flags' values, before anything loads."""
+    from llava_jax.data import templates
+    from llava_jax.generate import SamplingConfig
+
+    given = args.max_new_tokens
+    SamplingConfig(**sampling_args(args, DEFAULT_MAX_NEW_TOKENS if given is None else given))
+    if args.template is not None:
+        templates.get_template(args.template)
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8; Python decodes a bad byte in argv or stdin to a lone
+    surrogate (`surrogateescape`), which the tokenizer would fail on with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) & 0xFF  # U+DC80..U+DCFF stand for the bytes 0x80..0xFF
+        raise CommandError(
+            f"{what} is not valid UTF-8 (byte 0x{byte:02x} at character {e.start})"
+        ) from None
+    return text
+
+
+def check_placeholders(text: str, images: int, videos: int, raw: bool) -> None:
+    """Placeholders in `text` against the media given. Without any placeholder the media go
+    first (templated prompts only); with some, every image and video needs its own."""
+    if not raw and "<image>" not in text and "<video>" not in text:
+        return
+    for tag, given, flag in (("<image>", images, "--image"), ("<video>", videos, "--video")):
+        found = text.count(tag)
+        if found != given:
+            raise CommandError(
+                f"--prompt has {found} {tag} placeholder(s) for {given} {flag} file(s); "
+                f"give one {tag} per {flag}" + ("" if raw else ", or none to put the media first")
+            )
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    check_model_args(args)
+    check_utf8(args.prompt, "--prompt")
+    if args.video_frames < 1:
+        raise CommandError(f"--video-frames must be >= 1, got {args.video_frames}")
+    if args.video_fps is not None and not args.video_fps > 0:
+        raise CommandError(f"--video-fps must be > 0, got {args.video_fps}")
+    sampled = args.video_fps is not None or args.video_frames != DEFAULT_VIDEO_FRAMES
+    if args.video is None and sampled:
+        raise CommandError("--video-frames and --video-fps sample --video, which is not given")
+    check_placeholders(args.prompt, len(args.image), int(args.video is not None), args.raw)
+
+
+# -- shared with chat ------------------------------------------------------------------------
+
+
+def sampling_args(args: argparse.Namespace, max_new_tokens: int) -> dict:
     return dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
     )  # fmt: skip
 
 
-def _load(args, raw=False):
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_pipeline(args: argparse.Namespace, raw: bool = False):
     from llava_jax.pipeline import Pipeline
 
     overrides = {"dtype": args.dtype} if args.dtype else {}
-    echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    return Pipeline.load(args.model, template=args.template, raw=raw, echo=echo, **overrides)
+    return Pipeline.load(args.model, template=args.template, raw=raw, echo=say, **overrides)
 
 
-def _with_placeholders(text: str, images: int, videos: int) -> str:
+def with_placeholders(text: str, images: int, videos: int) -> str:
     """Puts the media first when the user wrote no placeholders, as LLaVA prompts do."""
     if "<image>" in text or "<video>" in text:
         return text
     return "<image>\n" * images + "<video>\n" * videos + text
 
 
-class _Streamer:
+class Streamer:
     """Prints the new text of one row as tokens arrive (decoding the whole answer each time,
     so multi-token characters come out whole)."""
 
@@ -99,7 +163,34 @@ class _Streamer:
             self.printed = text
 
 
+# -- the command ------------------------------------------------------------------------------
+
+
+def _max_new_tokens(requested: int | None, prompt_tokens: int, context: int) -> int:
+    """The answer's length: a requested one as given or refused, the default capped at the
+    room left, saying so."""
+    room = context - prompt_tokens  # the context is max_position_embeddings
+    if requested is not None:
+        if requested > room:
+            raise CommandError(
+                f"--max-new-tokens {requested}: the prompt's {prompt_tokens} tokens leave "
+                f"{max(room, 0)} of the model's context of {context}; ask for at most that, or "
+                "leave it out"
+            )
+        return requested
+    if room < 1:
+        raise CommandError(
+            f"the prompt of {prompt_tokens} tokens fills the model's context of {context} "
+            "tokens: no room for an answer"
+        )
+    if room < DEFAULT_MAX_NEW_TOKENS:
+        say(f"(at most {room} new tokens: the prompt's {prompt_tokens} tokens leave that much "
+            f"of the model's context of {context})")  # fmt: skip
+    return min(room, DEFAULT_MAX_NEW_TOKENS)
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
     from llava_jax.data.image_processing import load_image
     from llava_jax.data.video import load_video
 
@@ -111,17 +202,19 @@ def run_generate(args: argparse.Namespace) -> int:
         frames, _ = load_video(args.video, num_frames=None if args.video_fps else args.video_frames,
                                fps=args.video_fps)  # fmt: skip
         videos.append(frames)
-    pipeline = _load(args, raw=args.raw)
+    pipeline = load_pipeline(args, raw=args.raw)
     text = args.prompt
     if args.raw:
         messages = text
     else:
-        text = _with_placeholders(text, len(images), len(videos))
+        text = with_placeholders(text, len(images), len(videos))
         messages = [{"role": "user", "content": text}]
     prompt = pipeline.prompt(messages, images, videos)
-    streamer = None if args.json else _Streamer(pipeline, sys.stdout)
-    result = pipeline.generator.generate([prompt], pipeline.stop_config(**_sampling(args)),
-                                         on_token=streamer)[0]  # fmt: skip
+    context = pipeline.cfg.text.max_position_embeddings
+    max_new = _max_new_tokens(args.max_new_tokens, len(prompt.input_ids), context)
+    sampling = pipeline.stop_config(**sampling_args(args, max_new))
+    streamer = None if args.json else Streamer(pipeline, sys.stdout)
+    result = pipeline.generator.generate([prompt], sampling, on_token=streamer)[0]
     answer = pipeline.decode(result.token_ids)
     if args.json:
         media_ids = {pipeline.cfg.image_token_id, pipeline.cfg.video_token_id}
@@ -150,53 +243,3 @@ def _warn_if_animated(path: Path) -> None:
     if frames > 1:
         print(f"warning: --image {path}: an animated image of {frames} frames; only the first "
               f"is used (--video {path} takes its frames as a video)", file=sys.stderr)  # fmt: skip
-
-
-def run_chat(args: argparse.Namespace) -> int:
-    from llava_jax.data.image_processing import ImageError, load_image
-
-    pipeline = _load(args)
-    sampling = pipeline.stop_config(**_sampling(args))
-    messages, images = [], []
-    pending = [load_image(p) for p in args.image]
-    print("Chat with the model. /image FILE adds an image, /reset clears, /quit leaves.",
-          file=sys.stderr)  # fmt: skip
-    while True:
-        try:
-            line = input("user> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            messages, images, pending = [], [], []
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if line.startswith("/image"):
-            try:
-                pending.append(load_image(Path(line[len("/image") :].strip())))
-                print(f"(image added: {len(pending)} pending)", file=sys.stderr)
-            except ImageError as e:
-                print(f"error: {e}", file=sys.stderr)
-            continue
-        content = _with_placeholders(line, len(pending), 0) if pending else line
-        turn = [*messages, {"role": "user", "content": content}]
-        try:
-            prompt = pipeline.prompt(turn, images + pending)
-        except ValueError as e:  # placeholders that do not match the images, too long, ...
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        print("assistant> ", end="", flush=True)
-        streamer = _Streamer(pipeline, sys.stdout)
-        result = pipeline.generator.generate([prompt], sampling, on_token=streamer)[0]
-        print()
-        answer = pipeline.decode(_strip_stop(result.token_ids, sampling.stop_token_ids))
-        messages = [*turn, {"role": "assistant", "content": answer}]
-        images, pending = images + pending, []
-
-
-def _strip_stop(ids: list[int], stops) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in stops else ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from llava_jax.cli import CommandError
+from llava_jax.cli.failures import os_errors
 from llava_jax.paths import local_path
 
 
@@ -86,16 +87,17 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, list(args.overrides))
     recipe = model_config(config)
     projector = args.projector or config.projector_from or None
-    cfg = assemble(
-        args.vision,
-        args.llm,
-        recipe,
-        args.out,
-        image_processor_dir=args.image_processor,
-        seed=args.seed,
-        allow_pickle=args.allow_pickle,
-        projector_from=projector,
-    )
+    with os_errors(args.out):
+        cfg = assemble(
+            args.vision,
+            args.llm,
+            recipe,
+            args.out,
+            image_processor_dir=args.image_processor,
+            seed=args.seed,
+            allow_pickle=args.allow_pickle,
+            projector_from=projector,
+        )
     tokens = f"<image> = {cfg.image_token_id}"
     if cfg.video_token_id is not None:
         tokens += f", <video> = {cfg.video_token_id}"

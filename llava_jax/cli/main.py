@@ -2,7 +2,7 @@
 
 Expected errors (bad input the user can fix) print one line, `llava-jax: error: <message>`,
 and exit 2; `--verbose` adds the traceback. Anything else is a bug and keeps Python's
-traceback and exit status 1. Ctrl-C exits 130.
+traceback and exit status 1. Ctrl-C exits 130, wherever it lands (`interrupt.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from llava_jax.cli import (
     CommandError,
+    chat,
     convert,
     data,
     eval,  # noqa: A004 (the module, not the builtin)
@@ -26,11 +27,13 @@ from llava_jax.cli import (
     serve,
     train,
 )
+from llava_jax.cli.failures import hide_echoes
+from llava_jax.cli.interrupt import stoppable
 
 PROG = "llava-jax"
 
 # A new command is a module with `add_parser(subparsers)` and one entry here.
-COMMANDS = (selfcheck, convert, generate, init, data, train, plan, eval, instruct, serve)
+COMMANDS = (selfcheck, convert, generate, chat, init, data, train, plan, eval, instruct, serve)
 
 # ValueError covers CheckpointError and ConfigError; OSError covers FileNotFoundError,
 # PermissionError, a full disk.
@@ -102,9 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     verbose = getattr(args, "verbose", False)
+    if not verbose:
+        hide_echoes()
     try:
         noise.quiet()
-        return int(args.run(args) or 0)
+        with stoppable():
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()

@@ -92,6 +92,10 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # bad flags fail before anything heavy loads
+    if args.template is not None:
+        from llava_jax.data.templates import get_template
+
+        get_template(args.template)
     try:
         import uvicorn
 

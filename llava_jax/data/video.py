@@ -85,6 +85,20 @@ def sample_frame_indices(
     return np.arange(num_frames, dtype=np.int64) * total_num_frames // num_frames
 
 
+# The first bytes of the containers FFmpeg reads that users give (file(1)'s magic numbers),
+# and of the images given by mistake: without PyAV they tell "needs PyAV" from "not a video".
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
+_VIDEO_SIGNATURES = (
+    b"\x1a\x45\xdf\xa3",  # Matroska, WebM
+    b"\x00\x00\x01\xba",  # MPEG program stream
+    b"\x00\x00\x01\xb3",  # MPEG video
+    b"\x30\x26\xb2\x75",  # ASF, WMV
+    b"FLV",
+    b"OggS",
+)
+TS_PACKET = 188  # an MPEG transport stream: a sync byte 0x47 every 188 bytes
+
+
 def load_video(
     path: str | Path | bytes,
     num_frames: int | None = None,
@@ -111,13 +125,13 @@ def load_video(
     limit = min(v for v in (max_pixels, Image.MAX_IMAGE_PIXELS, 2**62) if v)  # only tightens
     try:
         if isinstance(path, _Bytes):
-            head = path[:12]
+            head = path[: TS_PACKET + 1]
         else:
             with open(path, "rb") as f:
-                head = f.read(12)
+                head = f.read(TS_PACKET + 1)
         if head[:6] in (b"GIF87a", b"GIF89a") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
             return _load_pil(path, num_frames, fps, limit)
-        return _load_pyav(path, num_frames, fps, limit)
+        return _load_pyav(path, head, num_frames, fps, limit)
     except VideoError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -171,10 +185,34 @@ def _load_pil(path, num_frames, fps, limit) -> tuple[np.ndarray, VideoInfo]:
     return np.stack(frames), info
 
 
-def _load_pyav(path, num_frames, fps, limit) -> tuple[np.ndarray, VideoInfo]:
+def _container(head: bytes) -> str:
+    """The kind of file ("video", "image" or "unknown") its first bytes show."""
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free"):  # MP4, MOV, 3GP
+        return "video"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "video"
+    if head.startswith(_VIDEO_SIGNATURES):
+        return "video"
+    if len(head) > TS_PACKET and head[0] == head[TS_PACKET] == 0x47:
+        return "video"
+    if head.startswith(_IMAGE_SIGNATURES):
+        return "image"
+    return "unknown"
+
+
+def _load_pyav(path, head, num_frames, fps, limit) -> tuple[np.ndarray, VideoInfo]:
     try:
         import av
     except ImportError:
+        kind = _container(head)
+        if kind == "image":
+            raise VideoError(f"{path}: a still image, not a video; give it as an image") from None
+        if kind == "unknown":
+            raise VideoError(
+                f"{path}: not a video container known without PyAV (MP4, MOV, WebM, Matroska, "
+                "AVI, MPEG, FLV, Ogg, ASF, animated GIF/WebP); for others: pip install "
+                "'llava-jax[video]'"
+            ) from None
         raise VideoError(
             f"{path}: decoding this video needs PyAV: pip install 'llava-jax[video]'"
         ) from None

@@ -86,6 +86,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config.lock()
     for override in overrides:
         apply_override(config, override)
+    check_config(config)
     _absolute_paths(config)
     return config
 
@@ -100,6 +101,44 @@ def _absolute_paths(config: ml_collections.ConfigDict) -> None:
         value = node[leaf]
         if isinstance(value, str) and not value.startswith(TFDS_PREFIX):  # a dataset name
             node[leaf] = paths.absolute(value)
+
+
+# Ranges of the numeric fields: (field, rule, test). Checked when the config loads, so that a
+# wrong value is refused before the dataset is built or the model loads.
+_RANGES = (
+    ("train.batch_size", ">= 1", lambda v: v >= 1),
+    ("train.num_epochs", "> 0", lambda v: v > 0),
+    ("train.num_steps", ">= 0 (0: from num_epochs)", lambda v: v >= 0),
+    ("train.loss_chunk", ">= 0 (0: all positions)", lambda v: v >= 0),
+    ("train.log_every", ">= 1", lambda v: v >= 1),
+    ("train.checkpoint_every", ">= 1", lambda v: v >= 1),
+    ("train.keep_last", ">= 1", lambda v: v >= 1),
+    ("train.keep_every", ">= 0 (0: none)", lambda v: v >= 0),
+    ("train.max_nonfinite", ">= 1", lambda v: v >= 1),
+    ("optimizer.lr", ">= 0", lambda v: v >= 0),
+    ("optimizer.vision_lr", ">= 0", lambda v: v >= 0),
+    ("optimizer.warmup_ratio", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("optimizer.weight_decay", ">= 0", lambda v: v >= 0),
+    ("optimizer.grad_clip", ">= 0 (0: off)", lambda v: v >= 0),
+    ("optimizer.grad_accum", ">= 1", lambda v: v >= 1),
+    ("data.max_len", ">= 1", lambda v: v >= 1),
+    ("data.max_views", ">= 1", lambda v: v >= 1),
+    ("data.max_image_tokens", ">= 0 (0: derived)", lambda v: v >= 0),
+    ("data.video_frames", ">= 1", lambda v: v >= 1),
+    ("data.num_workers", ">= 0", lambda v: v >= 0),
+    ("data.max_skip_fraction", "in [0, 1]", lambda v: 0 <= v <= 1),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses a numeric field out of its range (NaN included), naming field and value."""
+    for name, rule, ok in _RANGES:
+        group, field = name.split(".")
+        value = config[group][field]
+        if name == "train.num_epochs" and config.train.num_steps > 0:
+            continue  # num_steps decides the run's length
+        if not ok(value):
+            raise ConfigLoadError(f"config.{name}={value} must be {rule}")
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

@@ -23,6 +23,7 @@ import jax
 from flax import nnx
 
 from llava_jax import checkpoint, shapes
+from llava_jax.data import templates
 from llava_jax.models.llava import LlavaModel
 from llava_jax.train import config_loader, loop
 
@@ -107,18 +108,22 @@ def run_shapes(spec: str, overrides: Sequence[str], workdir: str | Path) -> int:
     workdir = Path(workdir)
     path, _ = config_loader.split_spec(spec)
     base = config_loader.load_config(spec, overrides)
+    # `--config.shapes.*` size the run; every other override applies to both stages.
+    overrides = [o for o in overrides if not _field(o).startswith("shapes.")]
+    stages = {name: config_loader.load_config(f"{path}:{name}", overrides)
+              for name in ("stage1", "stage2")}  # fmt: skip
+    for config in stages.values():  # a wrong setting fails before the data is written
+        config_loader.model_config(config)
+        templates.get_template(config.data.template)
     paths = _dataset(workdir / "data", base)
     is_main = jax.process_index() == 0
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if is_main else (lambda m: None)
     say(f"shapes data in {paths.root}")
 
-    # `--config.shapes.*` size the run; every other override applies to both stages.
-    overrides = [o for o in overrides if not _field(o).startswith("shapes.")]
-    stage1 = config_loader.load_config(f"{path}:stage1", overrides)
-    init = _random_model_dir(workdir / "init", stage1, paths.tokenizer)
+    init = _random_model_dir(workdir / "init", stages["stage1"], paths.tokenizer)
     model_dir = None
     for name, records, start in (("stage1", paths.stage1, init), ("stage2", paths.stage2, None)):
-        config = config_loader.load_config(f"{path}:{name}", overrides)
+        config = stages[name]
         with config.unlocked():
             config.data.train = str(records)
             config.data.image_root = str(paths.root)
