@@ -8,7 +8,8 @@ skipped and counted in the manifest, never fatal. See docs/data.md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from etils import epath
 
 from llava_jax.cli import CommandError
 
@@ -31,14 +32,17 @@ def add_parser(subparsers) -> None:
         "--input", required=True, metavar="JSON_OR_YAML", help="LLaVA .json/.jsonl or .yaml"
     )
     build.add_argument(
-        "--image-root", type=Path, metavar="DIR", help="folder the records' media paths are in"
+        "--image-root",
+        type=epath.Path,
+        metavar="DIR",
+        help="folder the records' media paths are in (local or gs://)",
     )
     build.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=epath.Path,
         metavar="DIR",
-        help="directory to create (must not exist, or be empty)",
+        help="directory to create, local or gs:// (must not exist, or be empty)",
     )
     build.add_argument(
         "--num-shards",
@@ -63,7 +67,7 @@ def add_parser(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from llava_jax.data.build import build_shards
 
-    source = Path(args.input)
+    source = epath.Path(args.input)  # local or gs://
     if not source.is_file():
         raise CommandError(f"--input {source}: no such file")
     if args.image_root is not None and not args.image_root.is_dir():
