@@ -15,6 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from etils import epath
+from fake_gcs import fake_gcs  # noqa: F401 (a fixture)
 
 from llava_jax import checkpoint, shapes
 from llava_jax.train import config_loader, loop
@@ -134,6 +136,18 @@ def test_changed_data_order_settings_refuse_to_resume(setup, tmp_path):
     with pytest.raises(loop.TrainingError, match=r"data\.seed: 0 -> 7"):
         loop.train(changed, tmp_path)
 
+    # The run records the software it ran with, for hosts set up later to match.
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["versions"]["jax"] == jax.__version__ and "libtpu" in record["versions"]
+    # Resuming on another number of processes (hosts) stops before Grain's restore fails.
+    meta = tmp_path / "checkpoints" / "2" / "meta" / "metadata"  # orbax's JsonCheckpointHandler
+    saved = json.loads(meta.read_text())
+    assert saved["process_count"] == 1
+    meta.write_text(json.dumps({**saved, "process_count": 2}))
+    more = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=4"])
+    with pytest.raises(loop.TrainingError, match=r"written by 2 processes, this run has 1"):
+        loop.train(more, tmp_path)
+
 
 def test_exported_model_answers_with_its_training_template(setup, tmp_path):
     from llava_jax.pipeline import Pipeline
@@ -200,3 +214,24 @@ def test_two_processes_train_like_one(setup, tmp_path):
     for step in want:
         assert np.isclose(got[step], want[step], rtol=1e-5), (step, got[step], want[step])
     assert checkpoint.is_model_dir(multi / "model")
+
+
+def test_training_reads_its_data_from_a_bucket(setup, tmp_path, fake_gcs):  # noqa: F811
+    """data.train and data.image_root on gs:// (the shapes JSON and images uploaded to the
+    fake GCS; nothing local under those names): the run reads every batch and learns."""
+    local = config_loader.load_config(RECIPE, setup)
+    data, root = Path(local.data.train), Path(local.data.image_root)
+    epath.Path("gs://bucket/data/train.json").write_bytes(data.read_bytes())
+    for image in root.rglob("*"):
+        if image.is_file():
+            remote = epath.Path(f"gs://bucket/images/{image.relative_to(root)}")
+            remote.write_bytes(image.read_bytes())
+    overrides = [
+        *setup,
+        "--config.train.num_steps=3",
+        "--config.data.train=gs://bucket/data/train.json",
+        "--config.data.image_root=gs://bucket/images",
+    ]
+    loop.train(config_loader.load_config(RECIPE, overrides), tmp_path)
+    losses = _losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], losses

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
+import platform
 import signal
 import tempfile
 import time
@@ -135,7 +137,32 @@ def _assets(init_from: str) -> Path:
     return local
 
 
+# The software a run's numbers depend on, recorded in <workdir>/config.json: hosts set up at
+# different times must run the compiler (jaxlib, libtpu) the run was planned with.
+VERSIONED = ("llava-jax", "jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "grain")
+
+
+def software_versions() -> dict[str, str | None]:
+    """package -> installed version (None: not installed, e.g. libtpu off TPU)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def _check_resume(meta: dict, config) -> None:
+    # Grain saves its iterator state per process (`process_{i}-of-{n}.json`): another process
+    # count cannot restore it, and would read other records.
+    saved_processes = meta.get("process_count", jax.process_count())
+    if saved_processes != jax.process_count():
+        raise TrainingError(
+            f"the checkpoint was written by {saved_processes} processes, this run has "
+            f"{jax.process_count()}: the data iterator state is per process; resume with "
+            f"{saved_processes} processes, or use a new --workdir"
+        )
     saved = meta.get("resume_keys", {})
     changed = [
         f"{k}: {saved[k]!r} -> {_get(config, k)!r}"
@@ -302,11 +329,12 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     )
     latest = ckpt.latest_step()
     if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        record = {**json.loads(config.to_json_best_effort()), "versions": software_versions()}
+        (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     if latest is not None:
+        _check_resume(ckpt.read_meta(latest), config)
         abstract = state_lib.abstract_state(model_cfg, config, mesh, total)
         state, saved = ckpt.restore(latest, abstract, batches)
-        _check_resume(saved, config)
         budget.skipped.update(saved.get("skipped", {}))
         budget.samples = int(saved.get("samples", 0))
         log.info("resuming from step %d (%s)", latest, ckpt.directory / str(latest))
@@ -338,6 +366,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     def meta() -> dict[str, Any]:
         return {
             "resume_keys": {k: _get(config, k) for k in RESUME_KEYS},
+            "process_count": jax.process_count(),
             "skipped": dict(budget.skipped),
             "samples": budget.samples,
             "time": time.time(),
