@@ -235,3 +235,36 @@ def test_training_reads_its_data_from_a_bucket(setup, tmp_path, fake_gcs):  # no
     loop.train(config_loader.load_config(RECIPE, overrides), tmp_path)
     losses = _losses(tmp_path)
     assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], losses
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_profile_traces_process_0_with_the_device_idle_at_both_ends(monkeypatch, enabled):
+    """`--profile 2` on a run resumed at step 5: the trace covers steps 8 and 9 (6 compiles,
+    7 runs warm), on process 0 only; the device finishes step 7 before the trace starts, and
+    step 9 before it stops."""
+    events = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append(("block", x)))
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda d: events.append(("start", d)))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append(("stop",)))
+    trace = loop.StepTrace(epath.Path("/w/profile"), 2, 5, enabled=enabled)
+    stopped = []
+    for step in range(5, 10):
+        trace.before_step(step, f"state {step}")
+        events.append(("step", step + 1))
+        stopped.append(trace.after_step(step + 1, f"state {step + 1}"))
+    trace.close()
+    if not enabled:  # another process
+        assert [e for e in events if e[0] != "step"] == [] and not any(stopped)
+        return
+    assert events == [
+        ("step", 6),
+        ("step", 7),
+        ("block", "state 7"),
+        ("start", "/w/profile"),
+        ("step", 8),
+        ("step", 9),
+        ("block", "state 9"),
+        ("stop",),
+        ("step", 10),
+    ]
+    assert stopped == [False, False, False, True, False]

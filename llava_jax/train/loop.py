@@ -251,6 +251,41 @@ def _mean_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
+class StepTrace:
+    """`--profile STEPS`: a jax.profiler trace of STEPS steps after compilation, on process 0.
+
+    One host's trace shows the step: every host runs the same program. The device finishes
+    the steps before the window before the trace starts, and the window's steps before it
+    stops (dispatch is asynchronous), so the trace holds those steps and no others.
+    """
+
+    def __init__(self, logdir: epath.Path, steps: int, first_step: int, *, enabled: bool):
+        self._logdir = logdir
+        self._start = first_step + 2 if steps and enabled else None  # step 1 compiles
+        self._stop = None if self._start is None else self._start + steps
+        self.active = False
+
+    def before_step(self, step: int, state) -> None:
+        if step == self._start:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self._logdir))
+            self.active = True
+
+    def after_step(self, done: int, state) -> bool:
+        """Stops the trace once its last step is done; True when it did."""
+        if not self.active or done < self._stop:
+            return False
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self.active = False
+        return True
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -> RunResult:
     """Runs (or resumes) the training run of `config` in `workdir` (local or gs://)."""
     workdir = epath.Path(workdir)
@@ -378,16 +413,14 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     nonfinite_run = 0
     last: dict[str, float] = {}
     preempted = False
-    profiling = False
+    trace = StepTrace(workdir / "profile", profile_steps, start, enabled=is_main)
     if resumed_from is not None:
         monitor.message(f"resuming from step {resumed_from} of {total}")
     began = time.perf_counter()
     step = start
     try:
         for step in range(start, total):
-            if profile_steps and step == start + 2:  # after compilation
-                jax.profiler.start_trace(str(workdir / "profile"))
-                profiling = True
+            trace.before_step(step, state)
             host = next(batches)
             budget.update(host["skipped"], host["num_samples"])
             tokens += float(np.count_nonzero(host["segment_ids"])) * jax.process_count()
@@ -395,9 +428,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             state, metrics = train_step(state, loader.global_batch(host, mesh))
             pending.append(metrics)
             done = step + 1
-            if profiling and done >= start + 2 + profile_steps:
-                jax.profiler.stop_trace()
-                profiling = False
+            if trace.after_step(done, state):
                 monitor.message(f"profile of {profile_steps} steps in {workdir / 'profile'}")
             if done % config.train.log_every == 0 or done == total or done == start + 1:
                 fetched = jax.device_get(pending)
@@ -429,8 +460,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             ckpt.save(total, state, batches, meta(), force=True)
             ckpt.wait()
     finally:
-        if profiling:
-            jax.profiler.stop_trace()
+        trace.close()
         preemption.close()
         ckpt.close()
         monitor.close()
