@@ -9,6 +9,7 @@ stand-in for the `llava-jax` program, so their pid files, logs and signals are t
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -435,6 +436,7 @@ trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
 sleep 300 &
 echo $! > "$HOME/child.pid"
 printf 'arg: %s\\n' "$@"
+echo "open files: $(ulimit -n)"
 echo "training started"
 while true; do sleep 0.05; done
 """
@@ -445,9 +447,12 @@ def on_worker(home: Path, command: str) -> subprocess.CompletedProcess:
            # The TPU chips and libtpu's lockfile, as launch.sh clears them, in the sandbox.
            "LLAVA_JAX_TPU_DEVICES": f"{home}/dev/accel*",
            "LLAVA_JAX_LIBTPU_LOCKFILE": f"{home}/libtpu_lockfile"}  # fmt: skip
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return subprocess.run(
-        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30
-    )
+        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30,
+        # An ssh session's soft open-file limit is low (1024); launch.sh raises it.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )  # fmt: skip
 
 
 def wait_for(path: Path, text: str, count: int = 1, timeout: float = 10.0) -> str:
@@ -496,6 +501,8 @@ def test_launch_and_stop_on_a_worker(sandbox):
         assert not (home / "libtpu_lockfile").exists()
         content = wait_for(log, "training started")
         assert f"arg: {odd}\n" in content
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert f"open files: {'unlimited' if hard == resource.RLIM_INFINITY else hard}\n" in content
         assert content.startswith("=== ") and "worker 0" in content.splitlines()[0]
         assert (home / "llava-jax-logs" / "latest").resolve() == log.parent
         assert (home / "llava-jax" / "configs" / "exp.py").is_file()

@@ -115,6 +115,8 @@ start=(
   "mkdir -p $dir"
   "ln -sfn $run $logs/latest"
   "cd \$HOME/llava-jax"
+  # Grain's workers and the GCS connections open many files; the soft limit is often 1024.
+  "ulimit -n \"\$(ulimit -Hn)\""
   "echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) launch on \$(hostname), worker \$W\" >> $log"
   "setsid nohup $program >> $log 2>&1 < /dev/null & echo \$! > $pid"
   "echo \"\$(hostname) worker \$W: pid \$!, log $log\""
