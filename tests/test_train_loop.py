@@ -216,25 +216,45 @@ def test_two_processes_train_like_one(setup, tmp_path):
     assert checkpoint.is_model_dir(multi / "model")
 
 
-def test_training_reads_its_data_from_a_bucket(setup, tmp_path, fake_gcs):  # noqa: F811
-    """data.train and data.image_root on gs:// (the shapes JSON and images uploaded to the
-    fake GCS; nothing local under those names): the run reads every batch and learns."""
+def test_a_run_on_a_bucket(setup, tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+    """The pod walkthrough (docs/tpu.md) against the fake GCS, with nothing local under a
+    gs:// name: the data (the shapes JSON and images), the starting model and the workdir are
+    in the bucket; checkpoints (orbax through TensorStore), metrics and the final model land
+    there, and a restart resumes from there."""
+    monkeypatch.chdir(tmp_path)
     local = config_loader.load_config(RECIPE, setup)
-    data, root = Path(local.data.train), Path(local.data.image_root)
-    epath.Path("gs://bucket/data/train.json").write_bytes(data.read_bytes())
-    for image in root.rglob("*"):
-        if image.is_file():
-            remote = epath.Path(f"gs://bucket/images/{image.relative_to(root)}")
-            remote.write_bytes(image.read_bytes())
+    uploads = {
+        Path(local.data.train): "gs://bucket/data/train.json",
+        Path(local.data.image_root): "gs://bucket/images",
+        Path(local.init_from): "gs://bucket/models/init",
+    }
+    for source, target in uploads.items():
+        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+        for f in files:
+            remote = epath.Path(target) / f.relative_to(source) if f != source else target
+            epath.Path(remote).write_bytes(f.read_bytes())
     overrides = [
         *setup,
-        "--config.train.num_steps=3",
         "--config.data.train=gs://bucket/data/train.json",
         "--config.data.image_root=gs://bucket/images",
+        "--config.init_from=gs://bucket/models/init",
     ]
-    loop.train(config_loader.load_config(RECIPE, overrides), tmp_path)
-    losses = _losses(tmp_path)
+    workdir = epath.Path("gs://bucket/runs/r1")
+    first = config_loader.load_config(RECIPE, [*overrides, "--config.train.num_steps=2"])
+    assert loop.train(first, workdir).model_dir is not None
+    assert _finished_steps(workdir) == [2]
+    more = config_loader.load_config(RECIPE, [*overrides, "--config.train.num_steps=3"])
+    result = loop.train(more, workdir)  # resumes from the bucket's step 2
+    losses = _losses(workdir)
     assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], losses
+    second = (workdir / "metrics.1.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in second] == [3]  # it resumed, not restarted
+    assert _finished_steps(workdir) == [2, 3]
+    assert os.fspath(result.model_dir) == "gs://bucket/runs/r1/model"
+    assert checkpoint.is_model_dir(result.model_dir)
+    record = json.loads((workdir / "config.json").read_text())
+    assert record["data"]["train"] == "gs://bucket/data/train.json"
+    assert not list(tmp_path.iterdir()), "a gs:// path was written to the local disk"
 
 
 @pytest.mark.parametrize("enabled", [True, False])
