@@ -251,7 +251,10 @@ def test_a_run_on_a_bucket(setup, tmp_path, fake_gcs, monkeypatch):  # noqa: F81
     assert [json.loads(line)["step"] for line in second] == [3]  # it resumed, not restarted
     assert _finished_steps(workdir) == [2, 3]
     assert os.fspath(result.model_dir) == "gs://bucket/runs/r1/model"
-    assert checkpoint.is_model_dir(result.model_dir)
+    from llava_jax.pipeline import Pipeline
+
+    pipe = Pipeline.load(result.model_dir, echo=lambda _: None)  # generate / eval / serve
+    assert pipe.template.name == "plain" and pipe.cfg == config_loader.model_config(more)
     record = json.loads((workdir / "config.json").read_text())
     assert record["data"]["train"] == "gs://bucket/data/train.json"
     assert not list(tmp_path.iterdir()), "a gs:// path was written to the local disk"

@@ -22,7 +22,6 @@ import json
 import logging
 import platform
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -129,12 +128,7 @@ def _assets(init_from: str) -> Path:
     """
     if "://" not in init_from:
         return templates.assets_dir(init_from)
-    remote = epath.Path(init_from) / checkpoint.ASSETS_DIR
-    local = Path(tempfile.mkdtemp(prefix="llava-jax-assets-"))
-    for f in remote.iterdir():
-        if f.is_file():
-            (local / f.name).write_bytes(f.read_bytes())
-    return local
+    return checkpoint.local_assets(init_from)
 
 
 # The software a run's numbers depend on, recorded in <workdir>/config.json: hosts set up at
