@@ -33,7 +33,7 @@ from etils import epath
 
 from llava_jax.data import shards
 from llava_jax.data.schema import RawRecord, SkipSample
-from llava_jax.data.sources import open_source, resolve_media
+from llava_jax.data.sources import is_remote, open_source, resolve_media
 
 RECORDS_PER_SHARD = 50_000  # the default shard count aims at this
 
@@ -210,13 +210,9 @@ def _remove_quietly(path: epath.Path) -> None:
         pass
 
 
-def _is_remote(path: epath.Path) -> bool:
-    return "://" in os.fspath(path)
-
-
 def _write_shard(source, bounds: list[int], path: epath.Path, stop: threading.Event):
     """Writes records [lo, hi) to one shard; returns (count, [(id, reason, detail), ...])."""
-    if _is_remote(path):  # ArrayRecord writes local files: stage the shard, then copy it up
+    if is_remote(path):  # ArrayRecord writes local files: stage the shard, then copy it up
         with tempfile.TemporaryDirectory(prefix="llava-jax-shard-") as staging:
             local = epath.Path(staging) / path.name
             result = _write_shard(source, bounds, local, stop)

@@ -7,6 +7,9 @@
   * a directory written by `llava-jax data build` (ArrayRecord shards, `data/shards.py`);
   * `tfds:NAME[/CONFIG][:SPLIT]`, a prepared TFDS dataset read with `tfds.data_source`.
 
+Files, folders and image roots may be local or `gs://` (etils.epath; ArrayRecord reads its
+shards from GCS itself).
+
 Sources never fail on a bad record: a record that is not an object, or has no
 `conversations`, still comes out as a `RawRecord` (with `conversations=None`, or whatever
 ill-typed value it held), and the sample transform skips it as `malformed_record` under its
@@ -106,6 +109,11 @@ def open_source(
 # -- media paths -------------------------------------------------------------------------------
 
 
+def is_remote(path: epath.PathLike) -> bool:
+    """A `gs://` (or other URI) path, opened through etils.epath rather than the local disk."""
+    return "://" in os.fspath(path)
+
+
 def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes | Path:
     """Returns a record's image / video: its bytes as given, or its checked path.
 
@@ -137,7 +145,7 @@ def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes |
         raise ValueError(f"record {record_id} names the file {ref!r}, but no image root is set")
     if PurePath(ref).is_absolute():
         raise SkipSample("path_outside_root", f"{ref!r} is an absolute path", record_id)
-    if _is_remote(root):
+    if is_remote(root):
         return _read_remote_media(ref, root, record_id)
     try:
         base = Path(root).resolve()
@@ -149,10 +157,6 @@ def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes |
     except (OSError, ValueError) as e:  # a NUL byte, a name too long, a link loop
         raise SkipSample("malformed_record", f"media path {ref!r}: {e}", record_id) from None
     return path
-
-
-def _is_remote(path: epath.PathLike) -> bool:
-    return "://" in os.fspath(path)
 
 
 def _read_remote_media(ref: str, root: str, record_id: str) -> bytes:
