@@ -274,6 +274,19 @@ def test_setup_from_wheel_on_two_slices(sandbox):
     assert "jax.distributed.initialize()" in remote(check)
 
 
+@pytest.mark.parametrize(
+    "accelerator, slices, hosts", [("v5p-1024", 1, 128), ("v6e-256", 2, 128), ("v5p-8", 1, 1)]
+)
+def test_ssh_to_every_worker_is_one_batch(sandbox, accelerator, slices, hosts):
+    """gcloud runs --worker=all 64 hosts at a time by default; `--check` waits for all hosts
+    (jax.distributed), so every worker must be in the one batch."""
+    commands = dry_run(
+        sandbox, "setup", *SETTINGS, "--repo", "https://x/y", "--check",
+        "--accelerator-type", accelerator, "--num-slices", str(slices),
+    )  # fmt: skip
+    assert [c[-2] for c in commands] == [f"--batch-size={hosts}"] * 2
+
+
 # --- launch -----------------------------------------------------------------------------
 
 
