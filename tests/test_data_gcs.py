@@ -51,6 +51,13 @@ def test_cli_build_to_a_bucket_then_read_it(dataset, fake_gcs, in_empty_dir, cap
     got = list(open_source(out))  # the shards are read by ArrayRecord's own GCS reader
     assert got == want
 
+    # Again: refused, then replaced with --overwrite (renames on GCS are copies).
+    assert main([*argv, "--out", out]) == 2
+    assert main([*argv, "--out", out, "--num-shards", "3", "--overwrite"]) == 0
+    names = {shards.MANIFEST, shards.SKIPPED, *(shards.shard_name(k, 3) for k in range(3))}
+    assert set(fake_gcs()) == {f"{out}/{name}" for name in names}
+    assert list(open_source(out)) == want
+
 
 def test_json_and_images_on_a_bucket(dataset, fake_gcs, in_empty_dir):  # noqa: F811
     upload(dataset.json, "gs://bucket/train.json")
