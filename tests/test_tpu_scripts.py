@@ -246,10 +246,12 @@ def test_help(sandbox, name):
 def test_setup_from_git(sandbox):
     [ssh] = dry_run(
         sandbox, "setup", *SETTINGS, "--repo", "https://github.com/me/llava-jax", "--ref", "v0.2",
-        "--tpu-vm", "--ssh-flag=--internal-ip", "--ssh-flag", "--tunnel-through-iap",
+        "--tpu-vm", "--ssh-flag=--internal-ip", "--ssh-flag", "--strict-host-key-checking=no",
+        "--accelerator-type", "v5p-32",
     )  # fmt: skip
-    assert ssh[:11] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU, *WHERE, "--worker=all",
-                        "--internal-ip", "--tunnel-through-iap"]  # fmt: skip
+    # tpu-vm ssh reaches all workers at once and takes no --batch-size
+    assert ssh[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU, *WHERE, "--worker=all",
+                        "--internal-ip", "--strict-host-key-checking=no"]  # fmt: skip
     script = remote(ssh)
     assert 'pip install -q "llava-jax[tpu] @ git+https://github.com/me/llava-jax@v0.2"' in script
     assert "python3.11 -m venv $HOME/llava-jax-venv" in script
@@ -261,14 +263,14 @@ def test_setup_from_wheel_on_two_slices(sandbox):
     wheel.write_bytes(b"")
     scp, ssh, check = dry_run(
         sandbox, "setup", *SETTINGS, "--num-slices", "2", "--wheel", str(wheel), "--check",
-        "--accelerator-type", "v5p-32", SSH_FLAGS="--internal-ip",
+        "--accelerator-type", "v5p-32", SSH_FLAGS="--tunnel-through-iap",
     )  # fmt: skip
     # v5p-32: 4 hosts a slice, 8 in all, in one ssh batch (gcloud's default batch is 64)
     assert scp == ["gcloud", "compute", "tpus", "queued-resources", "scp", str(wheel), f"{TPU}:",
-                   *WHERE, "--node=all", "--worker=all", "--internal-ip",
+                   *WHERE, "--node=all", "--worker=all", "--tunnel-through-iap",
                    "--batch-size=8"]  # fmt: skip
     head = ["gcloud", "compute", "tpus", "queued-resources", "ssh", TPU, *WHERE, "--node=all",
-            "--worker=all", "--internal-ip", "--batch-size=8"]  # fmt: skip
+            "--worker=all", "--tunnel-through-iap", "--batch-size=8"]  # fmt: skip
     assert ssh[:12] == head and check[:12] == head
     assert f'"llava-jax[tpu] @ file://$HOME/{wheel.name}"' in remote(ssh)
     assert "jax.distributed.initialize()" in remote(check)
@@ -278,8 +280,8 @@ def test_setup_from_wheel_on_two_slices(sandbox):
     "accelerator, slices, hosts", [("v5p-1024", 1, 128), ("v6e-256", 2, 128), ("v5p-8", 1, 1)]
 )
 def test_ssh_to_every_worker_is_one_batch(sandbox, accelerator, slices, hosts):
-    """gcloud runs --worker=all 64 hosts at a time by default; `--check` waits for all hosts
-    (jax.distributed), so every worker must be in the one batch."""
+    """`queued-resources ssh` runs --worker=all 64 hosts at a time by default; `--check` waits
+    for all hosts (jax.distributed), so every worker must be in the one batch."""
     commands = dry_run(
         sandbox, "setup", *SETTINGS, "--repo", "https://x/y", "--check",
         "--accelerator-type", accelerator, "--num-slices", str(slices),
@@ -296,12 +298,10 @@ def test_launch_single_slice(sandbox):
         "--env", "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true",
         "--", *TRAIN, "--config.optimizer.lr=1e-5",
     )  # fmt: skip
-    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU, *WHERE, "--worker=all",
-           "--batch-size=4"]  # fmt: skip
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU, *WHERE, "--worker=all"]
     assert mkdir == [*ssh, "--command=mkdir -p $HOME/llava-jax/configs"]
     assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "configs/exp.py",
-                   f"{TPU}:llava-jax/configs/exp.py", *WHERE, "--worker=all",
-                   "--batch-size=4"]  # fmt: skip
+                   f"{TPU}:llava-jax/configs/exp.py", *WHERE, "--worker=all"]  # fmt: skip
     assert start[:-1] == ssh
     script = remote(start)
     assert (

@@ -41,8 +41,9 @@ Settings (a flag, or the environment variable named after it):
   --tpu-vm                QUEUED=0          a plain TPU VM instead of a queued resource (the
                                             default, Google's recommended way; --queued)
   --ssh-flag FLAG         SSH_FLAGS         a gcloud ssh/scp flag for every worker command,
-                                            repeatable: --ssh-flag=--internal-ip,
-                                            --ssh-flag=--tunnel-through-iap
+                                            repeatable: --ssh-flag=--internal-ip, or
+                                            --ssh-flag=--tunnel-through-iap (queued
+                                            resources only: tpu-vm ssh has no such flag)
   --spot                  SPOT=1            Spot capacity (preemptible)
   --reserved              RESERVED=1        capacity from a reservation
   --dry-run                                 print the commands, run nothing
@@ -259,14 +260,16 @@ tpu_total_hosts() {
   echo $(($(tpu_hosts_per_slice) * NUM_SLICES))
 }
 
-# The flags every ssh and scp gets: the user's (--ssh-flag), then, when the host count is
-# known, a batch that holds every worker: gcloud runs `--worker=all` 64 hosts at a time by
-# default, and a command that waits for all hosts (jax.distributed) would never return.
+# The flags every ssh and scp gets: the user's (--ssh-flag), then, for a queued resource
+# whose host count is known, a batch that holds every worker: `queued-resources ssh/scp`
+# reach `--worker=all` 64 hosts at a time by default (their gcloud reference pages), and a
+# command that waits for all hosts (jax.distributed) would never return. `tpu-vm ssh/scp`
+# reach all workers at once and take no --batch-size.
 tpu_worker_flags() {
   local hosts
   hosts=$(tpu_total_hosts)
   TPU_WORKER_FLAGS=("${TPU_SSH_FLAGS[@]+"${TPU_SSH_FLAGS[@]}"}")
-  if ((hosts > 0)); then
+  if ((QUEUED && hosts > 0)); then
     TPU_WORKER_FLAGS+=("--batch-size=$hosts")
   fi
 }

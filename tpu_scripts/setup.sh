@@ -21,8 +21,8 @@ Options:
                  the TPU images' python3 is older)                     (PYTHON)
   --extras LIST  default tpu: jax, jaxlib and libtpu at the versions pinned in
                  pyproject.toml, and gcsfs                              (EXTRAS)
-  --check        then start jax on all workers at once (one ssh batch: needs
-                 --accelerator-type) and print each process's index, the global device
+  --check        then start jax on all workers at once (on a queued resource one
+                 ssh batch: needs --accelerator-type) and print each process's index, the global device
                  count and the jax / libtpu versions (needs the TPU idle)
 Running it again reinstalls llava-jax (dependencies are kept).
 $(tpu_settings_help)
@@ -60,7 +60,7 @@ while (($#)); do
   esac
 done
 tpu_require_target
-if ((check)) && (($(tpu_total_hosts) == 0)); then
+if ((check && QUEUED)) && (($(tpu_total_hosts) == 0)); then
   tpu_die "--check needs --accelerator-type: every worker must start jax at once, in one ssh batch"
 fi
 
