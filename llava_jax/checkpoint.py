@@ -128,6 +128,19 @@ def _umask() -> int:
     return mask
 
 
+def local_assets(model_dir: str | os.PathLike) -> Path:
+    """A remote (gs://) model dir's `assets/` (tokenizer, processor), copied to a local
+    temporary directory: transformers reads tokenizers from local directories only."""
+    remote = epath.Path(model_dir) / ASSETS_DIR
+    if not remote.is_dir():
+        raise CheckpointError(f"{model_dir}: no {ASSETS_DIR}/ (tokenizer and processor files)")
+    local = Path(tempfile.mkdtemp(prefix="llava-jax-assets-"))
+    for f in remote.iterdir():
+        if f.is_file():
+            (local / f.name).write_bytes(f.read_bytes())
+    return local
+
+
 def is_model_dir(path: str | os.PathLike) -> bool:
     return (epath.Path(path) / CONFIG_FILE).is_file()  # local or gs://
 

@@ -23,7 +23,8 @@ class Chip:
 CHIPS = {
     "v4": Chip("TPU v4", 275e12, 32 * GIB),
     "v5e": Chip("TPU v5e", 197e12, 16 * GB),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GB),
+    # Cloud TPU's v5p page: "HBM capacity per chip (GiB) 95" (older versions said "95GB").
+    "v5p": Chip("TPU v5p", 459e12, 95 * GIB),
     "v6e": Chip("TPU v6e", 918e12, 32 * GB),
     "a100": Chip("A100 SXM 80GB", 312e12, 80 * GB),
     "h100": Chip("H100 SXM", 989e12, 80 * GB),

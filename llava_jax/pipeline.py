@@ -39,7 +39,17 @@ def _load_hf(path: Path, overrides: dict[str, Any]) -> LlavaModel:
 def load_any_model(
     path: str | os.PathLike, echo: Callable[[str], None] = print, **overrides: Any
 ) -> tuple[LlavaModel, Path]:
-    """(model, directory holding its tokenizer and processor files) for either kind of PATH."""
+    """(model, directory holding its tokenizer and processor files) for either kind of PATH.
+
+    A llava-jax model dir may be remote (gs://); its assets are then copied here first.
+    """
+    if "://" in os.fspath(path):
+        if not checkpoint.is_model_dir(path):
+            raise CheckpointError(
+                f"{path}: not a llava-jax model directory (a remote path must be one; an HF "
+                "checkpoint must be local)"
+            )
+        return checkpoint.load_model(path, **overrides), checkpoint.local_assets(path)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory")

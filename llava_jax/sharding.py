@@ -13,8 +13,8 @@ import math
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.checkpoint import flat_to_nested, model_params
@@ -68,8 +68,16 @@ def make_mesh(
     if math.prod(sizes) != per_slice:
         named = dict(zip(MESH_AXES, sizes, strict=True))
         raise ValueError(f"mesh {named} needs {math.prod(sizes)} devices, found {where}")
-    sizes[0] *= num_slices  # slice-major device order: `data` rows fill one slice, then the next
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+    # JAX's mesh_utils lay each axis along the physical torus (TPU device coordinates; other
+    # platforms keep the given order); on several slices `data` is slice-major: its rows fill
+    # one slice, then the next.
+    if num_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            sizes, [num_slices, 1, 1], devices, allow_split_physical_axes=True
+        )
+    else:
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_mesh(

@@ -55,3 +55,16 @@ def test_multislice_training_mesh_keeps_fsdp_inside_each_slice():
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
     with pytest.raises(ValueError, match="does not divide 8 devices per slice"):
         make_mesh(3, -1, 1, devices=devices)
+
+
+@pytest.mark.skipif(not topo_lib.libtpu_available(), reason="libtpu not installed")
+@pytest.mark.parametrize("name, tensor", [("v5p-64", 4), ("v5p-64", 2), ("v5e-16", 4)])
+def test_the_tensor_axis_follows_the_torus(name, tensor):
+    """mesh_utils lays the tensor axis (the most traffic) along one physical axis of the
+    slice; in device-id order a group of 4 was a 2x2 square of chips."""
+    devices = topo_lib.compile_devices(topo_lib.parse_topology(name))
+    mesh = make_mesh(1, -1, tensor, devices=devices)
+    for group in mesh.devices.reshape(-1, tensor):
+        coords = np.array([d.coords for d in group])
+        varying = [axis for axis in range(coords.shape[1]) if len(set(coords[:, axis])) > 1]
+        assert len(varying) == 1, f"tensor group spans {coords.tolist()}"

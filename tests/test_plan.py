@@ -35,6 +35,13 @@ TINY_ARGS = ["--config.train.batch_size=8", "--config.data.max_len=32"]
         ("v5p-64", (2, 4, 4), 32, "v5:2x4x4", True, (False, False, False)),
         ("v5p-128", (4, 4, 4), 64, "v5:4x4x4", True, (True, True, True)),
         ("v5p-512", (4, 8, 8), 256, "v5:4x8x8", True, (True, True, True)),
+        # Whole cubes that are no power of two, shaped as xpk's system_characteristics.py.
+        ("v5p-384", (4, 4, 12), 192, "v5:4x4x12", True, (True, True, True)),
+        ("v5p-768", (4, 8, 12), 384, "v5:4x8x12", True, (True, True, True)),
+        ("v5p-1536", (8, 8, 12), 768, "v5:8x8x12", True, (True, True, True)),
+        ("v5p-9216", (12, 16, 24), 4608, "v5:12x16x24", True, (True, True, True)),
+        ("v5p-12288", (16, 16, 24), 6144, "v5:16x16x24", True, (True, True, True)),
+        ("v4-1536", (8, 8, 12), 768, "v4:8x8x12", True, (True, True, True)),
         ("v4-32", (2, 2, 4), 16, "v4:2x2x4", True, (False, False, False)),
         ("v5e-1", (1, 1), 1, "v5e:1x1", False, (False, False, False)),
         ("v5e-8", (2, 4), 8, "v5e:2x4", False, (False, False, False)),
@@ -54,7 +61,9 @@ def test_parse_topology(name, shape, chips, topology_name, megacore, wrap):
 
 
 @pytest.mark.parametrize(
-    "name", ["v5p-4", "v5p-12", "v5e-2", "v5e-512", "v6e-0", "v3-8", "tpu-v5p-8", "v5p", ""]
+    "name",
+    "v5p-4 v5p-12 v5p-96 v5p-200 v5p-12416 v4-8320 v5e-2 v5e-512 v6e-0 v3-8 tpu-v5p-8 v5p".split()
+    + [""],
 )
 def test_parse_topology_rejects(name):
     with pytest.raises(TopologyError, match="valid forms: v4-N or v5p-N") as e:
@@ -69,7 +78,7 @@ def test_num_slices_multiply_chips():
         parse_topology("v5p-16", num_slices=0)
 
 
-@pytest.mark.parametrize("name", ["v4-16", "v5p-8", "v5e-8", "v6e-8"])
+@pytest.mark.parametrize("name", ["v4-16", "v5p-8", "v5e-8", "v6e-8", "v5p-384"])
 def test_compile_devices_are_the_slice_chips(name):
     t = parse_topology(name)
     devices = topo_lib.compile_devices(t)

@@ -9,6 +9,7 @@ stand-in for the `llava-jax` program, so their pid files, logs and signals are t
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -83,11 +84,21 @@ def remote(command: list[str]) -> str:
 
 
 def test_create_tpu_vm(sandbox):
-    commands = dry_run(sandbox, "create", *SETTINGS, "--accelerator-type", "v5p-32")
+    commands = dry_run(sandbox, "create", *SETTINGS, "--accelerator-type", "v5p-32", "--tpu-vm")
     assert commands == [
         ["gcloud", "compute", "tpus", "tpu-vm", "create", TPU, *WHERE,
          "--accelerator-type=v5p-32", "--version=v2-alpha-tpuv5"],
     ]  # fmt: skip
+    # QUEUED=0 says the same.
+    same = dry_run(sandbox, "create", *SETTINGS, "--accelerator-type=v5p-32", QUEUED="0")
+    assert same == commands
+
+
+def test_create_is_a_queued_resource_by_default(sandbox):
+    [create] = dry_run(sandbox, "create", *SETTINGS, "--accelerator-type", "v5p-32")
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", TPU, *WHERE,
+                      "--accelerator-type=v5p-32", "--runtime-version=v2-alpha-tpuv5",
+                      f"--node-id={TPU}"]  # fmt: skip
 
 
 def test_create_queued_single_slice(sandbox):
@@ -126,7 +137,7 @@ def test_create_multi_slice(sandbox):
     ],
 )
 def test_create_runtime_version_by_generation(sandbox, accelerator, gcloud_type, runtime):
-    [command] = dry_run(sandbox, "create", *SETTINGS, "--accelerator-type", accelerator)
+    [command] = dry_run(sandbox, "create", *SETTINGS, "--accelerator-type", accelerator, "--tpu-vm")
     assert command[-2:] == [f"--accelerator-type={gcloud_type}", f"--version={runtime}"]
 
 
@@ -148,8 +159,9 @@ def test_settings_from_the_environment(sandbox):
     ]  # fmt: skip
     # A flag wins over the environment.
     [command] = dry_run(sandbox, "create", "--zone", "europe-west4-b", "--num-slices=1", **env)
-    assert command[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "create", TPU,
+    assert command[:8] == ["gcloud", "compute", "tpus", "queued-resources", "create", TPU,
                            f"--project={PROJECT}", "--zone=europe-west4-b"]  # fmt: skip
+    assert f"--node-id={TPU}" in command
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -196,6 +208,12 @@ def test_missing_setting_is_one_line_and_exit_2(sandbox, name, missing, message)
                     "--workdir", "/tmp/run"], "--workdir must be a gs:// path on a multi-host"),
         ("logs", ["--fetch", "out"], "no accelerator type"),
         ("stop", ["--wait", "soon"], "--wait must be a number of seconds"),
+        ("create", ["--accelerator-type", "v5p-8", "--tpu-vm", "--num-slices", "2"],
+         "--tpu-vm and --num-slices 2 exclude each other"),
+        ("create", ["--accelerator-type", "v5p-8", "--wait", "--timeout", "1h"],
+         "--timeout must be a number of seconds"),
+        ("delete", ["--ssh-flag", "internal-ip"], "--ssh-flag takes one gcloud flag"),
+        ("setup", ["--repo", "https://x/y", "--check"], "--check needs --accelerator-type"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(sandbox, name, args, message):
@@ -227,9 +245,13 @@ def test_help(sandbox, name):
 
 def test_setup_from_git(sandbox):
     [ssh] = dry_run(
-        sandbox, "setup", *SETTINGS, "--repo", "https://github.com/me/llava-jax", "--ref", "v0.2"
-    )
-    assert ssh[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU, *WHERE, "--worker=all"]
+        sandbox, "setup", *SETTINGS, "--repo", "https://github.com/me/llava-jax", "--ref", "v0.2",
+        "--tpu-vm", "--ssh-flag=--internal-ip", "--ssh-flag", "--strict-host-key-checking=no",
+        "--accelerator-type", "v5p-32",
+    )  # fmt: skip
+    # tpu-vm ssh reaches all workers at once and takes no --batch-size
+    assert ssh[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU, *WHERE, "--worker=all",
+                        "--internal-ip", "--strict-host-key-checking=no"]  # fmt: skip
     script = remote(ssh)
     assert 'pip install -q "llava-jax[tpu] @ git+https://github.com/me/llava-jax@v0.2"' in script
     assert "python3.11 -m venv $HOME/llava-jax-venv" in script
@@ -240,15 +262,31 @@ def test_setup_from_wheel_on_two_slices(sandbox):
     wheel = sandbox / "work" / "llava_jax-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"")
     scp, ssh, check = dry_run(
-        sandbox, "setup", *SETTINGS, "--num-slices", "2", "--wheel", str(wheel), "--check"
-    )
+        sandbox, "setup", *SETTINGS, "--num-slices", "2", "--wheel", str(wheel), "--check",
+        "--accelerator-type", "v5p-32", SSH_FLAGS="--tunnel-through-iap",
+    )  # fmt: skip
+    # v5p-32: 4 hosts a slice, 8 in all, in one ssh batch (gcloud's default batch is 64)
     assert scp == ["gcloud", "compute", "tpus", "queued-resources", "scp", str(wheel), f"{TPU}:",
-                   *WHERE, "--node=all", "--worker=all"]  # fmt: skip
+                   *WHERE, "--node=all", "--worker=all", "--tunnel-through-iap",
+                   "--batch-size=8"]  # fmt: skip
     head = ["gcloud", "compute", "tpus", "queued-resources", "ssh", TPU, *WHERE, "--node=all",
-            "--worker=all"]  # fmt: skip
-    assert ssh[:10] == head and check[:10] == head
+            "--worker=all", "--tunnel-through-iap", "--batch-size=8"]  # fmt: skip
+    assert ssh[:12] == head and check[:12] == head
     assert f'"llava-jax[tpu] @ file://$HOME/{wheel.name}"' in remote(ssh)
     assert "jax.distributed.initialize()" in remote(check)
+
+
+@pytest.mark.parametrize(
+    "accelerator, slices, hosts", [("v5p-1024", 1, 128), ("v6e-256", 2, 128), ("v5p-8", 1, 1)]
+)
+def test_ssh_to_every_worker_is_one_batch(sandbox, accelerator, slices, hosts):
+    """`queued-resources ssh` runs --worker=all 64 hosts at a time by default; `--check` waits
+    for all hosts (jax.distributed), so every worker must be in the one batch."""
+    commands = dry_run(
+        sandbox, "setup", *SETTINGS, "--repo", "https://x/y", "--check",
+        "--accelerator-type", accelerator, "--num-slices", str(slices),
+    )  # fmt: skip
+    assert [c[-2] for c in commands] == [f"--batch-size={hosts}"] * 2
 
 
 # --- launch -----------------------------------------------------------------------------
@@ -256,7 +294,7 @@ def test_setup_from_wheel_on_two_slices(sandbox):
 
 def test_launch_single_slice(sandbox):
     mkdir, scp, start = dry_run(
-        sandbox, "launch", *SETTINGS, "--accelerator-type", "v5p-32",
+        sandbox, "launch", *SETTINGS, "--accelerator-type", "v5p-32", "--tpu-vm",
         "--env", "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true",
         "--", *TRAIN, "--config.optimizer.lr=1e-5",
     )  # fmt: skip
@@ -341,9 +379,9 @@ def test_stop(sandbox):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], ["tpu-vm", "delete", TPU, *WHERE]),
-        (["--yes"], ["tpu-vm", "delete", TPU, *WHERE, "--quiet"]),
-        (["--queued"], ["queued-resources", "delete", TPU, *WHERE, "--force"]),
+        (["--tpu-vm"], ["tpu-vm", "delete", TPU, *WHERE]),
+        (["--tpu-vm", "--yes"], ["tpu-vm", "delete", TPU, *WHERE, "--quiet"]),
+        ([], ["queued-resources", "delete", TPU, *WHERE, "--force"]),
         (["--num-slices", "2", "--yes"],
          ["queued-resources", "delete", TPU, *WHERE, "--force", "--quiet"]),
     ],
@@ -352,6 +390,43 @@ def test_delete(sandbox, args, expected):
     assert dry_run(sandbox, "delete", *SETTINGS, *args) == [
         ["gcloud", "compute", "tpus", *expected]
     ]
+
+
+def answering_gcloud(sandbox: Path, *answers: str) -> None:
+    """A gcloud on PATH that gives the next answer per call: a state it prints, or `fail`."""
+    (sandbox / "answers").write_text("".join(f"{a}\n" for a in answers))
+    (sandbox / "bin" / "gcloud").write_text(
+        f"""#!/bin/bash
+answer=$(head -n 1 {sandbox / "answers"}); sed -i 1d {sandbox / "answers"}
+echo "$*" >> {sandbox / "gcloud-calls"}
+[ "$answer" = fail ] && {{ echo "ERROR: (gcloud) a network error" >&2; exit 1; }}
+echo "$answer"
+"""
+    )
+
+
+@pytest.mark.parametrize(
+    "answers, timeout, status, last",
+    [
+        (["", "WAITING_FOR_RESOURCES", "fail", "PROVISIONING", "ACTIVE"], 60, 0, "is ACTIVE"),
+        (["", "fail", "fail", "fail", "fail", "fail"], 60, 1, "failed 5 times in a row (gcl"),
+        (["", "WAITING_FOR_RESOURCES", "FAILED"], 60, 1, "queued resource llava-pod is FAILED"),
+        (["", *["WAITING_FOR_RESOURCES"] * 9], 1, 1,
+         "not ACTIVE after 1 s (last state: WAITING_FOR_RESOURCES); it stays queued (delete"),
+    ],
+)  # fmt: skip
+def test_create_wait_survives_a_failed_describe_and_has_a_timeout(
+    sandbox, answers, timeout, status, last
+):
+    answering_gcloud(sandbox, *answers)  # the first answers the create
+    result = run(
+        sandbox, "create", *SETTINGS, "--accelerator-type=v5p-8", "--wait", f"--timeout={timeout}",
+        TPU_POLL_SECONDS="1",
+    )  # fmt: skip
+    assert result.returncode == status, result.stderr
+    assert last in result.stderr.splitlines()[-1]
+    describes = (sandbox / "gcloud-calls").read_text().splitlines()[1:]
+    assert len(describes) <= len(answers) - 1 and all("describe" in d for d in describes)
 
 
 def test_a_real_run_executes_what_it_prints(sandbox):
@@ -368,19 +443,29 @@ def test_a_real_run_executes_what_it_prints(sandbox):
 # --- the commands the workers run -------------------------------------------------------
 
 FAKE_TRAIN = """#!/bin/bash
-# Stands in for llava-jax on a worker: prints its arguments, saves on SIGTERM.
+# Stands in for llava-jax on a worker: prints its arguments, saves on SIGTERM; has a child
+# (a data worker) in its process group.
 trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
+sleep 300 &
+echo $! > "$HOME/child.pid"
 printf 'arg: %s\\n' "$@"
+echo "open files: $(ulimit -n)"
 echo "training started"
 while true; do sleep 0.05; done
 """
 
 
 def on_worker(home: Path, command: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LLAVA_JAX_WORKER_ID": "0", "LC_ALL": "C"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LLAVA_JAX_WORKER_ID": "0", "LC_ALL": "C",
+           # The TPU chips and libtpu's lockfile, as launch.sh clears them, in the sandbox.
+           "LLAVA_JAX_TPU_DEVICES": f"{home}/dev/accel*",
+           "LLAVA_JAX_LIBTPU_LOCKFILE": f"{home}/libtpu_lockfile"}  # fmt: skip
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return subprocess.run(
-        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30
-    )
+        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30,
+        # An ssh session's soft open-file limit is low (1024); launch.sh raises it.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )  # fmt: skip
 
 
 def wait_for(path: Path, text: str, count: int = 1, timeout: float = 10.0) -> str:
@@ -414,12 +499,23 @@ def test_launch_and_stop_on_a_worker(sandbox):
         shutil.copy(sandbox / "work" / source, home / destination)
         return on_worker(home, remote(start))
 
+    # A stray process holding a TPU chip, and the lockfile a killed run left behind.
+    (home / "dev").mkdir()
+    (home / "dev" / "accel0").write_bytes(b"")
+    (home / "libtpu_lockfile").write_bytes(b"")
+    stray = subprocess.Popen(["bash", "-c", f"exec 3<{home}/dev/accel0; exec sleep 300"])
+    time.sleep(0.2)
     try:
         started = launch()
         assert started.returncode == 0, started.stderr
         assert "worker 0: pid" in started.stdout
+        assert f"killing pid {stray.pid}, a stray user of the TPU: sleep 300" in started.stdout
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+        assert not (home / "libtpu_lockfile").exists()
         content = wait_for(log, "training started")
         assert f"arg: {odd}\n" in content
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert f"open files: {'unlimited' if hard == resource.RLIM_INFINITY else hard}\n" in content
         assert content.startswith("=== ") and "worker 0" in content.splitlines()[0]
         assert (home / "llava-jax-logs" / "latest").resolve() == log.parent
         assert (home / "llava-jax" / "configs" / "exp.py").is_file()
@@ -440,16 +536,33 @@ def test_launch_and_stop_on_a_worker(sandbox):
         content = wait_for(log, "training started", count=2)
         assert content.count("SIGTERM: checkpoint saved") == 1
         assert sum(line.startswith("=== ") for line in content.splitlines()) == 2
+        child = int(wait_for(home / "child.pid", "\n").strip())
         [kill] = dry_run(sandbox, "stop", *SETTINGS, "--kill", "--wait", "10")
         assert "sent SIGKILL" in on_worker(home, remote(kill)).stdout
+        assert not running(child), "--kill left the training's child running"
         nothing = on_worker(home, remote(kill))
         assert "no training of run latest running" in nothing.stdout
     finally:
-        if pidfile.exists():
-            try:
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stray.kill()
+        for leftover in (pidfile, home / "child.pid"):
+            if leftover.exists():
+                try:
+                    os.kill(int(leftover.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def running(pid: int, timeout: float = 5.0) -> bool:
+    """Whether `pid` is still running after `timeout` s (a zombie counts as ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+                return False
+        except FileNotFoundError:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # --- shellcheck -------------------------------------------------------------------------
@@ -467,3 +580,28 @@ def test_shellcheck():
         [shellcheck, "--external-sources", *scripts], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the pinned TPU stack ---------------------------------------------------------------
+
+
+def test_the_tpu_extra_pins_the_compiler():
+    """setup.sh installs llava-jax[tpu]: jax and libtpu at one exact version, so hosts set up
+    at different times compile alike; the tests (and `plan`) use the same pins."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    pins = {}
+    for requirement in map(Requirement, extras["tpu"]):
+        [spec] = requirement.specifier or [None]
+        if requirement.name in ("jax", "libtpu"):
+            assert spec is not None and spec.operator == "==", f"{requirement} is not pinned"
+            pins[requirement.name] = spec.version
+    assert sorted(pins) == ["jax", "libtpu"]
+    assert "llava-jax[tpu]" in extras["test"]
+    installed = {name: importlib.metadata.version(name) for name in pins}
+    assert installed == pins, "this environment's jax / libtpu differ from the TPU pins"

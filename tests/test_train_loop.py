@@ -15,6 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from etils import epath
+from fake_gcs import fake_gcs  # noqa: F401 (a fixture)
 
 from llava_jax import checkpoint, shapes
 from llava_jax.train import config_loader, loop
@@ -134,6 +136,18 @@ def test_changed_data_order_settings_refuse_to_resume(setup, tmp_path):
     with pytest.raises(loop.TrainingError, match=r"data\.seed: 0 -> 7"):
         loop.train(changed, tmp_path)
 
+    # The run records the software it ran with, for hosts set up later to match.
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["versions"]["jax"] == jax.__version__ and "libtpu" in record["versions"]
+    # Resuming on another number of processes (hosts) stops before Grain's restore fails.
+    meta = tmp_path / "checkpoints" / "2" / "meta" / "metadata"  # orbax's JsonCheckpointHandler
+    saved = json.loads(meta.read_text())
+    assert saved["process_count"] == 1
+    meta.write_text(json.dumps({**saved, "process_count": 2}))
+    more = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=4"])
+    with pytest.raises(loop.TrainingError, match=r"written by 2 processes, this run has 1"):
+        loop.train(more, tmp_path)
+
 
 def test_exported_model_answers_with_its_training_template(setup, tmp_path):
     from llava_jax.pipeline import Pipeline
@@ -200,3 +214,80 @@ def test_two_processes_train_like_one(setup, tmp_path):
     for step in want:
         assert np.isclose(got[step], want[step], rtol=1e-5), (step, got[step], want[step])
     assert checkpoint.is_model_dir(multi / "model")
+
+
+def test_a_run_on_a_bucket(setup, tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+    """The pod walkthrough (docs/tpu.md) against the fake GCS, with nothing local under a
+    gs:// name: the data (the shapes JSON and images), the starting model and the workdir are
+    in the bucket; checkpoints (orbax through TensorStore), metrics and the final model land
+    there, and a restart resumes from there."""
+    monkeypatch.chdir(tmp_path)
+    local = config_loader.load_config(RECIPE, setup)
+    uploads = {
+        Path(local.data.train): "gs://bucket/data/train.json",
+        Path(local.data.image_root): "gs://bucket/images",
+        Path(local.init_from): "gs://bucket/models/init",
+    }
+    for source, target in uploads.items():
+        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+        for f in files:
+            remote = epath.Path(target) / f.relative_to(source) if f != source else target
+            epath.Path(remote).write_bytes(f.read_bytes())
+    overrides = [
+        *setup,
+        "--config.data.train=gs://bucket/data/train.json",
+        "--config.data.image_root=gs://bucket/images",
+        "--config.init_from=gs://bucket/models/init",
+    ]
+    workdir = epath.Path("gs://bucket/runs/r1")
+    first = config_loader.load_config(RECIPE, [*overrides, "--config.train.num_steps=2"])
+    assert loop.train(first, workdir).model_dir is not None
+    assert _finished_steps(workdir) == [2]
+    more = config_loader.load_config(RECIPE, [*overrides, "--config.train.num_steps=3"])
+    result = loop.train(more, workdir)  # resumes from the bucket's step 2
+    losses = _losses(workdir)
+    assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], losses
+    second = (workdir / "metrics.1.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in second] == [3]  # it resumed, not restarted
+    assert _finished_steps(workdir) == [2, 3]
+    assert os.fspath(result.model_dir) == "gs://bucket/runs/r1/model"
+    from llava_jax.pipeline import Pipeline
+
+    pipe = Pipeline.load(result.model_dir, echo=lambda _: None)  # generate / eval / serve
+    assert pipe.template.name == "plain" and pipe.cfg == config_loader.model_config(more)
+    record = json.loads((workdir / "config.json").read_text())
+    assert record["data"]["train"] == "gs://bucket/data/train.json"
+    assert not list(tmp_path.iterdir()), "a gs:// path was written to the local disk"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_profile_traces_process_0_with_the_device_idle_at_both_ends(monkeypatch, enabled):
+    """`--profile 2` on a run resumed at step 5: the trace covers steps 8 and 9 (6 compiles,
+    7 runs warm), on process 0 only; the device finishes step 7 before the trace starts, and
+    step 9 before it stops."""
+    events = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append(("block", x)))
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda d: events.append(("start", d)))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append(("stop",)))
+    trace = loop.StepTrace(epath.Path("/w/profile"), 2, 5, enabled=enabled)
+    stopped = []
+    for step in range(5, 10):
+        trace.before_step(step, f"state {step}")
+        events.append(("step", step + 1))
+        stopped.append(trace.after_step(step + 1, f"state {step + 1}"))
+    trace.close()
+    if not enabled:  # another process
+        assert [e for e in events if e[0] != "step"] == [] and not any(stopped)
+        return
+    assert events == [
+        ("step", 6),
+        ("step", 7),
+        ("block", "state 7"),
+        ("start", "/w/profile"),
+        ("step", 8),
+        ("step", 9),
+        ("block", "state 9"),
+        ("stop",),
+        ("step", 10),
+    ]
+    assert stopped == [False, False, False, True, False]

@@ -38,7 +38,12 @@ Settings (a flag, or the environment variable named after it):
                                             v5e v2-alpha-tpuv5-lite, v6e v2-alpha-tpuv6e,
                                             v4 tpu-ubuntu2204-base
   --num-slices N          NUM_SLICES        default 1; N > 1 is a multi-slice queued resource
-  --queued                QUEUED=1          a queued resource instead of a TPU VM
+  --tpu-vm                QUEUED=0          a plain TPU VM instead of a queued resource (the
+                                            default, Google's recommended way; --queued)
+  --ssh-flag FLAG         SSH_FLAGS         a gcloud ssh/scp flag for every worker command,
+                                            repeatable: --ssh-flag=--internal-ip, or
+                                            --ssh-flag=--tunnel-through-iap (queued
+                                            resources only: tpu-vm ssh has no such flag)
   --spot                  SPOT=1            Spot capacity (preemptible)
   --reserved              RESERVED=1        capacity from a reservation
   --dry-run                                 print the commands, run nothing
@@ -64,10 +69,13 @@ tpu_parse() {
   ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-}
   RUNTIME_VERSION=${RUNTIME_VERSION:-}
   NUM_SLICES=${NUM_SLICES:-1}
-  QUEUED=$(tpu_bool QUEUED "${QUEUED:-}") || exit 2
+  QUEUED=$(tpu_bool QUEUED "${QUEUED:-1}") || exit 2
   SPOT=$(tpu_bool SPOT "${SPOT:-}") || exit 2
   RESERVED=$(tpu_bool RESERVED "${RESERVED:-}") || exit 2
   DRY_RUN=0
+  local explicit_tpu_vm=0
+  # shellcheck disable=SC2206  # SSH_FLAGS is a space-separated list of flags
+  TPU_SSH_FLAGS=(${SSH_FLAGS:-})
   TPU_REST=()
   while (($#)); do
     local flag=$1 value=""
@@ -78,7 +86,7 @@ tpu_parse() {
       value=$2
     fi
     case $flag in
-      --project | --zone | --name | --accelerator-type | --runtime-version | --num-slices)
+      --project | --zone | --name | --accelerator-type | --runtime-version | --num-slices | --ssh-flag)
         if [[ $1 == --*=* ]]; then
           shift
         else
@@ -92,9 +100,11 @@ tpu_parse() {
           --accelerator-type) ACCELERATOR_TYPE=$value ;;
           --runtime-version) RUNTIME_VERSION=$value ;;
           --num-slices) NUM_SLICES=$value ;;
+          --ssh-flag) TPU_SSH_FLAGS+=("$value") ;;
         esac
         ;;
       --queued) QUEUED=1 && shift ;;
+      --tpu-vm) QUEUED=0 && explicit_tpu_vm=1 && shift ;;
       --spot) SPOT=1 && shift ;;
       --reserved) RESERVED=1 && shift ;;
       --dry-run) DRY_RUN=1 && shift ;;
@@ -112,6 +122,9 @@ tpu_parse() {
         ;;
     esac
   done
+  if ((explicit_tpu_vm && NUM_SLICES > 1)); then
+    tpu_die "--tpu-vm and --num-slices $NUM_SLICES exclude each other: multi-slice is a queued resource"
+  fi
   tpu_check_settings
 }
 
@@ -122,6 +135,11 @@ tpu_check_settings() {
   if ((NUM_SLICES > 1)); then
     QUEUED=1
   fi
+  local flag
+  for flag in "${TPU_SSH_FLAGS[@]+"${TPU_SSH_FLAGS[@]}"}"; do
+    [[ $flag =~ ^--[a-z][-a-z0-9]*(=[^[:space:]]*)?$ ]] ||
+      tpu_die "--ssh-flag takes one gcloud flag like --internal-ip, not '$flag'"
+  done
   if ((SPOT && RESERVED)); then
     tpu_die "--spot and --reserved exclude each other"
   fi
@@ -237,16 +255,51 @@ tpu_note() {  # a comment in the dry run's script; a plain message otherwise
   fi
 }
 
+# Every worker of every slice: hosts per slice x slices; 0 when the type is not known.
+tpu_total_hosts() {
+  echo $(($(tpu_hosts_per_slice) * NUM_SLICES))
+}
+
+# The flags every ssh and scp gets: the user's (--ssh-flag), then, for a queued resource
+# whose host count is known, a batch that holds every worker: `queued-resources ssh/scp`
+# reach `--worker=all` 64 hosts at a time by default (their gcloud reference pages), and a
+# command that waits for all hosts (jax.distributed) would never return. `tpu-vm ssh/scp`
+# reach all workers at once and take no --batch-size.
+tpu_worker_flags() {
+  local hosts
+  hosts=$(tpu_total_hosts)
+  TPU_WORKER_FLAGS=("${TPU_SSH_FLAGS[@]+"${TPU_SSH_FLAGS[@]}"}")
+  if ((QUEUED && hosts > 0)); then
+    TPU_WORKER_FLAGS+=("--batch-size=$hosts")
+  fi
+}
+
 # Runs a shell command on every worker of every slice (`--worker=all`, and `--node=all` for a
 # queued resource).
 tpu_ssh_all() {
   local command=$1
+  tpu_worker_flags
   if ((QUEUED)); then
     tpu_run gcloud compute tpus queued-resources ssh "$TPU_NAME" "--project=$PROJECT" \
-      "--zone=$ZONE" --node=all --worker=all "--command=$command"
+      "--zone=$ZONE" --node=all --worker=all "${TPU_WORKER_FLAGS[@]+"${TPU_WORKER_FLAGS[@]}"}" \
+      "--command=$command"
   else
     tpu_run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "--project=$PROJECT" "--zone=$ZONE" \
-      --worker=all "--command=$command"
+      --worker=all "${TPU_WORKER_FLAGS[@]+"${TPU_WORKER_FLAGS[@]}"}" "--command=$command"
+  fi
+}
+
+# Copies a local file to every worker of every slice, to the path DEST under $HOME.
+tpu_scp_all() {
+  local file=$1 dest=$2
+  tpu_worker_flags
+  if ((QUEUED)); then
+    tpu_run gcloud compute tpus queued-resources scp "$file" "$TPU_NAME:$dest" \
+      "--project=$PROJECT" "--zone=$ZONE" --node=all --worker=all \
+      "${TPU_WORKER_FLAGS[@]+"${TPU_WORKER_FLAGS[@]}"}"
+  else
+    tpu_run gcloud compute tpus tpu-vm scp "$file" "$TPU_NAME:$dest" "--project=$PROJECT" \
+      "--zone=$ZONE" --worker=all "${TPU_WORKER_FLAGS[@]+"${TPU_WORKER_FLAGS[@]}"}"
   fi
 }
 

@@ -105,9 +105,18 @@ start=(
   "$(tpu_remote_worker_id)"
   "$(tpu_remote_alive)"
   "for p in $logs/*/worker-\$W.pid; do if alive \"\$p\"; then echo \"\$(hostname) worker \$W: busy with the training of \$p; stop it first (stop.sh)\" >&2; exit 1; fi; done"
+  # No launched training runs here: anything else holding the TPU is a stray (a notebook, a
+  # killed run's child), and a killed process leaves libtpu's lockfile behind; either makes
+  # the training fail to open the TPU (MaxText's launchers clear both too). TPU chips are
+  # /dev/accel* (v4, v5e, v5p) or /dev/vfio/* (v6e); the LLAVA_JAX_* overrides are the tests'.
+  "S=; [ \"\$(id -u)\" = 0 ] || S='sudo -n'"
+  "for p in \$(\$S lsof -t \${LLAVA_JAX_TPU_DEVICES:-/dev/accel* /dev/vfio/[0-9]*} 2>/dev/null | sort -u); do echo \"\$(hostname) worker \$W: killing pid \$p, a stray user of the TPU: \$(ps -o args= -p \$p)\"; \$S kill -9 \$p || true; done"
+  "\$S rm -f \${LLAVA_JAX_LIBTPU_LOCKFILE:-/tmp/libtpu_lockfile}"
   "mkdir -p $dir"
   "ln -sfn $run $logs/latest"
   "cd \$HOME/llava-jax"
+  # Grain's workers and the GCS connections open many files; the soft limit is often 1024.
+  "ulimit -n \"\$(ulimit -Hn)\""
   "echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) launch on \$(hostname), worker \$W\" >> $log"
   "setsid nohup $program >> $log 2>&1 < /dev/null & echo \$! > $pid"
   "echo \"\$(hostname) worker \$W: pid \$!, log $log\""
@@ -117,12 +126,6 @@ remote=${remote%; }
 
 config_dir=$(dirname "$config_file")
 tpu_ssh_all "mkdir -p \$HOME/llava-jax/$config_dir"
-if ((QUEUED)); then
-  tpu_run gcloud compute tpus queued-resources scp "$config_file" "$TPU_NAME:llava-jax/$config_file" \
-    "--project=$PROJECT" "--zone=$ZONE" --node=all --worker=all
-else
-  tpu_run gcloud compute tpus tpu-vm scp "$config_file" "$TPU_NAME:llava-jax/$config_file" \
-    "--project=$PROJECT" "--zone=$ZONE" --worker=all
-fi
+tpu_scp_all "$config_file" "llava-jax/$config_file"
 tpu_ssh_all "$remote"
 tpu_note "logs: $(dirname "$0")/logs.sh --run $run (worker 0), --fetch DIR (all workers)"

@@ -60,7 +60,7 @@ mapfile -t nodes < <(tpu_node_names)
 
 if [[ -z $fetch ]]; then
   tpu_run gcloud compute tpus tpu-vm ssh "${nodes[slice]}" "--project=$PROJECT" "--zone=$ZONE" \
-    "--worker=$worker" "--command=tail -n $lines -F \$HOME/$TPU_LOG_ROOT/$run/worker-$worker.log"
+    "--worker=$worker" "${TPU_SSH_FLAGS[@]+"${TPU_SSH_FLAGS[@]}"}" "--command=tail -n $lines -F \$HOME/$TPU_LOG_ROOT/$run/worker-$worker.log"
   exit 0
 fi
 
@@ -74,6 +74,7 @@ for node in "${nodes[@]}"; do
   tpu_run mkdir -p "$fetch/$node"
   for ((i = 0; i < workers; i++)); do
     tpu_run gcloud compute tpus tpu-vm scp "$node:$TPU_LOG_ROOT/$run/worker-$i.log" \
-      "$fetch/$node/worker-$i.log" "--project=$PROJECT" "--zone=$ZONE" "--worker=$i"
+      "$fetch/$node/worker-$i.log" "--project=$PROJECT" "--zone=$ZONE" "--worker=$i" \
+      "${TPU_SSH_FLAGS[@]+"${TPU_SSH_FLAGS[@]}"}"
   done
 done

@@ -19,9 +19,11 @@ is missing (apt), makes ~/$TPU_VENV_DIR, and installs "llava-jax[EXTRAS]" into i
 Options:
   --python NAME  the interpreter to use; default python3.11 (the project needs >= 3.11;
                  the TPU images' python3 is older)                     (PYTHON)
-  --extras LIST  default tpu (jax[tpu] with libtpu)                    (EXTRAS)
-  --check        then start jax on all workers at once and print each process's index and
-                 the global device count (needs the TPU idle)
+  --extras LIST  default tpu: jax, jaxlib and libtpu at the versions pinned in
+                 pyproject.toml, and gcsfs                              (EXTRAS)
+  --check        then start jax on all workers at once (on a queued resource one
+                 ssh batch: needs --accelerator-type) and print each process's index, the global device
+                 count and the jax / libtpu versions (needs the TPU idle)
 Running it again reinstalls llava-jax (dependencies are kept).
 $(tpu_settings_help)
 EOF
@@ -58,6 +60,9 @@ while (($#)); do
   esac
 done
 tpu_require_target
+if ((check && QUEUED)) && (($(tpu_total_hosts) == 0)); then
+  tpu_die "--check needs --accelerator-type: every worker must start jax at once, in one ssh batch"
+fi
 
 # Everything below lands inside double quotes in the remote command: no quotes, spaces, $.
 safe='^[A-Za-z0-9_./:@+~%=,-]+$'
@@ -95,19 +100,13 @@ install=(
 remote=$(printf '%s; ' "${install[@]}")
 
 if [[ -n $wheel ]]; then
-  if ((QUEUED)); then
-    tpu_run gcloud compute tpus queued-resources scp "$wheel" "$TPU_NAME:" "--project=$PROJECT" \
-      "--zone=$ZONE" --node=all --worker=all
-  else
-    tpu_run gcloud compute tpus tpu-vm scp "$wheel" "$TPU_NAME:" "--project=$PROJECT" \
-      "--zone=$ZONE" --worker=all
-  fi
+  tpu_scp_all "$wheel" ""
 fi
 tpu_ssh_all "${remote%; }"
 
 if ((check)); then
   # Every worker must start jax at the same time: jax.distributed finds the others through
   # the TPU metadata (and, with several slices, the MEGASCALE_* settings).
-  probe="import jax; jax.distributed.initialize(); print(jax.process_index(), jax.process_count(), jax.device_count())"
-  tpu_ssh_all "echo \"\$(hostname) (process, processes, devices): \$($venv/bin/python -c \"$probe\")\""
+  probe="import jax, importlib.metadata as m; jax.distributed.initialize(); print(jax.process_index(), jax.process_count(), jax.device_count(), jax.__version__, m.version('libtpu'))"
+  tpu_ssh_all "echo \"\$(hostname) (process, processes, devices, jax, libtpu): \$($venv/bin/python -c \"$probe\")\""
 fi

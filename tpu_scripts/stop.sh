@@ -18,7 +18,8 @@ Options:
   --run NAME       default latest (the last launch)
   --wait SECONDS   wait this long on each worker for the process to exit; default 600,
                    0 = do not wait. A worker still running after it fails the command.
-  --kill           SIGKILL instead: no checkpoint; the next start resumes from the last one
+  --kill           SIGKILL to the training's whole process group instead: no checkpoint;
+                   the next start resumes from the last one
 $(tpu_settings_help)
 EOF2
 }
@@ -38,6 +39,14 @@ while (($#)); do
 done
 tpu_require_target
 tpu_check_run_name "$run"
+# SIGTERM to the training alone: it saves, then ends its data workers itself. SIGKILL to its
+# whole process group (launch.sh starts it with setsid: its pid is the group id), so no data
+# worker or compiler child outlives it holding the TPU.
+if [[ $signal == KILL ]]; then
+  kill="kill -KILL -- -\$p"
+else
+  kill="kill -TERM \$p"
+fi
 [[ $wait_s =~ ^[0-9]+$ ]] || tpu_die "--wait must be a number of seconds, not '$wait_s'"
 
 pid="\$HOME/$TPU_LOG_ROOT/$run/worker-\$W.pid"
@@ -48,7 +57,7 @@ stop=(
   "$(tpu_remote_alive)"
   "if ! alive $pid; then echo \"$who: no training of run $run running\"; exit 0; fi"
   "p=\$(cat $pid)"
-  "kill -$signal \$p"
+  "$kill"
   "echo \"$who: sent SIG$signal to \$p\""
 )
 if ((wait_s > 0)); then

@@ -8,10 +8,11 @@ skipped and counted in the manifest, never fatal. See docs/data.md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from etils import epath
 
 from llava_jax.cli import CommandError
-from llava_jax.paths import absolute, local_path
+from llava_jax.paths import absolute
 
 
 def add_parser(subparsers) -> None:
@@ -37,16 +38,16 @@ def add_parser(subparsers) -> None:
     )
     build.add_argument(
         "--image-root",
-        type=local_path,
+        type=_location,
         metavar="DIR",
-        help="folder the records' media paths are in",
+        help="folder the records' media paths are in (local or gs://)",
     )
     build.add_argument(
         "--out",
         required=True,
-        type=local_path,
+        type=_location,
         metavar="DIR",
-        help="directory to create (must not exist, or be empty)",
+        help="directory to create, local or gs:// (must not exist, or be empty)",
     )
     build.add_argument(
         "--num-shards",
@@ -68,10 +69,15 @@ def add_parser(subparsers) -> None:
     build.set_defaults(run=run_build)
 
 
+def _location(text: str) -> epath.Path:
+    """argparse `type=` for a folder that may be local (made absolute) or gs://."""
+    return epath.Path(absolute(text))
+
+
 def run_build(args: argparse.Namespace) -> int:
     from llava_jax.data.build import build_shards
 
-    source = Path(args.input)
+    source = epath.Path(args.input)  # local or gs://
     if not source.is_file():
         raise CommandError(f"--input {source}: no such file")
     if args.image_root is not None and not args.image_root.is_dir():

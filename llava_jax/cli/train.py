@@ -35,7 +35,20 @@ def add_parser(subparsers) -> None:
         help="load weights from a llava-jax model dir or an HF dir for a new run "
         "(sets config.init_from)",
     )
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="trace STEPS steps")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="trace STEPS steps on process 0 (after compilation) into WORKDIR/profile",
+    )
+    parser.add_argument(
+        "--profile-server",
+        type=int,
+        metavar="PORT",
+        help="start jax.profiler's server on every process, for traces captured on demand "
+        "(TensorBoard's profile plugin or xprof, at HOST:PORT)",
+    )
     group = parser.add_argument_group(
         "multi-process (GPU clusters, local tests; TPU pods are detected automatically)"
     )
@@ -70,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     runner = _builtin_runner(config)
     if runner is not None:
         return runner(args.config, overrides, args.workdir)
+    if args.profile_server is not None:
+        import jax
+
+        jax.profiler.start_server(args.profile_server)
     result = loop.train(config, args.workdir, profile_steps=args.profile)
     return 0 if result.preempted or result.model_dir else 1
 

@@ -11,6 +11,10 @@ Shard k holds a contiguous run of the source's records, so reading the shards in
 gives the source order; shards are written in parallel threads (the work is file I/O). The
 output appears all at once: everything is written to a sibling temporary directory that is
 renamed to `out` when complete.
+
+`out`, the source and the image root may be local or `gs://` (etils.epath). ArrayRecord
+writes local files only, so a shard bound for a bucket is written to a local temporary file
+and copied up; on GCS the final rename is a copy of each object (GCS has no directories).
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import shutil
+import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
+
+from etils import epath
 
 from llava_jax.data import shards
 from llava_jax.data.schema import RawRecord, SkipSample, conversations_problem
-from llava_jax.data.sources import open_source, resolve_media
+from llava_jax.data.sources import is_remote, open_source, resolve_media
 
 RECORDS_PER_SHARD = 50_000  # the default shard count aims at this
 
@@ -62,7 +67,7 @@ class BuildError(ValueError):
 class BuildSummary:
     """What a build wrote: records per shard, and skipped records counted by reason."""
 
-    out: Path
+    out: epath.Path
     shard_counts: tuple[int, ...]
     skipped: dict[str, int]
     seconds: float
@@ -93,7 +98,7 @@ def media_format(data: bytes, kind: str) -> str | None:
 def build_shards(
     spec: str,
     image_root: str | None,
-    out: str | Path,
+    out: epath.PathLike,
     *,
     num_shards: int | None = None,
     workers: int = 1,
@@ -116,7 +121,7 @@ def build_shards(
       FileNotFoundError, ValueError: from `open_source`.
     """
     start = time.perf_counter()
-    out = Path(out)
+    out = epath.Path(out)  # local or gs://
     _check_out(out, overwrite)
     source = open_source(spec, image_root, seed=seed)
     n = len(source)
@@ -145,7 +150,7 @@ def build_shards(
         skips = [s for _, shard_skips in results for s in shard_skips]
         counts = tuple(count for count, _ in results)
         skipped = dict(collections.Counter(reason for _, reason, _ in skips))
-        with open(tmp / shards.SKIPPED, "w", encoding="utf-8") as f:
+        with (tmp / shards.SKIPPED).open("w", encoding="utf-8") as f:
             for record_id, reason, detail in skips:
                 line = {"id": record_id, "reason": reason, "detail": detail}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -163,12 +168,12 @@ def build_shards(
         (tmp / shards.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_quietly(tmp)
         raise
     return BuildSummary(out, counts, skipped, time.perf_counter() - start)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: epath.Path, overwrite: bool) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not overwrite:
@@ -182,7 +187,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         ) from None
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def _replace(tmp: epath.Path, out: epath.Path) -> None:
     """Renames `tmp` to `out`; an earlier build at `out` is renamed aside, then deleted."""
     old = None
     if out.exists():
@@ -190,18 +195,33 @@ def _replace(tmp: Path, out: Path) -> None:
             out.rmdir()  # fails rather than delete anything
         else:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-    os.replace(tmp, out)
+            out.rename(old)
+    tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old)
+        old.rmtree()
 
 
-def _write_shard(source, bounds: list[int], path: Path, stop: threading.Event):
+def _remove_quietly(path: epath.Path) -> None:
+    """Deletes a partial build; an error here must not hide the one that stopped it."""
+    try:
+        if path.exists():
+            path.rmtree()
+    except OSError:
+        pass
+
+
+def _write_shard(source, bounds: list[int], path: epath.Path, stop: threading.Event):
     """Writes records [lo, hi) to one shard; returns (count, [(id, reason, detail), ...])."""
+    if is_remote(path):  # ArrayRecord writes local files: stage the shard, then copy it up
+        with tempfile.TemporaryDirectory(prefix="llava-jax-shard-") as staging:
+            local = epath.Path(staging) / path.name
+            result = _write_shard(source, bounds, local, stop)
+            local.copy(path)
+        return result
     lo, hi = bounds
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    writer = ArrayRecordWriter(str(path), shards.WRITER_OPTIONS)
+    writer = ArrayRecordWriter(os.fspath(path), shards.WRITER_OPTIONS)
     count, skips = 0, []
     try:
         for index in range(lo, hi):

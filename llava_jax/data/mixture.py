@@ -25,10 +25,10 @@ import dataclasses
 import math
 import re
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import yaml
+from etils import epath
 
 ENTRY_KEYS = ("json_path", "sampling_strategy", "image_folder")
 _STRATEGY = re.compile(r"(first|end|random):(\d+(?:\.\d+)?%|\d+)")
@@ -38,22 +38,21 @@ _STRATEGY = re.compile(r"(first|end|random):(\d+(?:\.\d+)?%|\d+)")
 class MixtureEntry:
     """One file of a mixture: where it is, how to sample it, and its image root."""
 
-    json_path: Path
+    json_path: epath.Path
     sampling_strategy: str
     image_root: str | None
 
 
-def read_mixture(path: str | Path, image_root: str | None) -> list[MixtureEntry]:
+def read_mixture(path: epath.PathLike, image_root: str | None) -> list[MixtureEntry]:
     """Reads and checks a YAML mixture; `image_root` serves entries without `image_folder`.
 
     Raises:
       ValueError: not a mapping with a `datasets` list, an entry without `json_path`, an
         unknown key or sampling strategy; the message names the file and the entry.
     """
-    path = Path(path)
+    path = epath.Path(path)  # local or gs://; entries resolve against its folder
     try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     datasets = config.get("datasets") if isinstance(config, dict) else None

@@ -19,9 +19,11 @@ dependency beyond the standard library.
 from __future__ import annotations
 
 import json
+import os
 import struct
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from llava_jax.data.schema import RawRecord
 
@@ -81,13 +83,13 @@ def decode_record(data: bytes) -> RawRecord:
     )
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a build directory, checked: format, version, shard files present.
+def read_manifest(directory: epath.PathLike) -> dict[str, Any]:
+    """The manifest of a build directory (local or `gs://`), checked: format, version, shards.
 
     Raises:
       ValueError: no manifest, another format or version, or a shard file missing.
     """
-    directory = Path(directory)
+    directory = epath.Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
@@ -112,12 +114,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 class ShardRecords:
     """A random-access data source over a build directory's shards, in build order."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: epath.PathLike):
         import grain
 
-        self._directory = Path(directory)
+        self._directory = epath.Path(directory)
         manifest = read_manifest(self._directory)
-        paths = [str(self._directory / s["file"]) for s in manifest["shards"]]
+        # ArrayRecord's reader opens gs:// itself (riegeli's GcsReader, array_record >= 0.8).
+        paths = [os.fspath(self._directory / s["file"]) for s in manifest["shards"]]
         self._source = grain.sources.ArrayRecordDataSource(paths)
         if len(self._source) != manifest["num_records"]:
             raise ValueError(

@@ -7,6 +7,9 @@
   * a directory written by `llava-jax data build` (ArrayRecord shards, `data/shards.py`);
   * `tfds:NAME[/CONFIG][:SPLIT]`, a prepared TFDS dataset read with `tfds.data_source`.
 
+Files, folders and image roots may be local or `gs://` (etils.epath; ArrayRecord reads its
+shards from GCS itself).
+
 Sources never fail on a bad record: a record that is not an object, or has no
 `conversations`, still comes out as a `RawRecord` (with `conversations` a `NotAnObject`,
 None, or whatever ill-typed value it held), and the sample transform skips it as
@@ -26,6 +29,7 @@ import errno
 import io
 import json
 import os
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
@@ -33,6 +37,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from llava_jax.data.schema import NotAnObject, RawRecord, SkipSample
 
@@ -69,7 +74,7 @@ def open_source(
         return grain.MapDataset.source(TfdsRecords(spec, image_root, tfds_fields))
     if tfds_fields:
         raise ValueError(f"{spec}: tfds_fields given, but the source is not a tfds: dataset")
-    path = Path(spec)
+    path = epath.Path(spec)  # local or gs://
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), spec)
     if path.is_dir():
@@ -104,11 +109,18 @@ def open_source(
 # -- media paths -------------------------------------------------------------------------------
 
 
+def is_remote(path: epath.PathLike) -> bool:
+    """A `gs://` (or other URI) path, opened through etils.epath rather than the local disk."""
+    return "://" in os.fspath(path)
+
+
 def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes | Path:
     """Returns a record's image / video: its bytes as given, or its checked path.
 
     A path must be relative and stay inside `root` once `..` and symbolic links are resolved
-    (`Path.resolve`), and name an existing file.
+    (`Path.resolve`), and name an existing file. Under a remote root (`gs://`, which has no
+    symbolic links) `..` is resolved by name, and the file's bytes are returned: it had to
+    be asked for once to be checked, so it is fetched once.
 
     Args:
       ref: one entry of `RawRecord.images` / `.videos`.
@@ -116,7 +128,8 @@ def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes |
       record_id: for the skip's log line.
 
     Returns:
-      `ref` itself when it is bytes, else the resolved `Path` of the file.
+      `ref` itself when it is bytes, else the resolved `Path` of a local file, or the bytes
+      of a remote one.
 
     Raises:
       SkipSample: `path_outside_root` (absolute, or leaving `root`), `missing_file` (no such
@@ -132,6 +145,8 @@ def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes |
         raise ValueError(f"record {record_id} names the file {ref!r}, but no image root is set")
     if PurePath(ref).is_absolute():
         raise SkipSample("path_outside_root", f"{ref!r} is an absolute path", record_id)
+    if is_remote(root):
+        return _read_remote_media(ref, root, record_id)
     try:
         base = Path(root).resolve()
         path = (base / ref).resolve()
@@ -142,6 +157,16 @@ def resolve_media(ref: bytes | str, root: str | None, record_id: str) -> bytes |
     except (OSError, ValueError) as e:  # a NUL byte, a name too long, a link loop
         raise SkipSample("malformed_record", f"media path {ref!r}: {e}", record_id) from None
     return path
+
+
+def _read_remote_media(ref: str, root: str, record_id: str) -> bytes:
+    relative = posixpath.normpath(ref)
+    if relative == ".." or relative.startswith("../"):
+        raise SkipSample("path_outside_root", f"{ref!r} leaves the image root", record_id)
+    try:
+        return (epath.Path(root) / relative).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise SkipSample("missing_file", f"{ref!r}: no such file under {root}", record_id) from None
 
 
 # -- LLaVA JSON / JSONL ------------------------------------------------------------------------
@@ -172,17 +197,17 @@ class JsonTable:
         return record_from_json(json.loads(blob), f"{self.name}:{index}", self.root)
 
 
-def load_json_table(path: str | Path, root: str | None) -> JsonTable:
+def load_json_table(path: epath.PathLike, root: str | None) -> JsonTable:
     """Reads a LLaVA `.json` (one list) or `.jsonl` (one record per line) file.
 
     An invalid JSONL line becomes a record that is not an object (the transform skips it as
     `malformed_record`); a `.json` file that is not a valid list raises ValueError, since
     none of it can be read. Blank JSONL lines are not records.
     """
-    path = Path(path)
+    path = epath.Path(path)
     chunks: list[bytes] = []
     if path.suffix.lower() == ".jsonl":
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
                     chunks.append(_jsonl_record(line, path, number))
@@ -258,7 +283,7 @@ def _compact(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _jsonl_record(line: bytes, path: Path, number: int) -> bytes:
+def _jsonl_record(line: bytes, path: epath.Path, number: int) -> bytes:
     try:
         return _compact(json.loads(line))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -269,7 +294,7 @@ def _jsonl_record(line: bytes, path: Path, number: int) -> bytes:
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _read_utf8(path: Path) -> str:
+def _read_utf8(path: epath.Path) -> str:
     """The file's text; JSON is UTF-8 (RFC 8259 §8.1), and a stray byte names the file."""
     raw = path.read_bytes()
     try:
@@ -279,7 +304,7 @@ def _read_utf8(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start:,} is {byte!r})") from None
 
 
-def _iter_json_list(path: Path):
+def _iter_json_list(path: epath.Path):
     """Yields the elements of a JSON list one by one: the whole list never exists as objects."""
     text = _read_utf8(path)
     decoder = json.JSONDecoder()

@@ -2,9 +2,12 @@
 
 The number in a name is what Cloud TPU's accelerator type says: TensorCores for v4 and v5p
 (two per chip, run as one "megacore" device: v5p-128 is 64 chips), chips for v5e and v6e.
-Chips form a 3D torus (v4, v5p: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...: double the smallest
-side, the last of equal ones) or a 2D one (v5e, v6e: 2x2, 2x4, 4x4, ..., 16x16); a 3D slice
-of whole 4x4x4 cubes has wraparound links, a 2D side of 16 chips (a full pod's) has them.
+Chips form a 3D torus (v4, v5p) or a 2D one (v5e, v6e: 2x2, 2x4, 4x4, ..., 16x16). A 3D
+slice below one 4x4x4 cube is 2x2x1, 2x2x2, 2x2x4 or 2x4x4; from one cube up it is whole
+cubes, any number of them (v5p-384 is 4x4x12), in the most cube-like shape: the longest side
+as short as it can be, then the shortest as long (the shapes of Google's v5p page and of
+xpk's `system_characteristics.py`: v5p-768 4x8x12, v5p-1536 8x8x12, v5p-9216 12x16x24). A 3D
+slice of whole cubes has wraparound links, a 2D side of 16 chips (a full pod's) has them.
 
 `compile_devices` asks libtpu (`pip install -e .[tpu]`) for the slice's devices without any
 TPU attached; programs can be lowered and compiled for them, not run.
@@ -28,9 +31,12 @@ _GENERATIONS = {
     "v6e": ("v6e", False, 2),
 }
 _ALIASES = {"v5litepod": "v5e"}  # the Cloud TPU accelerator-type spelling of v5e
+# Chips of the largest single slice (Cloud TPU v4 and v5p pages: a v4 pod, 16x16x24 v5p).
+_MAX_CHIPS = {"v4": 4096, "v5p": 6144}
 VALID_FORMS = (
-    "v4-N or v5p-N (N TensorCores: a power of two >= 8, 2 per chip), "
-    "v5e-N or v6e-N (N chips: 1 or a power of two >= 4, at most 256), e.g. v5p-128, v5e-256"
+    "v4-N or v5p-N (N TensorCores, 2 per chip: 8, 16, 32, 64, then any multiple of 128, "
+    "whole 4x4x4 cubes; at most v4-8192, v5p-12288), "
+    "v5e-N or v6e-N (N chips: 1 or a power of two >= 4, at most 256), e.g. v5p-384, v5e-256"
 )
 INSTALL_HINT = "libtpu is not installed; install it with `pip install -e .[tpu]`"
 
@@ -102,7 +108,9 @@ class Topology:
 
 
 def _torus(chips: int, dims: int) -> tuple[int, ...]:
-    """The slice shape of `chips` chips (a power of two) on a `dims`-D torus."""
+    """The slice shape of `chips` chips on a `dims`-D torus (a power of two, or whole cubes)."""
+    if dims == 3 and chips >= 64:
+        return _cubes(chips // 64)
     shape = [2, 2, 1] if dims == 3 else [2, 2]
     if chips == 1 and dims == 2:
         return (1, 1)
@@ -111,6 +119,18 @@ def _torus(chips: int, dims: int) -> tuple[int, ...]:
         i = max(j for j, s in enumerate(shape) if s == smallest)
         shape[i] *= 2
     return tuple(shape)
+
+
+def _cubes(n: int) -> tuple[int, int, int]:
+    """The shape of `n` 4x4x4 cubes: the longest side shortest, then the shortest longest."""
+    shapes = [
+        (a, b, n // (a * b))
+        for a in range(1, n + 1)
+        for b in range(a, n + 1)
+        if n % (a * b) == 0 and n // (a * b) >= b
+    ]
+    a, b, c = min(shapes, key=lambda s: (s[2], -s[0]))
+    return (4 * a, 4 * b, 4 * c)
 
 
 def _product(xs) -> int:
@@ -130,7 +150,9 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     _, counts_cores, dims = _GENERATIONS[generation]
     power_of_two = n > 0 and n & (n - 1) == 0
     if counts_cores:
-        ok, chips = power_of_two and n >= 8, n // 2
+        chips = n // 2
+        ok = n % 2 == 0 and (chips in (4, 8, 16, 32) or chips % 64 == 0)
+        ok = ok and 0 < chips <= _MAX_CHIPS[generation]
     else:
         ok, chips = power_of_two and (n == 1 or 4 <= n <= 256), n
     if not ok:

@@ -112,6 +112,11 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def read_meta(self, step: int) -> dict:
+        """The `meta` item of `step` alone: what a resume checks before restoring the rest."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
     def reached_preemption(self, step: int) -> bool:
         """True on every host at the same step once any host got SIGTERM (multi-host)."""
         return self._manager.reached_preemption(step)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
+import platform
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -129,15 +130,35 @@ def _assets(init_from: str) -> Path:
     """
     if not paths.is_url(init_from):
         return templates.assets_dir(init_from)
-    remote = epath.Path(init_from) / checkpoint.ASSETS_DIR
-    local = Path(tempfile.mkdtemp(prefix="llava-jax-assets-"))
-    for f in remote.iterdir():
-        if f.is_file():
-            (local / f.name).write_bytes(f.read_bytes())
-    return local
+    return checkpoint.local_assets(init_from)
+
+
+# The software a run's numbers depend on, recorded in <workdir>/config.json: hosts set up at
+# different times must run the compiler (jaxlib, libtpu) the run was planned with.
+VERSIONED = ("llava-jax", "jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "grain")
+
+
+def software_versions() -> dict[str, str | None]:
+    """package -> installed version (None: not installed, e.g. libtpu off TPU)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _check_resume(meta: dict, config) -> None:
+    # Grain saves its iterator state per process (`process_{i}-of-{n}.json`): another process
+    # count cannot restore it, and would read other records.
+    saved_processes = meta.get("process_count", jax.process_count())
+    if saved_processes != jax.process_count():
+        raise TrainingError(
+            f"the checkpoint was written by {saved_processes} processes, this run has "
+            f"{jax.process_count()}: the data iterator state is per process; resume with "
+            f"{saved_processes} processes, or use a new --workdir"
+        )
     saved = meta.get("resume_keys", {})
     changed = [
         f"{k}: {saved[k]!r} -> {_get(config, k)!r}"
@@ -226,6 +247,41 @@ def _mean_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
+class StepTrace:
+    """`--profile STEPS`: a jax.profiler trace of STEPS steps after compilation, on process 0.
+
+    One host's trace shows the step: every host runs the same program. The device finishes
+    the steps before the window before the trace starts, and the window's steps before it
+    stops (dispatch is asynchronous), so the trace holds those steps and no others.
+    """
+
+    def __init__(self, logdir: epath.Path, steps: int, first_step: int, *, enabled: bool):
+        self._logdir = logdir
+        self._start = first_step + 2 if steps and enabled else None  # step 1 compiles
+        self._stop = None if self._start is None else self._start + steps
+        self.active = False
+
+    def before_step(self, step: int, state) -> None:
+        if step == self._start:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self._logdir))
+            self.active = True
+
+    def after_step(self, done: int, state) -> bool:
+        """Stops the trace once its last step is done; True when it did."""
+        if not self.active or done < self._stop:
+            return False
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self.active = False
+        return True
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -> RunResult:
     """Runs (or resumes) the training run of `config` in `workdir` (local or gs://)."""
     workdir = epath.Path(workdir)
@@ -304,11 +360,12 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     )
     latest = ckpt.latest_step()
     if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        record = {**json.loads(config.to_json_best_effort()), "versions": software_versions()}
+        (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     if latest is not None:
+        _check_resume(ckpt.read_meta(latest), config)
         abstract = state_lib.abstract_state(model_cfg, config, mesh, total)
         state, saved = ckpt.restore(latest, abstract, batches)
-        _check_resume(saved, config)
         budget.skipped.update(saved.get("skipped", {}))
         budget.samples = int(saved.get("samples", 0))
         log.info("resuming from step %d (%s)", latest, ckpt.directory / str(latest))
@@ -340,6 +397,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     def meta() -> dict[str, Any]:
         return {
             "resume_keys": {k: _get(config, k) for k in RESUME_KEYS},
+            "process_count": jax.process_count(),
             "skipped": dict(budget.skipped),
             "samples": budget.samples,
             "time": time.time(),
@@ -351,16 +409,14 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     nonfinite_run = 0
     last: dict[str, float] = {}
     preempted = False
-    profiling = False
+    trace = StepTrace(workdir / "profile", profile_steps, start, enabled=is_main)
     if resumed_from is not None:
         monitor.message(f"resuming from step {resumed_from} of {total}")
     began = time.perf_counter()
     step = start
     try:
         for step in range(start, total):
-            if profile_steps and step == start + 2:  # after compilation
-                jax.profiler.start_trace(str(workdir / "profile"))
-                profiling = True
+            trace.before_step(step, state)
             host = next(batches)
             budget.update(host["skipped"], host["num_samples"])
             tokens += float(np.count_nonzero(host["segment_ids"])) * jax.process_count()
@@ -368,9 +424,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             state, metrics = train_step(state, loader.global_batch(host, mesh))
             pending.append(metrics)
             done = step + 1
-            if profiling and done >= start + 2 + profile_steps:
-                jax.profiler.stop_trace()
-                profiling = False
+            if trace.after_step(done, state):
                 monitor.message(f"profile of {profile_steps} steps in {workdir / 'profile'}")
             if done % config.train.log_every == 0 or done == total or done == start + 1:
                 fetched = jax.device_get(pending)
@@ -402,8 +456,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             ckpt.save(total, state, batches, meta(), force=True)
             ckpt.wait()
     finally:
-        if profiling:
-            jax.profiler.stop_trace()
+        trace.close()
         preemption.close()
         ckpt.close()
         monitor.close()
