@@ -194,6 +194,10 @@ def test_cross_site_requests_are_refused(serve):
                     {**json_headers, "Host": "localhost"}):  # fmt: skip
         status, _, answer = _request(url, "POST", path, body, headers)
         assert status == 200, (headers, answer)
+    with _connect(url) as s:  # HTTP/1.0 without Host: not a browser
+        s.sendall(b"POST %s HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d"
+                  b"\r\n\r\n%s" % (path.encode(), len(body), body))  # fmt: skip
+        assert _closed_within(s, 60).startswith(b"HTTP/1.1 200")
 
 
 def test_page_security_headers(serve):

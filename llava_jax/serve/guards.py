@@ -5,7 +5,8 @@ Any web page a user visits can POST to a server on their machine: a "simple" req
 though the page cannot read the answer; and with DNS rebinding (the page's own name re-pointed
 at 127.0.0.1) it can read it too. So every request passes `Guard`:
 
-- `Host` must be an IP address, `localhost`, or one of `allowed_hosts` (a rebound name is not);
+- `Host`, when sent, must be an IP address, `localhost`, or one of `allowed_hosts` (a
+  rebound name is not);
 - `Origin`, when a browser sends one, must be the server's own (its `Host`) or one of
   `allowed_origins`;
 - a POST body must be `application/json`, which a foreign page can only send after a CORS
@@ -55,8 +56,9 @@ def refusal(method: str, headers: Headers, cfg: ServeConfig) -> APIError | None:
     """Why a request may not be served, or None."""
     host = headers.get("host", "")
     name = _hostname(host).lower()
-    if not (name == "localhost" or _is_address(name) or name in cfg.allowed_hosts
-            or "*" in cfg.allowed_hosts):  # fmt: skip
+    # No Host at all is an HTTP/1.0 client, not a browser (browsers always send one).
+    if host and not (name == "localhost" or _is_address(name) or name in cfg.allowed_hosts
+                     or "*" in cfg.allowed_hosts):  # fmt: skip
         return APIError(400, f"Host {host[:100]!r} is not served here (an IP address, localhost "
                         "or --allowed-hosts)", "host_not_allowed")  # fmt: skip
     origin = headers.get("origin")
