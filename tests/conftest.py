@@ -43,7 +43,7 @@ def serve(pipeline):
         key = tuple(sorted(overrides.items()))
         if key not in servers:
             cfg = ServeConfig(model_name=MODEL, **overrides)
-            servers[key] = LiveServer(create_app(pipeline, cfg))
+            servers[key] = LiveServer(create_app(pipeline, cfg), cfg)
             APPS[servers[key].url] = servers[key].app
         return servers[key].url
 

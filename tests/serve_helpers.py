@@ -53,10 +53,12 @@ def data_url(data: bytes, kind: str = "png") -> str:
 class LiveServer:
     """Runs an ASGI app with uvicorn in a thread on a free port of 127.0.0.1."""
 
-    def __init__(self, app):
+    def __init__(self, app, cfg=None):
+        from llava_jax.serve import ServeConfig
+        from llava_jax.serve.http import uvicorn_config
+
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, cfg or ServeConfig(), "127.0.0.1", 0))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -81,6 +83,7 @@ QUESTIONS = ["What is in the picture?", "Describe the image.", "What colour is i
              "Where was this taken?", "How many things are there?", "Describe it.",
              "What is it?", "How many?"]  # fmt: skip
 
+JSON = {"Content-Type": "application/json"}
 APPS = {}  # url -> the app behind it, filled by the `serve` fixture (tests/conftest.py)
 
 

@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 from serve_helpers import (
+    JSON,
     MODEL,
     NEW,
     QUESTIONS,
@@ -72,7 +73,7 @@ def test_openai_client_streams(serve, pipeline):
 def test_sse_wire_format(serve):
     body = {"model": MODEL, "messages": [user(QUESTIONS[2])], "max_tokens": NEW, "stream": True}
     request = urllib.request.Request(serve() + "/v1/chat/completions",
-                                     data=json.dumps(body).encode())  # fmt: skip
+                                     data=json.dumps(body).encode(), headers=JSON)  # fmt: skip
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
@@ -280,11 +281,12 @@ def _with_url(url: str) -> dict:
 
 
 def test_remote_images_when_allowed(serve, pipeline, image_host):
+    url = serve(allow_remote_images=True, fetch_networks=("127.0.0.1/32",))  # loopback: opted in
     want, *_ = reference(pipeline, QUESTIONS[0], seed=5)
-    status, answer = post(serve(allow_remote_images=True), _with_url(image_host + "/cat.png"))
+    status, answer = post(url, _with_url(image_host + "/cat.png"))
     assert status == 200, answer
     assert answer["choices"][0]["message"]["content"] == want
-    status, answer = post(serve(allow_remote_images=True), _with_url(image_host + "/dog.png"))
+    status, answer = post(url, _with_url(image_host + "/dog.png"))
     assert status == 400 and answer["error"]["code"] == "image_fetch_failed"
 
 

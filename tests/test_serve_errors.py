@@ -13,6 +13,7 @@ import openai
 import pytest
 from PIL import Image
 from serve_helpers import (
+    JSON,
     MODEL,
     NEW,
     QUESTIONS,
@@ -242,7 +243,7 @@ def test_full_queue_over_http(serve):
         assert status == 429 and answer["error"]["code"] == "queue_full", answer
         with pytest.raises(openai.RateLimitError):
             client(url).chat.completions.create(model=MODEL, messages=[user(QUESTIONS[0])])
-        request = urllib.request.Request(url + "/v1/chat/completions", data=b"{}")
+        request = urllib.request.Request(url + "/v1/chat/completions", data=b"{}", headers=JSON)
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request)
         assert e.value.headers["Retry-After"] == "1"
@@ -270,7 +271,7 @@ def test_non_streaming_client_leaving_stops_its_row(serve):
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
             b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
         )
         wait_for(lambda: scheduler.stats["running"])  # generating
@@ -281,7 +282,9 @@ def test_non_streaming_client_leaving_stops_its_row(serve):
 def test_client_leaving_mid_stream(serve, pipeline):
     url = serve()
     body = {"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 200, "stream": True}
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode())
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", data=json.dumps(body).encode(), headers=JSON
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.readline().startswith(b"data: ")
     want, *_ = reference(pipeline, QUESTIONS[0])

@@ -41,8 +41,26 @@ def add_parser(subparsers) -> None:
                         help="largest image, width x height (default 4096x4096)")  # fmt: skip
     parser.add_argument("--max-images", type=int, default=8, metavar="N",
                         help="most images in one request (default 8)")  # fmt: skip
+    parser.add_argument("--image-memory-mb", type=float, default=1024.0, metavar="MB",
+                        help="decoded images of all requests being prepared stay within this; "
+                        "8 bytes a pixel (default 1024: 8 images of 4096x4096)")  # fmt: skip
     parser.add_argument("--allow-remote-images", action="store_true",
-                        help="fetch http(s) image URLs (default: refused)")  # fmt: skip
+                        help="fetch http(s) image URLs from public addresses (default: "
+                        "refused)")  # fmt: skip
+    parser.add_argument("--fetch-network", action="append", default=[], metavar="CIDR",
+                        help="with --allow-remote-images, also fetch from this network "
+                        "(e.g. 10.0.0.0/8; repeatable)")  # fmt: skip
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host name clients may use besides IP addresses and localhost "
+                        "(repeatable; * for any)")  # fmt: skip
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web origin (https://app.example) whose pages may call the API "
+                        "(repeatable; * for any)")  # fmt: skip
+    parser.add_argument("--read-timeout", type=float, default=60.0, metavar="S",
+                        help="a request's body must arrive within this (default 60)")  # fmt: skip
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                        help="a request's headers must arrive within this "
+                        "(default 10)")  # fmt: skip
     parser.add_argument("--local-image-dir", type=local_path, metavar="DIR",
                         help="allow file:// image URLs, read from under DIR only "
                         "(default: refused)")  # fmt: skip
@@ -69,18 +87,47 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def base_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    from llava_jax.serve.config import check_api_key
+
+    where, key = ("--api-key", args.api_key) if args.api_key is not None else (
+        f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))  # fmt: skip
+    if key is not None:
+        try:
+            check_api_key(key)
+        except ValueError as e:
+            raise CommandError(f"{where}: {e}") from None
+    return key
+
+
 def config_from_args(args: argparse.Namespace):
     from llava_jax.serve.config import ServeConfig
 
     if args.local_image_dir is not None and not args.local_image_dir.is_dir():
         raise CommandError(f"--local-image-dir {args.local_image_dir}: not a directory")
+    for cidr in args.fetch_network:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise CommandError(f"--fetch-network {cidr}: not a network (CIDR)") from None
     return ServeConfig(
         model_name=args.model_name or args.model.resolve().name,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=_api_key(args),
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,
         max_images=args.max_images,
+        image_memory_bytes=int(args.image_memory_mb * 1024 * 1024),
         allow_remote_images=args.allow_remote_images,
+        fetch_networks=tuple(args.fetch_network),
+        allowed_hosts=tuple(h.lower() for h in args.allowed_host),
+        allowed_origins=tuple(args.allowed_origin),
+        header_timeout_s=args.header_timeout,
+        read_timeout_s=args.read_timeout,
         local_image_dir=args.local_image_dir,
         default_max_tokens=args.max_tokens,
         default_temperature=args.temperature,
@@ -91,7 +138,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)  # bad flags fail before anything heavy loads
+    try:
+        cfg = config_from_args(args)  # bad flags fail before anything heavy loads
+    except ValueError as e:  # a limit ServeConfig refuses
+        raise CommandError(str(e)) from None
     if args.template is not None:
         from llava_jax.data.templates import get_template
 
@@ -100,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from llava_jax.serve.app import create_app
+        from llava_jax.serve.http import uvicorn_config
     except ImportError as e:
         raise CommandError(
             f"serving needs the serve extra: pip install 'llava-jax[serve]' ({e})"
@@ -113,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
     pipeline = Pipeline.load(args.model, template=args.template, echo=echo, **overrides)
     app = create_app(pipeline, cfg)
-    print(f"serving {cfg.model_name!r} on http://{args.host}:{args.port}/ (chat page) and "
-          f"http://{args.host}:{args.port}/v1 (OpenAI API)", file=sys.stderr)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    url = base_url(args.host, args.port)
+    print(f"serving {cfg.model_name!r} on {url}/ (chat page) and {url}/v1 (OpenAI API)",
+          file=sys.stderr)  # fmt: skip
+    uvicorn.Server(uvicorn_config(app, cfg, args.host, args.port)).run()
     return 0

@@ -2,8 +2,11 @@
 
 `create_app(pipeline, ServeConfig(...))` builds the FastAPI app; `llava_jax.cli.serve` runs it
 with uvicorn. Modules: `config` (limits and defaults, as data), `errors` (OpenAI-style JSON
-errors), `request` (parsing and validating a chat request, fetching its images), `scheduler`
-(the thread that batches requests into the jitted generator), `app` (routes, SSE).
+errors), `guards` (Host, Origin and content-type checks; the page's security headers),
+`request` (parsing and validating a chat request), `images` (reading and decoding its images
+within a memory budget), `fetch` (remote images, guarded), `scheduler` (the thread that
+batches requests into the jitted generator), `app` (routes, SSE), `http` (uvicorn with a
+deadline on request headers).
 """
 
 from llava_jax.serve.config import ServeConfig

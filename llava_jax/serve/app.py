@@ -1,10 +1,12 @@
 """The FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and the chat
 page at `/`.
 
-A request is read (within the body limit), validated (`request.py`), its images decoded and
-its prompt built in a worker thread, then queued for the scheduler thread. The answer comes
-back through an asyncio queue fed from the scheduler with `call_soon_threadsafe`: streamed as
-server-sent events in OpenAI's chunk format, or gathered into one response.
+A request passes the browser guards (`guards.py`) and the API key, its body is read (within
+the body limit and the read deadline), then in a worker thread it is parsed and validated
+(`request.py`), its images read and decoded within the image memory (`images.py`) and its
+prompt built; then it is queued for the scheduler thread. The answer comes back through an
+asyncio queue fed from the scheduler with `call_soon_threadsafe`: streamed as server-sent
+events in OpenAI's chunk format, or gathered into one response.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import functools
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -29,31 +32,47 @@ from starlette.exceptions import HTTPException
 from llava_jax.generate import Prompt
 from llava_jax.serve.config import ServeConfig
 from llava_jax.serve.errors import APIError, invalid
-from llava_jax.serve.request import ChatRequest, load_images, parse_chat_request
+from llava_jax.serve.fetch import Fetcher
+from llava_jax.serve.guards import Guard
+from llava_jax.serve.images import ImageMemory, decode_cost, decode_images, read_images
+from llava_jax.serve.request import ChatRequest, parse_chat_request
 from llava_jax.serve.scheduler import Event, Job, QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 DRAIN_BYTES = 64 * 1024 * 1024  # read this much of an oversized body, so the 413 arrives
-DISCONNECT_POLL_S = 0.05  # a non-streaming request checks this often whether its client left
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, whole within `timeout_s` (408 otherwise) and within `limit` bytes (413)."""
     declared = request.headers.get("content-length", "")
     too_big = APIError(413, f"the request body is over {limit} bytes (the server's "
                        "--max-body-mb)", "request_too_large")  # fmt: skip
     if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit + DRAIN_BYTES:
-            break
-        if size <= limit:
-            chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):  # a client trickling its body holds nothing long
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit + DRAIN_BYTES:
+                    break
+                if size <= limit:
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s (the "
+                       "server's --read-timeout)", "request_timeout") from None  # fmt: skip
     if size > limit:
         raise too_big
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(body)
+    except RecursionError:
+        raise invalid("the request body's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise invalid(f"the request body is not valid JSON: {e}") from None
 
@@ -72,6 +91,8 @@ def _check_key(request: Request, api_key: str | None) -> None:
 
 def _error_response(e: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    if e.status == 408:  # the rest of the body may still come: the connection cannot be reused
+        headers = {"Connection": "close"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -79,14 +100,12 @@ def _busy(e: QueueFull) -> APIError:
     return APIError(429, f"the server is busy ({e}); retry shortly", "queue_full")
 
 
-async def _next_event(events: asyncio.Queue, request: Request) -> Event | None:
-    """The request's next event, or None once its client has disconnected."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                return None
+async def _post_on_disconnect(request: Request, events: asyncio.Queue) -> None:
+    """Puts None on `events` when the client disconnects (its body has been read, so the
+    next ASGI message is the disconnect), however fast tokens are flowing."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(None)
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -130,17 +149,34 @@ class _Server:
         # Tokenizing and preprocessing run in worker threads; the tokenizer is not meant to be
         # shared across threads, so prompts are built one at a time.
         self._prompt_lock = threading.Lock()
+        # A token spells at most this many characters of text, so a prompt of more than
+        # context * max_token_chars characters is over the context before it is tokenized.
+        self.max_token_chars = max(map(len, pipeline.tokenizer.get_vocab()))
+        self.image_memory = ImageMemory(cfg.image_memory_bytes)
+        self.fetcher = Fetcher(cfg)
         self.started = int(time.time())
         self._mailbox: _Mailbox | None = None
 
-    def prepare(self, chat: ChatRequest) -> Job:
-        """Images decoded, prompt built and checked against the context (blocking)."""
-        images = load_images(chat.images, self.cfg)
-        try:
-            with self._prompt_lock:
-                prompt: Prompt = self.pipeline.prompt(list(chat.messages), images)
-        except ValueError as e:  # PromptError, placeholders, an image the processor refuses
-            raise invalid(str(e), "messages") from None
+    def prepare(self, body: bytes) -> tuple[ChatRequest, Job]:
+        """The body parsed and validated, images decoded, prompt built and checked against
+        the context (blocking: run off the event loop)."""
+        chat = parse_chat_request(_parse_json(body), self.cfg)
+        chars = sum(len(m["content"]) for m in chat.messages)
+        if chars > self.context * self.max_token_chars:  # refused before tokenizing
+            raise invalid(f"This model's maximum context length is {self.context} tokens; the "
+                          f"messages hold {chars} characters, more than that many tokens can "
+                          f"(at most {self.max_token_chars} characters each)", "messages",
+                          "context_length_exceeded")  # fmt: skip
+        files = read_images(chat.images, self.cfg, self.fetcher)
+        with self.image_memory.reserve(sum(decode_cost(f, self.cfg) for f in files)):
+            images = decode_images(files, self.cfg)
+            del files
+            try:
+                with self._prompt_lock:
+                    prompt: Prompt = self.pipeline.prompt(list(chat.messages), images)
+            except ValueError as e:  # PromptError, placeholders, an image the processor refuses
+                raise invalid(str(e), "messages") from None
+            del images  # the prompt holds the processor's pixels; the decoded images go
         n = len(prompt.input_ids)
         room = self.context - n
         if room < 1 or (chat.max_tokens is not None and chat.max_tokens > room):
@@ -158,11 +194,10 @@ class _Server:
         except ValueError as e:
             raise invalid(str(e)) from None
         stop = tuple(dict.fromkeys(chat.stop + sampling.stop_strings))
-        return Job(prompt, sampling, stop, sink=_no_sink)
+        return chat, Job(prompt, sampling, stop, sink=_no_sink)
 
-    async def submit(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue[Event]]:
-        """Prepares and queues a request; its events arrive on the returned queue."""
-        job = await run_in_threadpool(self.prepare, chat)
+    def submit(self, job: Job) -> asyncio.Queue[Event]:
+        """Queues a prepared job (on the event loop); its events arrive on the returned queue."""
         if self._mailbox is None:
             self._mailbox = _Mailbox(asyncio.get_running_loop())
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -171,7 +206,7 @@ class _Server:
             self.scheduler.submit(job)
         except QueueFull as e:
             raise _busy(e) from None
-        return job, events
+        return events
 
     async def respond(self, request: Request, chat: ChatRequest, job: Job,
                       events: asyncio.Queue[Event]):  # fmt: skip
@@ -190,10 +225,12 @@ class _Server:
     async def _gather(self, request, job, events, meta, usage) -> JSONResponse | None:
         """The whole answer as one response; the row stops as soon as the client leaves."""
         texts = []
+        watch = asyncio.create_task(_post_on_disconnect(request, events))
         try:
-            while (event := await _next_event(events, request)) and event.kind == "delta":
+            while (event := await events.get()) and event.kind == "delta":
                 texts.append(event.text)
         finally:
+            watch.cancel()
             job.cancelled.set()  # no-op when done; stops the row if the client left
         if event is None:
             return None  # nobody to answer
@@ -252,6 +289,7 @@ def create_app(pipeline, cfg: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="llava-jax", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)  # fmt: skip
     app.state.server = server
+    app.add_middleware(Guard, cfg=cfg)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -264,19 +302,24 @@ def create_app(pipeline, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
+        # The cause goes to the log, not to the client (it may name files or other services).
+        log.error("internal error on %s", request.url.path, exc_info=e)
+        return _error_response(APIError(500, "internal error (see the server's log)",
                                         "internal_error"))  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(request, cfg.api_key)
-        try:
-            arriving = server.scheduler.arriving()  # counts against the queue bound
+        if server.scheduler.full:  # a flood is refused before its bodies are read
+            raise _busy(QueueFull(f"{cfg.max_queue} requests are waiting already"))
+        body = await _read_body(request, cfg.max_body_bytes, cfg.read_timeout_s)
+        try:  # a place in the queue only once the body is here: slow uploads hold none
+            arriving = server.scheduler.arriving()
         except QueueFull as e:
             raise _busy(e) from None
         with arriving:
-            chat = parse_chat_request(await _read_json(request, cfg.max_body_bytes), cfg)
-            job, events = await server.submit(chat)
+            chat, job = await run_in_threadpool(server.prepare, body)
+            events = server.submit(job)
         return await server.respond(request, chat, job, events)
 
     @app.get("/v1/models")

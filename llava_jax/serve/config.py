@@ -12,24 +12,36 @@ class ServeConfig:
 
     Attributes:
       model_name: the id clients pass as `model` and `/v1/models` lists.
-      api_key: when set, `/v1/*` requires `Authorization: Bearer <api_key>`.
+      api_key: when set, `/v1/*` requires `Authorization: Bearer <api_key>`; printable ASCII
+        without surrounding spaces (any other key could never match what clients send).
       max_body_bytes: largest request body accepted (base64 images included).
       max_image_pixels: largest image (width * height) accepted, checked before decoding.
       max_images: most images in one request (all messages together).
+      image_memory_bytes: decoded images of all requests being prepared together stay within
+        this; a request whose images do not fit now gets 429 before they are decoded.
       allow_remote_images: fetch `http(s)://` image URLs (off: refused with 400).
+      fetch_networks: networks (CIDR) remote images may also come from; by default only
+        public addresses are fetched from (no private, loopback or link-local ones).
+      max_fetches: most remote images fetched at once (server-wide).
+      fetch_timeout_s: the whole fetch of one remote image, redirects included.
       local_image_dir: `file://` URLs and paths are read only from under this directory
         (None: refused with 400).
+      allowed_hosts: `Host` names accepted besides IP addresses and `localhost` (a defence
+        against DNS rebinding); `*` accepts any.
+      allowed_origins: browser `Origin`s (`https://app.example`) that may call the API besides
+        the server's own page; `*` allows any.
+      header_timeout_s: a connection must send a request's headers within this.
+      read_timeout_s: a request's whole body must arrive within this (408 otherwise).
       default_max_tokens: answer length when a request gives no `max_tokens` (capped to what
         the context leaves).
       default_temperature: when a request gives none; 0 is greedy decoding.
       max_batch: most requests decoded together in one batch.
-      max_queue: most requests waiting for a batch or still being read and prepared; more
-        get 429 (before their bodies are read).
+      max_queue: most requests waiting for a batch or being prepared; more get 429 (a
+        request takes its place once its body has arrived, so slow uploads hold none).
       batch_wait_s: at most this long, an idle scheduler given a request waits for the others
-        the server is reading or preparing, so that they share its batch.
+        the server is preparing, so that they share its batch.
       batch_window_s: an idle scheduler given a request always waits this long for others
         (a fixed batching window; at most batch_wait_s).
-      fetch_timeout_s: timeout for fetching a remote image.
     """
 
     model_name: str = "llava-jax"
@@ -37,20 +49,44 @@ class ServeConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8
+    image_memory_bytes: int = 1024 * 1024 * 1024
     allow_remote_images: bool = False
+    fetch_networks: tuple[str, ...] = ()
+    max_fetches: int = 4
+    fetch_timeout_s: float = 10.0
     local_image_dir: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
     default_max_tokens: int = 256
     default_temperature: float = 0.0
     max_batch: int = 8
     max_queue: int = 64
     batch_wait_s: float = 0.05
     batch_window_s: float = 0.0
-    fetch_timeout_s: float = 10.0
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_image_pixels", "max_images", "default_max_tokens",
-                     "max_batch", "max_queue"):  # fmt: skip
+        for name in ("max_body_bytes", "max_image_pixels", "max_images", "image_memory_bytes",
+                     "max_fetches", "default_max_tokens", "max_batch", "max_queue"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.batch_window_s <= self.batch_wait_s or self.fetch_timeout_s <= 0:
-            raise ValueError("need 0 <= batch_window_s <= batch_wait_s and fetch_timeout_s > 0")
+        for name in ("fetch_timeout_s", "header_timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.batch_window_s <= self.batch_wait_s:
+            raise ValueError("need 0 <= batch_window_s <= batch_wait_s")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
+
+
+def check_api_key(key: str) -> None:
+    """Raises ValueError for a key no client could send back: empty (which would turn
+    authentication off), with surrounding spaces (HTTP strips them), or not printable ASCII
+    (headers are Latin-1 at best)."""
+    if not key:
+        raise ValueError("the API key is empty; give a key, or none to serve without one")
+    if key != key.strip():
+        raise ValueError("the API key has surrounding spaces, which clients cannot send")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError("the API key must be printable ASCII (clients send it in a header)")

@@ -2,32 +2,25 @@
 
 `parse_chat_request(body, cfg)` checks every field the server reads and turns the messages'
 content parts into template messages with `<image>` placeholders, where the image parts were,
-plus the list of image sources in order. `load_images` then reads each source (a base64 data
-URL; a remote URL or a local file only where the config allows) into a PIL image. Every
-problem raises `APIError` with a one-line message naming the field.
+plus the list of image sources in order (read and decoded by `images.py`). Every problem
+raises `APIError` with a one-line message naming the field.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import math
-import urllib.error
-import urllib.parse
-import urllib.request
-from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from llava_jax.data.image_processing import ImageError, load_image
 from llava_jax.serve.config import ServeConfig
 from llava_jax.serve.errors import APIError, invalid
 
 PLACEHOLDERS = ("<image>", "<video>")
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4  # as OpenAI
+# Answer text is held back while it could begin a stop string: a long one would turn a
+# stream into one chunk at its end.
+MAX_STOP_CHARS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +135,12 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
     stop = (stop,) if isinstance(stop, str) else stop
     if stop is None:
         stop = ()
-    if (not isinstance(stop, list | tuple) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stop)):  # fmt: skip
-        raise invalid(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS}",
-                      "stop")  # fmt: skip
+    fits = lambda s: isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS  # noqa: E731
+    if not isinstance(stop, list | tuple) or len(stop) > MAX_STOP_STRINGS:
+        stop = [None]
+    if not all(map(fits, stop)):
+        raise invalid(f"stop must be a string or a list of up to {MAX_STOP_STRINGS}, each of 1 "
+                      f"to {MAX_STOP_CHARS} characters", "stop")  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("stream must be true or false", "stream")
@@ -169,79 +164,3 @@ def parse_chat_request(body: Any, cfg: ServeConfig) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
     )
-
-
-# -- images -----------------------------------------------------------------------------------
-
-
-def _data_url(url: str) -> bytes:
-    head, sep, payload = url.partition(",")
-    if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
-        raise invalid("an image data URL must look like data:image/<format>;base64,<data>",
-                      "image_url", "invalid_image_url")  # fmt: skip
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid("an image data URL holds invalid base64", "image_url",
-                      "invalid_image_url") from None  # fmt: skip
-
-
-def _fetch(url: str, cfg: ServeConfig) -> bytes:
-    if not cfg.allow_remote_images:
-        raise invalid("remote image URLs are refused by this server (start it with "
-                      "--allow-remote-images); send the image as a base64 data URL",
-                      "image_url", "remote_images_disabled")  # fmt: skip
-    try:
-        with urllib.request.urlopen(url, timeout=cfg.fetch_timeout_s) as response:  # noqa: S310
-            data = response.read(cfg.max_body_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise invalid(f"cannot fetch image {url}: {e}", "image_url", "image_fetch_failed") from None
-    if len(data) > cfg.max_body_bytes:
-        raise APIError(413, f"image {url} is over {cfg.max_body_bytes} bytes", "image_too_large",
-                       "image_url")  # fmt: skip
-    return data
-
-
-def _local(url: str, cfg: ServeConfig) -> bytes:
-    if cfg.local_image_dir is None:
-        raise invalid("local image files are refused by this server (start it with "
-                      "--local-image-dir DIR); send the image as a base64 data URL",
-                      "image_url", "local_images_disabled")  # fmt: skip
-    path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file:") else url
-    root = Path(cfg.local_image_dir).resolve()
-    target = (root / path).resolve()  # an absolute path stays itself; `..` is resolved away
-    if not target.is_relative_to(root):
-        raise invalid(f"{path}: outside the directory images may be read from",
-                      "image_url", "local_image_refused")  # fmt: skip
-    try:
-        if target.stat().st_size > cfg.max_body_bytes:
-            raise APIError(413, f"{path}: over {cfg.max_body_bytes} bytes", "image_too_large",
-                           "image_url")  # fmt: skip
-        return target.read_bytes()
-    except OSError as e:
-        raise invalid(f"{path}: cannot read the file ({e.strerror})", "image_url",
-                      "image_not_found") from None  # fmt: skip
-
-
-def load_images(urls: tuple[str, ...], cfg: ServeConfig) -> list[Image.Image]:
-    """Reads and decodes every image (blocking: run off the event loop)."""
-    images = []
-    for k, url in enumerate(urls):
-        scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
-        if scheme == "data":
-            data = _data_url(url)
-        elif scheme in ("http", "https"):
-            data = _fetch(url, cfg)
-        elif scheme in ("file", ""):
-            data = _local(url, cfg)
-        else:
-            raise invalid(f"image URL scheme {scheme!r} is not supported (data, http, https)",
-                          "image_url", "invalid_image_url")  # fmt: skip
-        try:
-            images.append(load_image(data, max_pixels=cfg.max_image_pixels))
-        except ImageError as e:
-            oversized = "decompression bomb" in str(e)
-            code = "image_too_large" if oversized else "invalid_image"
-            message = str(e).replace("<bytes>", f"image {k + 1}", 1)
-            raise invalid(message, "image_url", code) from None
-    return images

@@ -155,10 +155,9 @@ class Scheduler:
     # -- the caller's side -------------------------------------------------------------------
 
     def arriving(self) -> contextlib.AbstractContextManager:
-        """Marks a request being read and prepared: it counts against `max_queue` from now
-        on (so a flood of large requests is refused before their bodies are read and their
-        images decoded), and an idle scheduler waits for it (up to `batch_wait_s`) so that it
-        joins the batch about to start.
+        """Marks a request being prepared (its body read, its images not yet decoded): it
+        counts against `max_queue` from now on, and an idle scheduler waits for it (up to
+        `batch_wait_s`) so that it joins the batch about to start.
 
         Raises:
           QueueFull: `max_queue` requests are waiting or arriving already.
@@ -188,6 +187,11 @@ class Scheduler:
                 raise QueueFull(f"{len(self._pending)} requests are waiting already")
             self._pending.append(job)
             self._cond.notify()
+
+    @property
+    def full(self) -> bool:
+        """Whether `arriving` would raise `QueueFull` now."""
+        return self._arriving + len(self._pending) >= self.max_queue
 
     @property
     def queued(self) -> int:
