@@ -12,8 +12,11 @@ and `tokenizer_image_token` ids.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import hf_tiny
@@ -428,3 +431,37 @@ def test_missing_image_token_is_added_after_the_vocabulary(tmp_path):
     assert add_media_tokens(tokenizer, Family.LLAVA_ONEVISION) == (6, 7)
     assert tokenizer.convert_ids_to_tokens([6, 7]) == ["<image>", "<video>"]
     assert add_media_tokens(tokenizer, Family.LLAVA) == (6, None)  # found, not added twice
+
+
+def test_image_token_after_the_vocabulary(converted):
+    """LLaVA-1.5's `<image>` is added at id 32000, one past its 32000 embeddings: the id is
+    never embedded (its features replace it), so the model generates as with an in-vocab id."""
+    c = converted("llava15")
+    pipe = Pipeline.load(c.jax, echo=lambda _: None)
+    image = Image.fromarray(np.random.RandomState(1).randint(0, 255, (42, 42, 3), np.uint8))
+    prompt = pipe.prompt([{"role": "user", "content": "<image>\nWhat?"}], [image])
+    vocab = pipe.cfg.text.vocab_size
+    moved = load_model(c.jax, image_token_id=vocab)
+    ids = np.where(prompt.input_ids == pipe.cfg.image_token_id, vocab, prompt.input_ids)
+    sampling = SamplingConfig(max_new_tokens=6, stop_token_ids=(2,))
+    want = pipe.generator.generate([prompt], sampling)[0].token_ids
+    got = Generator(moved).generate([dataclasses.replace(prompt, input_ids=ids)], sampling)
+    assert got[0].token_ids == want
+
+
+def test_cli(converted, tmp_path):
+    """`convert hf-to-jax --vision --conv-mode`, then `jax-to-hf` saying what transformers
+    will not reproduce."""
+    c = converted("llava15")
+    out = tmp_path / "jax"
+    run = [sys.executable, "-m", "llava_jax.cli.main", "convert"]
+    proc = subprocess.run([*run, "hf-to-jax", "--hf", c.src, "--vision", c.vision,
+                           "--conv-mode", "vicuna_v1", "--out", out],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "llava:" in proc.stdout
+    assert load_model(out).cfg.convention == Convention.ORIGINAL
+    proc = subprocess.run([*run, "jax-to-hf", "--ckpt", out, "--out", tmp_path / "hf"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "original-repository checkpoint" in proc.stderr

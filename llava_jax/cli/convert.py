@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -141,6 +142,13 @@ def run_jax_to_hf(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     _write_atomically(args.out, lambda tmp: convert_jax_to_hf(args.ckpt, tmp, max_shard_size))
     _report(cfg.family, args.ckpt, args.out, time.perf_counter() - start)
+    if cfg.convention == "original":
+        print(
+            "note: this model was converted from an original-repository checkpoint; "
+            "transformers runs the export with its own AnyRes rounding and prompt "
+            "tokenization, not the original's (docs/conversion.md)",
+            file=sys.stderr,
+        )
     return 0
 
 
