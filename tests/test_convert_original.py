@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import hf_tiny
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 
 from llava_jax.checkpoint import load_model, load_params
+from llava_jax.cli.main import main
 from llava_jax.config import Convention, Family, LlavaConfig
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
 from llava_jax.convert.original_config import from_original_config, grid_pinpoints
@@ -243,7 +243,11 @@ def test_config_keeps_the_original_conventions(converted, name):
     )
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Mistral's generation differs from Vicuna's only in the decoder, which test_generate covers.
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n == "next_mistral" else n for n in CASES],
+)
 def test_generates_like_the_hf_route(converted, name):
     """The converted pipeline tokenizes as `tokenizer_image_token`; on the same prompt both
     models generate the same tokens."""
@@ -449,19 +453,47 @@ def test_image_token_after_the_vocabulary(converted):
     assert got[0].token_ids == want
 
 
-def test_cli(converted, tmp_path):
+def test_cli(converted, tmp_path, capsys):
     """`convert hf-to-jax --vision --conv-mode`, then `jax-to-hf` saying what transformers
     will not reproduce."""
     c = converted("llava15")
     out = tmp_path / "jax"
-    run = [sys.executable, "-m", "llava_jax.cli.main", "convert"]
-    proc = subprocess.run([*run, "hf-to-jax", "--hf", c.src, "--vision", c.vision,
-                           "--conv-mode", "vicuna_v1", "--out", out],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "llava:" in proc.stdout
+    code = main(["convert", "hf-to-jax", "--hf", str(c.src), "--vision", str(c.vision),
+                 "--conv-mode", "vicuna_v1", "--out", str(out)])  # fmt: skip
+    assert code == 0 and "llava:" in capsys.readouterr().out
     assert load_model(out).cfg.convention == Convention.ORIGINAL
-    proc = subprocess.run([*run, "jax-to-hf", "--ckpt", out, "--out", tmp_path / "hf"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "original-repository checkpoint" in proc.stderr
+    assert main(["convert", "jax-to-hf", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
+    assert "original-repository checkpoint" in capsys.readouterr().err
+    code = main(["convert", "hf-to-jax", "--hf", str(c.src), "--vision", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code != 0 and "--vision" in capsys.readouterr().err
+
+
+def test_siglip_tower_from_vision_dir(converted, tmp_path):
+    """A OneVision checkpoint without its tower takes it from --vision as LLaVA-NeXT loads it:
+    the hub model's last layer and pooling head are not read."""
+    import transformers
+
+    c = converted("onevision")
+    tower = c.model.model.vision_tower
+    config = transformers.SiglipVisionConfig(**{**tower.config.to_dict(), "vision_use_head": True})
+    config.num_hidden_layers += 1
+    hub = transformers.SiglipVisionModel(config)
+    missing = hub.load_state_dict(tower.state_dict(), strict=False).missing_keys
+    assert missing and all(re.search(r"(^|\.)(layers\.3|head)\.", k) for k in missing), missing
+    hub.save_pretrained(tmp_path / "tower")
+
+    src = tmp_path / "orig"
+    src.mkdir()
+    for path in c.src.iterdir():  # config and tokenizer
+        if ".safetensors" not in path.name:
+            shutil.copy2(path, src / path.name)
+    with CheckpointWriter(src) as writer:
+        for key, value in c.model.state_dict().items():
+            if ".vision_tower." not in key and key != "lm_head.weight":  # tied
+                writer.add(original_key(key), value.detach().numpy())
+    convert_hf_to_jax(src, tmp_path / "jax", vision_dir=tmp_path / "tower", conv_mode="qwen_1_5")
+    got, want = load_params(tmp_path / "jax"), load_params(c.hf_jax)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        assert np.asarray(got[path]).tobytes() == np.asarray(want[path]).tobytes(), path

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from llava_jax.checkpoint import save_model_dir
 from llava_jax.config import Family, LlavaConfig, VisionKind
 from llava_jax.convert.original_config import family_of, from_original_config, tower_kind
@@ -99,7 +101,7 @@ def convert_original_to_jax(
     out_dir: str | os.PathLike,
     vision_dir: str | os.PathLike | None = None,
     conv_mode: str | None = None,
-    dtype=None,
+    dtype: np.dtype | None = None,
     allow_pickle: bool = False,
 ) -> LlavaConfig:
     """Converts a haotian-liu/LLaVA or LLaVA-VL/LLaVA-NeXT checkpoint directory.
@@ -115,7 +117,7 @@ def convert_original_to_jax(
     Returns:
       The model config written.
     """
-    from llava_jax.convert.hf_to_jax import hf_to_params
+    from llava_jax.convert.hf_to_jax import hf_to_params  # which dispatches here
 
     src = Path(src_dir)
     raw = read_json(src / "config.json", "a model directory")
