@@ -293,6 +293,30 @@ def test_released_next_config_gets_the_original_token_counts():
     assert num_tokens(hf, Media.image(1128, 47)) == 936
 
 
+def test_released_llava15_config():
+    """liuhaotian/llava-v1.5-7b's config.json (hub): no merge type (flat), pad."""
+    raw = {
+        "_name_or_path": "./checkpoints/vicuna-7b-v1-5", "architectures": ["LlavaLlamaForCausalLM"],
+        "bos_token_id": 1, "eos_token_id": 2, "freeze_mm_mlp_adapter": False,
+        "hidden_act": "silu", "hidden_size": 4096, "image_aspect_ratio": "pad",
+        "initializer_range": 0.02, "intermediate_size": 11008, "max_length": 4096,
+        "max_position_embeddings": 4096, "mm_hidden_size": 1024,
+        "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "model_type": "llava", "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "transformers_version": "4.31.0", "tune_mm_mlp_adapter": False, "use_cache": True,
+        "use_mm_proj": True, "vocab_size": 32000,
+    }  # fmt: skip
+    cfg = from_original_config(raw, None, image_token_id=32000)
+    preset = LlavaConfig.llava15_7b()
+    text = dataclasses.replace(preset.text, vocab_size=32000, pad_token_id=0)
+    want = preset.replace(text=text, convention=Convention.ORIGINAL)
+    assert cfg.replace(hf_extra="{}") == want
+
+
 def test_released_onevision_config():
     ov = from_original_config(OV_7B, None, image_token_id=151646, video_token_id=151647)
     assert ov.family == Family.LLAVA_ONEVISION and ov.vision_aspect_ratio == "anyres_max_9"
