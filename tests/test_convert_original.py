@@ -373,8 +373,6 @@ def test_pipeline_uses_the_original_geometry(converted, tmp_path):
         ("mm_hidden_size", 1152, r"config\.mm_hidden_size=1152.*1024"),
         ("mm_vision_select_feature", "cls", r"config\.mm_vision_select_feature='cls'"),
         ("mm_resampler_type", "perceiver", r"config\.mm_resampler_type='perceiver'"),
-        ("mm_newline_position", "grid", r"config\.mm_newline_position='grid'"),
-        ("mm_spatial_pool_mode", "average", r"config\.mm_spatial_pool_mode='average'"),
         ("mm_something_new", 1, r"config\.mm_something_new=1: not understood"),
         ("image_grid_pinpoints", "garbage", r"config\.image_grid_pinpoints='garbage'"),
         ("image_grid_pinpoints", [[336, 0]], r"config\.image_grid_pinpoints=\[\[336, 0\]\]"),
@@ -386,6 +384,19 @@ def test_pipeline_uses_the_original_geometry(converted, tmp_path):
 def test_bad_config_is_refused_by_name(field, value, match):
     raw = {**NEXT_7B, field: value}
     one_line_error(ConfigError, match, from_original_config, raw, None, 32000)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("mm_newline_position", "grid"), ("mm_spatial_pool_mode", "average"),
+     ("mm_spatial_pool_stride", 3), ("add_faster_video", True)],
+)  # fmt: skip
+def test_video_layout_is_checked_for_onevision_only(field, value):
+    """Video pooling and newlines shape OneVision's video tokens; NeXT takes no video here."""
+    match = rf"config\.{field}={value!r}: video|config\.{field}=True: the faster"
+    one_line_error(ConfigError, match, from_original_config, {**OV_7B, field: value}, None,
+                   151646, 151647)  # fmt: skip
+    from_original_config({**NEXT_7B, field: value}, None, 32000)
 
 
 def test_unknown_tower_needs_vision_dir():

@@ -212,17 +212,20 @@ def from_original_config(
         if select not in strategies:
             refuse("mm_vision_select_feature", select, "supported: patch, cls_patch")
         strategy = strategies[select]
-    for key, allowed, why in [
-        ("mm_use_im_start_end", (False,), "image start/end tokens are not implemented"),
-        ("mm_resampler_type", (None,), "vision resamplers are not implemented"),
-        ("mm_newline_position", ("one_token",), "video newlines other than one per video"),
-        ("mm_spatial_pool_mode", ("bilinear",), "video pooling other than bilinear"),
-        ("mm_spatial_pool_stride", (2,), "video pooling strides other than 2"),
-        ("add_faster_video", (False,), "the faster-video token is not implemented"),
-        ("s2", (False,), "S2 multi-scale towers are not implemented"),
+    # The video layout (`llava_arch.py::get_2dPool`, `mm_newline_position`) is OneVision's
+    # only; the other families here take no video, so their training defaults do not matter.
+    video = family == Family.LLAVA_ONEVISION
+    for key, allowed, why, applies in [
+        ("mm_use_im_start_end", (False,), "image start/end tokens are not implemented", True),
+        ("mm_resampler_type", (None,), "vision resamplers are not implemented", True),
+        ("s2", (False,), "S2 multi-scale towers are not implemented", True),
+        ("mm_newline_position", ("one_token",), "video newlines other than one per video", video),
+        ("mm_spatial_pool_mode", ("bilinear",), "video pooling other than bilinear", video),
+        ("mm_spatial_pool_stride", (2,), "video pooling strides other than 2", video),
+        ("add_faster_video", (False,), "the faster-video token is not implemented", video),
     ]:
         value = take(key, allowed[0])
-        if value not in allowed:
+        if applies and value not in allowed:
             refuse(key, value, why)
     pinpoints = take("image_grid_pinpoints")
     if family != Family.LLAVA:
