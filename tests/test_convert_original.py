@@ -532,3 +532,15 @@ def test_siglip_tower_from_vision_dir(converted, tmp_path):
     assert sorted(got) == sorted(want)
     for path in want:
         assert np.asarray(got[path]).tobytes() == np.asarray(want[path]).tobytes(), path
+
+
+def test_training_needs_the_original_prompt_ids(converted):
+    """Clean masking would train a converted original model on ids it is never run with."""
+    from llava_jax.data.transforms import SampleTransform
+
+    c = converted("llava15")
+    pipe = Pipeline.load(c.jax, echo=lambda _: None)
+    args = (pipe.cfg, pipe.image_config, pipe.tokenizer, "vicuna_v1")
+    one_line_error(ValueError, "train it with masking='reference'", SampleTransform, *args,
+                   max_len=64, max_views=1)  # fmt: skip
+    SampleTransform(*args, max_len=64, max_views=1, masking="reference")
