@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Hugging Face LLaVA directory -> llava-jax model directory.
+"""Hugging Face (or original-repository) LLaVA directory -> llava-jax model directory.
 
 The same as `llava-jax convert hf-to-jax`:
 
     python convert/hf_to_jax.py --hf DIR --out DIR [--dtype bfloat16] [--allow-pickle]
+    python convert/hf_to_jax.py --hf ORIGINAL_DIR --out DIR [--vision DIR] [--conv-mode NAME]
 """
 
 import sys

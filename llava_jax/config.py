@@ -47,6 +47,16 @@ class Projector(enum.StrEnum):
     MLP2X_GELU = "mlp2x_gelu"  # Linear -> exact GELU -> Linear
 
 
+class Convention(enum.StrEnum):
+    """Whose image geometry and prompt tokenization a checkpoint was trained with."""
+
+    TRANSFORMERS = "transformers"  # unpad sizes `int(round(x, 7))`, the prompt tokenized whole
+    # haotian-liu/LLaVA and LLaVA-VL/LLaVA-NeXT: unpad sizes `int(x)` (`llava_arch.py::
+    # unpad_image`), the text between placeholders tokenized chunk by chunk (`mm_utils.py::
+    # tokenizer_image_token`). Their (width, height) pinpoints are stored transposed, as ours.
+    ORIGINAL = "original"
+
+
 class RematPolicy(enum.StrEnum):
     NONE = "none"  # keep every activation
     FULL = "full"  # recompute the whole layer in the backward pass
@@ -209,6 +219,9 @@ class LlavaConfig:
     video_token_id: int | None = None
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # (height, width) each
     vision_aspect_ratio: str | None = None  # "anyres_max_9" for OneVision
+    # "original" for checkpoints of the original repositories (`convert hf-to-jax` of their
+    # directories): the token layout and prompt ids they were trained with.
+    convention: Convention = Convention.TRANSFORMERS
     # HF config fields that do not affect the network (ids, names, image_seq_length, ...),
     # kept as JSON so that writing the config back to HF loses nothing.
     hf_extra: str = "{}"
@@ -356,5 +369,14 @@ def _dataclass_from_dict(cls, d: dict[str, Any], where: str, **given: Any):
 
 _ENUMS = {
     e.__name__: e
-    for e in (Family, VisionKind, TextKind, Activation, FeatureSelect, Projector, RematPolicy)
+    for e in (
+        Family,
+        VisionKind,
+        TextKind,
+        Activation,
+        FeatureSelect,
+        Projector,
+        Convention,
+        RematPolicy,
+    )
 }

@@ -36,6 +36,12 @@ _ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": Family.LLAVA_NEXT,
     "LlavaOnevisionForConditionalGeneration": Family.LLAVA_ONEVISION,
 }
+# The original repositories' classes (`convert/original_config.py` reads their configs).
+_ORIGINAL_ARCHITECTURES = {
+    "LlavaLlamaForCausalLM",
+    "LlavaMistralForCausalLM",
+    "LlavaQwenForCausalLM",
+}
 _TEXT_KINDS = {"llama": TextKind.LLAMA, "mistral": TextKind.MISTRAL, "qwen2": TextKind.QWEN2}
 _VISION_KINDS = {"clip_vision_model": VisionKind.CLIP, "siglip_vision_model": VisionKind.SIGLIP}
 
@@ -152,8 +158,11 @@ def _rope_theta(d: dict, where: str, consumed: set[str]) -> float:
     return float(params.get("rope_theta", _take(d, where, consumed, "rope_theta", 10_000.0)))
 
 
-def _text_from_hf(d: dict[str, Any], default_type: str = "llama") -> tuple[TextConfig, dict]:
-    where, seen = "text_config", set()
+def text_from_hf(
+    d: dict[str, Any], default_type: str = "llama", where: str = "text_config"
+) -> tuple[TextConfig, dict]:
+    """A `text_config` dict -> (TextConfig, fields kept verbatim); refuses what it cannot run."""
+    seen = set()
     model_type = _take(d, where, seen, "model_type", default_type)
     if model_type not in _TEXT_KINDS:
         _refuse(where, "model_type", model_type, f"supported: {sorted(_TEXT_KINDS)}")
@@ -207,8 +216,11 @@ def _text_from_hf(d: dict[str, Any], default_type: str = "llama") -> tuple[TextC
     return cfg, _leftovers(d, seen, where)
 
 
-def _vision_from_hf(d: dict[str, Any], default_type: str) -> tuple[VisionConfig, dict]:
-    where, seen = "vision_config", set()
+def vision_from_hf(
+    d: dict[str, Any], default_type: str, where: str = "vision_config"
+) -> tuple[VisionConfig, dict]:
+    """A `vision_config` dict -> (VisionConfig, fields kept verbatim); refuses the unrunnable."""
+    seen = set()
     get = lambda key, default=None: _take(d, where, seen, key, default)  # noqa: E731
     model_type = get("model_type", default_type)
     if model_type not in _VISION_KINDS:
@@ -255,6 +267,11 @@ def _check_shape(hf: Any) -> None:
     archs = hf.get("architectures")
     if archs is not None and not isinstance(archs, list):
         raise ConfigError(f"config.architectures: expected a list, found {archs!r}")
+    if archs and set(archs) & _ORIGINAL_ARCHITECTURES:
+        raise ConfigError(
+            f"config.architectures={archs}: a checkpoint of the original LLaVA repositories; "
+            "convert it once with `llava-jax convert hf-to-jax` (docs/conversion.md)"
+        )
     if archs and not set(archs) & set(_ARCHITECTURES):
         raise ConfigError(
             f"config.architectures={archs}: not a LLaVA model; supported: {sorted(_ARCHITECTURES)}"
@@ -262,7 +279,7 @@ def _check_shape(hf: Any) -> None:
     if not archs and "text_config" not in hf and "vision_config" not in hf:
         raise ConfigError(
             "config: no architectures, text_config or vision_config; this is not an HF LLaVA "
-            "config.json (original LLaVA repository configs need the HF conversion first)"
+            "config.json"
         )
 
 
@@ -286,14 +303,14 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
         family = Family.LLAVA_NEXT
     else:
         family = Family.LLAVA
-    text, text_extra = _text_from_hf(
+    text, text_extra = text_from_hf(
         dict(get("text_config") or {}), _DEFAULT_TEXT_TYPE.get(family, "llama")
     )
     is_ov = family == Family.LLAVA_ONEVISION
     vision_hf = get("vision_config")
     if vision_hf is None:
         vision_hf = _SIGLIP_SO400M if is_ov else _CLIP_L336
-    vision, vision_extra = _vision_from_hf(
+    vision, vision_extra = vision_from_hf(
         dict(vision_hf), "siglip_vision_model" if is_ov else "clip_vision_model"
     )
     if get("projector_hidden_act", "gelu") != "gelu":
@@ -329,12 +346,12 @@ def from_hf_config(hf: dict[str, Any]) -> LlavaConfig:
         video_token_id=get("video_token_index", get("video_token_id", video_default)),
         image_grid_pinpoints=tuple(tuple(p) for p in pinpoints) if pinpoints else None,
         vision_aspect_ratio=get("vision_aspect_ratio", "anyres_max_9" if is_ov else None),
-        hf_extra=_extra_json(_leftovers(hf, seen, where), text_extra, vision_extra),
+        hf_extra=extra_json(_leftovers(hf, seen, where), text_extra, vision_extra),
     )
     return cfg
 
 
-def _extra_json(top: dict, text: dict, vision: dict) -> str:
+def extra_json(top: dict, text: dict, vision: dict) -> str:
     sections = {"": top, "text_config": text, "vision_config": vision}
     return json.dumps({k: v for k, v in sections.items() if v}, sort_keys=True)
 

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -34,8 +35,10 @@ def add_parser(subparsers) -> None:
     to_jax = directions.add_parser(
         "hf-to-jax",
         help="Hugging Face directory -> llava-jax model directory",
-        description="Convert a Hugging Face LLaVA directory (config.json + safetensors) "
-        "to a llava-jax model directory (config, orbax parameters, tokenizer files).",
+        description="Convert a Hugging Face LLaVA directory (config.json + safetensors), or a "
+        "checkpoint of the original repositories (LlavaLlamaForCausalLM, "
+        "LlavaMistralForCausalLM, LlavaQwenForCausalLM), to a llava-jax model directory "
+        "(config, orbax parameters, tokenizer files).",
     )
     to_jax.add_argument(
         "--hf", required=True, type=local_path, metavar="DIR", help="Hugging Face model directory"
@@ -56,6 +59,19 @@ def add_parser(subparsers) -> None:
         "--allow-pickle",
         action="store_true",
         help="also read pickled .bin/.pt weights; they can run code, so only for files you trust",
+    )
+    to_jax.add_argument(
+        "--vision",
+        type=local_path,
+        metavar="DIR",
+        help="original-repository checkpoints: Hugging Face directory of the vision tower "
+        "(mm_vision_tower); its weights are used when the checkpoint has none (LLaVA-1.5)",
+    )
+    to_jax.add_argument(
+        "--conv-mode",
+        metavar="NAME",
+        help="original-repository checkpoints: the conversation template they were trained "
+        "with (the original's --conv-mode, e.g. vicuna_v1); needed without a chat template",
     )
     to_jax.set_defaults(run=run_hf_to_jax)
 
@@ -97,8 +113,17 @@ def run_hf_to_jax(args: argparse.Namespace) -> int:
     _require_empty(args.out)
 
     start = time.perf_counter()
+    if args.vision is not None:
+        _require_dir(args.vision, "--vision")
     with os_errors(args.out):
-        cfg = convert_hf_to_jax(args.hf, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        cfg = convert_hf_to_jax(
+            args.hf,
+            args.out,
+            dtype=args.dtype,
+            allow_pickle=args.allow_pickle,
+            vision_dir=args.vision,
+            conv_mode=args.conv_mode,
+        )
     _report(cfg.family, args.out, args.out, time.perf_counter() - start)
     return 0
 
@@ -121,6 +146,13 @@ def run_jax_to_hf(args: argparse.Namespace) -> int:
     with os_errors(args.out):
         _write_atomically(args.out, lambda tmp: convert_jax_to_hf(args.ckpt, tmp, max_shard_size))
     _report(cfg.family, args.ckpt, args.out, time.perf_counter() - start)
+    if cfg.convention == "original":
+        print(
+            "note: this model was converted from an original-repository checkpoint; "
+            "transformers runs the export with its own AnyRes rounding and prompt "
+            "tokenization, not the original's (docs/conversion.md)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from llava_jax.checkpoint import abstract_params, save_model_dir
 from llava_jax.config import LlavaConfig
 from llava_jax.convert.mapping import canonical_key, rules
+from llava_jax.convert.original_config import is_original_config
+from llava_jax.convert.original_to_jax import convert_original_to_jax
 from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader
 from llava_jax.hf_config import ConfigError, from_hf_config
 
@@ -133,20 +135,38 @@ def convert_hf_to_jax(
     out_dir: str | os.PathLike,
     dtype: str | None = None,
     allow_pickle: bool = False,
+    vision_dir: str | os.PathLike | None = None,
+    conv_mode: str | None = None,
 ) -> LlavaConfig:
     """Converts an HF LLaVA / LLaVA-NeXT / LLaVA-OneVision directory to a model directory.
+
+    A directory of the original repositories (`LlavaLlamaForCausalLM`, ...) is converted by
+    `original_to_jax.convert_original_to_jax`, which alone takes `vision_dir` and `conv_mode`.
 
     Args:
       hf_dir: directory with config.json and safetensors (or .bin with allow_pickle).
       out_dir: the model directory to write (must not exist or be empty).
       dtype: "float32", "bfloat16" or "float16"; default keeps the checkpoint's dtypes.
       allow_pickle: accept `.bin` / `.pt` weights (loaded with `weights_only=True`).
+      vision_dir: original checkpoints: HF directory of the vision tower.
+      conv_mode: original checkpoints: the conversation template they were trained with.
 
     Returns:
       The model config written.
     """
-    cfg = read_hf_config(hf_dir)
     np_dtype = _np_dtype(dtype)
+    path = Path(hf_dir) / "config.json"
+    if path.is_file() and is_original_config(_json_or_none(path)):
+        return convert_original_to_jax(
+            hf_dir, out_dir, vision_dir, conv_mode, np_dtype, allow_pickle=allow_pickle
+        )
+    for flag, value in (("--vision", vision_dir), ("--conv-mode", conv_mode)):
+        if value is not None:
+            raise CheckpointError(
+                f"{flag} is for checkpoints of the original repositories; {hf_dir} is a "
+                "Hugging Face directory"
+            )
+    cfg = read_hf_config(hf_dir)
     with CheckpointReader(hf_dir, allow_pickle=allow_pickle) as reader:
         params = hf_to_params(cfg, reader.keys(), reader.shape, reader.read, np_dtype)
     dtypes = {str(a.dtype) for a in params.values()}
@@ -155,6 +175,13 @@ def convert_hf_to_jax(
     assets = [name for name in ASSET_FILES if (Path(hf_dir) / name).is_file()]
     save_model_dir(out_dir, cfg, params, assets_from=hf_dir, asset_files=assets)
     return cfg
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # read_hf_config reports it
 
 
 def _np_dtype(dtype: str | None):

@@ -6,7 +6,8 @@ ints and float64 only, so every count is exact and known before anything is trac
 
 Sizes are (height, width), the transformers order, and named `*_hw`. The original LLaVA
 repos use PIL's (width, height) and read the same pinpoint lists as (width, height); to
-reproduce them, transpose each pinpoint and pass `rounding="int"`.
+reproduce them, transpose each pinpoint and pass `rounding="int"` (what a model converted from
+an original checkpoint does: `Convention.ORIGINAL`, `convert/original_config.py`).
 
 `tokens_per_side` (g) is the vision tower's patches per side of one crop: 24 for
 CLIP-336, 27 for SigLIP-384.

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llava_jax.config import LlavaConfig
+from llava_jax.config import Convention, LlavaConfig
 from llava_jax.convert.tensor_io import CheckpointError
 from llava_jax.data.templates import PLACEHOLDER, PromptError, assets_dir
 from llava_jax.models import feature_plan
@@ -183,14 +183,22 @@ def tokenize_prompt(
       text: a rendered template, or raw text; `<image>` / `<video>` mark the media.
       media: the media items, in the order of their placeholders.
       cfg: the model config (token ids, feature layout).
-      add_special_tokens: default: as the processors do (BOS unless the text starts with it).
+      add_special_tokens: default: as the processors do (BOS unless the text starts with it);
+        ignored for `Convention.ORIGINAL` models, which take `tokenizer_image_token`'s ids.
 
     Returns:
       int32[L] ids with `media_token_counts(cfg, media)` image/video ids per placeholder.
     """
     found, counts, tokens = _prepare(tokenizer, text, media, cfg)
-    add = _adds_bos(tokenizer, text, add_special_tokens)
-    ids = tokenizer.encode(_one_token_each(text, tokens), add_special_tokens=add)
+    if cfg.convention == Convention.ORIGINAL:
+        # Models of the original repositories were trained, and are run there, on the ids of
+        # `tokenizer_image_token`; imported here since masking builds on this module.
+        from llava_jax.data.masking import tokenizer_image_token
+
+        ids = tokenizer_image_token(text, tokenizer, tokens)
+    else:
+        add = _adds_bos(tokenizer, text, add_special_tokens)
+        ids = tokenizer.encode(_one_token_each(text, tokens), add_special_tokens=add)
     return _expand(ids, found, counts, tokens)
 
 

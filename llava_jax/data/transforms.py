@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llava_jax.config import LlavaConfig
+from llava_jax.config import Convention, LlavaConfig
 from llava_jax.data import masking
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import ImageError, load_image, preprocess_images
@@ -107,6 +107,13 @@ class SampleTransform:
             raise ValueError(f"masking {self.masking!r}: choose 'clean' or 'reference'")
         if self.masking == "reference":
             masking.reference_style(self.template)
+        elif self.cfg.convention == Convention.ORIGINAL:
+            # Clean ids differ from `tokenizer_image_token`'s (a "▁" after <image> for
+            # SentencePiece), so the model would be trained on ids it is never run with.
+            raise ValueError(
+                "the model keeps the original repositories' prompt tokenization (converted from "
+                "their checkpoint: convention 'original'); train it with masking='reference'"
+            )
         if isinstance(self.template, ChatTemplate):
             try:  # a template without {% generation %} blocks cannot say what is trained
                 render_spans(self.template, [{"role": "user", "content": "q"},

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from llava_jax.config import Family, LlavaConfig
+from llava_jax.config import Convention, Family, LlavaConfig
 from llava_jax.data import anyres
 
 NEWLINE = 0  # tap index of `image_newline`; view tokens start at 1
@@ -87,6 +87,7 @@ def _layout(cfg: LlavaConfig, image_hw: tuple[int, int]) -> anyres.AnyresLayout:
         cfg.vision.image_size,
         cfg.vision.patches_per_side,
         max_num_patches=max_patches,
+        rounding="int" if cfg.convention == Convention.ORIGINAL else "round",
     )
 
 
