@@ -69,6 +69,14 @@ def base_config() -> ml_collections.ConfigDict:
     # "language_model/...", "image_newline"); everything else is frozen.
     c.train.trainable = ("multi_modal_projector/.*", "language_model/.*")
     c.train.seed = 0
+    # LoRA / QLoRA (docs/training.md): rank 0 = off. With rank > 0 every linear kernel that
+    # `modules` matches gets adapters (always trained) and stays frozen itself.
+    c.train.lora = ml_collections.ConfigDict()
+    c.train.lora.rank = 0
+    c.train.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.train.lora.dropout = 0.0
+    c.train.lora.modules = (r"language_model/layers/(self_attn|mlp)/\w+_proj/kernel",)
+    c.train.lora.quantize = ""  # QLoRA: the frozen base kernels stored as int8, int4 or nf4
     # Positions of each row projected onto the vocabulary at once in the loss (0 = all):
     # float32 logits [B, T, V] never exist whole (OneVision: T = 8192, V = 152k).
     c.train.loss_chunk = 512

@@ -1,7 +1,8 @@
 """What trains, and how: parameter labels from the config's patterns, and the optimizer.
 
 Every parameter gets one label: "train" (the main learning rate), "vision" (the vision
-tower's own learning rate, OneVision), or "frozen". Frozen parameters go through
+tower's own learning rate, OneVision), or "frozen". LoRA adapters always train; the layers
+that carry them never do. Frozen parameters go through
 `optax.set_to_zero()` inside `optax.multi_transform`, so they hold no optimizer state and
 receive no update (`optax.masked` alone would pass their raw gradient through, pitfalls #16).
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from llava_jax.checkpoint import flat_to_nested
+from llava_jax.models.lora import ADAPTER_SUFFIXES
 
 LABELS = ("train", "vision", "frozen")
 VISION_PREFIX = "vision_tower/"
@@ -34,13 +36,18 @@ def trainable_labels(param_paths: Iterable[str], config) -> dict[str, str]:
     """{"a/b/c": "train" | "vision" | "frozen"} from `config.train.trainable`.
 
     A path is trainable when some pattern matches it in full. Vision-tower parameters that
-    match take the label "vision", which needs `optimizer.vision_lr > 0`.
+    match take the label "vision", which needs `optimizer.vision_lr > 0`. LoRA adapters
+    ("..._lora_a", "..._lora_b") are "train" without a pattern.
 
     Raises:
-      ValueError: a pattern that matches no parameter, or vision-tower parameters made
-        trainable while `optimizer.vision_lr` is 0 (or the reverse).
+      ValueError: a pattern that matches no parameter, vision-tower parameters made
+        trainable while `optimizer.vision_lr` is 0 (or the reverse), or a pattern that
+        makes a layer with adapters trainable.
     """
-    paths = list(param_paths)
+    all_paths = list(param_paths)
+    adapters = [p for p in all_paths if p.endswith(ADAPTER_SUFFIXES)]
+    adapted = tuple(p.removesuffix("_lora_a") for p in adapters if p.endswith("_lora_a"))
+    paths = [p for p in all_paths if p not in adapters]
     patterns = list(config.train.trainable)
     compiled = []
     for pattern in patterns:
@@ -58,6 +65,13 @@ def trainable_labels(param_paths: Iterable[str], config) -> dict[str, str]:
             labels[path] = "frozen"
         else:
             labels[path] = "vision" if path.startswith(VISION_PREFIX) else "train"
+    both = [p for p in paths if labels[p] != "frozen" and p.startswith(adapted)]
+    if both:
+        raise ValueError(
+            f"train.trainable makes {both[0]} trainable, but its layer has LoRA adapters "
+            "(train.lora); narrow the pattern (e.g. 'multi_modal_projector/.*')"
+        )
+    labels.update({p: "train" for p in adapters})
     unused = [p for p, u in zip(patterns, used, strict=True) if not u]
     if unused:
         raise ValueError(f"train.trainable: {unused} match no parameter")
