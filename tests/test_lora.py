@@ -18,7 +18,8 @@ from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
 from llava_jax.models import lora
 from llava_jax.sharding import make_mesh
 from llava_jax.train.checkpoints import Checkpointer
-from llava_jax.train.optim import trainable_labels
+from llava_jax.train.flops import train_flops_per_step
+from llava_jax.train.optim import lr_schedules, trainable_labels
 from llava_jax.train.state import (
     abstract_state,
     has_optimizer_state,
@@ -67,6 +68,29 @@ def test_config_errors_are_one_line():
         with pytest.raises(ValueError, match=match) as e:
             labels_for(cfg, config)
         assert "\n" not in str(e.value)
+
+
+def test_projector_lr_is_its_own_group():
+    """The reference's LoRA recipes train the connector at `mm_projector_lr` (10x lower)."""
+    cfg, config = model_config(), lora_config()
+    config.optimizer.projector_lr = config.optimizer.lr / 10
+    labels = labels_for(cfg, config)
+    projector = {p for p in labels if p.startswith("multi_modal_projector/")}
+    assert {p for p, label in labels.items() if label == "projector"} == projector
+    schedules = lr_schedules(config, total_steps=10)
+    assert float(schedules["projector"](3)) == pytest.approx(float(schedules["train"](3)) / 10)
+    config.train.trainable = ()
+    with pytest.raises(ValueError, match="projector_lr"):
+        labels_for(cfg, config)
+
+
+def test_flops_of_a_lora_llm_are_those_of_a_frozen_one():
+    """Adapters only: the LLM's backward computes input gradients, no weight gradients."""
+    cfg = model_config()
+    kw = dict(seq_lens=[16] * 8, num_views=8)
+    lora_flops = train_flops_per_step(cfg, labels_for(cfg, lora_config()), **kw)
+    stage1_flops = train_flops_per_step(cfg, labels_for(cfg, train_config(STAGE1)), **kw)
+    assert lora_flops == stage1_flops
 
 
 @dataclasses.dataclass

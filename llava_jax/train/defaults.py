@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 2e-5
     c.optimizer.vision_lr = 0.0  # 0 = vision tower frozen; OneVision: 2e-6
+    c.optimizer.projector_lr = 0.0  # the connector's own LR (`mm_projector_lr`); 0 = `lr`
     c.optimizer.warmup_ratio = 0.03
     c.optimizer.schedule = "cosine"  # "cosine" or "constant"
     c.optimizer.weight_decay = 0.0

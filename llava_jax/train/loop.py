@@ -413,7 +413,8 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     if not preempted:
         model_dir = workdir / "model"
         if not checkpoint.is_model_dir(model_dir):
-            export_model_dir(model_dir, model_cfg, state.params, assets, config.data.template)
+            params = state_lib.merged_params(model_cfg, config, mesh, state.params)
+            export_model_dir(model_dir, model_cfg, params, assets, config.data.template)
         monitor.message(f"done: {total} steps; model in {model_dir}")
     return RunResult(
         step=total if not preempted else step + 1,

@@ -82,6 +82,19 @@ def train_model(model_cfg: LlavaConfig, config) -> LlavaModel:
     )
 
 
+def merged_params(model_cfg: LlavaConfig, config, mesh: Mesh, params: dict[str, Any]) -> dict:
+    """The plain model's nested params from the trained ones: with `train.lora`, adapters
+    merged into their kernels (`lora.merged_params`), in the plain model's shardings;
+    otherwise `params` itself."""
+    spec = lora.spec_from_config(config)
+    if spec is None:
+        return params
+    graphdef = nnx.graphdef(train_model(model_cfg, config))
+    merge = lambda p: flat_to_nested(lora.merged_params(nnx.merge(graphdef, p), spec))  # noqa: E731
+    out = flat_to_nested(flat_param_shardings(model_cfg, mesh))
+    return jax.jit(merge, out_shardings=out)(params)
+
+
 def labels_for(model_cfg: LlavaConfig, config) -> dict[str, str]:
     """`trainable_labels` over the trained model's parameter paths."""
     return trainable_labels(nested_to_flat(_abstract_params(model_cfg, config)), config)
