@@ -200,3 +200,26 @@ def test_two_processes_train_like_one(setup, tmp_path):
     for step in want:
         assert np.isclose(got[step], want[step], rtol=1e-5), (step, got[step], want[step])
     assert checkpoint.is_model_dir(multi / "model")
+
+
+def test_lora_run_exports_the_merged_model(setup, tmp_path):
+    """A LoRA run's model dir is a plain model: adapters folded into the LLM's kernels,
+    everything else as trained (the vision tower frozen: as initialised)."""
+    overrides = [
+        *setup,
+        "--config.train.num_steps=2",
+        "--config.train.trainable=multi_modal_projector/.*",
+        "--config.optimizer.vision_lr=0",
+        "--config.train.lora.rank=4",
+        "--config.train.lora.alpha=8",
+    ]
+    config = config_loader.load_config(RECIPE, overrides)
+    result = loop.train(config, tmp_path)
+    cfg = config_loader.model_config(config)
+    init = checkpoint.load_params(config.init_from, cfg)
+    final = checkpoint.load_params(result.model_dir, cfg)
+    assert set(final) == set(init)
+    for path, value in final.items():
+        changed = not np.array_equal(np.asarray(value), np.asarray(init[path]))
+        adapted = path.startswith("language_model/layers/") and path.endswith("_proj/kernel")
+        assert changed == (adapted or path.startswith("multi_modal_projector/")), path
