@@ -140,11 +140,11 @@ def add_adapters(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> nnx.Modul
         init_a = jax.nn.initializers.he_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
         a = init_a(jax.random.fold_in(key, i), (layers, d_in, spec.rank), kernel.dtype)
         layer.kernel_lora_a = nnx.LoRAParam(
-            a, out_sharding=(names[0], names[1], None), eager_sharding=False
+            a, out_sharding=(names[0], names[1], "lora_rank"), eager_sharding=False
         )
         b = jnp.zeros((layers, spec.rank, d_out), kernel.dtype)
         layer.kernel_lora_b = nnx.LoRAParam(
-            b, out_sharding=(names[0], None, names[2]), eager_sharding=False
+            b, out_sharding=(names[0], "lora_rank", names[2]), eager_sharding=False
         )
         if spec.quantize:
             how = _how(spec, kernel.shape)
