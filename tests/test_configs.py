@@ -35,6 +35,8 @@ RECIPES = {
     "onevision_72b_ov.py": (Family.LLAVA_ONEVISION, 72.5, 74.0, "qwen_1_5", 37),
     "shapes_tiny.py": (Family.LLAVA, 0.0001, 0.002, "plain", 1),
     "shapes_tiny.py:stage2": (Family.LLAVA, 0.0001, 0.002, "vicuna_v1", 1),
+    "shapes_tiny.py:stage2-lora": (Family.LLAVA, 0.0001, 0.002, "vicuna_v1", 1),
+    "shapes_tiny.py:lora": (Family.LLAVA, 0.0001, 0.002, "plain", 1),
 }
 
 

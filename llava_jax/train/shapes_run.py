@@ -117,7 +117,8 @@ def run_shapes(spec: str, overrides: Sequence[str], workdir: str | Path) -> int:
     stage1 = config_loader.load_config(f"{path}:stage1", overrides)
     init = _random_model_dir(workdir / "init", stage1, paths.tokenizer)
     model_dir = None
-    for name, records, start in (("stage1", paths.stage1, init), ("stage2", paths.stage2, None)):
+    stage2 = base.shapes.stage2  # "stage2", or "stage2-lora" (`shapes_tiny.py:lora`)
+    for name, records, start in (("stage1", paths.stage1, init), (stage2, paths.stage2, None)):
         config = config_loader.load_config(f"{path}:{name}", overrides)
         with config.unlocked():
             config.data.train = str(records)
