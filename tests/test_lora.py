@@ -169,6 +169,8 @@ def test_step_on_8_devices_trains_only_adapters(run):
         k_spec = run.specs.get(kernel) or run.specs[kernel + "/array/qvalue"]
         a_spec, b_spec = run.specs[kernel + "_lora_a"], run.specs[kernel + "_lora_b"]
         assert (a_spec[1], b_spec[2]) == (k_spec[1], k_spec[2]), kernel
+        # The rank axis takes `fsdp` where the adapter has no `embed` axis to put it on.
+        assert "fsdp" in (*a_spec, None) and "fsdp" in (*b_spec, None), kernel
     for path, value in before.items():
         changed = not np.array_equal(value, after[path])
         assert changed == (path in trained), path  # frozen (quantized or not): bit for bit

@@ -130,9 +130,19 @@ def _how(spec: LoraSpec, kernel_shape: tuple[int, ...]) -> qarray.HowToQuantize:
     return qarray.HowToQuantize(qtype=spec.quantize, channelwise_axes=(0, 2), tiled_axes=tiled)
 
 
+def _rank_axis(other: str | None) -> str | None:
+    """The rank axis's logical name: FSDP-sharded (`lora_rank`, sharding.py) unless the
+    adapter's other axis is `embed`, which FSDP already shards (B of q/k/v/gate/up and A of
+    down have no `embed` axis and would otherwise sit whole on every chip)."""
+    return None if other == "embed" else "lora_rank"
+
+
 def add_adapters(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> nnx.Module:
     """Adds `kernel_lora_a` / `kernel_lora_b` to every target layer, in place, and with
-    `spec.quantize` replaces its kernel by the quantized one. Returns the model."""
+    `spec.quantize` replaces its kernel by the quantized one. Returns the model.
+
+    A is sharded on the kernel's input axis, B on its output axis, as qwix does.
+    """
     for i, (_, layer) in enumerate(sorted(target_layers(model, spec).items())):
         kernel = layer.kernel
         names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
@@ -140,11 +150,11 @@ def add_adapters(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> nnx.Modul
         init_a = jax.nn.initializers.he_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
         a = init_a(jax.random.fold_in(key, i), (layers, d_in, spec.rank), kernel.dtype)
         layer.kernel_lora_a = nnx.LoRAParam(
-            a, out_sharding=(names[0], names[1], "lora_rank"), eager_sharding=False
+            a, out_sharding=(names[0], names[1], _rank_axis(names[1])), eager_sharding=False
         )
         b = jnp.zeros((layers, spec.rank, d_out), kernel.dtype)
         layer.kernel_lora_b = nnx.LoRAParam(
-            b, out_sharding=(names[0], "lora_rank", names[2]), eager_sharding=False
+            b, out_sharding=(names[0], _rank_axis(names[2]), names[2]), eager_sharding=False
         )
         if spec.quantize:
             how = _how(spec, kernel.shape)
