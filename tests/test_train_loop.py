@@ -223,3 +223,15 @@ def test_lora_run_exports_the_merged_model(setup, tmp_path):
         changed = not np.array_equal(np.asarray(value), np.asarray(init[path]))
         adapted = path.startswith("language_model/layers/") and path.endswith("_proj/kernel")
         assert changed == (adapted or path.startswith("multi_modal_projector/")), path
+
+    # `llava-jax export --merge` of the last checkpoint writes the same model.
+    from llava_jax.cli.main import main
+
+    argv = ["export", "--config", RECIPE, "--workdir", str(tmp_path), *overrides]
+    assert main([*argv, "--out", str(tmp_path / "unmerged")]) == 2  # LoRA needs --merge
+    assert main([*argv, "--merge", "--step", "7", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "unmerged").exists() and not (tmp_path / "x").exists()
+    assert main([*argv, "--merge", "--out", str(tmp_path / "exported")]) == 0
+    exported = checkpoint.load_params(tmp_path / "exported", cfg)
+    for path, value in final.items():
+        assert np.array_equal(np.asarray(exported[path]), np.asarray(value)), path

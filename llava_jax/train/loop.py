@@ -121,7 +121,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _assets(init_from: str) -> Path:
+def model_assets(init_from: str) -> Path:
     """The tokenizer and processor files of `init_from`, as a local directory.
 
     transformers reads tokenizers from local directories only, so the assets of a remote
@@ -240,7 +240,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = config_loader.model_config(config)
     mesh = state_lib.mesh_from_config(config)
-    assets = _assets(config.init_from)
+    assets = model_assets(config.init_from)
     tokenizer = load_tokenizer(assets)
     image_cfg = ImageProcessorConfig.from_pretrained(assets, model_cfg)
     if config.data.image_aspect_ratio:
