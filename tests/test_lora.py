@@ -68,6 +68,9 @@ def test_config_errors_are_one_line():
         with pytest.raises(ValueError, match=match) as e:
             labels_for(cfg, config)
         assert "\n" not in str(e.value)
+    config = lora_config(rank=0, quantize="nf4")  # QLoRA without adapters: refused
+    with pytest.raises(ValueError, match="needs train.lora.rank"):
+        labels_for(cfg, config)
 
 
 def test_projector_lr_is_its_own_group():

@@ -70,6 +70,8 @@ def spec_from_config(config) -> LoraSpec | None:
     """
     c = config.train.lora
     if int(c.rank) == 0:
+        if c.quantize:
+            raise ValueError(f"train.lora.quantize={c.quantize!r} needs train.lora.rank > 0")
         return None
     if int(c.rank) < 0:
         raise ValueError(f"train.lora.rank must be >= 0, got {c.rank}")
