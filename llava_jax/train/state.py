@@ -195,7 +195,8 @@ def init_state(
         if spec is not None:
             graphdef = nnx.graphdef(abstract_model(model_cfg))
             add = lambda p: with_adapters(nnx.merge(graphdef, p))  # noqa: E731
-            nested = jax.jit(add, out_shardings=shardings.params)(nested)
+            # Donated: the base weights pass through in place instead of being copied.
+            nested = jax.jit(add, out_shardings=shardings.params, donate_argnums=0)(nested)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(nested)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return TrainState(step=step, params=nested, opt_state=opt_state)
