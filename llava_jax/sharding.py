@@ -32,6 +32,9 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    # LoRA's rank axis: FSDP-sharded where the adapter has no `embed` axis (B of q/k/v/
+    # gate/up, A of down), so no adapter is replicated on every chip.
+    ("lora_rank", "fsdp"),
 )
 
 

@@ -22,6 +22,9 @@ RECIPES = {
     "llava15_7b_pretrain.py:13b": (Family.LLAVA, 13.0, 13.5, "plain", 1),
     "llava15_7b_finetune.py": (Family.LLAVA, 6.9, 7.2, "vicuna_v1", 1),
     "llava15_7b_finetune.py:13b": (Family.LLAVA, 13.0, 13.5, "vicuna_v1", 1),
+    "llava15_7b_lora.py": (Family.LLAVA, 6.9, 7.2, "vicuna_v1", 1),
+    "llava15_7b_lora.py:13b,qlora": (Family.LLAVA, 13.0, 13.5, "vicuna_v1", 1),
+    "llava15_task_lora.py": (Family.LLAVA, 6.9, 7.2, "vicuna_v1", 1),
     "llava_next_finetune.py": (Family.LLAVA_NEXT, 6.9, 7.2, "vicuna_v1", 5),
     "llava_next_finetune.py:vicuna-13b": (Family.LLAVA_NEXT, 13.0, 13.5, "vicuna_v1", 5),
     "llava_next_finetune.py:mistral-7b": (Family.LLAVA_NEXT, 7.4, 7.7, "mistral_instruct", 5),
@@ -32,6 +35,8 @@ RECIPES = {
     "onevision_72b_ov.py": (Family.LLAVA_ONEVISION, 72.5, 74.0, "qwen_1_5", 37),
     "shapes_tiny.py": (Family.LLAVA, 0.0001, 0.002, "plain", 1),
     "shapes_tiny.py:stage2": (Family.LLAVA, 0.0001, 0.002, "vicuna_v1", 1),
+    "shapes_tiny.py:stage2-lora": (Family.LLAVA, 0.0001, 0.002, "vicuna_v1", 1),
+    "shapes_tiny.py:lora": (Family.LLAVA, 0.0001, 0.002, "plain", 1),
 }
 
 
@@ -185,3 +190,21 @@ def test_shapes_tiny_fits_the_shapes_tokenizer():
     assert cfg.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert (cfg.text.bos_token_id, cfg.text.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
     assert cfg.vision.image_size == 32 and cfg.tokens_per_view == 16
+
+
+@pytest.mark.parametrize("spec", ["llava15_7b_lora.py", "llava15_task_lora.py:13b,qlora"])
+def test_lora_recipes_from_finetune_lora_sh(spec):
+    """haotian-liu/LLaVA scripts/v1_5/finetune_lora.sh and finetune_task_lora.sh."""
+    from llava_jax.train.state import labels_for
+
+    config = load_config(str(CONFIGS / spec))
+    lora, o = config.train.lora, config.optimizer
+    assert (lora.rank, lora.alpha, o.lr, o.projector_lr) == (128, 256.0, 2e-4, 2e-5)
+    assert lora.quantize == ("nf4" if spec.endswith("qlora") else "")
+    labels = labels_for(model_config(config), config)
+    adapted = {p.removesuffix("_lora_a") for p in labels if p.endswith("_lora_a")}
+    # find_all_linear_names: all 7 linears of every decoder layer (stacked), nothing else.
+    assert len(adapted) == 7 and all(p.startswith("language_model/layers/") for p in adapted)
+    assert {label for p, label in labels.items() if p.startswith("multi_modal_projector/")} == {
+        "projector"
+    }

@@ -294,3 +294,30 @@ def test_cost_compiles_count_windowed_matmuls():
     assert estimate._costs(default)[0] * len(devices) < model  # the under-count
     assert not estimate.has_xla_loops(counted)
     assert estimate._costs(counted)[0] * len(devices) == pytest.approx(1.32 * model, rel=0.05)
+
+
+def test_13b_lora_state_fits_v5e_8_where_full_finetuning_does_not():
+    """Abstract states only (no compile): on 8 v5e chips (16 GB) the full 13B finetune's
+    float32 params and Adam moments alone exceed a chip; the LoRA recipe's (adapters of
+    rank 128 and the connector hold moments, every adapter FSDP-sharded) take under 7 GiB,
+    QLoRA's (nf4 LLM kernels, two to a byte) under 2 GiB. docs/scaling.md."""
+    from llava_jax.planning import estimate
+    from llava_jax.train.config_loader import load_config, model_config
+
+    devices = topo_lib.compile_devices(parse_topology("v5e-8"))
+    gib = {}
+    for spec in [
+        "llava15_7b_finetune.py:13b",
+        "llava15_7b_lora.py:13b",
+        "llava15_7b_lora.py:13b,qlora",
+    ]:
+        config = load_config(f"configs/{spec}", [])
+        mesh = estimate.plan_mesh(config, devices)
+        state = estimate.abstract_state(model_config(config), config, mesh, 100)
+        per_chip = estimate._bytes_per_chip(state.params) + estimate._bytes_per_chip(
+            state.opt_state
+        )
+        gib[spec] = per_chip / 2**30
+    assert gib["llava15_7b_finetune.py:13b"] > CHIPS["v5e"].hbm_bytes / 2**30
+    assert gib["llava15_7b_lora.py:13b"] < 7.0
+    assert gib["llava15_7b_lora.py:13b,qlora"] < 2.0

@@ -291,3 +291,38 @@ def test_profile_traces_process_0_with_the_device_idle_at_both_ends(monkeypatch,
         ("step", 10),
     ]
     assert stopped == [False, False, False, True, False]
+
+
+def test_lora_run_exports_the_merged_model(setup, tmp_path):
+    """A LoRA run's model dir is a plain model: adapters folded into the LLM's kernels,
+    everything else as trained (the vision tower frozen: as initialised)."""
+    overrides = [
+        *setup,
+        "--config.train.num_steps=2",
+        "--config.train.trainable=multi_modal_projector/.*",
+        "--config.optimizer.vision_lr=0",
+        "--config.train.lora.rank=4",
+        "--config.train.lora.alpha=8",
+    ]
+    config = config_loader.load_config(RECIPE, overrides)
+    result = loop.train(config, tmp_path)
+    cfg = config_loader.model_config(config)
+    init = checkpoint.load_params(config.init_from, cfg)
+    final = checkpoint.load_params(result.model_dir, cfg)
+    assert set(final) == set(init)
+    for path, value in final.items():
+        changed = not np.array_equal(np.asarray(value), np.asarray(init[path]))
+        adapted = path.startswith("language_model/layers/") and path.endswith("_proj/kernel")
+        assert changed == (adapted or path.startswith("multi_modal_projector/")), path
+
+    # `llava-jax export --merge` of the last checkpoint writes the same model.
+    from llava_jax.cli.main import main
+
+    argv = ["export", "--config", RECIPE, "--workdir", str(tmp_path), *overrides]
+    assert main([*argv, "--out", str(tmp_path / "unmerged")]) == 2  # LoRA needs --merge
+    assert main([*argv, "--merge", "--step", "7", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "unmerged").exists() and not (tmp_path / "x").exists()
+    assert main([*argv, "--merge", "--out", str(tmp_path / "exported")]) == 0
+    exported = checkpoint.load_params(tmp_path / "exported", cfg)
+    for path, value in final.items():
+        assert np.array_equal(np.asarray(exported[path]), np.asarray(value)), path

@@ -18,6 +18,7 @@ from llava_jax.cli import (
     convert,
     data,
     eval,  # noqa: A004 (the module, not the builtin)
+    export,
     generate,
     init,
     instruct,
@@ -33,7 +34,20 @@ from llava_jax.cli.interrupt import stoppable
 PROG = "llava-jax"
 
 # A new command is a module with `add_parser(subparsers)` and one entry here.
-COMMANDS = (selfcheck, convert, generate, chat, init, data, train, plan, eval, instruct, serve)
+COMMANDS = (
+    selfcheck,
+    convert,
+    generate,
+    chat,
+    init,
+    data,
+    train,
+    export,
+    plan,
+    eval,
+    instruct,
+    serve,
+)
 
 # ValueError covers CheckpointError and ConfigError; OSError covers FileNotFoundError,
 # PermissionError, a full disk.

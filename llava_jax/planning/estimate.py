@@ -199,8 +199,14 @@ def _bytes_per_chip(tree: Any) -> int:
             if isinstance(leaf.sharding, NamedSharding)
             else leaf.shape
         )
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
+        total += math.prod(shard) * _itemsize(leaf.dtype)
+    return int(total)
+
+
+def _itemsize(dtype) -> float:
+    """Bytes per element; 4-bit types (QLoRA's int4 / nf4 storage) pack two to a byte."""
+    dt = np.dtype(dtype)
+    return dt.itemsize / 2 if dt.name in ("int4", "uint4", "float4_e2m1fn") else dt.itemsize
 
 
 def is_oom(error: BaseException | str) -> bool:

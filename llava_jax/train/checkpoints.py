@@ -117,6 +117,13 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
 
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """Only the train state of `step` (no data iterator), e.g. to export its weights."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored["state"]
+
     def reached_preemption(self, step: int) -> bool:
         """True on every host at the same step once any host got SIGTERM (multi-host)."""
         return self._manager.reached_preemption(step)

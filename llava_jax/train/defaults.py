@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 2e-5
     c.optimizer.vision_lr = 0.0  # 0 = vision tower frozen; OneVision: 2e-6
+    c.optimizer.projector_lr = 0.0  # the connector's own LR (`mm_projector_lr`); 0 = `lr`
     c.optimizer.warmup_ratio = 0.03
     c.optimizer.schedule = "cosine"  # "cosine" or "constant"
     c.optimizer.weight_decay = 0.0
@@ -69,6 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
     # "language_model/...", "image_newline"); everything else is frozen.
     c.train.trainable = ("multi_modal_projector/.*", "language_model/.*")
     c.train.seed = 0
+    # LoRA / QLoRA (docs/training.md): rank 0 = off. With rank > 0 every linear kernel that
+    # `modules` matches gets adapters (always trained) and stays frozen itself.
+    c.train.lora = ml_collections.ConfigDict()
+    c.train.lora.rank = 0
+    c.train.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.train.lora.dropout = 0.0
+    c.train.lora.modules = (r"language_model/layers/(self_attn|mlp)/\w+_proj/kernel",)
+    c.train.lora.quantize = ""  # QLoRA: the frozen base kernels stored as int8, int4 or nf4
     # Positions of each row projected onto the vocabulary at once in the loss (0 = all):
     # float32 logits [B, T, V] never exist whole (OneVision: T = 8192, V = 152k).
     c.train.loss_chunk = 512

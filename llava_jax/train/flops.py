@@ -18,15 +18,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from llava_jax.config import LlavaConfig, Projector
+from llava_jax.models.lora import ADAPTER_SUFFIXES
 
 
 def _factors(labels: Mapping[str, str]) -> dict[str, int]:
-    def trains(prefix):
-        return any(p.startswith(prefix) and label != "frozen" for p, label in labels.items())
+    def trains(prefix):  # LoRA adapters' own FLOPs are negligible (rank << width)
+        return any(p.startswith(prefix) and label != "frozen" and not p.endswith(ADAPTER_SUFFIXES)
+                   for p, label in labels.items())  # fmt: skip
 
+    adapters = [2 for p in labels if p.endswith(ADAPTER_SUFFIXES)]
     vision = 3 if trains("vision_tower/") else 1
     connector = 3 if trains("multi_modal_projector/") else (2 if vision == 3 else 1)
-    llm = 3 if trains("language_model/") else (2 if max(vision, connector) > 1 else 1)
+    # An LLM with LoRA adapters only computes input gradients (2) like a frozen one.
+    llm = 3 if trains("language_model/") else (2 if max(vision, connector, *adapters) > 1 else 1)
     return {"vision": vision, "connector": connector, "llm": llm}
 
 
@@ -75,7 +79,7 @@ def train_flops_per_step(
 
     Args:
       cfg: the model config.
-      labels: {"a/b/c": "train" | "vision" | "frozen"} from `optim.trainable_labels`.
+      labels: {"a/b/c": label} from `optim.trainable_labels`.
       seq_lens: the length of each attention span: every row's T for the padded count
         (MFU comparable to MaxText), or each real segment's length for "useful" FLOPs.
       num_views: views (crops, frames) in the step: B * V padded, or the real ones.

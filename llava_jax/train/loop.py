@@ -122,7 +122,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _assets(init_from: str) -> Path:
+def model_assets(init_from: str) -> Path:
     """The tokenizer and processor files of `init_from`, as a local directory.
 
     transformers reads tokenizers from local directories only, so the assets of a remote
@@ -296,7 +296,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = config_loader.model_config(config)
     mesh = state_lib.mesh_from_config(config)
-    assets = _assets(config.init_from)
+    assets = model_assets(config.init_from)
     tokenizer = load_tokenizer(assets)
     image_cfg = ImageProcessorConfig.from_pretrained(assets, model_cfg)
     if config.data.image_aspect_ratio:
@@ -466,7 +466,8 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     if not preempted:
         model_dir = workdir / "model"
         if not checkpoint.is_model_dir(model_dir):
-            export_model_dir(model_dir, model_cfg, state.params, assets, config.data.template)
+            params = state_lib.merged_params(model_cfg, config, mesh, state.params)
+            export_model_dir(model_dir, model_cfg, params, assets, config.data.template)
         monitor.message(f"done: {total} steps; model in {model_dir}")
     return RunResult(
         step=total if not preempted else step + 1,

@@ -1,7 +1,9 @@
 """What trains, and how: parameter labels from the config's patterns, and the optimizer.
 
 Every parameter gets one label: "train" (the main learning rate), "vision" (the vision
-tower's own learning rate, OneVision), or "frozen". Frozen parameters go through
+tower's own learning rate, OneVision), "projector" (the connector's own learning rate, the
+reference's `mm_projector_lr`, used by its LoRA recipes), or "frozen". LoRA adapters always
+train; the layers that carry them never do. Frozen parameters go through
 `optax.set_to_zero()` inside `optax.multi_transform`, so they hold no optimizer state and
 receive no update (`optax.masked` alone would pass their raw gradient through, pitfalls #16).
 
@@ -22,25 +24,33 @@ import jax.numpy as jnp
 import optax
 
 from llava_jax.checkpoint import flat_to_nested
+from llava_jax.models.lora import ADAPTER_SUFFIXES
 
-LABELS = ("train", "vision", "frozen")
+LABELS = ("train", "vision", "projector", "frozen")
 VISION_PREFIX = "vision_tower/"
+PROJECTOR_PREFIX = "multi_modal_projector/"
 # Leaf names that get no weight decay: biases and every norm's scale and bias (the
 # reference's `create_optimizer` excludes biases and LayerNorm / RMSNorm weights).
 NO_DECAY_LEAVES = ("bias", "scale")
 
 
 def trainable_labels(param_paths: Iterable[str], config) -> dict[str, str]:
-    """{"a/b/c": "train" | "vision" | "frozen"} from `config.train.trainable`.
+    """{"a/b/c": "train" | "vision" | "projector" | "frozen"} from `config.train.trainable`.
 
     A path is trainable when some pattern matches it in full. Vision-tower parameters that
-    match take the label "vision", which needs `optimizer.vision_lr > 0`.
+    match take the label "vision", which needs `optimizer.vision_lr > 0`; connector ones
+    take "projector" when `optimizer.projector_lr > 0`. LoRA adapters
+    ("..._lora_a", "..._lora_b") are "train" without a pattern.
 
     Raises:
-      ValueError: a pattern that matches no parameter, or vision-tower parameters made
-        trainable while `optimizer.vision_lr` is 0 (or the reverse).
+      ValueError: a pattern that matches no parameter, vision-tower parameters made
+        trainable while `optimizer.vision_lr` is 0 (or the reverse), or a pattern that
+        makes a layer with adapters trainable.
     """
-    paths = list(param_paths)
+    all_paths = list(param_paths)
+    adapters = [p for p in all_paths if p.endswith(ADAPTER_SUFFIXES)]
+    adapted = tuple(p.removesuffix("_lora_a") for p in adapters if p.endswith("_lora_a"))
+    paths = [p for p in all_paths if p not in adapters]
     patterns = list(config.train.trainable)
     compiled = []
     for pattern in patterns:
@@ -58,9 +68,24 @@ def trainable_labels(param_paths: Iterable[str], config) -> dict[str, str]:
             labels[path] = "frozen"
         else:
             labels[path] = "vision" if path.startswith(VISION_PREFIX) else "train"
+    both = [p for p in paths if labels[p] != "frozen" and p.startswith(adapted)]
+    if both:
+        raise ValueError(
+            f"train.trainable makes {both[0]} trainable, but its layer has LoRA adapters "
+            "(train.lora); narrow the pattern (e.g. 'multi_modal_projector/.*')"
+        )
+    labels.update({p: "train" for p in adapters})
     unused = [p for p, u in zip(patterns, used, strict=True) if not u]
     if unused:
         raise ValueError(f"train.trainable: {unused} match no parameter")
+    if float(config.optimizer.projector_lr) > 0:
+        projector = [p for p in paths if p.startswith(PROJECTOR_PREFIX) and labels[p] == "train"]
+        if not projector:
+            raise ValueError(
+                f"optimizer.projector_lr is {config.optimizer.projector_lr} but train.trainable "
+                "matches no multi_modal_projector parameter"
+            )
+        labels.update({p: "projector" for p in projector})
     vision_lr = float(config.optimizer.vision_lr)
     trains_vision = "vision" in labels.values()
     if trains_vision and vision_lr <= 0:
@@ -100,11 +125,14 @@ def lr_schedule(
 
 
 def lr_schedules(config, total_steps: int) -> dict[str, Callable[[jax.Array], jax.Array]]:
-    """{"train": schedule, "vision": schedule} (vision only when `vision_lr > 0`)."""
+    """{"train": schedule, "vision": ..., "projector": ...}, the last two only when their
+    learning rate is > 0."""
     o = config.optimizer
     out = {"train": lr_schedule(o.lr, total_steps, o.warmup_ratio, o.schedule)}
     if o.vision_lr > 0:
         out["vision"] = lr_schedule(o.vision_lr, total_steps, o.warmup_ratio, o.schedule)
+    if o.projector_lr > 0:
+        out["projector"] = lr_schedule(o.projector_lr, total_steps, o.warmup_ratio, o.schedule)
     return out
 
 

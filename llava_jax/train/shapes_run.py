@@ -110,8 +110,9 @@ def run_shapes(spec: str, overrides: Sequence[str], workdir: str | Path) -> int:
     base = config_loader.load_config(spec, overrides)
     # `--config.shapes.*` size the run; every other override applies to both stages.
     overrides = [o for o in overrides if not _field(o).startswith("shapes.")]
+    stage2 = base.shapes.stage2  # "stage2", or "stage2-lora" (`shapes_tiny.py:lora`)
     stages = {name: config_loader.load_config(f"{path}:{name}", overrides)
-              for name in ("stage1", "stage2")}  # fmt: skip
+              for name in ("stage1", stage2)}  # fmt: skip
     for config in stages.values():  # a wrong setting fails before the data is written
         config_loader.model_config(config)
         templates.get_template(config.data.template)
@@ -122,7 +123,7 @@ def run_shapes(spec: str, overrides: Sequence[str], workdir: str | Path) -> int:
 
     init = _random_model_dir(workdir / "init", stages["stage1"], paths.tokenizer)
     model_dir = None
-    for name, records, start in (("stage1", paths.stage1, init), ("stage2", paths.stage2, None)):
+    for name, records, start in (("stage1", paths.stage1, init), (stage2, paths.stage2, None)):
         config = stages[name]
         with config.unlocked():
             config.data.train = str(records)

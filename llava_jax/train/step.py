@@ -28,12 +28,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
+from llava_jax.checkpoint import flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
 from llava_jax.nn.chunks import over_positions
 from llava_jax.train.optim import lr_schedules, make_optimizer
-from llava_jax.train.state import TrainState, labels_for, state_shardings
+from llava_jax.train.state import TrainState, labels_for, state_shardings, train_model
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the batch dimension
 
@@ -123,7 +123,7 @@ def make_train_step(
     labels = labels_for(model_cfg, config)
     tx = make_optimizer(config, total_steps, labels)
     schedules = lr_schedules(config, total_steps)
-    graphdef = nnx.split(abstract_model(model_cfg), nnx.Param)[0]
+    graphdef = nnx.split(train_model(model_cfg, config), nnx.Param)[0]
     trained = {p for p, label in labels.items() if label != "frozen"}
     accum = int(config.optimizer.grad_accum)
     loss_chunk = int(config.train.loss_chunk)

@@ -1,0 +1,81 @@
+"""`llava-jax export --merge`: a training checkpoint's weights as a plain llava-jax model dir.
+
+A finished run already writes `<workdir>/model` (LoRA: merged); this takes any saved step,
+e.g. to try a checkpoint mid-run, with LoRA adapters folded into their kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from llava_jax.paths import absolute
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a training checkpoint as a model dir (LoRA adapters merged)",
+        description="Restore the train state of a workdir's checkpoint (the newest, or "
+        "--step) and write its weights as a llava-jax model dir; with LoRA (train.lora) the "
+        "adapters are merged into their kernels (--merge). Pass the run's --config and "
+        "overrides; `llava-jax convert jax-to-hf` turns the result into an HF directory.",
+    )
+    parser.add_argument("--config", required=True, metavar="RECIPE[:ARG]", help="the run's recipe")
+    parser.add_argument("--workdir", required=True, type=absolute, help="the run's workdir")
+    parser.add_argument("--out", required=True, type=absolute, help="the model dir to create")
+    parser.add_argument(
+        "--init-from",
+        type=absolute,
+        metavar="DIR",
+        help="the run's --init-from (its tokenizer and processor)",
+    )
+    parser.add_argument("--step", type=int, help="the checkpoint step (default: the newest)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge LoRA adapters into the base weights (required when the run used LoRA)",
+    )
+    parser.set_defaults(run=run, overrides=[])
+
+
+def run(args: argparse.Namespace) -> int:
+    from etils import epath
+
+    from llava_jax.cli import CommandError
+    from llava_jax.models import lora
+    from llava_jax.train import config_loader, loop
+    from llava_jax.train import state as state_lib
+    from llava_jax.train.checkpoints import Checkpointer
+
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"--config.init_from={args.init_from}")
+    config = config_loader.load_config(args.config, overrides)
+    if lora.spec_from_config(config) is not None and not args.merge:
+        raise CommandError(
+            "the run trains LoRA adapters (train.lora.rank > 0): pass --merge to fold them "
+            "into the base weights"
+        )
+    workdir = epath.Path(args.workdir)
+    if not (workdir / "checkpoints").is_dir():
+        raise CommandError(f"{workdir / 'checkpoints'}: no such directory (not a workdir?)")
+    model_cfg = config_loader.model_config(config)
+    mesh = state_lib.mesh_from_config(config)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=1)
+    try:
+        steps = ckpt.all_steps()
+        step = args.step if args.step is not None else max(steps, default=None)
+        if step is None or step not in steps:
+            saved = f"saved: {sorted(steps)}" if steps else "no finished checkpoint"
+            raise CommandError(f"{workdir / 'checkpoints'}: no step {step}; {saved}")
+        # The state's shapes do not depend on the schedule's length.
+        abstract = state_lib.abstract_state(model_cfg, config, mesh, total_steps=1)
+        state = ckpt.restore_state(step, abstract)
+    finally:
+        ckpt.close()
+    params = state_lib.merged_params(model_cfg, config, mesh, state.params)
+    out = epath.Path(args.out)
+    assets = loop.model_assets(config.init_from)
+    loop.export_model_dir(out, model_cfg, params, assets, config.data.template)
+    print(f"step {step} of {workdir} -> {out}")
+    return 0

@@ -1,0 +1,241 @@
+"""LoRA and QLoRA (train.lora, models/lora.py): adapter-only training on an 8-device mesh,
+the frozen base untouched bit for bit, exact resume, merge, quantized storage."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import STAGE1, STAGE2, model_config, random_batch, train_config
+
+from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
+from llava_jax.models import lora
+from llava_jax.sharding import make_mesh
+from llava_jax.train.checkpoints import Checkpointer
+from llava_jax.train.flops import train_flops_per_step
+from llava_jax.train.optim import lr_schedules, trainable_labels
+from llava_jax.train.state import (
+    abstract_state,
+    has_optimizer_state,
+    init_state,
+    labels_for,
+    train_model,
+)
+from llava_jax.train.step import make_train_step, shard_batch, token_losses
+
+LLM_KERNELS = [f"language_model/layers/{m}/kernel" for m in (
+    "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
+    "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")]  # fmt: skip
+
+
+def lora_config(rank=4, quantize="", trainable=STAGE1):
+    c = train_config(trainable)
+    c.train.lora.rank = rank
+    c.train.lora.alpha = 2.0 * rank
+    c.train.lora.quantize = quantize
+    return c
+
+
+def test_labels_adapters_train_the_adapted_layers_do_not():
+    cfg = model_config()
+    labels = labels_for(cfg, lora_config())
+    adapters = {p for p in labels if lora.is_adapter(p)}
+    assert adapters == {k + s for k in LLM_KERNELS for s in ("_lora_a", "_lora_b")}
+    trained = {p for p, label in labels.items() if label == "train"}
+    assert trained == adapters | {p for p in labels if p.startswith("multi_modal_projector/")}
+    with pytest.raises(ValueError, match="has LoRA adapters"):
+        trainable_labels(labels, lora_config(trainable=STAGE2))
+
+
+def test_config_errors_are_one_line():
+    cfg = model_config()
+    for field, value, match in [
+        ("rank", -1, "train.lora.rank"),
+        ("quantize", "int3", "train.lora.quantize"),
+        ("dropout", 0.05, "train.lora.dropout"),
+        ("modules", ("language_model/nothing",), "matches no parameter"),
+        ("modules", ("language_model/layers/input_layernorm/scale",), "not the kernel"),
+        ("modules", ("language_model/(",), "bad pattern"),
+    ]:
+        config = lora_config()
+        config.train.lora[field] = value
+        with pytest.raises(ValueError, match=match) as e:
+            labels_for(cfg, config)
+        assert "\n" not in str(e.value)
+    config = lora_config(rank=0, quantize="nf4")  # QLoRA without adapters: refused
+    with pytest.raises(ValueError, match="needs train.lora.rank"):
+        labels_for(cfg, config)
+
+
+def test_projector_lr_is_its_own_group():
+    """The reference's LoRA recipes train the connector at `mm_projector_lr` (10x lower)."""
+    cfg, config = model_config(), lora_config()
+    config.optimizer.projector_lr = config.optimizer.lr / 10
+    labels = labels_for(cfg, config)
+    projector = {p for p in labels if p.startswith("multi_modal_projector/")}
+    assert {p for p, label in labels.items() if label == "projector"} == projector
+    schedules = lr_schedules(config, total_steps=10)
+    assert float(schedules["projector"](3)) == pytest.approx(float(schedules["train"](3)) / 10)
+    config.train.trainable = ()
+    with pytest.raises(ValueError, match="projector_lr"):
+        labels_for(cfg, config)
+
+
+def test_flops_of_a_lora_llm_are_those_of_a_frozen_one():
+    """Adapters only: the LLM's backward computes input gradients, no weight gradients."""
+    cfg = model_config()
+    kw = dict(seq_lens=[16] * 8, num_views=8)
+    lora_flops = train_flops_per_step(cfg, labels_for(cfg, lora_config()), **kw)
+    stage1_flops = train_flops_per_step(cfg, labels_for(cfg, train_config(STAGE1)), **kw)
+    assert lora_flops == stage1_flops
+
+
+@dataclasses.dataclass
+class Run:
+    """Three LoRA steps on an 8-device mesh from one random init, compiled once."""
+
+    cfg: Any
+    config: Any
+    mesh: Any
+    step: Any
+    params: list[dict[str, np.ndarray]]  # before the first step and after each
+    losses: list[float]
+    has_opt_state: dict[str, bool]  # per parameter, at init
+    opt_moments: int  # optimizer-state elements with a parameter's shape
+    specs: dict[str, Any]  # PartitionSpec per parameter
+    checkpoints: Any  # a checkpoint dir holding step 2
+    final: Any  # the TrainState after step 3
+
+
+def _copy(state) -> dict[str, np.ndarray]:  # copies: the step donates its input
+    return {k: np.array(v) for k, v in nested_to_flat(state.params).items()}
+
+
+def _run(quantize: str, tmp_path_factory) -> Run:
+    cfg, config = model_config(), lora_config(quantize=quantize)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    state = init_state(cfg, config, mesh, total_steps=10, rng=0)
+    flat = nested_to_flat(state.params)
+    has = {p: has_optimizer_state(state.opt_state, p) for p in flat}
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    specs = {p: v.sharding.spec for p, v in flat.items()}
+    step = make_train_step(cfg, config, mesh, total_steps=10)
+    ckpt_dir = tmp_path_factory.mktemp(f"lora{quantize}")
+    params, losses = [_copy(state)], []
+    for i in range(3):
+        if i == 2:
+            ckpt = Checkpointer(ckpt_dir, save_every=1, keep_last=1, async_save=False)
+            ckpt.save(2, state, _iterator(), {"step": 2})
+            ckpt.wait()
+        state, metrics = step(state, shard_batch(random_batch(100 + i), mesh))
+        params.append(_copy(state))
+        losses.append(float(metrics["loss"]))
+    return Run(cfg, config, mesh, step, params, losses, has, moments, specs, ckpt_dir, state)
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(4).to_iter_dataset())
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    return _run("", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory):
+    return _run("int8", tmp_path_factory)
+
+
+# The QLoRA run compiles a second train step (~1.5 min on 2 loaded cores): slow.
+@pytest.fixture(params=["lora", pytest.param("qlora", marks=pytest.mark.slow)])
+def run(request):
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def test_step_on_8_devices_trains_only_adapters(run):
+    before, after = run.params[0], run.params[-1]
+    trained = [p for p, label in labels_for(run.cfg, run.config).items() if label == "train"]
+    assert any(lora.is_adapter(p) for p in trained)
+    # Only adapters and the projector hold optimizer state (two AdamW moments each).
+    for path in before:
+        assert run.has_opt_state[path] == (path in trained), path
+    assert run.opt_moments == 2 * sum(before[p].size for p in trained)
+    # Adapters are sharded like their kernels: A on the input axis, B on the output axis.
+    for kernel in LLM_KERNELS:
+        k_spec = run.specs.get(kernel) or run.specs[kernel + "/array/qvalue"]
+        a_spec, b_spec = run.specs[kernel + "_lora_a"], run.specs[kernel + "_lora_b"]
+        assert (a_spec[1], b_spec[2]) == (k_spec[1], k_spec[2]), kernel
+        # The rank axis takes `fsdp` where the adapter has no `embed` axis to put it on.
+        assert "fsdp" in (*a_spec, None) and "fsdp" in (*b_spec, None), kernel
+    for path, value in before.items():
+        changed = not np.array_equal(value, after[path])
+        assert changed == (path in trained), path  # frozen (quantized or not): bit for bit
+    assert run.losses[-1] < run.losses[0]
+
+
+def test_exact_resume(run):
+    """Restored at step 2 into a fresh abstract state, one more step gives step 3 exactly."""
+    abstract = abstract_state(run.cfg, run.config, run.mesh, total_steps=10)
+    restored, meta = Checkpointer(run.checkpoints, save_every=1).restore(2, abstract, _iterator())
+    assert meta == {"step": 2}
+    resumed, _ = run.step(restored, shard_batch(random_batch(102), run.mesh))
+    want, got = run.params[3], _copy(resumed)
+    for path in want:
+        assert np.array_equal(want[path], got[path]), path
+
+
+def _losses(graphdef, params, batch):
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    return np.asarray(jax.jit(lambda p: token_losses(graphdef, p, batch)[0])(params))
+
+
+def test_merged_equals_unmerged(run):
+    spec = lora.spec_from_config(run.config)
+    lora_graphdef = nnx.graphdef(train_model(run.cfg, run.config))
+    trained = flat_to_nested(run.params[-1])
+    merged = lora.merged_params(nnx.merge(lora_graphdef, trained), spec)
+    plain = abstract_model(run.cfg)
+    assert set(merged) == set(nested_to_flat(nnx.to_pure_dict(nnx.state(plain, nnx.Param))))
+    batch = random_batch(7)
+    unmerged = _losses(lora_graphdef, trained, batch)
+    merged_ce = _losses(nnx.graphdef(plain), flat_to_nested(merged), batch)
+    assert not np.allclose(unmerged, _losses(lora_graphdef, flat_to_nested(run.params[0]), batch))
+    # Per-token cross-entropy, float32 throughout: the merge only reassociates W x + A B x
+    # (and for QLoRA dequantizes W once instead of in every matmul).
+    np.testing.assert_allclose(merged_ce, unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype,bits", [("int8", 8), ("int4", 4), ("nf4", 4)])
+def test_qlora_base_is_stored_quantized(qtype, bits):
+    """The train state's base kernels (what init_state creates and checkpoints hold) are
+    `bits`-wide integers plus float32 scales: bytes counted against the float32 kernel."""
+    cfg = model_config()
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    state = abstract_state(cfg, lora_config(quantize=qtype), mesh, total_steps=10)
+    flat = nested_to_flat(state.params)
+    plain = nested_to_flat(nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
+    for kernel in LLM_KERNELS:
+        assert kernel not in flat
+        qvalue, scale = flat[kernel + "/array/qvalue"], flat[kernel + "/array/scale"]
+        assert qvalue.shape == plain[kernel].shape
+        assert jnp.iinfo(qvalue.dtype).bits == bits, qvalue.dtype
+        stored = qvalue.size * bits // 8 + scale.size * jnp.dtype(scale.dtype).itemsize
+        full = plain[kernel].size * 4
+        # One float32 scale per output column (int8) or per column and 64-row block (4-bit
+        # when the width divides by 64; the tiny widths do not, so per column).
+        assert scale.size == qvalue.shape[0] * qvalue.shape[-1], scale.shape
+        assert stored < full * (bits / 32 + 0.1), (kernel, stored, full)
+
+
+@pytest.mark.slow
+def test_qlora_int8_arrays_hold_one_byte_per_weight(qlora_run):
+    for kernel in LLM_KERNELS:
+        qvalue = nested_to_flat(qlora_run.final.params)[kernel + "/array/qvalue"]
+        assert qvalue.dtype == jnp.int8 and qvalue.nbytes == qvalue.size, kernel
