@@ -154,3 +154,38 @@ def test_splash_compiles_for_tpu_and_its_flops_are_counted():
     assert splash_kernel_flops(text) == (4 + 6 + 8) * per_chip
     # What XLA counts by itself: almost nothing (the kernels are opaque custom calls).
     assert compiled.cost_analysis()["flops"] < 0.01 * splash_kernel_flops(text)
+
+
+@pytest.mark.slow
+def test_model_with_splash_equals_the_xla_path():
+    """The whole tiny LLaVA (scanned layers) with the kernel in the vision tower and the
+    decoder: same features and hidden states; a prefill into an empty cache writes the same
+    keys and values."""
+    from flax import nnx
+    from train_helpers import TINY
+
+    from llava_jax.models.llava import LlavaModel
+    from llava_jax.models.llm import KVCache
+
+    model = LlavaModel(TINY, rngs=nnx.Rngs(0))
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    splash = FusedAttention(AttentionImpl.SPLASH, mesh, interpret=True)
+    pixels = jax.random.normal(jax.random.key(1), (2, 1, 28, 28, 3))
+    want_views, _ = model.encode_views(pixels)
+    got_views, _ = model.encode_views(pixels, splash)
+    np.testing.assert_allclose(got_views, want_views, atol=2e-5, err_msg="vision tower")
+
+    ids = jax.random.randint(jax.random.key(2), SEGMENTS.shape, 0, 64)
+    segments = jnp.asarray(SEGMENTS)
+    real = (segments != 0)[..., None]
+    want = model.hidden_states(ids, segment_ids=segments).hidden
+    got = model.hidden_states(ids, segment_ids=segments, attention=splash).hidden
+    np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), atol=2e-5)
+
+    cache = KVCache.init(TINY.text, 2, 24, jnp.float32)
+    want_cache = model.hidden_states(ids, segment_ids=segments, cache=cache).cache
+    got_cache = model.hidden_states(ids, segment_ids=segments, cache=cache, attention=splash).cache
+    written = real[None, :, None]  # [1, B, 1, T, 1] against [L, B, K, S, H]
+    for name in ("k", "v"):
+        a, b = getattr(got_cache, name)[:, :, :, :20], getattr(want_cache, name)[:, :, :, :20]
+        np.testing.assert_allclose(a * written, b * written, atol=2e-5, err_msg=f"cache {name}")

@@ -285,3 +285,30 @@ def test_cost_compiles_count_windowed_matmuls():
     assert estimate._costs(default)[0] * len(devices) < model  # the under-count
     assert not estimate.has_xla_loops(counted)
     assert estimate._costs(counted)[0] * len(devices) == pytest.approx(1.32 * model, rel=0.05)
+
+
+@pytest.mark.slow
+def test_tiny_plan_compiles_and_counts_the_splash_kernel():
+    """`train.attention=auto` on a CPU host planning for TPU chips: the step holds splash's
+    kernel calls, forward and backward, and the cost counts their FLOPs, which XLA's own
+    `cost_analysis()` leaves out."""
+    from llava_jax.nn.attention_kernels import splash_kernel_flops
+    from llava_jax.planning import estimate
+    from llava_jax.train.config_loader import load_config, model_config
+
+    t = parse_topology("v5e-8")
+    config = load_config(TINY, TINY_ARGS)
+    model_cfg = model_config(config).replace(scan_layers=False)
+    mesh = estimate.plan_mesh(config, topo_lib.compile_devices(t))
+    compiled, *_ = estimate._compile(model_cfg, config, mesh, 8, for_cost=True)
+    text = compiled.as_text()
+    for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert f"%{name}" in text, name
+    kernel = splash_kernel_flops(text)
+    # LLM: 2 trained layers, 1 row of 32 tokens (padded to 128) per chip, 4 heads of 32.
+    assert kernel >= 2 * (4 + 6 + 8) * 1 * 4 * 128 * 128 * 32
+    flops, _, _ = estimate._costs(compiled, t.chip)
+    assert flops == pytest.approx(compiled.cost_analysis()["flops"] + kernel)
+    xla = load_config(TINY, [*TINY_ARGS, "--config.train.attention=xla"])
+    compiled_xla, *_ = estimate._compile(model_cfg, xla, mesh, 8, for_cost=True)
+    assert "splash_mha" not in compiled_xla.as_text()

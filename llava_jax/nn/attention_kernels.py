@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import math
 import re
 
@@ -151,10 +150,10 @@ def _block(length: int) -> int:
     return next(b for b in _BLOCKS if length % b == 0)
 
 
-@functools.cache
 def _splash_kernel(heads: int, length: int, causal: bool, window: int | None, interpret: bool):
     """A splash kernel for `heads` local query heads and sequences of `length` (a multiple
-    of 128); its masks are static numpy (block-sparse: fully masked blocks are skipped)."""
+    of 128); its masks are static numpy (block-sparse: fully masked blocks are skipped).
+    Built at every trace, not cached: it holds arrays, which must not outlive a trace."""
     shape = (length, length)
     if window is not None:
         # LocalMask's (left, right) sizes: key s is kept when t - left <= s <= t + right.
