@@ -189,3 +189,13 @@ def test_model_with_splash_equals_the_xla_path():
     for name in ("k", "v"):
         a, b = getattr(got_cache, name)[:, :, :, :20], getattr(want_cache, name)[:, :, :, :20]
         np.testing.assert_allclose(a * written, b * written, atol=2e-5, err_msg=f"cache {name}")
+
+
+def test_splash_refuses_heads_that_do_not_split_over_tensor():
+    """Qwen2-0.5B's 14 query heads over tensor=4: an error that names the fix."""
+    mesh = make_mesh(1, 1, 4, devices=jax.devices()[:4])
+    q, k, v = _inputs(1, 16, 14, 2, 8, jnp.float32)
+    splash = FusedAttention(AttentionImpl.SPLASH, mesh, interpret=True)
+    with pytest.raises(ValueError, match="14 query and 2 key/value heads do not split over "
+                       "mesh.tensor=4; .* or --config.train.attention=xla"):  # fmt: skip
+        splash(q, k, v, causal=True)

@@ -107,6 +107,13 @@ def test_cli_rejects_unknown_topology_in_one_line(capsys):
     assert err.count("\n") == 1 and "llava-jax: error: unsupported TPU topology 'v5p-7'" in err
 
 
+def test_cli_rejects_unknown_attention_in_one_line(capsys):
+    code, _, err = _run(capsys, "--config", TINY, "--topology", "v5e-8", "--memory-only",
+                        "--config.train.attention=flash")  # fmt: skip
+    assert code != 0 and err.count("\n") == 1
+    assert "train.attention='flash': choose one of auto, xla, splash, cudnn" in err
+
+
 def test_cli_without_libtpu_says_how_to_install(capsys, monkeypatch):
     monkeypatch.setattr(topo_lib, "libtpu_available", lambda: False)
     code, _, err = _run(capsys, "--config", TINY, "--topology", "v5e-8")
@@ -136,6 +143,7 @@ def test_tiny_plan_json_on_v5e_8(capsys):
     assert (d["topology"], d["num_chips"], d["chip"]) == ("v5e-8", 8, "TPU v5e")
     assert d["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the recipe's data = -1
     assert d["fits"] is True and d["cost"] is None and d["rows_per_chip"] == 1
+    assert d["attention"] == "splash"  # auto, for TPU chips, on this CPU host
     mem = d["memory"]
     # Data parallel: every chip holds all parameters (float32) and Adam's two moments of the
     # trained ones (here every parameter trains).

@@ -187,7 +187,8 @@ def splash_attention(q, k, v, segment_ids, causal, sliding_window, mesh: Mesh, i
     if n % shards or (num_kv % shards and shards % num_kv):
         raise ValueError(
             f"splash attention: {n} query and {num_kv} key/value heads do not split over "
-            f"tensor={shards}"
+            f"mesh.tensor={shards}; choose a tensor size that divides them, or "
+            "--config.train.attention=xla"
         )
     split_kv = num_kv % shards == 0
     pad = -t % 128
