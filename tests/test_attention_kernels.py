@@ -21,6 +21,7 @@ from llava_jax.nn.attention_kernels import (
     AttentionImpl,
     FusedAttention,
     attention_kernel,
+    computed_blocks,
     cudnn_attention,
     resolve,
     splash_kernel_flops,
@@ -131,7 +132,8 @@ def test_auto_follows_the_devices_the_step_is_compiled_for():
 
 def test_splash_compiles_for_tpu_and_its_flops_are_counted():
     """Forward and backward of splash, compiled for a v5p-8 mesh (data 1, fsdp 2, tensor 2):
-    three kernel calls per chip, counted by hand: forward 4, dq 6, dkv 8 x b n T S H."""
+    three kernel calls per chip, counted by hand: forward 4, dq 6, dkv 8 x b n H x the
+    query-key pairs of the blocks computed (causal, 1024 tokens in 512-blocks: 3 of 4)."""
     devices = topo_lib.compile_devices(topo_lib.parse_topology("v5p-8"))
     mesh = make_mesh(1, 2, 2, devices=devices)
     b, t, n, k, h = 4, 1024, 8, 2, 128
@@ -150,8 +152,9 @@ def test_splash_compiles_for_tpu_and_its_flops_are_counted():
     text = compiled.as_text()
     for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
         assert name in text and 'custom_call_target="tpu_custom_call"' in text
-    per_chip = (b // 2) * (n // 2) * t * t * h  # rows over fsdp, heads over tensor
+    per_chip = (b // 2) * (n // 2) * h * 3 * 512 * 512  # rows over fsdp, heads over tensor
     assert splash_kernel_flops(text) == (4 + 6 + 8) * per_chip
+    assert "splash_mask_causal" in text  # the scope the count reads the mask from
     # What XLA counts by itself: almost nothing (the kernels are opaque custom calls).
     assert compiled.cost_analysis()["flops"] < 0.01 * splash_kernel_flops(text)
 
@@ -199,3 +202,18 @@ def test_splash_refuses_heads_that_do_not_split_over_tensor():
     with pytest.raises(ValueError, match="14 query and 2 key/value heads do not split over "
                        "mesh.tensor=4; .* or --config.train.attention=xla"):  # fmt: skip
         splash(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("full", 16),
+        ("causal", 10),  # the lower triangle of 4 x 4 blocks
+        ("causal_window1", 4),  # the diagonal only
+        ("causal_window128", 7),  # and the block before: query 128 sees key 127
+        ("causal_window130", 9),  # and two before: query 256 sees key 127
+    ],
+)
+def test_computed_blocks_are_those_the_mask_touches(name, want):
+    """512 tokens in blocks of 128: the blocks holding at least one allowed pair."""
+    assert computed_blocks(name, 512, 128, 128) == want

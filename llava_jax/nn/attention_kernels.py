@@ -20,6 +20,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import Mesh, PartitionSpec
 
@@ -208,29 +209,69 @@ def splash_attention(q, k, v, segment_ids, causal, sliding_window, mesh: Mesh, i
 
     heads = PartitionSpec(BATCH_AXES, HEAD_AXIS)
     kv = heads if split_kv else PartitionSpec(BATCH_AXES)
-    out = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(heads, kv, kv, PartitionSpec(BATCH_AXES)),
-        out_specs=heads,
-        check_vma=False,  # the Pallas call has no replication rule
-    )(q, k, v, segment_ids)
+    # The scope names the static mask in the compiled program's op names, so that
+    # `splash_kernel_flops` can count the blocks the kernel computes.
+    with jax.named_scope(f"{_SCOPE}{_mask_name(causal, sliding_window)}"):
+        out = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(heads, kv, kv, PartitionSpec(BATCH_AXES)),
+            out_specs=heads,
+            check_vma=False,  # the Pallas call has no replication rule
+        )(q, k, v, segment_ids)
     return out[:, :, :t].transpose(0, 2, 1, 3)
+
+
+_SCOPE = "splash_mask_"
+
+
+def _mask_name(causal: bool, window: int | None) -> str:
+    return ("causal" if causal else "full") + ("" if window is None else f"_window{window}")
+
+
+def computed_blocks(name: str, length: int, block_q: int, block_kv: int) -> int:
+    """Blocks [block_q, block_kv] of a length x length mask that splash computes: those with
+    at least one query-key pair the static mask `name` allows (the others it skips)."""
+    q0 = np.arange(0, length, block_q)[:, None]  # first query of each block row
+    k0 = np.arange(0, length, block_kv)[None, :]
+    q1, k1 = q0 + block_q - 1, k0 + block_kv - 1
+    keep = np.ones((q0.size, k0.size), bool)
+    if name.startswith("causal"):
+        keep &= k0 <= q1  # some key at or before some query
+    window = re.search(r"_window(\d+)$", name)
+    if window:
+        keep &= q0 - k1 < int(window[1])  # some pair closer than the window
+        if not name.startswith("causal"):
+            keep &= k0 - q1 < int(window[1])
+    return int(keep.sum())
 
 
 def splash_kernel_flops(hlo_text: str) -> float:
     """FLOPs of the splash kernels in a compiled TPU program, which XLA counts as zero.
 
     Splash's `pallas_call`s carry no cost estimate, so `cost_analysis()` sees each as an
-    opaque custom call. Counted here from each call's q and k shapes (its operand layout),
-    densely, as the XLA path's matmuls count: forward 4*T*S*H per head (q k^T, p v), dq
-    6*T*S*H (q k^T again, dO v^T, dS k), dkv 8*T*S*H (q k^T, p^T dO, dO v^T, dS^T q). A
-    causal kernel skips the fully masked blocks, so it runs about half of these."""
+    opaque custom call. Counted here for each call from its q and k shapes (its operand
+    layout), its block sizes (its kernel metadata) and its static mask (the scope
+    `splash_attention` names it in): per head and computed block [bq, bkv], forward
+    4 * bq * bkv * H (q k^T, p v), dq 6 (q k^T again, dO v^T, dS k), dkv 8 (q k^T, p^T dO,
+    dO v^T, dS^T q). The blocks a causal or windowed mask leaves empty are skipped by the
+    kernel and not counted; a call outside `splash_attention` is counted dense."""
     total = 0.0
     per_kind = {"fwd": 4, "dq": 6, "dkv": 8}
-    for kind, operands in _SPLASH_CALL.findall(hlo_text):
+    calls = list(_SPLASH_CALL.finditer(hlo_text))
+    for call, after in zip(calls, [*calls[1:], None], strict=True):
+        kind, operands = call.group(1), call.group(2)
+        text = hlo_text[call.start() : after.start() if after else len(hlo_text)]
         q, k = (tuple(map(int, s.split(","))) for s in _FLOAT_SHAPE.findall(operands)[:2])
-        total += per_kind[kind] * math.prod(q) * k[-2]
+        *heads, length, head_dim = q
+        pairs = length * k[-2]
+        scope = re.search(rf"[/(]{_SCOPE}(\w+?)[/)]", text)  # in a jvp(...) or not
+        suffix = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}[kind]
+        blocks = [re.search(rf'\\"block_{axis}{suffix}\\": (\d+)', text) for axis in "q kv".split()]
+        if scope and all(blocks) and length == k[-2]:
+            bq, bkv = (int(b[1]) for b in blocks)
+            pairs = computed_blocks(scope[1], length, bq, bkv) * bq * bkv
+        total += per_kind[kind] * math.prod(heads) * head_dim * pairs
     return total
 
 
