@@ -130,7 +130,7 @@ def probe_throughput(
         config_loader.apply_override(config, override)
     cfg = config_loader.model_config(config)
     mesh = state.mesh_from_config(config)
-    attention = resolve(config.train.attention, mesh).value
+    attention = resolve(config.train.attention, mesh, cfg.dtype).value
     train_state = state.init_state(cfg, config, mesh, total_steps=100)
     train_step = step.make_train_step(cfg, config, mesh, total_steps=100)
     host = _random_batch(cfg, batch, seq_len, np.random.default_rng(0))

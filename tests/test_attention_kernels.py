@@ -119,6 +119,9 @@ def test_auto_follows_the_devices_the_step_is_compiled_for():
     cpu = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     assert attention_kernel("auto", cpu) is None  # the XLA path
     assert resolve("auto", _fake_mesh("cuda")) == AttentionImpl.CUDNN
+    assert resolve("auto", _fake_mesh("cuda"), "float32") == AttentionImpl.XLA  # no f32 cuDNN
+    with pytest.raises(ValueError, match="'cudnn' needs bfloat16 or float16, not float32"):
+        resolve("cudnn", _fake_mesh("cuda"), "float32")
     assert resolve("auto", _fake_mesh("tpu")) == AttentionImpl.SPLASH
     assert resolve("xla", _fake_mesh("tpu")) == AttentionImpl.XLA
     # A CPU host planning for a TPU topology: libtpu's compile-only devices.

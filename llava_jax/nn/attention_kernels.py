@@ -47,26 +47,35 @@ def mesh_platform(mesh: Mesh) -> str:
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
-def resolve(impl: str | AttentionImpl, mesh: Mesh) -> AttentionImpl:
-    """The implementation `impl` means on `mesh`'s devices: `auto` follows the devices the
-    step is compiled for, not `jax.default_backend()` (a CPU host planning for a TPU
-    topology gets splash). An explicit kernel on devices it cannot run on is an error."""
+def resolve(impl: str | AttentionImpl, mesh: Mesh, dtype: str = "bfloat16") -> AttentionImpl:
+    """The implementation `impl` means on `mesh`'s devices for compute `dtype`: `auto`
+    follows the devices the step is compiled for, not `jax.default_backend()` (a CPU host
+    planning for a TPU topology gets splash). cuDNN flash attention has no float32
+    (jax's `cudnn/fused_attention_stablehlo.py` refuses it), so `auto` on a GPU takes the
+    XLA path for a float32 model. An explicit kernel that cannot run is an error."""
     try:
         impl = AttentionImpl(impl)
     except ValueError:
         choices = ", ".join(i.value for i in AttentionImpl)
         raise ValueError(f"train.attention={impl!r}: choose one of {choices}") from None
     platform = mesh_platform(mesh)
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if impl == AttentionImpl.AUTO:
-        return _BY_PLATFORM.get(platform, AttentionImpl.XLA)
+        impl = _BY_PLATFORM.get(platform, AttentionImpl.XLA)
+        return AttentionImpl.XLA if impl == AttentionImpl.CUDNN and not half else impl
     if impl != AttentionImpl.XLA and _BY_PLATFORM.get(platform) != impl:
         raise ValueError(f"train.attention={impl.value!r} does not run on {platform} devices")
+    if impl == AttentionImpl.CUDNN and not half:
+        raise ValueError(f"train.attention='cudnn' needs bfloat16 or float16, not {dtype}")
     return impl
 
 
-def attention_kernel(impl: str | AttentionImpl, mesh: Mesh) -> FusedAttention | None:
-    """The fused kernel `impl` resolves to on `mesh`, or None for the XLA path."""
-    impl = resolve(impl, mesh)
+def attention_kernel(
+    impl: str | AttentionImpl, mesh: Mesh, dtype: str = "bfloat16"
+) -> FusedAttention | None:
+    """The fused kernel `impl` resolves to on `mesh` for compute `dtype`, or None for the
+    XLA path."""
+    impl = resolve(impl, mesh, dtype)
     return None if impl == AttentionImpl.XLA else FusedAttention(impl, mesh)
 
 
@@ -127,8 +136,10 @@ def cudnn_attention(
     """`jax.nn.dot_product_attention` (cuDNN flash attention) with packed segments.
 
     jax 0.10's API has no segment ids, so packed rows and padding enter as a bool mask
-    [B, 1, T, S]: one byte per query-key pair, not the float scores. `implementation="xla"`
-    runs the same call on any backend (the CPU tests)."""
+    [B, 1, T, S], which jax's cuDNN wrapper turns into an additive bias of that shape
+    (`combine_bias_and_mask`): one value per query-key pair, shared by the heads, not the
+    [B, N, T, S] scores. `implementation="xla"` runs the same call on any backend (the
+    CPU tests)."""
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     mask &= (segment_ids != 0)[:, None, None, :]
     window = None if sliding_window is None else (sliding_window - 1, 0)

@@ -396,7 +396,7 @@ def plan(
         rows_per_chip=batch / accum / rows_split,
         seq_len=shape.max_len,
         model_flops=model_flops(model_cfg, config, shape),
-        attention=resolve(config.train.attention, mesh).value,
+        attention=resolve(config.train.attention, mesh, model_cfg.dtype).value,
     )
     _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")
     start = time.perf_counter()

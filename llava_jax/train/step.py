@@ -135,7 +135,7 @@ def make_train_step(
     trained = {p for p, label in labels.items() if label != "frozen"}
     accum = int(config.optimizer.grad_accum)
     loss_chunk = int(config.train.loss_chunk)
-    attention = attention_kernel(config.train.attention, mesh)
+    attention = attention_kernel(config.train.attention, mesh, model_cfg.dtype)
     if accum < 1:
         raise ValueError(f"optimizer.grad_accum must be >= 1, got {accum}")
     state_sh = state_shardings(model_cfg, config, mesh, total_steps)
