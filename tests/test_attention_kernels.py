@@ -220,3 +220,10 @@ def test_splash_refuses_heads_that_do_not_split_over_tensor():
 def test_computed_blocks_are_those_the_mask_touches(name, want):
     """512 tokens in blocks of 128: the blocks holding at least one allowed pair."""
     assert computed_blocks(name, 512, 128, 128) == want
+
+
+def test_cudnn_call_without_segments_is_full_attention():
+    """The vision tower's call: no segment ids, no mask, every key attended."""
+    q, k, v = _inputs(2, 20, 4, 4, 16, jnp.float32)
+    got = cudnn_attention(q, k, v, None, False, None, "xla")
+    np.testing.assert_allclose(got, dot_product_attention(q, k, v, None), atol=2e-6)

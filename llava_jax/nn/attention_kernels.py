@@ -5,7 +5,8 @@ GPU: cuDNN flash attention through `jax.nn.dot_product_attention`) or None for t
 of `nn/attention.py`, which stays the numerical reference. Every kernel takes the same
 arguments: q float[B, T, N, H], k and v float[B, K, S, H] (the KV-cache layout), segment
 ids int[B, T] (0 = padding; queries attend only to keys of their own non-zero segment),
-`causal` and `sliding_window`. None of them materialises the [B, N, T, S] scores.
+`causal` and `sliding_window`. None of them materialises the [B, N, T, S] scores (cuDNN
+takes packed segments as a [B, 1, T, S] mask, see `cudnn_attention`).
 
 Axis legend as in `nn/attention.py`: B batch, T query length, S key/value length, N query
 heads, K key/value heads, H head dim.
@@ -118,10 +119,10 @@ class FusedAttention:
         """
         if k.shape[2] != q.shape[1]:
             raise ValueError(f"fused attention is self-attention: T={q.shape[1]}, S={k.shape[2]}")
-        if segment_ids is None:
-            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
         if self.impl == AttentionImpl.CUDNN:
             return cudnn_attention(q, k, v, segment_ids, causal, sliding_window)
+        if segment_ids is None:
+            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
         return splash_attention(
             q, k, v, segment_ids, causal, sliding_window, self.mesh, self.interpret
         )
@@ -139,9 +140,11 @@ def cudnn_attention(
     [B, 1, T, S], which jax's cuDNN wrapper turns into an additive bias of that shape
     (`combine_bias_and_mask`): one value per query-key pair, shared by the heads, not the
     [B, N, T, S] scores. `implementation="xla"` runs the same call on any backend (the
-    CPU tests)."""
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    mask &= (segment_ids != 0)[:, None, None, :]
+    CPU tests). Without segment ids (the vision tower) there is no mask at all."""
+    mask = None
+    if segment_ids is not None:
+        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        mask &= (segment_ids != 0)[:, None, None, :]
     window = None if sliding_window is None else (sliding_window - 1, 0)
     out = jax.nn.dot_product_attention(
         q,
