@@ -158,6 +158,7 @@ def test_splash_compiles_for_tpu_and_its_flops_are_counted():
     per_chip = (b // 2) * (n // 2) * h * 3 * 512 * 512  # rows over fsdp, heads over tensor
     assert splash_kernel_flops(text) == (4 + 6 + 8) * per_chip
     assert "splash_mask_causal" in text  # the scope the count reads the mask from
+    assert splash_kernel_flops(text.replace("splash_mha", "other")) == 0  # no kernel, no FLOPs
     # What XLA counts by itself: almost nothing (the kernels are opaque custom calls).
     assert compiled.cost_analysis()["flops"] < 0.01 * splash_kernel_flops(text)
 

@@ -320,3 +320,4 @@ def test_tiny_plan_compiles_and_counts_the_splash_kernel():
     xla = load_config(TINY, [*TINY_ARGS, "--config.train.attention=xla"])
     compiled_xla, *_ = estimate._compile(model_cfg, xla, mesh, 8, for_cost=True)
     assert "splash_mha" not in compiled_xla.as_text()
+    assert estimate._costs(compiled_xla, t.chip)[0] == compiled_xla.cost_analysis()["flops"]

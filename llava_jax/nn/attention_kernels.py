@@ -273,9 +273,10 @@ def splash_kernel_flops(hlo_text: str) -> float:
     total = 0.0
     per_kind = {"fwd": 4, "dq": 6, "dkv": 8}
     calls = list(_SPLASH_CALL.finditer(hlo_text))
-    for call, after in zip(calls, [*calls[1:], None], strict=True):
+    for i, call in enumerate(calls):
+        end = calls[i + 1].start() if i + 1 < len(calls) else len(hlo_text)
         kind, operands = call.group(1), call.group(2)
-        text = hlo_text[call.start() : after.start() if after else len(hlo_text)]
+        text = hlo_text[call.start() : end]  # this call's instruction and what follows
         q, k = (tuple(map(int, s.split(","))) for s in _FLOAT_SHAPE.findall(operands)[:2])
         *heads, length, head_dim = q
         pairs = length * k[-2]
