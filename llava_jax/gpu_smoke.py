@@ -106,11 +106,14 @@ def probe_throughput(
     repeats: int = 5,
     overrides: tuple[str, ...] = (),
     remat: str = "dots_with_no_batch_dims",
+    attention: str = "auto",
 ) -> dict:
-    """Times the train step of OneVision-0.5B (`overrides` shrink it for CPU tests)."""
+    """Times the train step of OneVision-0.5B (`overrides` shrink it for CPU tests), with
+    the `train.attention` kernel (auto: cuDNN flash attention on a GPU)."""
     import jax
 
     from llava_jax import hardware
+    from llava_jax.nn.attention_kernels import resolve
     from llava_jax.train import config_loader, flops, state, step
     from llava_jax.train.defaults import base_config
 
@@ -121,11 +124,13 @@ def probe_throughput(
     config.optimizer.vision_lr = 2e-6
     config.train.batch_size = batch
     config.data.max_len = seq_len
+    config.train.attention = attention
     config.mesh.data, config.mesh.fsdp = 1, -1
     for override in overrides:
         config_loader.apply_override(config, override)
     cfg = config_loader.model_config(config)
     mesh = state.mesh_from_config(config)
+    attention = resolve(config.train.attention, mesh, cfg.dtype).value
     train_state = state.init_state(cfg, config, mesh, total_steps=100)
     train_step = step.make_train_step(cfg, config, mesh, total_steps=100)
     host = _random_batch(cfg, batch, seq_len, np.random.default_rng(0))
@@ -146,12 +151,13 @@ def probe_throughput(
     chip = hardware.chip_of(jax.devices()[0])
     mfu = hardware.mfu(model_flops, step_s, jax.device_count(), chip)
     out = {"device": jax.devices()[0].device_kind, "batch": batch, "seq_len": seq_len,
-           "remat": remat,
+           "remat": remat, "attention": attention,
            "compile_and_first_step_s": compile_s, "step_s": step_s,
            "tokens_per_s": batch * seq_len / step_s, "model_tflops_per_step": model_flops / 1e12,
            "mfu": mfu, "loss": float(metrics["loss"])}  # fmt: skip
     shown = "n/a (unknown chip)" if mfu is None else f"{100 * mfu:.1f}%"
-    print(f"throughput (OneVision-0.5B, bf16, B={batch}, T={seq_len}, remat {remat}): "
+    print(f"throughput (OneVision-0.5B, bf16, B={batch}, T={seq_len}, remat {remat}, "
+          f"attention {attention}): "
           f"{step_s * 1e3:.0f} "
           f"ms/step, {out['tokens_per_s']:,.0f} tok/s, MFU {shown}", flush=True)  # fmt: skip
     return out
@@ -168,6 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048, help="throughput probe tokens/row")
     parser.add_argument("--remat", default="dots_with_no_batch_dims",
                         help="throughput probe remat policy (none, dots, full, ...)")  # fmt: skip
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                        help="throughput probe attention kernel (auto: cudnn)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument(
         "--skip", nargs="*", default=(), choices=("parity", "training", "throughput")
@@ -187,7 +195,9 @@ def main(argv=None) -> int:
         if "training" not in args.skip:
             results["training"] = check_training(Path(tmp) / "train", args.steps)
         if "throughput" not in args.skip:
-            results["throughput"] = probe_throughput(args.batch, args.seq_len, remat=args.remat)
+            results["throughput"] = probe_throughput(
+                args.batch, args.seq_len, remat=args.remat, attention=args.attention
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     failed = [k for k in ("parity", "training") if k in results and not _passed(results[k])]

@@ -37,6 +37,7 @@ def test_throughput_probe_runs_a_real_step_on_a_shrunken_model():
     out = gpu_smoke.probe_throughput(batch=8, seq_len=64, repeats=1, overrides=tiny)
     assert math.isfinite(out["loss"]) and out["step_s"] > 0
     assert out["mfu"] is None  # no known peak for a CPU
+    assert out["attention"] == "xla"  # auto, on CPU devices
     assert out["device"] == jax.devices()[0].device_kind
 
 

@@ -116,6 +116,13 @@ def test_cli_rejects_unknown_topology_in_one_line(capsys):
     assert err.count("\n") == 1 and "llava-jax: error: unsupported TPU topology 'v5p-7'" in err
 
 
+def test_cli_rejects_unknown_attention_in_one_line(capsys):
+    code, _, err = _run(capsys, "--config", TINY, "--topology", "v5e-8", "--memory-only",
+                        "--config.train.attention=flash")  # fmt: skip
+    assert code != 0 and err.count("\n") == 1
+    assert "train.attention='flash': choose one of auto, xla, splash, cudnn" in err
+
+
 def test_cli_without_libtpu_says_how_to_install(capsys, monkeypatch):
     monkeypatch.setattr(topo_lib, "libtpu_available", lambda: False)
     code, _, err = _run(capsys, "--config", TINY, "--topology", "v5e-8")
@@ -145,6 +152,7 @@ def test_tiny_plan_json_on_v5e_8(capsys):
     assert (d["topology"], d["num_chips"], d["chip"]) == ("v5e-8", 8, "TPU v5e")
     assert d["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the recipe's data = -1
     assert d["fits"] is True and d["cost"] is None and d["rows_per_chip"] == 1
+    assert d["attention"] == "splash"  # auto, for TPU chips, on this CPU host
     mem = d["memory"]
     # Data parallel: every chip holds all parameters (float32) and Adam's two moments of the
     # trained ones (here every parameter trains).
@@ -321,3 +329,31 @@ def test_13b_lora_state_fits_v5e_8_where_full_finetuning_does_not():
     assert gib["llava15_7b_finetune.py:13b"] > CHIPS["v5e"].hbm_bytes / 2**30
     assert gib["llava15_7b_lora.py:13b"] < 7.0
     assert gib["llava15_7b_lora.py:13b,qlora"] < 2.0
+
+
+@pytest.mark.slow
+def test_tiny_plan_compiles_and_counts_the_splash_kernel():
+    """`train.attention=auto` on a CPU host planning for TPU chips: the step holds splash's
+    kernel calls, forward and backward, and the cost counts their FLOPs, which XLA's own
+    `cost_analysis()` leaves out."""
+    from llava_jax.nn.attention_kernels import splash_kernel_flops
+    from llava_jax.planning import estimate
+    from llava_jax.train.config_loader import load_config, model_config
+
+    t = parse_topology("v5e-8")
+    config = load_config(TINY, TINY_ARGS)
+    model_cfg = model_config(config).replace(scan_layers=False)
+    mesh = estimate.plan_mesh(config, topo_lib.compile_devices(t))
+    compiled, *_ = estimate._compile(model_cfg, config, mesh, 8, for_cost=True)
+    text = compiled.as_text()
+    for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert f"%{name}" in text, name
+    kernel = splash_kernel_flops(text)
+    # LLM: 2 trained layers, 1 row of 32 tokens (padded to 128) per chip, 4 heads of 32.
+    assert kernel >= 2 * (4 + 6 + 8) * 1 * 4 * 128 * 128 * 32
+    flops, _, _ = estimate._costs(compiled, t.chip)
+    assert flops == pytest.approx(compiled.cost_analysis()["flops"] + kernel)
+    xla = load_config(TINY, [*TINY_ARGS, "--config.train.attention=xla"])
+    compiled_xla, *_ = estimate._compile(model_cfg, xla, mesh, 8, for_cost=True)
+    assert "splash_mha" not in compiled_xla.as_text()
+    assert estimate._costs(compiled_xla, t.chip)[0] == compiled_xla.cost_analysis()["flops"]

@@ -20,6 +20,7 @@ from llava_jax.config import FeatureSelect, LlavaConfig
 from llava_jax.models.connector import MultiModalProjector
 from llava_jax.models.llm import KVCache, LanguageModel
 from llava_jax.models.vit import VisionTransformer
+from llava_jax.nn.attention_kernels import FusedAttention
 from llava_jax.nn.layers import partitioned
 
 
@@ -54,17 +55,20 @@ class LlavaModel(nnx.Module):
             self.image_newline = nnx.Param(init(rngs.params(), (d,), cfg.param_dtype))
         self.language_model = LanguageModel(cfg, rngs=rngs)
 
-    def encode_views(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode_views(
+        self, pixel_values: jax.Array, attention: FusedAttention | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Tower and connector on every view.
 
         Args:
           pixel_values: float[B, V, S, S, C] normalised views, channels last.
+          attention: the tower's fused attention kernel, or None for the XLA path.
 
         Returns:
           (vision features float[B, V, P, D_vision * layers], projected float[B, V, P, D]).
         """
         b, v = pixel_values.shape[:2]
-        feats = self.vision_tower(pixel_values.reshape(b * v, *pixel_values.shape[2:]))
+        feats = self.vision_tower(pixel_values.reshape(b * v, *pixel_values.shape[2:]), attention)
         if self.cfg.vision_feature_select_strategy == FeatureSelect.DEFAULT:
             feats = feats[:, 1:]  # drop CLS
         feats = feats.reshape(b, v, *feats.shape[1:])
@@ -130,10 +134,13 @@ class LlavaModel(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        attention: FusedAttention | None = None,
     ) -> LlavaOutput:
         """The forward pass up to the final norm, without logits (`hidden` is set).
 
         Generation uses it to project only the positions it needs onto the vocabulary.
+        `attention` is a fused kernel for the tower and the decoder (`nn/attention_kernels`,
+        a run setting); None = the XLA path.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -142,10 +149,10 @@ class LlavaModel(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         vision_features = image_features = None
         if pixel_values is not None:
-            vision_features, projected = self.encode_views(pixel_values)
+            vision_features, projected = self.encode_views(pixel_values, attention)
             image_features = self.image_features(projected, taps, tap_weights)
         embeds = self.embed(input_ids, image_features)
-        hidden, cache = self.language_model(embeds, positions, segment_ids, cache)
+        hidden, cache = self.language_model(embeds, positions, segment_ids, cache, attention)
         return LlavaOutput(None, cache, vision_features, image_features, hidden)
 
     def __call__(self, input_ids: jax.Array, **inputs) -> LlavaOutput:

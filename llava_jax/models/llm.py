@@ -17,10 +17,12 @@ from flax import nnx, struct
 from llava_jax.config import Activation, LlavaConfig, TextConfig
 from llava_jax.nn.attention import (
     ChunkedCausalMask,
+    FusedCausalMask,
     causal_mask,
     chunked_causal_attention,
     dot_product_attention,
 )
+from llava_jax.nn.attention_kernels import FusedAttention
 from llava_jax.nn.layers import RMSNorm, activation, dense, partitioned
 from llava_jax.nn.rotary import apply_rope
 from llava_jax.nn.stack import run_stacked, stacked
@@ -75,7 +77,8 @@ class DecoderAttention(nnx.Module):
         Args:
           x: float[B, T, D].
           positions: int[B, T].
-          mask: bool[B, T, T] among the new tokens.
+          mask: bool[B, T, T] among the new tokens, or a ChunkedCausalMask or
+            FusedCausalMask that describes it.
           cached: (k, v, mask) of this layer's cache, float[B, K, S, H] twice and
             bool[B, T, S], or None.
 
@@ -94,7 +97,10 @@ class DecoderAttention(nnx.Module):
         if cached is not None:
             cache_k, cache_v, cache_mask = cached
             blocks += [cache_k.astype(q.dtype), cache_v.astype(q.dtype), cache_mask]
-        if isinstance(mask, ChunkedCausalMask):  # a long training sequence, no cache
+        if isinstance(mask, FusedCausalMask):  # training or prefill, no cache to attend to
+            out = mask.kernel(q, k, v, mask.segment_ids, causal=True,
+                              sliding_window=mask.sliding_window)  # fmt: skip
+        elif isinstance(mask, ChunkedCausalMask):  # a long training sequence, no cache
             out = chunked_causal_attention(q, k, v, mask)
         else:
             out = dot_product_attention(q, *blocks)
@@ -158,6 +164,7 @@ class LanguageModel(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         cache: KVCache | None = None,
+        attention: FusedAttention | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder stack.
 
@@ -167,6 +174,8 @@ class LanguageModel(nnx.Module):
           segment_ids: int32[B, T]; 0 marks padding, tokens attend only within their segment.
           cache: when given, the T new keys/values are written at `cache.index` and the
             queries attend to everything written so far.
+          attention: a fused kernel for the new tokens among themselves (training, and a
+            prefill into an empty cache); None = the XLA path of `nn/attention.py`.
 
         Returns:
           (hidden float[B, T, D] after the final norm, the updated cache or None).
@@ -176,7 +185,9 @@ class LanguageModel(nnx.Module):
         steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
         # The new tokens attend to each other causally, and to everything already cached.
         chunk = self.cfg.attention_chunk
-        if cache is None and chunk and seq > chunk:
+        if attention is not None and (cache is None or cache.empty):
+            mask = FusedCausalMask(segment_ids, attention, t.sliding_window)
+        elif cache is None and chunk and seq > chunk:
             mask = ChunkedCausalMask(
                 steps, segment_ids, t.sliding_window, chunk, unroll=not self.cfg.scan_layers
             )

@@ -18,6 +18,7 @@ from flax import nnx
 
 from llava_jax.config import LlavaConfig, VisionConfig
 from llava_jax.nn.attention import dot_product_attention
+from llava_jax.nn.attention_kernels import FusedAttention
 from llava_jax.nn.layers import LayerNorm, activation, dense, partitioned
 from llava_jax.nn.stack import run_stacked, stacked
 
@@ -70,13 +71,15 @@ class VisionAttention(nnx.Module):
         self.v_proj = dense(d, d, ("embed", "heads"), **kw)
         self.out_proj = dense(d, d, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, attention: FusedAttention | None = None) -> jax.Array:
         b, p, d = x.shape
         heads = lambda y: y.reshape(b, p, self.num_heads, d // self.num_heads)  # noqa: E731
         kv_heads = lambda y: heads(y).transpose(0, 2, 1, 3)  # noqa: E731
-        out = dot_product_attention(
-            heads(self.q_proj(x)), kv_heads(self.k_proj(x)), kv_heads(self.v_proj(x)), mask=None
-        )
+        q, k, v = heads(self.q_proj(x)), kv_heads(self.k_proj(x)), kv_heads(self.v_proj(x))
+        if attention is not None:
+            out = attention(q, k, v, causal=False)
+        else:
+            out = dot_product_attention(q, k, v, mask=None)
         return self.out_proj(out.reshape(b, p, d))
 
 
@@ -99,8 +102,8 @@ class VisionEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **norm)
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x: jax.Array, attention: FusedAttention | None = None) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), attention)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -127,11 +130,15 @@ class VisionTransformer(nnx.Module):
         self.encoder = VisionEncoder(v, **kw)
         self.post_layernorm = LayerNorm(v.hidden_size, v.layer_norm_eps, **norm)
 
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    def __call__(
+        self, pixel_values: jax.Array, attention: FusedAttention | None = None
+    ) -> jax.Array:
         """Selected hidden states, concatenated on channels when several layers are selected.
 
         Args:
           pixel_values: float[B, image, image, C], normalised, channels last.
+          attention: a fused kernel (no mask: every patch attends to every patch); None =
+            the XLA path.
 
         Returns:
           float[B, P, D * len(feature_layers)], P including the CLS token when there is one.
@@ -146,7 +153,7 @@ class VisionTransformer(nnx.Module):
         keep_all = len(indices) > 1
 
         def layer_fn(layer, h, _):
-            h = layer(h)
+            h = layer(h, attention)
             return h, (h if keep_all else None)
 
         last, per_layer = run_stacked(

@@ -7,6 +7,8 @@ G query heads per key/value head (N = K * G), H head dim, M = G * T query rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -125,3 +127,17 @@ def chunked_causal_attention(
         return dot_product_attention(q_i, k, v, m)
 
     return over_positions(one, (q, mask.steps, mask.segment_ids), mask.chunk, unroll=mask.unroll)
+
+
+@struct.dataclass
+class FusedCausalMask:
+    """`causal_mask(steps, steps, segment_ids, segment_ids, window)` for a fused kernel
+    (`nn/attention_kernels.FusedAttention`), which builds it block by block itself.
+
+    Padding differs only where nothing reads it: a padding query (segment 0) attends to the
+    padding keys before it instead of uniformly to all keys.
+    """
+
+    segment_ids: jax.Array  # int[B, T]
+    kernel: Any = struct.field(pytree_node=False)  # FusedAttention
+    sliding_window: int | None = struct.field(pytree_node=False, default=None)

@@ -19,6 +19,9 @@ Two facts shape what is reported:
   iteration), which the cost analysis also counts once. The cost compiles therefore turn
   windowing off (`COST_COMPILER_OPTIONS`): the same matmuls, counted in full. The memory
   compile keeps XLA's defaults, the program a TPU would run.
+- The attention kernel (`train.attention`, splash on TPU) is a `pallas_call` without a cost
+  estimate, which `cost_analysis()` counts as zero FLOPs; its FLOPs are counted from the
+  compiled program's kernel calls instead (`attention_kernels.splash_kernel_flops`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from llava_jax.config import LlavaConfig
 from llava_jax.data.batching import BatchShape, empty_batch
 from llava_jax.hardware import Chip, mfu
+from llava_jax.nn.attention_kernels import resolve, splash_kernel_flops
 from llava_jax.sharding import make_mesh
 from llava_jax.train import config_loader, flops
 from llava_jax.train.state import abstract_state, labels_for
@@ -121,6 +125,7 @@ class Plan:
     cost: Cost | None
     model_flops: float  # `train/flops.py` convention, padded batch, whole step
     compile_seconds: float
+    attention: str = "xla"  # `train.attention` as resolved for the topology's chips
 
     @property
     def step_seconds(self) -> float | None:
@@ -256,14 +261,21 @@ def has_xla_loops(compiled) -> bool:
     return re.search(r"\swhile\(", compiled.as_text()) is not None
 
 
-def _costs(compiled) -> tuple[float, float, float | None]:
+def _costs(compiled, chip: Chip | None = None) -> tuple[float, float, float | None]:
+    """(FLOPs, bytes, XLA's optimal seconds) of a compiled step, the Pallas kernels' FLOPs
+    included: XLA counts a `pallas_call` as zero (`attention_kernels.splash_kernel_flops`),
+    so they are added here, and their time at the chip's peak (`chip`) to XLA's seconds."""
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):  # older jax: one dict per program
         ca = ca[0] if ca else {}
     ca = ca or {}
+    kernel_flops = splash_kernel_flops(compiled.as_text())
     seconds = ca.get("optimal_seconds")
     seconds = float(seconds) if seconds is not None and seconds > 0 else None
-    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0)), seconds
+    if seconds is not None and chip is not None:
+        seconds += kernel_flops / chip.peak_bf16_flops
+    flops_ = float(ca.get("flops", 0.0)) + kernel_flops
+    return flops_, float(ca.get("bytes accessed", 0.0)), seconds
 
 
 def vision_layers_computed(cfg: LlavaConfig) -> int:
@@ -307,7 +319,7 @@ def extrapolated_cost(
         cfg = _with_depth(model_cfg, v0 + dv, 1 + dt)
         _say(progress, f"compiling the step unrolled with {v0 + dv} vision + {1 + dt} LLM layers")
         compiled, _, _, s = _compile(cfg, micro, mesh, rows, for_cost=True)
-        points[(dv, dt)] = _costs(compiled)
+        points[(dv, dt)] = _costs(compiled, chip)
         seconds += s
     base, plus_v, plus_t = (
         np.array([np.nan if x is None else x for x in points[k]], float)
@@ -326,7 +338,7 @@ def extrapolated_cost(
 
 
 def _direct_cost(compiled, chip: Chip) -> Cost:
-    flops_, bytes_, xla = _costs(compiled)
+    flops_, bytes_, xla = _costs(compiled, chip)
     roofline = max(flops_ / chip.peak_bf16_flops, bytes_ / HBM_BANDWIDTH.get(chip.name, math.inf))
     return Cost(flops_, bytes_, xla, roofline, "the compiled step (layers unrolled)")
 
@@ -390,6 +402,7 @@ def plan(
         rows_per_chip=batch / accum / rows_split,
         seq_len=shape.max_len,
         model_flops=model_flops(model_cfg, config, shape),
+        attention=resolve(config.train.attention, mesh, model_cfg.dtype).value,
     )
     _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")
     start = time.perf_counter()

@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Positions of each row projected onto the vocabulary at once in the loss (0 = all):
     # float32 logits [B, T, V] never exist whole (OneVision: T = 8192, V = 152k).
     c.train.loss_chunk = 512
+    # Attention kernel (`nn/attention_kernels.py`): "auto" = Pallas splash on TPU, cuDNN flash
+    # attention on GPU, XLA elsewhere, by the devices the step is compiled for; or "xla",
+    # "splash", "cudnn". A run setting: it never changes the parameters or the numbers beyond
+    # rounding, and is not written into the model's config.
+    c.train.attention = "auto"
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_last = 2

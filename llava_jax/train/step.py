@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llava_jax.checkpoint import flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
+from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
 from llava_jax.nn.chunks import over_positions
 from llava_jax.train.optim import lr_schedules, make_optimizer
 from llava_jax.train.state import TrainState, labels_for, state_shardings, train_model
@@ -73,7 +74,11 @@ def step_rng(seed: int, step: jax.Array) -> jax.Array:
 
 
 def token_losses(
-    graphdef: nnx.GraphDef, params: Mapping, batch: Mapping[str, jax.Array], chunk: int = 0
+    graphdef: nnx.GraphDef,
+    params: Mapping,
+    batch: Mapping[str, jax.Array],
+    chunk: int = 0,
+    attention: FusedAttention | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(CE float32[B, T], correct bool[B, T]) of the model with `params` on `batch`.
 
@@ -81,7 +86,8 @@ def token_losses(
     every row at a time and are recomputed in the backward pass, so the float32 logits
     [B, T, V] (and their gradient) never exist whole: [B, chunk, V] at a time, for the same
     FLOPs plus one more projection. At T = 8192 and a 152k vocabulary that is the
-    difference between 5 GB and 80 GB per row of 16.
+    difference between 5 GB and 80 GB per row of 16. `attention`: the fused kernel of
+    `train.attention` (None = the XLA path).
     """
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(
@@ -91,6 +97,7 @@ def token_losses(
         tap_weights=batch["tap_weights"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
+        attention=attention,
     ).hidden
     targets = batch["targets"]
 
@@ -111,7 +118,8 @@ def make_train_step(
 
     Args:
       model_cfg: the model (dtype = compute dtype, param_dtype = master weights).
-      config: the training config (`train.trainable`, `optimizer.*`, `train.seed`).
+      config: the training config (`train.trainable`, `optimizer.*`, `train.seed`,
+        `train.attention`: resolved for `mesh`'s devices, see `nn/attention_kernels.py`).
       mesh: the (data, fsdp, tensor) mesh the state lives on.
       total_steps: optimizer updates in the run (the schedule's length).
 
@@ -127,6 +135,7 @@ def make_train_step(
     trained = {p for p, label in labels.items() if label != "frozen"}
     accum = int(config.optimizer.grad_accum)
     loss_chunk = int(config.train.loss_chunk)
+    attention = attention_kernel(config.train.attention, mesh, model_cfg.dtype)
     if accum < 1:
         raise ValueError(f"optimizer.grad_accum must be >= 1, got {accum}")
     state_sh = state_shardings(model_cfg, config, mesh, total_steps)
@@ -144,7 +153,7 @@ def make_train_step(
     def micro_loss(train, frozen, micro, denom):
         frozen = jax.lax.stop_gradient(frozen)
         params = flat_to_nested({**nested_to_flat(train), **frozen})
-        ce, correct = token_losses(graphdef, params, micro, loss_chunk)
+        ce, correct = token_losses(graphdef, params, micro, loss_chunk, attention)
         mask = micro["loss_mask"].astype(jnp.float32)
         return jnp.sum(ce * mask) / denom, jnp.sum(correct * mask)
 
