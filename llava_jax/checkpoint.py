@@ -84,6 +84,8 @@ def save_model_dir(
       assets_from: a directory to copy `asset_files` from (an HF checkpoint or model dir).
       asset_files: file names relative to `assets_from`.
     """
+    if paths.is_url(out_dir):
+        return _save_remote_model_dir(epath.Path(out_dir), cfg, params, assets_from, asset_files)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
@@ -105,6 +107,29 @@ def save_model_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _save_remote_model_dir(
+    out: epath.Path,
+    cfg: LlavaConfig,
+    params: Mapping[str, Any],
+    assets_from: str | os.PathLike | None,
+    asset_files: list[str] | None,
+) -> epath.Path:
+    """`save_model_dir` to a bucket (gs://), which has no atomic rename: orbax commits
+    `params/` itself, then the assets, and `llava_config.json` last, so a directory without
+    it (an interrupted write) is never taken for a model."""
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
+    nested = params if not any("/" in k for k in params) else flat_to_nested(params)
+    with ocp.Checkpointer(_param_writer()) as ckptr:
+        ckptr.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(nested))
+    assets = out / ASSETS_DIR
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in asset_files or []:
+        (assets / name).write_bytes((Path(assets_from) / name).read_bytes())
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from llava_jax.checkpoint import abstract_params, is_model_dir, load_params
 from llava_jax.config import Family, LlavaConfig, VisionKind
@@ -299,7 +300,7 @@ def assemble(
     from llava_jax.convert.hf_to_jax import hf_to_params
     from llava_jax.data.prompt import load_tokenizer
 
-    out = Path(out_dir)
+    out = epath.Path(out_dir)  # local or gs://
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
     raw = read_parts(vision_dir, llm_dir)

@@ -31,3 +31,11 @@ def local_path(text: str) -> Path:
     """argparse `type=` for a local file or directory flag: an absolute Path ("" is the
     working directory, as `Path("")` is)."""
     return Path(os.path.abspath(text))
+
+
+def location(text: str):
+    """argparse `type=` for a file or directory that may also be remote (a model dir, eval
+    data, an output folder): an `etils.epath.Path`, local ones made absolute."""
+    from etils import epath  # not at the top: the CLI's parser loads this module
+
+    return epath.Path(absolute(text))

@@ -12,7 +12,7 @@ import argparse
 from etils import epath
 
 from llava_jax.cli import CommandError
-from llava_jax.paths import absolute
+from llava_jax.paths import absolute, location
 
 
 def add_parser(subparsers) -> None:
@@ -38,14 +38,14 @@ def add_parser(subparsers) -> None:
     )
     build.add_argument(
         "--image-root",
-        type=_location,
+        type=location,
         metavar="DIR",
         help="folder the records' media paths are in (local or gs://)",
     )
     build.add_argument(
         "--out",
         required=True,
-        type=_location,
+        type=location,
         metavar="DIR",
         help="directory to create, local or gs:// (must not exist, or be empty)",
     )
@@ -67,11 +67,6 @@ def add_parser(subparsers) -> None:
         help="replace --out when it holds an earlier build (nothing else is ever replaced)",
     )
     build.set_defaults(run=run_build)
-
-
-def _location(text: str) -> epath.Path:
-    """argparse `type=` for a folder that may be local (made absolute) or gs://."""
-    return epath.Path(absolute(text))
 
 
 def run_build(args: argparse.Namespace) -> int:

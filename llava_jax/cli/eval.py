@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from llava_jax.cli import CommandError
-from llava_jax.paths import local_path
+from llava_jax.paths import is_url, local_path, location
 
 TASK_NAMES = ("scienceqa", "vqav2", "gqa", "textvqa", "vizwiz", "pope", "mme", "mmbench",
               "llava-bench", "mm-vet")  # fmt: skip
@@ -63,18 +64,22 @@ def add_parser(subparsers) -> None:
                         help=f"one of {', '.join(TASK_NAMES)}; or {SUITE}: every benchmark "
                         "found under --data (one folder each), summarised as the LLaVA-1.5 "
                         "table")  # fmt: skip
-    parser.add_argument("--model", type=local_path, metavar="PATH",
-                        help="llava-jax model directory or Hugging Face checkpoint (not needed "
+    parser.add_argument("--model", type=location, metavar="PATH",
+                        help="llava-jax model directory (local or gs://) or Hugging Face "
+                        "checkpoint (not needed "
                         "when every question already has a prediction in OUT)")  # fmt: skip
     parser.add_argument(
         "--data",
         required=True,
-        type=local_path,
+        type=location,
         metavar="DIR",
-        help="the benchmark's directory, in its published layout",
+        help="the benchmark's directory, in its published layout (local or gs://)",
     )
     parser.add_argument(
-        "--out", type=local_path, metavar="DIR", help="output directory (default: eval/TASK-SPLIT)"
+        "--out",
+        type=location,
+        metavar="DIR",
+        help="local output directory (default: eval/TASK-SPLIT)",
     )
     parser.add_argument("--split", metavar="NAME", help="the task's split (default: the "
                         "one the LLaVA papers report)")  # fmt: skip
@@ -110,7 +115,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llava_jax.eval import TASKS
-    from llava_jax.eval.runner import evaluate
+    from llava_jax.eval.runner import evaluate, local_out_dir
 
     if args.task == SUITE:
         if args.split:
@@ -122,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         task = TASKS[args.task]()
         split = args.split or task.default_split
         out = args.out or local_path(f"eval/{args.task}-{split}")
+    out = local_out_dir(out)  # before any work: a bucket cannot take appended answers
     if args.limit is not None and args.limit < 1:
         raise CommandError(f"--limit must be >= 1, got {args.limit}")
     if args.judge_runs < 1:
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         judge = make_client(args, args.judge_model, out / "llm_cache")
     common = dict(
         batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-        model_name=str(args.model.resolve()) if args.model else None, judge_runs=args.judge_runs,
+        model_name=_model_name(args.model), judge_runs=args.judge_runs,
     )  # fmt: skip
     if task is None:
         from llava_jax.eval.suite import run_suite
@@ -167,3 +173,10 @@ def run(args: argparse.Namespace) -> int:
         print(report.format())
         print(f"\nmetrics: {metrics_path}", file=sys.stderr)
     return 0
+
+
+def _model_name(model) -> str | None:
+    """What run.json records of --model: a resume with another model is refused."""
+    if model is None:
+        return None
+    return os.fspath(model) if is_url(model) else str(Path(model).resolve())

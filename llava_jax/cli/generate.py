@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llava_jax.cli import CommandError
 from llava_jax.data.templates import template_names  # light: no jax, no transformers
+from llava_jax.paths import location
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_VIDEO_FRAMES = 8
@@ -22,9 +23,9 @@ DEFAULT_VIDEO_FRAMES = 8
 
 def model_args(parser: argparse.ArgumentParser) -> None:
     """The flags `generate` and `chat` share: the model and how to sample."""
-    parser.add_argument("--model", required=True, type=Path, metavar="PATH",
-                        help="llava-jax model directory, or a Hugging Face checkpoint "
-                        "(converted in memory)")  # fmt: skip
+    parser.add_argument("--model", required=True, type=location, metavar="PATH",
+                        help="llava-jax model directory (local or gs://), or a Hugging Face "
+                        "checkpoint (converted in memory)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
                         help=f"conversation template ({', '.join(template_names())}); "
                         "default: the checkpoint's own chat template")  # fmt: skip

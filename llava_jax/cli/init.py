@@ -13,7 +13,7 @@ import argparse
 
 from llava_jax.cli import CommandError
 from llava_jax.cli.failures import os_errors
-from llava_jax.paths import local_path
+from llava_jax.paths import local_path, location
 
 
 def add_parser(subparsers) -> None:
@@ -49,9 +49,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        type=local_path,
+        type=location,
         metavar="DIR",
-        help="llava-jax model directory to create (must not exist, or be empty)",
+        help="llava-jax model directory to create, local or gs:// (must not exist, or be empty)",
     )
     parser.add_argument(
         "--image-processor",

@@ -8,7 +8,7 @@ import os
 import sys
 
 from llava_jax.cli import CommandError
-from llava_jax.paths import local_path
+from llava_jax.paths import local_path, location
 
 API_KEY_ENV = "LLAVA_JAX_API_KEY"
 
@@ -21,9 +21,9 @@ def add_parser(subparsers) -> None:
         "URLs, streaming), GET /v1/models, GET /health, and a chat page at /. Concurrent "
         "requests are decoded together in batches.",
     )
-    parser.add_argument("--model", required=True, type=local_path, metavar="PATH",
-                        help="llava-jax model directory, or a Hugging Face checkpoint "
-                        "(converted in memory)")  # fmt: skip
+    parser.add_argument("--model", required=True, type=location, metavar="PATH",
+                        help="llava-jax model directory (local or gs://), or a Hugging Face "
+                        "checkpoint (converted in memory)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
                         help="conversation template; default: the checkpoint's own")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
@@ -116,7 +116,7 @@ def config_from_args(args: argparse.Namespace):
         except ValueError:
             raise CommandError(f"--fetch-network {cidr}: not a network (CIDR)") from None
     return ServeConfig(
-        model_name=args.model_name or args.model.resolve().name,
+        model_name=args.model_name or args.model.name,
         api_key=_api_key(args),
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,

@@ -21,11 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llava_jax.config import Family
 from llava_jax.data import anyres
 from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.paths import is_url
 
 HW = tuple[int, int]
 # Opening only these keeps Pillow's other parsers (FITS, PSD, ...) away from untrusted bytes.
@@ -73,7 +75,7 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
     partial images (`ImageFile.LOAD_TRUNCATED_IMAGES` is left off).
 
     Args:
-        source: a path, or the file's bytes.
+        source: a path (local, or a URL such as gs://), or the file's bytes.
         max_pixels: refuse images with more pixels; only tightens Pillow's
             `Image.MAX_IMAGE_PIXELS`, whose warning is raised as an error here.
     """
@@ -83,7 +85,7 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
         # gate that does not depend on it.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            fp = io.BytesIO(source) if name == "<bytes>" else open(source, "rb")  # noqa: SIM115
+            fp = io.BytesIO(source) if name == "<bytes>" else _open(source)
             with fp:  # the decoded image outlives the file; only frame 0 is read
                 im = Image.open(fp, formats=IMAGE_FORMATS)
                 limit = min(v for v in (max_pixels, Image.MAX_IMAGE_PIXELS, 2**62) if v)
@@ -107,8 +109,13 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
         raise ImageError(f"{name}: corrupt or truncated image: {_one_line(e)}") from None
 
 
+def _open(path: str | Path):
+    """A binary file object for a local path or a URL (gs://, through etils.epath)."""
+    return epath.Path(path).open("rb") if is_url(path) else open(path, "rb")  # noqa: SIM115
+
+
 def _head(path: str | Path) -> bytes:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         return f.read(16)
 
 

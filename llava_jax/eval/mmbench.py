@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -41,8 +42,8 @@ def read_tsv(data_dir: Path, split: str) -> tuple[Path, list[dict[str, str]]]:
         raise EvalDataError(f"{data_dir}: expected one mmbench_{split}_YYYYMMDD.tsv, found "
                             f"{len(found)}")  # fmt: skip
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    with open(found[0], encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    text = found[0].read_text(encoding="utf-8")  # local or gs://
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
     for column in ("index", "question", "A", "B", "image"):
         if rows and column not in rows[0]:
             raise EvalDataError(f"{found[0]}: no column {column!r}")

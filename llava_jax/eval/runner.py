@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from llava_jax.eval.task import (
     EvalDataError,
     Report,
@@ -87,6 +89,17 @@ def _check_run(out_dir: Path, run: dict[str, Any]) -> None:
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
     return text[:cut].strip()
+
+
+def local_out_dir(out_dir: str | os.PathLike) -> Path:
+    """The output folder, which must be local: answers are appended to predictions.jsonl as
+    they come, so that a rerun resumes, and a bucket's objects cannot be appended to."""
+    if "://" in os.fspath(out_dir):
+        raise EvalDataError(
+            f"--out {os.fspath(out_dir)}: must be a local folder (answers are appended as they "
+            "come, which a bucket cannot do); copy it afterwards, e.g. `gcloud storage cp -r`"
+        )
+    return Path(out_dir)
 
 
 def generate_answers(
@@ -163,7 +176,7 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data_dir, out_dir = epath.Path(data_dir), local_out_dir(out_dir)
     samples = task.samples(data_dir, split)
     if limit is not None:
         samples = samples[:limit]

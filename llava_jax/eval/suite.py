@@ -13,10 +13,11 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from llava_jax.eval.runner import evaluate
+from etils import epath
+
+from llava_jax.eval.runner import evaluate, local_out_dir
 from llava_jax.eval.task import Report, Table, Task
 
 
@@ -76,7 +77,7 @@ def run_suite(
     """Runs every suite task whose folder exists under `data_root` (each with its default
     split) into `out_root/TASK-SPLIT/`; kwargs go to `runner.evaluate`. The model is loaded
     once, on first need. Writes `out_root/suite.json`."""
-    data_root, out_root = Path(data_root), Path(out_root)
+    data_root, out_root = epath.Path(data_root), local_out_dir(out_root)
     if not data_root.is_dir():
         raise FileNotFoundError(2, "no such data directory", str(data_root))
     out_root.mkdir(parents=True, exist_ok=True)

@@ -175,7 +175,7 @@ def drop_partial_line(path: Path) -> bytes:
 def check_images(samples: Sequence[Sample]) -> None:
     """Stops with one line when an image file of `samples` is missing (before any model is
     loaded): the topmost missing folder, else the first missing file, and how many are."""
-    paths = {ref for s in samples for ref in s.images if isinstance(ref, Path)}
+    paths = {ref for s in samples for ref in s.images if not isinstance(ref, bytes)}
     missing = sorted(p for p in paths if not p.is_file())
     if not missing:
         return
