@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,20 @@ def save_model_dir(
             out.rmdir()
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         raise
     return out
+
+
+def _remove_tree(path: Path, tries: int = 50) -> None:
+    """Removes a failed write's folder. After a write error, TensorStore's threads may still
+    be finishing other files in it, so one `rmtree` can meet a folder that is not empty yet."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
+    shutil.rmtree(path)  # still there: say why
 
 
 def _save_remote_model_dir(
