@@ -41,7 +41,7 @@ from etils import epath
 from llava_jax.checkpoint import abstract_params, is_model_dir, load_params
 from llava_jax.config import Family, LlavaConfig, VisionKind
 from llava_jax.convert.mapping import canonical_key, rule_for
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader
+from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader, read_config_json
 from llava_jax.hf_config import ConfigError, from_hf_config
 
 IMAGE_TOKEN = "<image>"
@@ -69,18 +69,9 @@ class Parts:
     text: dict[str, Any]  # the text_config dict
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no {path.name}; not a Hugging Face model directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_parts(vision_dir: str | os.PathLike, llm_dir: str | os.PathLike) -> Parts:
     """The vision and text sub-configs of the two HF dirs (checked for their kinds)."""
-    vision = _read_json(Path(vision_dir) / "config.json")
+    vision = read_config_json(Path(vision_dir) / "config.json")
     kind = vision.get("model_type")
     if kind not in _VISION_TYPES:
         raise ConfigError(
@@ -92,7 +83,7 @@ def read_parts(vision_dir: str | os.PathLike, llm_dir: str | os.PathLike) -> Par
     vision = {**vision, "model_type": _VISION_TYPES[kind]}
     if vision["model_type"] == "siglip_vision_model":
         vision["vision_use_head"] = False  # LLaVA reads hidden states; the head is dropped
-    text = _read_json(Path(llm_dir) / "config.json")
+    text = read_config_json(Path(llm_dir) / "config.json")
     return Parts(vision=vision, text=text)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from llava_jax.checkpoint import save_model_dir
 from llava_jax.config import Family, LlavaConfig, VisionKind
 from llava_jax.convert.original_config import family_of, from_original_config, tower_kind
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader
+from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader, read_config_json
 from llava_jax.data import templates
 from llava_jax.data.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from llava_jax.data.prompt import load_tokenizer
@@ -35,15 +35,6 @@ _TOWER_PREFIX = "model.vision_tower.vision_tower."
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
 # Modules of CLIP's and SigLIP's vision transformer; SigLIP's pooling `head` is not one.
 _TOWER_MODULES = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no config.json; not {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def add_media_tokens(tokenizer, family: Family) -> tuple[int, int | None]:
@@ -120,10 +111,10 @@ def convert_original_to_jax(
     from llava_jax.convert.hf_to_jax import hf_to_params  # which dispatches here
 
     src = Path(src_dir)
-    raw = read_json(src / "config.json", "a model directory")
+    raw = read_config_json(src / "config.json", "a model directory")
     vision_raw = None
     if vision_dir is not None:
-        vision_raw = read_json(Path(vision_dir) / "config.json", "a vision tower directory")
+        vision_raw = read_config_json(Path(vision_dir) / "config.json", "a vision tower directory")
     tower_kind(raw)  # a one-line error for an unknown tower before the tokenizer loads
     family = family_of(raw)
     tokenizer = load_tokenizer(src)

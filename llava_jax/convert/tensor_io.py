@@ -50,6 +50,17 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed or unsafe; the message names the file."""
 
 
+def read_config_json(path: Path, what: str = "a Hugging Face model directory") -> dict:
+    """A checkpoint directory's config file, or a one-line `CheckpointError` saying that the
+    directory is not `what` (no file) or that the file is not JSON."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {path.name}; not {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def parse_size(size: int | str) -> int:
     """Parses a size such as "5GB" as transformers does (GB = 10**9 bytes, GiB = 2**30).
 
