@@ -354,6 +354,20 @@ def test_remote_fetch_is_bounded_in_time(serve):
         slow.close()
 
 
+def test_a_slow_name_lookup_ends_at_the_fetch_timeout(monkeypatch):
+    """The system resolver takes no timeout; a lookup that hangs still ends the fetch on
+    time, with the same one message as any other failure."""
+    from llava_jax.serve import fetch
+    from llava_jax.serve.errors import APIError
+
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: time.sleep(5) or [])
+    fetcher = fetch.Fetcher(ServeConfig(allow_remote_images=True, fetch_timeout_s=0.5))
+    start = time.monotonic()
+    with pytest.raises(APIError, match="cannot fetch the image at"):
+        fetcher.fetch("http://slow-dns.example/cat.png")
+    assert time.monotonic() - start < 2.5
+
+
 # -- 6. a non-streaming client leaving while tokens flow --------------------------------------
 
 

@@ -4,14 +4,16 @@ server's own network.
 Every hop (the URL and each redirect) must be http or https and resolve to public addresses
 only (or to `fetch_networks` the operator allowed); the connection goes to the address that was
 checked, so a name cannot resolve differently between check and connect. The whole fetch,
-redirects included, ends at `fetch_timeout_s` (a timer shuts the socket, so a server trickling
-bytes cannot stretch it) and at `max_body_bytes`; at most `max_fetches` run at once. Every
+name lookups and redirects included, ends at `fetch_timeout_s` (a timer shuts the socket, so
+a server trickling bytes cannot stretch it) and at `max_body_bytes`; at most `max_fetches`
+run at once. Every
 failure is one message to the client, so the server cannot be used to tell closed ports from
 open ones or to read other services' banners; the cause goes to the log.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import ipaddress
@@ -43,6 +45,8 @@ class Fetcher:
         self.cfg = cfg
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.fetch_networks]
         self._slots = threading.BoundedSemaphore(cfg.max_fetches)
+        # The system resolver takes no timeout: lookups run here, waited on until the deadline.
+        self._lookups = concurrent.futures.ThreadPoolExecutor(cfg.max_fetches, "image-dns")
 
     def fetch(self, url: str) -> bytes:
         """The image's bytes, or `APIError` (400 `image_fetch_failed`, 413 when too large)."""
@@ -70,9 +74,13 @@ class Fetcher:
             return data
         raise _Refused(f"more than {MAX_REDIRECTS} redirects")
 
-    def _address(self, host: str, port: int) -> str:
+    def _address(self, host: str, port: int, deadline: float) -> str:
         """The address to connect to: every address `host` resolves to must be allowed."""
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        lookup = self._lookups.submit(_resolve, host, port)
+        try:
+            infos = lookup.result(timeout=_left(deadline))
+        except concurrent.futures.TimeoutError:
+            raise _Refused(f"looking up {host} timed out") from None
         addresses = [info[4][0] for info in infos]
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -88,7 +96,7 @@ class Fetcher:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _Refused(f"scheme {parts.scheme!r} or host missing")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        sock = socket.create_connection((self._address(parts.hostname, port), port),
+        sock = socket.create_connection((self._address(parts.hostname, port, deadline), port),
                                         timeout=_left(deadline))  # fmt: skip
         # Shutting the socket at the deadline ends any read in progress, however slow the peer.
         held = [sock]  # the TLS socket replaces the plain one, whose descriptor it takes
@@ -119,6 +127,10 @@ class Fetcher:
         finally:
             timer.cancel()
             sock.close()
+
+
+def _resolve(host: str, port: int) -> list:
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 def _left(deadline: float) -> float:
