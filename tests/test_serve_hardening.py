@@ -105,6 +105,31 @@ def test_slow_headers_are_cut_off(serve):
         assert time.monotonic() - start < 4
 
 
+def test_connections_beyond_the_cap_get_503_until_some_close(serve):
+    """Idle connections hold file descriptors; past `max_connections` a request is refused
+    at once (uvicorn counts the asking connection too), and served again once they close."""
+    import urllib.error
+    import urllib.request
+
+    url = serve(max_connections=4)
+
+    def health() -> int:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert health() == 200
+    idle = [_connect(url) for _ in range(4)]
+    try:
+        wait_for(lambda: health() == 503, timeout=10)
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: health() == 200, timeout=10)
+
+
 # -- 2. image memory --------------------------------------------------------------------------
 
 

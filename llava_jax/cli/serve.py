@@ -61,6 +61,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                         help="a request's headers must arrive within this "
                         "(default 10)")  # fmt: skip
+    parser.add_argument("--max-connections", type=int, default=512, metavar="N",
+                        help="open connections beyond which a request gets 503 "
+                        "(default 512; keep it under `ulimit -n`)")  # fmt: skip
     parser.add_argument("--local-image-dir", type=local_path, metavar="DIR",
                         help="allow file:// image URLs, read from under DIR only "
                         "(default: refused)")  # fmt: skip
@@ -127,6 +130,7 @@ def config_from_args(args: argparse.Namespace):
         allowed_hosts=tuple(h.lower() for h in args.allowed_host),
         allowed_origins=tuple(args.allowed_origin),
         header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections,
         read_timeout_s=args.read_timeout,
         local_image_dir=args.local_image_dir,
         default_max_tokens=args.max_tokens,

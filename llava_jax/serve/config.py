@@ -31,6 +31,9 @@ class ServeConfig:
       allowed_origins: browser `Origin`s (`https://app.example`) that may call the API besides
         the server's own page; `*` allows any.
       header_timeout_s: a connection must send a request's headers within this.
+      max_connections: open connections (idle ones included) beyond which a request gets
+        503 at once (uvicorn's `limit_concurrency`), so that held connections cannot use up
+        the process's file descriptors.
       read_timeout_s: a request's whole body must arrive within this (408 otherwise).
       default_max_tokens: answer length when a request gives no `max_tokens` (capped to what
         the context leaves).
@@ -58,6 +61,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     header_timeout_s: float = 10.0
+    max_connections: int = 512
     read_timeout_s: float = 60.0
     default_max_tokens: int = 256
     default_temperature: float = 0.0
@@ -68,7 +72,8 @@ class ServeConfig:
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_image_pixels", "max_images", "image_memory_bytes",
-                     "max_fetches", "default_max_tokens", "max_batch", "max_queue"):  # fmt: skip
+                     "max_fetches", "max_connections", "default_max_tokens", "max_batch",
+                     "max_queue"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("fetch_timeout_s", "header_timeout_s", "read_timeout_s"):

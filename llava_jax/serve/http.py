@@ -49,7 +49,9 @@ class HeaderTimeoutH11(H11Protocol):
 
 
 def uvicorn_config(app, cfg: ServeConfig, host: str, port: int) -> uvicorn.Config:
-    """uvicorn's config for `app`: h11 with `cfg.header_timeout_s` on request heads."""
+    """uvicorn's config for `app`: h11 with `cfg.header_timeout_s` on request heads, and 503
+    beyond `cfg.max_connections` open connections."""
     protocol = type("HeaderTimeoutH11", (HeaderTimeoutH11,),
                     {"header_timeout_s": cfg.header_timeout_s})  # fmt: skip
-    return uvicorn.Config(app, host=host, port=port, http=protocol, log_level="warning")
+    return uvicorn.Config(app, host=host, port=port, http=protocol, log_level="warning",
+                          limit_concurrency=cfg.max_connections)  # fmt: skip
