@@ -253,6 +253,19 @@ class LlavaConfig:
         return (layer,) if isinstance(layer, int) else tuple(layer)
 
     @property
+    def feature_indices(self) -> tuple[int, ...]:
+        """`feature_layers` as non-negative hidden-state indices: 0 is the tower's input
+        (the embeddings), i the output of layer i."""
+        n = self.vision.num_hidden_layers
+        return tuple(i % (n + 1) for i in self.feature_layers)
+
+    @property
+    def vision_layers_run(self) -> int:
+        """Tower layers a forward pass runs: those up to the deepest selected feature layer
+        (OneVision selects the last of SigLIP's 27 minus one; LLaVA-1.5 the second to last)."""
+        return max(self.feature_indices)
+
+    @property
     def has_image_newline(self) -> bool:
         return self.family != Family.LLAVA
 

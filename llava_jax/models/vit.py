@@ -144,9 +144,8 @@ class VisionTransformer(nnx.Module):
           float[B, P, D * len(feature_layers)], P including the CLS token when there is one.
           Layers after the deepest selected one are not computed.
         """
-        num = self.cfg.vision.num_hidden_layers
         # hidden_states[0] is the input of layer 1; hidden_states[i] the output of layer i.
-        indices = [i % (num + 1) for i in self.cfg.feature_layers]
+        indices = self.cfg.feature_indices
         x = self.embeddings(pixel_values.astype(self.cfg.dtype))
         if self.cfg.vision.has_class_token:
             x = self.pre_layrnorm(x)
@@ -160,11 +159,11 @@ class VisionTransformer(nnx.Module):
             self.encoder.layers,
             x,
             fn=layer_fn,
-            num_layers=max(indices),
+            num_layers=self.cfg.vision_layers_run,
             scan=self.cfg.scan_layers,
             remat=self.cfg.remat_policy,
         )
         if not keep_all:
             return last if indices[0] > 0 else x
-        hidden_states = [x] + [per_layer[i] for i in range(max(indices))]
+        hidden_states = [x] + [per_layer[i] for i in range(self.cfg.vision_layers_run)]
         return jnp.concatenate([hidden_states[i] for i in indices], axis=-1)

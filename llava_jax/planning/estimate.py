@@ -278,12 +278,6 @@ def _costs(compiled, chip: Chip | None = None) -> tuple[float, float, float | No
     return flops_, float(ca.get("bytes accessed", 0.0)), seconds
 
 
-def vision_layers_computed(cfg: LlavaConfig) -> int:
-    """Tower layers the forward pass runs (those up to the deepest selected feature layer)."""
-    n = cfg.vision.num_hidden_layers
-    return max(i % (n + 1) for i in cfg.feature_layers)
-
-
 def _with_depth(cfg: LlavaConfig, vision: int, text: int) -> LlavaConfig:
     """`cfg` unrolled, with `vision` tower layers computed and `text` LLM layers."""
     for total in range(1, cfg.vision.num_hidden_layers + 2):
@@ -291,7 +285,7 @@ def _with_depth(cfg: LlavaConfig, vision: int, text: int) -> LlavaConfig:
             candidate = cfg.replace(vision=dataclasses.replace(cfg.vision, num_hidden_layers=total))
         except ValueError:  # a feature layer outside so shallow a tower
             continue
-        if vision_layers_computed(candidate) == vision:
+        if candidate.vision_layers_run == vision:
             text_cfg = dataclasses.replace(cfg.text, num_hidden_layers=text)
             return candidate.replace(text=text_cfg, scan_layers=False)
     raise PlanError(
@@ -308,7 +302,7 @@ def extrapolated_cost(
     micro = config.copy_and_resolve_references()
     with micro.unlocked():
         micro.optimizer.grad_accum = 1
-    v_real, t_real = vision_layers_computed(model_cfg), model_cfg.text.num_hidden_layers
+    v_real, t_real = model_cfg.vision_layers_run, model_cfg.text.num_hidden_layers
     v0 = 1 if v_real >= 1 else 0
     points = {}
     seconds = 0.0

@@ -37,7 +37,7 @@ def _factors(labels: Mapping[str, str]) -> dict[str, int]:
 def vision_forward_flops(cfg: LlavaConfig, num_views: int) -> float:
     """Forward FLOPs of the tower on `num_views` views, up to the deepest selected layer."""
     v = cfg.vision
-    layers = max(i % (v.num_hidden_layers + 1) for i in cfg.feature_layers)
+    layers = cfg.vision_layers_run
     tokens, d = v.num_positions, v.hidden_size
     per_layer = 4 * d * d + 2 * d * v.intermediate_size
     patch = v.patch_size**2 * v.num_channels * d * v.patches_per_side**2
