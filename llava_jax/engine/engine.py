@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -123,9 +125,7 @@ class Engine:
         self.num_slots = num_slots
         self.max_length = bucket(max_length or self.context)
         self.prefix_cache = prefix_cache
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "greedy"))
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
-        self._step = jax.jit(self._step_fn, static_argnames=("greedy",), donate_argnums=(1, 2))
+        self._prefill, self._insert, self._step = _programs(generator)
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * num_slots
         self.stats = {"steps": 0, "prefilled_tokens": 0}
@@ -145,62 +145,6 @@ class Engine:
         )
         self.slots = [None] * b
 
-    # -- the three compiled programs --------------------------------------------------------
-
-    def _prefill_fn(self, state, prefix, start, ids, segment, last, pixels, taps, weights,
-                    seen, key, knobs, *, cache_len, greedy):  # fmt: skip
-        """One prompt (or the rest of it after a stored `prefix` of `start` tokens) into a
-        cache of `cache_len` columns; returns its first token, cache block and seen tokens."""
-        model = nnx.merge(self.generator.graphdef, state)
-        cache = KVCache.init(self.cfg.text, 1, cache_len, self.cfg.dtype)
-        if prefix is not None:
-            at = (0, 0, 0, 0, 0)
-            cache = dataclasses.replace(
-                cache,
-                k=jax.lax.dynamic_update_slice(cache.k, prefix.k, at),
-                v=jax.lax.dynamic_update_slice(cache.v, prefix.v, at),
-                segment=jax.lax.dynamic_update_slice(cache.segment, prefix.segment, (0, 0)),
-                index=start,
-                empty=False,
-            )
-        positions = start + jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        out = model.hidden_states(
-            ids, pixel_values=pixels, taps=taps, tap_weights=weights, positions=positions,
-            segment_ids=segment, cache=cache,
-        )  # fmt: skip
-        hidden = jax.lax.dynamic_slice_in_dim(out.hidden, last, 1, axis=1)
-        logits = model.language_model.logits(hidden)[:, 0]
-        keys = jax.random.fold_in(jax.random.wrap_key_data(key), 0)[None]
-        token = _sample(logits, keys, seen, knobs, greedy=greedy)
-        block = Block(out.cache.k, out.cache.v, out.cache.segment)
-        return token, block, seen.at[0, token].set(True)
-
-    @staticmethod
-    def _insert_fn(cache, rows, slot, block, length, row):
-        """Copies a prompt's cache `block` and decoding state `row` into `slot`."""
-        cache = dataclasses.replace(
-            cache,
-            k=jax.lax.dynamic_update_slice(cache.k, block.k, (0, slot, 0, 0, 0)),
-            v=jax.lax.dynamic_update_slice(cache.v, block.v, (0, slot, 0, 0, 0)),
-            segment=jax.lax.dynamic_update_slice(cache.segment, block.segment, (slot, 0)),
-            index=cache.index.at[slot].set(length),
-        )
-        return cache, jax.tree.map(lambda a, r: a.at[slot].set(r[0]), rows, row)
-
-    def _step_fn(self, state, cache, rows, active, greedy):
-        """One token for every slot; free slots (`active` False) write nothing they read."""
-        model = nnx.merge(self.generator.graphdef, state)
-        out = model.hidden_states(rows.token[:, None], positions=cache.index[:, None],
-                                  segment_ids=active[:, None].astype(jnp.int32),
-                                  cache=cache)  # fmt: skip
-        logits = model.language_model.logits(out.hidden)[:, 0]
-        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rows.keys), rows.step)
-        token = _sample(logits, keys, rows.seen, rows.knobs, greedy=greedy)
-        b = jnp.arange(token.shape[0])
-        seen = rows.seen.at[b, token].set(rows.seen[b, token] | active)
-        cache = dataclasses.replace(out.cache, index=cache.index + active)
-        return cache, rows.replace(token=token, seen=seen, step=rows.step + active)
-
     # -- the host side ------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
@@ -212,8 +156,10 @@ class Engine:
         n, new = len(request.prompt.input_ids), request.sampling.max_new_tokens
         room = min(self.max_length, self.context)
         if n + new > room:
-            raise ValueError(f"prompt of {n} tokens + {new} new tokens exceeds the {room} "
-                             "tokens of an engine slot (the model's context, or max_length)")
+            raise ValueError(
+                f"prompt of {n} tokens + {new} new tokens exceeds the {room} "
+                "tokens of an engine slot (the model's context, or max_length)"
+            )
         request.submitted_at = request.submitted_at or time.perf_counter()
         self.waiting.append(request)
 
@@ -341,3 +287,79 @@ class Engine:
         if request.on_finish is not None:
             request.on_finish(request)
 
+
+# -- the three compiled programs, shared by the engines of one generator ----------------------
+
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _programs(generator: Generator):
+    """The jitted prefill, insert and step for `generator`'s model: every engine of one
+    generator (a server's, an eval's) shares their compiled programs."""
+    if generator not in _PROGRAMS:
+        graphdef, text = generator.graphdef, generator.cfg.text
+        dtype = generator.cfg.dtype
+        _PROGRAMS[generator] = (
+            jax.jit(functools.partial(_prefill_fn, graphdef, text, dtype),
+                    static_argnames=("cache_len", "greedy")),
+            jax.jit(_insert_fn, donate_argnums=(0, 1)),
+            jax.jit(functools.partial(_step_fn, graphdef), static_argnames=("greedy",),
+                    donate_argnums=(1, 2)),
+        )  # fmt: skip
+    return _PROGRAMS[generator]
+
+
+def _prefill_fn(graphdef, text, dtype, state, prefix, start, ids, segment, last, pixels, taps,
+                weights, seen, key, knobs, *, cache_len, greedy):  # fmt: skip
+    """One prompt (or the rest of it after a stored `prefix` of `start` tokens) into a cache
+    of `cache_len` columns; returns its first token, cache block and seen tokens."""
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.init(text, 1, cache_len, dtype)
+    if prefix is not None:
+        at = (0, 0, 0, 0, 0)
+        cache = dataclasses.replace(
+            cache,
+            k=jax.lax.dynamic_update_slice(cache.k, prefix.k, at),
+            v=jax.lax.dynamic_update_slice(cache.v, prefix.v, at),
+            segment=jax.lax.dynamic_update_slice(cache.segment, prefix.segment, (0, 0)),
+            index=start,
+            empty=False,
+        )
+    positions = start + jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+    out = model.hidden_states(
+        ids, pixel_values=pixels, taps=taps, tap_weights=weights, positions=positions,
+        segment_ids=segment, cache=cache,
+    )  # fmt: skip
+    hidden = jax.lax.dynamic_slice_in_dim(out.hidden, last, 1, axis=1)
+    logits = model.language_model.logits(hidden)[:, 0]
+    keys = jax.random.fold_in(jax.random.wrap_key_data(key), 0)[None]
+    token = _sample(logits, keys, seen, knobs, greedy=greedy)
+    block = Block(out.cache.k, out.cache.v, out.cache.segment)
+    return token, block, seen.at[0, token].set(True)
+
+
+def _insert_fn(cache, rows, slot, block, length, row):
+    """Copies a prompt's cache `block` and decoding state `row` into `slot`."""
+    cache = dataclasses.replace(
+        cache,
+        k=jax.lax.dynamic_update_slice(cache.k, block.k, (0, slot, 0, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache.v, block.v, (0, slot, 0, 0, 0)),
+        segment=jax.lax.dynamic_update_slice(cache.segment, block.segment, (slot, 0)),
+        index=cache.index.at[slot].set(length),
+    )
+    return cache, jax.tree.map(lambda a, r: a.at[slot].set(r[0]), rows, row)
+
+
+def _step_fn(graphdef, state, cache, rows, active, greedy):
+    """One token for every slot; free slots (`active` False) write nothing they read."""
+    model = nnx.merge(graphdef, state)
+    out = model.hidden_states(rows.token[:, None], positions=cache.index[:, None],
+                              segment_ids=active[:, None].astype(jnp.int32),
+                              cache=cache)  # fmt: skip
+    logits = model.language_model.logits(out.hidden)[:, 0]
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rows.keys), rows.step)
+    token = _sample(logits, keys, rows.seen, rows.knobs, greedy=greedy)
+    b = jnp.arange(token.shape[0])
+    seen = rows.seen.at[b, token].set(rows.seen[b, token] | active)
+    cache = dataclasses.replace(out.cache, index=cache.index + active)
+    return cache, rows.replace(token=token, seen=seen, step=rows.step + active)
