@@ -71,12 +71,12 @@ def _append(cache: KVCache, new_kv, segment_ids: jax.Array) -> KVCache:
         at = (0, 0, 0, cache.index, 0)
         write = lambda c, x: jax.lax.dynamic_update_slice(c, x, at)  # noqa: E731
         segment = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids, cache.index, 1)
-    else:  # one row at a time: a scatter
-        row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, 0, i, 0))  # noqa: E731
-        write = lambda c, x: jax.vmap(row, (1, 1, 0), 1)(c, x, cache.index)  # noqa: E731
-        segment = jax.vmap(jax.lax.dynamic_update_slice_in_dim, (0, 0, 0, None))(
-            cache.segment, segment_ids, cache.index, 0
-        )
+    else:  # each row at its own index: a scatter (in place; a vmapped slice update copies)
+        b, t = segment_ids.shape
+        rows = jnp.arange(b)[:, None]
+        cols = cache.index[:, None] + jnp.arange(t)  # past the end (a free row): dropped
+        write = lambda c, x: c.at[:, rows, :, cols].set(x.transpose(1, 3, 0, 2, 4))  # noqa: E731
+        segment = cache.segment.at[rows, cols].set(segment_ids)
     return dataclasses.replace(cache, k=write(cache.k, k), v=write(cache.v, v), segment=segment,
                                index=cache.index + segment_ids.shape[1], empty=False)  # fmt: skip
 
