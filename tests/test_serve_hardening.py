@@ -418,10 +418,28 @@ class _Paced:
         return self._pipeline.generator.generate(prompts, sampling, on_token=paced)
 
 
-def test_non_streaming_client_leaving_while_tokens_flow(pipeline):
-    cfg = ServeConfig(model_name=MODEL, max_batch=1)
-    paced = _Paced(pipeline, 0.02)
-    server = LiveServer(create_app(paced, cfg), cfg)
+class _PacedEngine:
+    """The engine scheduler's engine, slowed to a step every `step_s`."""
+
+    def __init__(self, scheduler, step_s: float):
+        self.tokens, self._step, self._step_s = 0, scheduler.engine.step, step_s
+        scheduler.engine.step = self.step
+
+    def step(self):
+        time.sleep(self._step_s)
+        self._step()
+        self.tokens += 1
+
+
+@pytest.mark.parametrize("scheduler_kind", ["batch", "engine"])
+def test_non_streaming_client_leaving_while_tokens_flow(pipeline, scheduler_kind):
+    cfg = ServeConfig(model_name=MODEL, max_batch=1, scheduler=scheduler_kind)
+    if scheduler_kind == "batch":
+        paced = _Paced(pipeline, 0.02)
+        server = LiveServer(create_app(paced, cfg), cfg)
+    else:
+        server = LiveServer(create_app(pipeline, cfg), cfg)
+        paced = _PacedEngine(server.app.state.server.scheduler, 0.02)
     try:
         scheduler = server.app.state.server.scheduler
         body = json.dumps({"model": MODEL, "messages": [user(QUESTIONS[4])], "max_tokens": 200,

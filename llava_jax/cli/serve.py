@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         help="serve an OpenAI-compatible chat API and a chat page",
         description="Serve POST /v1/chat/completions (OpenAI format, images as base64 data "
         "URLs, streaming), GET /v1/models, GET /health, and a chat page at /. Concurrent "
-        "requests are decoded together in batches.",
+        "requests are decoded together: they join and leave the decoding slots at every step.",
     )
     parser.add_argument("--model", required=True, type=location, metavar="PATH",
                         help="llava-jax model directory (local or gs://), or a Hugging Face "
@@ -78,6 +78,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=50.0, metavar="MS",
                         help="at most this long, a request waits for others the server is "
                         "reading to join its batch (default 50)")  # fmt: skip
+    parser.add_argument("--scheduler", choices=("engine", "batch"), default="engine",
+                        help="engine (default): requests join and leave the --max-batch "
+                        "slots at every decode step; batch: batches decoded from start to "
+                        "end")  # fmt: skip
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024.0, metavar="MB",
+                        help="the engine's cache of prompt prefixes (KV entries reused by "
+                        "prompts that start with the same tokens and images; 0: off; "
+                        "default 1024)")  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -138,6 +146,8 @@ def config_from_args(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         batch_wait_s=args.batch_wait_ms / 1000,
+        scheduler=args.scheduler,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 1024 * 1024),
     )
 
 

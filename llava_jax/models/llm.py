@@ -32,13 +32,15 @@ from llava_jax.nn.stack import run_stacked, stacked
 class KVCache:
     """Keys and values of every layer for decoding, as an explicit pytree.
 
-    All rows write at the same slot (`index`); left padding is expressed by segment 0.
+    A batch generated together writes every row at the same slot (`index` int32[]); left
+    padding is expressed by segment 0. The serving engine's rows are requests that joined at
+    different steps, each with its own next slot (`index` int32[B]).
 
     Attributes:
       k: float[L, B, K, S, H].
       v: float[L, B, K, S, H].
       segment: int32[B, S], 0 where nothing (or padding) has been written.
-      index: int32[], the next slot to write.
+      index: int32[] or int32[B], the next slot to write (of all rows, or of each row).
       empty: static; True until the first write, so that prefill skips attending to an
         empty cache (a [T, S] block of masked logits otherwise).
     """
@@ -59,6 +61,24 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
             empty=True,
         )
+
+
+def _append(cache: KVCache, new_kv, segment_ids: jax.Array) -> KVCache:
+    """Writes the T new entries (float[L, B, K, T, H] twice) of all layers at once, at the
+    cache's index (of all rows, or per row); in place when the cache is donated."""
+    k, v = (x.astype(cache.k.dtype) for x in new_kv)
+    if cache.index.ndim == 0:
+        at = (0, 0, 0, cache.index, 0)
+        write = lambda c, x: jax.lax.dynamic_update_slice(c, x, at)  # noqa: E731
+        segment = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids, cache.index, 1)
+    else:  # each row at its own index: a scatter (in place; a vmapped slice update copies)
+        b, t = segment_ids.shape
+        rows = jnp.arange(b)[:, None]
+        cols = cache.index[:, None] + jnp.arange(t)  # past the end (a free row): dropped
+        write = lambda c, x: c.at[:, rows, :, cols].set(x.transpose(1, 3, 0, 2, 4))  # noqa: E731
+        segment = cache.segment.at[rows, cols].set(segment_ids)
+    return dataclasses.replace(cache, k=write(cache.k, k), v=write(cache.v, v), segment=segment,
+                               index=cache.index + segment_ids.shape[1], empty=False)  # fmt: skip
 
 
 class DecoderAttention(nnx.Module):
@@ -197,10 +217,10 @@ class LanguageModel(nnx.Module):
         if cache is not None and not cache.empty:
             kv_steps = jnp.broadcast_to(jnp.arange(cache.segment.shape[1], dtype=jnp.int32),
                                         cache.segment.shape)  # fmt: skip
-            written = jnp.where(kv_steps < cache.index, cache.segment, 0)
-            cache_mask = causal_mask(
-                steps + cache.index, kv_steps, segment_ids, written, t.sliding_window
-            )
+            index = cache.index if cache.index.ndim == 0 else cache.index[:, None]
+            written = jnp.where(kv_steps < index, cache.segment, 0)
+            cache_mask = causal_mask(steps + index, kv_steps, segment_ids, written,
+                                     t.sliding_window)  # fmt: skip
             xs = (cache.k, cache.v)
 
         def layer_fn(layer, h, kv):
@@ -217,18 +237,7 @@ class LanguageModel(nnx.Module):
             remat=self.cfg.remat_policy,
         )
         if cache is not None:
-            # One write of all layers' new entries; in place when the cache is donated.
-            at = (0, 0, 0, cache.index, 0)
-            cache = dataclasses.replace(
-                cache,
-                k=jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), at),
-                v=jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), at),
-                segment=jax.lax.dynamic_update_slice_in_dim(
-                    cache.segment, segment_ids, cache.index, 1
-                ),
-                index=cache.index + seq,
-                empty=False,
-            )
+            cache = _append(cache, new_kv, segment_ids)
         return self.norm(h), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

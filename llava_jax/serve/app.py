@@ -29,14 +29,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from llava_jax.engine import Engine, PrefixCache
 from llava_jax.generate import Prompt
 from llava_jax.serve.config import ServeConfig
+from llava_jax.serve.engine_scheduler import EngineScheduler
 from llava_jax.serve.errors import APIError, invalid
 from llava_jax.serve.fetch import Fetcher
 from llava_jax.serve.guards import Guard
 from llava_jax.serve.images import ImageMemory, decode_cost, decode_images, read_images
 from llava_jax.serve.request import ChatRequest, parse_chat_request
-from llava_jax.serve.scheduler import Event, Job, QueueFull, Scheduler
+from llava_jax.serve.scheduler import Event, Job, JobQueue, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +144,7 @@ class _Server:
     def __init__(self, pipeline, cfg: ServeConfig):
         self.pipeline, self.cfg = pipeline, cfg
         self.context = pipeline.cfg.text.max_position_embeddings
-        self.scheduler = Scheduler(
-            pipeline.generator, pipeline.decode, self.context, cfg.max_batch, cfg.max_queue,
-            cfg.batch_wait_s, cfg.batch_window_s,
-        )  # fmt: skip
+        self.scheduler = _scheduler(pipeline, cfg)
         # Tokenizing and preprocessing run in worker threads; the tokenizer is not meant to be
         # shared across threads, so prompts are built one at a time.
         self._prompt_lock = threading.Lock()
@@ -268,6 +267,19 @@ class _Server:
             yield _sse("[DONE]")
         finally:
             job.cancelled.set()
+
+
+def _scheduler(pipeline, cfg: ServeConfig) -> JobQueue:
+    if cfg.scheduler == "batch":
+        context = pipeline.cfg.text.max_position_embeddings
+        return Scheduler(pipeline.generator, pipeline.decode, context, cfg.max_batch,
+                         cfg.max_queue, cfg.batch_wait_s, cfg.batch_window_s)  # fmt: skip
+    model = pipeline.cfg
+    media = tuple(i for i in (model.image_token_id, model.video_token_id) if i is not None)
+    cache = PrefixCache(cfg.prefix_cache_bytes, media) if cfg.prefix_cache_bytes else None
+    engine = Engine(pipeline.generator, num_slots=cfg.max_batch, prefix_cache=cache)
+    return EngineScheduler(engine, pipeline.decode, cfg.max_queue, cfg.batch_wait_s,
+                           cfg.batch_window_s)  # fmt: skip
 
 
 def _no_sink(event: Event) -> None:

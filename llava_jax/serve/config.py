@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+SCHEDULERS = ("engine", "batch")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
@@ -45,6 +47,10 @@ class ServeConfig:
         the server is preparing, so that they share its batch.
       batch_window_s: an idle scheduler given a request always waits this long for others
         (a fixed batching window; at most batch_wait_s).
+      scheduler: "engine" (continuous batching: requests join and leave the `max_batch`
+        slots at every decode step) or "batch" (batches decoded from start to end).
+      prefix_cache_bytes: the engine's prefix cache (KV entries of earlier prompts, reused
+        by prompts that start with the same tokens and media); 0: off.
     """
 
     model_name: str = "llava-jax"
@@ -69,6 +75,8 @@ class ServeConfig:
     max_queue: int = 64
     batch_wait_s: float = 0.05
     batch_window_s: float = 0.0
+    scheduler: str = "engine"
+    prefix_cache_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_image_pixels", "max_images", "image_memory_bytes",
@@ -79,6 +87,11 @@ class ServeConfig:
         for name in ("fetch_timeout_s", "header_timeout_s", "read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got "
+                             f"{self.scheduler!r}")  # fmt: skip
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if not 0 <= self.batch_window_s <= self.batch_wait_s:
             raise ValueError("need 0 <= batch_window_s <= batch_wait_s")
         if self.api_key is not None:

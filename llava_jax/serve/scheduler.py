@@ -127,19 +127,17 @@ def _batch_size(n: int, max_batch: int) -> int:
     return min(1 << (n - 1).bit_length(), max(max_batch, n))
 
 
-class Scheduler:
-    """Collects jobs from a bounded queue and runs them through `generator` in batches.
+class JobQueue:
+    """The bounded queue of jobs and the thread that serves them (`_loop`, in subclasses).
 
     Args:
-      generator: a `llava_jax.generate.Generator`.
       decode: token ids -> text (the pipeline's `decode`).
-      context: the model's context length, in tokens.
       max_batch, max_queue, batch_wait_s, batch_window_s: as in `ServeConfig`.
     """
 
-    def __init__(self, generator, decode, context: int, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, decode, max_batch: int = 8, max_queue: int = 64,
                  batch_wait_s: float = 0.05, batch_window_s: float = 0.0):  # fmt: skip
-        self.generator, self.decode, self.context = generator, decode, context
+        self.decode = decode
         self.max_batch, self.max_queue = max_batch, max_queue
         self.batch_wait_s, self.batch_window_s = batch_wait_s, min(batch_window_s, batch_wait_s)
         self._pending: collections.deque[Job] = collections.deque()
@@ -209,19 +207,8 @@ class Scheduler:
                                                    "server_shutting_down")))  # fmt: skip
         self._thread.join(timeout)
 
-    # -- the scheduler thread ----------------------------------------------------------------
-
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                self._gather()
-                jobs = self._take()
-            if jobs:
-                self._run(jobs)
+        raise NotImplementedError
 
     def _gather(self) -> None:
         """Waits, up to `batch_wait_s`, while requests being read or prepared may still join
@@ -235,6 +222,37 @@ class Scheduler:
                 return
             until = self.batch_wait_s if self._arriving else self.batch_window_s
             self._cond.wait(until - elapsed)
+
+
+class Scheduler(JobQueue):
+    """Collects jobs from a bounded queue and runs them through `generator` in batches, each
+    from start to end (`serve --scheduler batch`).
+
+    Args:
+      generator: a `llava_jax.generate.Generator`.
+      decode: token ids -> text (the pipeline's `decode`).
+      context: the model's context length, in tokens.
+      max_batch, max_queue, batch_wait_s, batch_window_s: as in `ServeConfig`.
+    """
+
+    def __init__(self, generator, decode, context: int, max_batch: int = 8, max_queue: int = 64,
+                 batch_wait_s: float = 0.05, batch_window_s: float = 0.0):  # fmt: skip
+        self.generator, self.context = generator, context
+        super().__init__(decode, max_batch, max_queue, batch_wait_s, batch_window_s)
+
+    # -- the scheduler thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                self._gather()
+                jobs = self._take()
+            if jobs:
+                self._run(jobs)
 
     def _take(self) -> list[Job]:
         """The oldest live job and the waiting jobs that can share its batch."""

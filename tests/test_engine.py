@@ -1,0 +1,218 @@
+"""The serving engine: slots that requests join and leave at every step, and the prefix cache.
+
+The reference for every answer is `Generator.generate` on the prompt alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_configs import LLAVA
+
+from llava_jax.engine import Engine, PrefixCache, Request
+from llava_jax.engine.prefix_cache import Block
+from llava_jax.generate import Generator, Prompt, SamplingConfig
+from llava_jax.models.feature_plan import Media, build_feature_plan
+from llava_jax.models.llava import LlavaModel
+
+IMG = LLAVA.image_token_id
+MEDIA_IDS = (IMG,)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator(LlavaModel(LLAVA, rngs=nnx.Rngs(0)))
+
+
+def make_prompt(rng, text_len, image=True, views=None, before=()):
+    """[1, before..., text..., image tokens, 3 more]; `views` reuses an image's pixels."""
+    media = (Media.image(42, 42),) if image else ()
+    ids = [1, *before, *rng.randint(3, 140, size=text_len)]
+    if image:
+        plan = build_feature_plan(LLAVA, [media])
+        ids += [IMG] * plan.num_image_tokens[0] + list(rng.randint(3, 140, size=3))
+        if views is None:
+            views = rng.randn(plan.num_views[0], 42, 42, 3).astype(np.float32)
+    return Prompt(np.array(ids, np.int32), views if image else None, media)
+
+
+def alone(generator, prompt, sampling):
+    return generator.generate([prompt], sampling)[0].token_ids
+
+
+def run_until(engine, requests):
+    while not all(r.finish_reason for r in requests):
+        engine.step()
+
+
+GREEDY = SamplingConfig(max_new_tokens=8)
+SAMPLED = SamplingConfig(max_new_tokens=8, temperature=1.3, top_k=20, seed=7)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_request_joining_a_busy_engine_matches_alone(generator, sampling):
+    rng = np.random.RandomState(0)
+    prompt = make_prompt(rng, 6)
+    others = [make_prompt(rng, 2 + 7 * i, image=i % 2 == 0) for i in range(3)]
+    engine = Engine(generator, num_slots=4, max_length=128)
+    by_itself = engine.generate([prompt], sampling)[0].token_ids
+    busy = [Request(p, SamplingConfig(max_new_tokens=30, temperature=0.8, seed=i))
+            for i, p in enumerate(others)]  # fmt: skip
+    for r in busy:
+        engine.add(r)
+    for _ in range(5):
+        engine.step()
+    joined = Request(prompt, sampling)
+    engine.add(joined)
+    run_until(engine, [joined])
+    assert all(not r.finish_reason for r in busy), "the busy rows ended before it joined"
+    assert joined.token_ids == by_itself
+    if sampling is GREEDY:  # sampled: the generator's batch shape differs, its floats may too
+        assert joined.token_ids == alone(generator, prompt, sampling)
+    run_until(engine, busy)
+
+
+def test_finished_row_frees_its_slot_at_once(generator):
+    rng = np.random.RandomState(1)
+    engine = Engine(generator, num_slots=2, max_length=128)
+    long = Request(make_prompt(rng, 4, image=False), SamplingConfig(max_new_tokens=40))
+    short = Request(make_prompt(rng, 5, image=False), SamplingConfig(max_new_tokens=2))
+    third = Request(make_prompt(rng, 6, image=False), SamplingConfig(max_new_tokens=2))
+    for r in (long, short, third):
+        engine.add(r)
+    run_until(engine, [third])
+    assert not long.finish_reason, "the third request waited for the long one"
+    assert engine.stats["steps"] <= 3  # short: prefill + 1 step; third: prefill + 1 step
+    assert (short.finish_reason, third.finish_reason) == ("length", "length")
+    run_until(engine, [long])
+    assert long.token_ids == alone(generator, long.prompt, long.sampling)
+
+
+def test_no_request_compiles_a_new_program(generator):
+    rng = np.random.RandomState(2)
+    engine = Engine(generator, num_slots=4, max_length=128)
+    # Each bucket greedy and sampled; steps with sampled rows, then with greedy rows only.
+    longer = SamplingConfig(max_new_tokens=12)
+    warm = [make_prompt(rng, 5), make_prompt(rng, 5), make_prompt(rng, 5, image=False),
+            make_prompt(rng, 5, image=False)]  # fmt: skip
+    engine.generate(warm, [longer, SAMPLED, SAMPLED, GREEDY])
+    programs = [f._cache_size() for f in (engine._prefill, engine._insert, engine._step)]
+    # Other lengths in the same buckets, other settings, other slots, joining mid-decode.
+    prompts = [make_prompt(rng, 4), make_prompt(rng, 9, image=False), make_prompt(rng, 7)]
+    settings = [SamplingConfig(max_new_tokens=5, temperature=0.5, top_p=0.7, seed=3), GREEDY,
+                SamplingConfig(max_new_tokens=12, repetition_penalty=1.4)]  # fmt: skip
+    engine.generate(prompts, settings)
+    assert [f._cache_size() for f in (engine._prefill, engine._insert, engine._step)] == programs
+
+
+def test_cancel_ends_a_request_and_frees_its_slot(generator):
+    rng = np.random.RandomState(3)
+    engine = Engine(generator, num_slots=1, max_length=128)
+    first = Request(make_prompt(rng, 4, image=False), SamplingConfig(max_new_tokens=50))
+    second = Request(make_prompt(rng, 4, image=False), GREEDY)
+    engine.add(first)
+    engine.add(second)
+    engine.step()
+    engine.cancel(first)
+    run_until(engine, [second])
+    assert first.finish_reason == "cancelled" and len(first.token_ids) < 50
+    assert second.token_ids == alone(generator, second.prompt, GREEDY)
+
+
+def test_a_prompt_over_a_slot_is_refused(generator):
+    engine = Engine(generator, num_slots=1, max_length=32)
+    prompt = Prompt(np.arange(1, 30, dtype=np.int32))
+    with pytest.raises(ValueError, match="29 tokens \\+ 8 new tokens exceeds the 32 tokens"):
+        engine.add(Request(prompt, GREEDY))
+
+
+# -- the prefix cache ---------------------------------------------------------------------------
+
+
+def test_multi_turn_hits_the_prefix_cache_and_answers_as_a_miss(generator):
+    rng = np.random.RandomState(4)
+    turn1 = make_prompt(rng, 6)
+    turns = [turn1]
+    for _ in range(2):  # the next turn: the whole conversation so far, an answer, a question
+        more = rng.randint(3, 140, size=7).astype(np.int32)
+        turns.append(Prompt(np.concatenate([turns[-1].input_ids, more]), turn1.views,
+                            turn1.media))  # fmt: skip
+    cache = PrefixCache(10**8, MEDIA_IDS)
+    engine = Engine(generator, num_slots=2, max_length=128, prefix_cache=cache)
+    requests = [Request(p, GREEDY) for p in turns]
+    for r in requests:
+        engine.add(r)
+        run_until(engine, [r])
+    assert [r.cached_tokens for r in requests] == [0] + [len(p.input_ids) - 1 for p in turns[:2]]
+    assert cache.stats["prefix_hits"] == 2
+    for r, p in zip(requests, turns, strict=True):
+        assert r.token_ids == alone(generator, p, GREEDY), f"turn of {len(p.input_ids)} tokens"
+
+
+def test_other_questions_about_the_same_image_reuse_it(generator):
+    rng = np.random.RandomState(5)
+    first = make_prompt(rng, 6)
+    question = rng.randint(3, 140, size=5).astype(np.int32)
+    end = int(np.flatnonzero(first.input_ids == IMG)[-1]) + 1
+    second = Prompt(np.concatenate([first.input_ids[:end], question]), first.views, first.media)
+    engine = Engine(generator, num_slots=2, max_length=128,
+                    prefix_cache=PrefixCache(10**8, MEDIA_IDS))  # fmt: skip
+    a, b = (Request(p, GREEDY) for p in (first, second))
+    engine.add(a)
+    run_until(engine, [a])
+    engine.add(b)
+    run_until(engine, [b])
+    assert b.cached_tokens == end
+    assert b.token_ids == alone(generator, second, GREEDY)
+
+
+def test_the_same_tokens_with_other_pixels_miss(generator):
+    rng = np.random.RandomState(6)
+    first = make_prompt(rng, 6)
+    other = Prompt(first.input_ids, first.views + 1.0, first.media)
+    again = Prompt(first.input_ids.copy(), first.views.copy(), first.media)  # equal content
+    cache = PrefixCache(10**8, MEDIA_IDS)
+    engine = Engine(generator, num_slots=2, max_length=128, prefix_cache=cache)
+    results = {}
+    for name, p in (("first", first), ("other", other), ("again", again)):
+        r = Request(p, GREEDY)
+        engine.add(r)
+        run_until(engine, [r])
+        results[name] = r
+    assert results["other"].cached_tokens == 0, "the prefix of other pixels was reused"
+    assert results["again"].cached_tokens == len(first.input_ids) - 1
+    assert results["other"].token_ids == alone(generator, other, GREEDY)
+    assert results["again"].token_ids == results["first"].token_ids
+
+
+def _block(columns: int) -> Block:
+    k = np.zeros((2, 1, 2, columns, 12), np.float32)
+    return Block(k, k, np.ones((1, columns), np.int32))
+
+
+def test_prefix_cache_evicts_least_recently_used_within_its_budget():
+    size = _block(16).nbytes
+    cache = PrefixCache(2 * size + size // 2, MEDIA_IDS)  # room for two blocks
+    prompts = [np.array([1, 10 + i, 11, 12], np.int32) for i in range(3)]
+    cache.store(prompts[0], b"", _block(16))
+    cache.store(prompts[1], b"", _block(16))
+    assert cache.lookup(np.array([*prompts[0][:3], 99]), b"") is not None  # 0 is now recent
+    cache.store(prompts[2], b"", _block(16))
+    assert cache.bytes <= cache.budget_bytes and len(cache) == 2
+    assert cache.stats["prefix_evictions"] == 1
+    found = [cache.lookup(np.array([*p[:3], 99]), b"") is not None for p in prompts]
+    assert found == [True, False, True], "not the least recently used entry was evicted"
+    cache.store(np.arange(1, 200, dtype=np.int32), b"", _block(256))  # over the budget alone
+    assert len(cache) == 2 and cache.bytes <= cache.budget_bytes
+
+
+def test_prefix_cache_never_leaves_media_tokens_to_the_rest():
+    cache = PrefixCache(10**6, MEDIA_IDS)
+    stored = np.array([1, 5, IMG, IMG, 6, 7, 8], np.int32)
+    cache.store(stored, b"m", _block(16))
+    asked = np.array([1, 5, IMG, IMG, 6, 7, 8, 9], np.int32)
+    assert cache.lookup(asked, b"m").length == 6
+    assert cache.lookup(asked, b"other media") is None
+    # The stored image-end prefix (4 tokens) is reachable; a shorter one would cut the image.
+    assert cache.lookup(np.array([1, 5, IMG, IMG, 40, 41], np.int32), b"m").length == 4
