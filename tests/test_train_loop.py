@@ -326,3 +326,76 @@ def test_lora_run_exports_the_merged_model(setup, tmp_path):
     exported = checkpoint.load_params(tmp_path / "exported", cfg)
     for path, value in final.items():
         assert np.array_equal(np.asarray(exported[path]), np.asarray(value)), path
+
+
+def _bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
+    """A LoRA checkpoint holds the trained parameters (adapters, projector) and their
+    optimizer state, not the frozen base; a run resumed from it re-creates the base from
+    init_from and goes on bit for bit as the uninterrupted run; another base is refused."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from llava_jax.train import resume
+    from llava_jax.train.checkpoints import Checkpointer
+
+    overrides = [
+        *setup,
+        "--config.train.trainable=multi_modal_projector/.*",
+        "--config.optimizer.vision_lr=0",
+        "--config.train.lora.rank=4",
+        "--config.train.lora.alpha=8",
+    ]
+    config = config_loader.load_config(RECIPE, overrides)
+    reference = tmp_path / "reference"
+    loop.train(config, reference)
+    expected = _losses(reference)
+
+    cfg = config_loader.model_config(config)
+    labels = loop.state_lib.labels_for(cfg, config)
+    trained = {p for p, label in labels.items() if label != "frozen"}
+    ckpts = reference / "checkpoints"
+    state_dir = ckpts / "4" / "state"
+    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+    assert set(checkpoint.nested_to_flat(tree["params"])) == trained
+    # Against the same step saved whole (what a LoRA checkpoint held before): the frozen
+    # base is ~70% of the tiny model (whose projector is as big as its adapters); at 7B
+    # with rank 128 it is ~98%.
+    mesh = loop.state_lib.mesh_from_config(config)
+    ckpt = Checkpointer(ckpts, save_every=1)
+    state, _ = resume.restore(ckpt, 4, cfg, config, mesh, STEPS)
+    ckpt.close()
+    with ocp.StandardCheckpointer() as whole:
+        whole.save(tmp_path / "whole", state)
+    stored, full = _bytes(state_dir), _bytes(tmp_path / "whole")
+    assert stored < 0.5 * full, (stored, full)
+
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints" / "4", run / "checkpoints" / "4")
+    loop.train(config, run)  # resumes from step 4
+    got = _losses(run)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    assert {s: got[s] for s in got} == {s: expected[s] for s in got}  # bit for bit
+    want = checkpoint.load_params(reference / "model", cfg)
+    for path, value in checkpoint.load_params(run / "model", cfg).items():
+        assert np.array_equal(np.asarray(value), np.asarray(want[path])), path
+
+    # Another base under the same checkpoint: refused in one line, nothing written.
+    init = Path(config.init_from)
+    params = {k: np.asarray(v) for k, v in checkpoint.load_params(init, cfg).items()}
+    params["language_model/norm/scale"] = params["language_model/norm/scale"] + 1
+    assets = init / checkpoint.ASSETS_DIR
+    other = checkpoint.save_model_dir(
+        tmp_path / "other_init", cfg, params, assets, [p.name for p in assets.iterdir()]
+    )
+    moved = tmp_path / "moved"
+    shutil.copytree(reference / "checkpoints" / "4", moved / "checkpoints" / "4")
+    config = config_loader.load_config(RECIPE, [*overrides, f"--config.init_from={other}"])
+    with pytest.raises(loop.TrainingError, match="frozen weights re-created from") as e:
+        loop.train(config, moved)
+    assert "\n" not in str(e.value) and "language_model/norm/scale" in str(e.value)
+    assert _finished_steps(moved) == [4] and not (moved / "model").exists()

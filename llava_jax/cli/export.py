@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
         "--init-from",
         type=absolute,
         metavar="DIR",
-        help="the run's --init-from (its tokenizer and processor)",
+        help="the run's --init-from (its tokenizer and processor; a LoRA run's frozen base)",
     )
     parser.add_argument("--step", type=int, help="the checkpoint step (default: the newest)")
     parser.add_argument(
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llava_jax.cli import CommandError
     from llava_jax.models import lora
-    from llava_jax.train import config_loader, loop
+    from llava_jax.train import config_loader, loop, resume
     from llava_jax.train import state as state_lib
     from llava_jax.train.checkpoints import Checkpointer
 
@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
         if step is None or step not in steps:
             saved = f"saved: {sorted(steps)}" if steps else "no finished checkpoint"
             raise CommandError(f"{workdir / 'checkpoints'}: no step {step}; {saved}")
-        # The state's shapes do not depend on the schedule's length.
-        abstract = state_lib.abstract_state(model_cfg, config, mesh, total_steps=1)
-        state = ckpt.restore_state(step, abstract)
+        # The state's shapes do not depend on the schedule's length. A LoRA checkpoint's
+        # frozen base is re-created from init_from.
+        state, _ = resume.restore(ckpt, step, model_cfg, config, mesh, total_steps=1)
+    except resume.BaseMismatchError as e:
+        raise CommandError(str(e)) from None
     finally:
         ckpt.close()
     params = state_lib.merged_params(model_cfg, config, mesh, state.params)
