@@ -319,13 +319,29 @@ def test_lora_run_exports_the_merged_model(setup, tmp_path):
     from llava_jax.cli.main import main
 
     argv = ["export", "--config", RECIPE, "--workdir", str(tmp_path), *overrides]
-    assert main([*argv, "--out", str(tmp_path / "unmerged")]) == 2  # LoRA needs --merge
     assert main([*argv, "--merge", "--step", "7", "--out", str(tmp_path / "x")]) == 2
-    assert not (tmp_path / "unmerged").exists() and not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists()
     assert main([*argv, "--merge", "--out", str(tmp_path / "exported")]) == 0
     exported = checkpoint.load_params(tmp_path / "exported", cfg)
     for path, value in final.items():
         assert np.array_equal(np.asarray(exported[path]), np.asarray(value)), path
+
+    # Without --merge: the adapters alone, which `generate --adapter` applies to the base.
+    assert main([*argv, "--out", str(tmp_path / "adapter")]) == 0
+    spec, adapter = checkpoint.load_adapter_dir(tmp_path / "adapter")
+    assert (spec.rank, spec.alpha) == (4, 8.0)
+    labels = loop.state_lib.labels_for(cfg, config)
+    assert set(adapter) == {p for p, label in labels.items() if label != "frozen"}
+    answers = []
+    merged = ["--model", str(tmp_path / "exported")]
+    unmerged = ["--model", config.init_from, "--adapter", str(tmp_path / "adapter")]
+    for model in (merged, unmerged):
+        cmd = [sys.executable, "-m", "llava_jax.cli.main", "generate", *model, "--raw",
+               "--prompt", "a red circle", "--max-new-tokens", "5", "--json"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        answers.append(json.loads(out.stdout.splitlines()[-1])["token_ids"])
+    assert answers[0] == answers[1]
 
 
 def _bytes(directory: Path) -> int:

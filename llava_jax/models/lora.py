@@ -29,7 +29,7 @@ from flax import nnx
 from qwix._src.core import qarray  # HowToQuantize / quantize: not re-exported by qwix
 from qwix._src.providers.ptq import WithAux
 
-from llava_jax.checkpoint import nested_to_flat
+from llava_jax.checkpoint import flat_to_nested, nested_to_flat
 
 # Every linear layer of the decoder: q/k/v/o and gate/up/down.
 LLM_LINEARS = (r"language_model/layers/(self_attn|mlp)/\w+_proj/kernel",)
@@ -220,3 +220,30 @@ def merged_params(model: nnx.Module, spec: LoraSpec) -> dict[str, jax.Array]:
     replaced = tuple(k + "/" for k in merged)
     rest = {k: v for k, v in flat.items() if not is_adapter(k) and not k.startswith(replaced)}
     return {**rest, **merged}
+
+
+def with_adapter(model: nnx.Module, spec: LoraSpec, params: dict[str, jax.Array]) -> nnx.Module:
+    """A plain model with trained adapters, unmerged: `spec`'s adapters added (and its base
+    kernels quantized for QLoRA, as in training), then `params` (flat: every adapter, plus
+    any fully trained parameter such as the projector) put in, run through qwix.
+
+    Raises:
+      ValueError: `params` misses an adapter, names a parameter the model does not have,
+        or has another shape.
+    """
+    add_adapters(model, spec, jax.random.key(0))  # every adapter is replaced below
+    state = nnx.state(model, nnx.Param)
+    flat = nested_to_flat(nnx.to_pure_dict(state))
+    missing = sorted(k for k in flat if is_adapter(k) and k not in params)
+    unknown = sorted(set(params) - set(flat))
+    if missing or unknown:
+        raise ValueError(f"adapter: missing {missing[:3]}, not in the model {unknown[:3]}")
+    for path, value in params.items():
+        if tuple(value.shape) != tuple(flat[path].shape):
+            raise ValueError(
+                f"adapter: {path} has shape {value.shape}, the model {flat[path].shape}"
+            )
+    placed = {k: jnp.asarray(params.get(k, v), flat[k].dtype) for k, v in flat.items()}
+    nnx.replace_by_pure_dict(state, flat_to_nested(placed))
+    nnx.update(model, state)
+    return intercept(model, spec)
