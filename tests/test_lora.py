@@ -61,7 +61,7 @@ def test_config_errors_are_one_line():
     for field, value, match in [
         ("rank", -1, "train.lora.rank"),
         ("quantize", "int3", "train.lora.quantize"),
-        ("dropout", 0.05, "train.lora.dropout"),
+        ("dropout", 1.0, "train.lora.dropout"),
         ("modules", ("language_model/nothing",), "matches no parameter"),
         ("modules", ("language_model/layers/input_layernorm/scale",), "not the kernel"),
         ("modules", ("language_model/(",), "bad pattern"),
@@ -340,3 +340,60 @@ def test_merged_model_exported_to_hf_gives_the_adapted_logits(tmp_path):
     plain_logits = np.asarray(plain.language_model.logits(plain.hidden_states(ids).hidden))
     assert np.abs(plain_logits - want).max() > 1e-3  # the adapters matter
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_dropout_changes_training_gradients_only():
+    """`train.lora.dropout`: the adapters' input dropped in training (a new mask per key),
+    never in the merge or in generation; 0 is the dropout-free model."""
+    cfg = model_config()
+    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    trained_model, trained = _trained_lora(cfg, spec, base)
+    params = nnx.to_pure_dict(nnx.state(trained_model, nnx.Param))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(5).items()}
+
+    def grads(dropout, key):
+        config = lora_config()
+        config.train.lora.dropout = dropout
+        graphdef = nnx.graphdef(train_model(cfg, config))
+        loss = lambda p: jnp.sum(token_losses(graphdef, p, batch, dropout_key=key)[0])  # noqa: E731
+        return nested_to_flat(jax.jit(jax.grad(loss))(params))
+
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    off, off_keyed = grads(0.0, None), grads(0.0, k1)
+    on1, on1_again, on2 = grads(0.3, k1), grads(0.3, k1), grads(0.3, k2)
+    b = "language_model/layers/mlp/up_proj/kernel_lora_b"
+    assert all(np.array_equal(off[k], off_keyed[k]) for k in off)  # a key without dropout
+    assert all(np.array_equal(on1[k], on1_again[k]) for k in on1)  # the key decides
+    assert not np.allclose(on1[b], off[b]) and not np.allclose(on1[b], on2[b])
+    # The merge and an adapter dir's model take no dropout: as with dropout 0.
+    dropped = dataclasses.replace(spec, dropout=0.3)
+    merged, want = (
+        lora.merged_params(trained_model, dropped),
+        lora.merged_params(trained_model, spec),
+    )
+    assert all(np.array_equal(v, want[k]) for k, v in merged.items())
+    ids = np.random.RandomState(4).randint(3, 60, size=(1, 9)).astype(np.int32)
+    logits = []
+    for s in (spec, dropped):
+        m = lora.with_adapter(checkpoint.model_from_params(cfg, base), s, trained)
+        logits.append(np.asarray(m.language_model.logits(m.hidden_states(ids).hidden)))
+    assert np.array_equal(logits[0], logits[1])
+
+
+@pytest.mark.slow  # compiles a third train step (~1.5 min on 2 loaded cores)
+def test_train_step_with_dropout_draws_masks_from_the_seed():
+    """Two runs differing only in train.seed: the same step, other dropout masks."""
+    cfg, mesh = model_config(), make_mesh(data=2, fsdp=2, tensor=2)
+    updated = []
+    for seed in (0, 1):
+        config = lora_config()
+        config.train.lora.dropout = 0.3
+        config.train.seed = seed
+        state = init_state(cfg, config, mesh, total_steps=10, rng=0)  # the same init
+        step = make_train_step(cfg, config, mesh, total_steps=10)
+        state, metrics = step(state, shard_batch(random_batch(100), mesh))
+        assert np.isfinite(float(metrics["loss"]))
+        updated.append(_copy(state))
+    b = "language_model/layers/mlp/up_proj/kernel_lora_b"
+    assert not np.array_equal(updated[0][b], updated[1][b])
