@@ -5,8 +5,7 @@ for QLoRA with the frozen LLM stored as nf4. Source: haotian-liu/LLaVA
 `scripts/v1_5/finetune_lora.sh` (`--lora_enable True --lora_r 128 --lora_alpha 256
 --mm_projector_lr 2e-5 --learning_rate 2e-4`, 16 per device x 4 GPUs x accumulation 2) and
 `llava/train/train.py` (`find_all_linear_names`: every linear layer of the LLM; no vision
-tower, no projector, no `lm_head`). The reference's `lora_dropout` is 0.05; adapter dropout
-is not supported yet, so it is 0 here.
+tower, no projector, no `lm_head`; `lora_dropout` 0.05, its default).
 
 Weights: `init_from` the `llava-jax init` dir (CLIP + Vicuna-1.5) plus `projector_from` the
 stage-1 `mm_projector.bin`. Data: `llava_v1_5_mix665k.json`, `pad` image mode. The run
@@ -31,6 +30,7 @@ def lora_config(preset: str, qlora: bool):
     c.train.trainable = CONNECTOR  # the LLM trains through its adapters only
     c.train.lora.rank = 128  # --lora_r 128
     c.train.lora.alpha = 256.0  # --lora_alpha 256
+    c.train.lora.dropout = 0.05  # train.py's lora_dropout default
     c.train.lora.quantize = "nf4" if qlora else ""
     c.optimizer.lr = 2e-4  # --learning_rate 2e-4 (the adapters)
     c.optimizer.projector_lr = 2e-5  # --mm_projector_lr 2e-5

@@ -10,6 +10,7 @@ interrupted conversion never leaves something that looks like a model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -300,3 +301,57 @@ def load_model(model_dir: str | os.PathLike, **overrides: Any) -> LlavaModel:
 def model_params(model: LlavaModel) -> dict[str, np.ndarray]:
     """Flat {path: array} of a model's parameters."""
     return nested_to_flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+# An adapter dir (`llava-jax export` of a LoRA run without --merge): the run's trained
+# parameters (adapters, the projector) and its `train.lora` settings, applied at load time
+# to the base model it was trained from (`generate` / `serve --adapter`).
+ADAPTER_CONFIG_FILE = "lora_config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (epath.Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def save_adapter_dir(out_dir: str | os.PathLike, spec, params: Mapping[str, Any]) -> Path:
+    """Writes `params` (flat) and `spec` (a `lora.LoraSpec`) as an adapter dir."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not empty; refusing to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.Checkpointer(_param_writer()) as ckptr:
+        ckptr.save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(flat_to_nested(dict(params))))
+    settings = dataclasses.asdict(spec)
+    (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")  # last
+    return out
+
+
+def load_adapter_dir(adapter_dir: str | os.PathLike):
+    """(`lora.LoraSpec`, flat {path: array}) of an adapter dir."""
+    from llava_jax.models.lora import LoraSpec
+
+    path = epath.Path(adapter_dir) / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{adapter_dir}: no {ADAPTER_CONFIG_FILE}; not an adapter dir (`llava-jax export` "
+            "of a LoRA run without --merge writes one)"
+        )
+    try:
+        settings = json.loads(path.read_text())
+        spec = LoraSpec(**{**settings, "modules": tuple(settings["modules"])})
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: malformed adapter settings: {e}") from None
+    params_dir = epath.Path(paths.absolute(adapter_dir)) / PARAMS_DIR
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            tree = ckptr.metadata(params_dir).item_metadata.tree
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=default_sharding()),
+                tree,
+            )
+            params = nested_to_flat(ckptr.restore(params_dir, target))
+        except Exception as e:  # orbax raises several types for unreadable checkpoints
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({reason})") from None
+    check_finite(params, params_dir)
+    return spec, params

@@ -81,10 +81,20 @@ class Pipeline:
         template: str | None = None,
         raw: bool = False,
         echo: Callable[[str], None] = print,
+        adapter: str | os.PathLike | None = None,
         **overrides: Any,
     ) -> Pipeline:
-        """Loads a model and its assets; `template` None means the checkpoint's own."""
+        """Loads a model and its assets; `template` None means the checkpoint's own.
+        `adapter`: an adapter dir (LoRA, unmerged) trained on this model."""
         model, assets = load_any_model(path, echo, **overrides)
+        if adapter is not None:
+            from llava_jax.models import lora
+
+            spec, params = checkpoint.load_adapter_dir(adapter)
+            try:
+                model = lora.with_adapter(model, spec, params)
+            except ValueError as e:
+                raise CheckpointError(f"{adapter}: does not fit {path}: {e}") from None
         tokenizer = prompt.load_tokenizer(assets)
         image_config = ImageProcessorConfig.from_pretrained(assets, model.cfg)
         chat = None if raw else templates.resolve_template(template, assets)

@@ -200,6 +200,7 @@ def test_lora_recipes_from_finetune_lora_sh(spec):
     config = load_config(str(CONFIGS / spec))
     lora, o = config.train.lora, config.optimizer
     assert (lora.rank, lora.alpha, o.lr, o.projector_lr) == (128, 256.0, 2e-4, 2e-5)
+    assert lora.dropout == 0.05  # llava/train/train.py's lora_dropout default
     assert lora.quantize == ("nf4" if spec.endswith("qlora") else "")
     labels = labels_for(model_config(config), config)
     adapted = {p.removesuffix("_lora_a") for p in labels if p.endswith("_lora_a")}

@@ -14,8 +14,11 @@ import pytest
 from flax import nnx
 from train_helpers import STAGE1, STAGE2, model_config, random_batch, train_config
 
+from llava_jax import checkpoint
 from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
+from llava_jax.generate import Generator, Prompt, SamplingConfig
 from llava_jax.models import lora
+from llava_jax.models.llava import LlavaModel
 from llava_jax.sharding import make_mesh
 from llava_jax.train.checkpoints import Checkpointer
 from llava_jax.train.flops import train_flops_per_step
@@ -58,7 +61,7 @@ def test_config_errors_are_one_line():
     for field, value, match in [
         ("rank", -1, "train.lora.rank"),
         ("quantize", "int3", "train.lora.quantize"),
-        ("dropout", 0.05, "train.lora.dropout"),
+        ("dropout", 1.0, "train.lora.dropout"),
         ("modules", ("language_model/nothing",), "matches no parameter"),
         ("modules", ("language_model/layers/input_layernorm/scale",), "not the kernel"),
         ("modules", ("language_model/(",), "bad pattern"),
@@ -239,3 +242,162 @@ def test_qlora_int8_arrays_hold_one_byte_per_weight(qlora_run):
     for kernel in LLM_KERNELS:
         qvalue = nested_to_flat(qlora_run.final.params)[kernel + "/array/qvalue"]
         assert qvalue.dtype == jnp.int8 and qvalue.nbytes == qvalue.size, kernel
+
+
+def _trained_lora(cfg, spec, base: dict) -> tuple[Any, dict]:
+    """(the adapted model, its trained params: adapters with a random B, a moved projector)
+    as a run of `spec` from `base` would leave them."""
+    model = lora.add_adapters(checkpoint.model_from_params(cfg, base), spec, jax.random.key(1))
+    state = nnx.state(model, nnx.Param)
+    flat = nested_to_flat(nnx.to_pure_dict(state))
+    rng = np.random.RandomState(3)
+    trained = {k: v for k, v in flat.items() if lora.is_adapter(k) or "projector" in k}
+    trained = {
+        k: v + jnp.asarray(0.1 * rng.randn(*v.shape), v.dtype) if not k.endswith("_lora_a") else v
+        for k, v in trained.items()
+    }
+    nnx.replace_by_pure_dict(state, flat_to_nested({**flat, **trained}))
+    nnx.update(model, state)
+    return model, trained
+
+
+def _logits_and_tokens(model, prompt_ids):
+    ids = jnp.asarray(prompt_ids)[None]
+    logits = model.language_model.logits(model.hidden_states(ids).hidden)
+    generation = Generator(model).generate([Prompt(prompt_ids)], SamplingConfig(max_new_tokens=6))
+    return np.asarray(logits), generation[0].token_ids
+
+
+@pytest.mark.parametrize("quantize", ["", "nf4"])
+def test_adapter_dir_generates_like_the_merged_model(quantize, tmp_path):
+    """`export` without --merge writes an adapter dir; the base model plus it (unmerged,
+    QLoRA's base quantized again on load) gives the merged model's logits and tokens."""
+    cfg = model_config()
+    spec = lora.LoraSpec(rank=4, alpha=8.0, quantize=quantize)
+    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    trained_model, trained = _trained_lora(cfg, spec, base)
+    merged = checkpoint.model_from_params(cfg, lora.merged_params(trained_model, spec))
+
+    checkpoint.save_adapter_dir(tmp_path / "adapter", spec, trained)
+    loaded_spec, params = checkpoint.load_adapter_dir(tmp_path / "adapter")
+    assert loaded_spec == spec and set(params) == set(trained)
+    unmerged = lora.with_adapter(checkpoint.model_from_params(cfg, base), spec, params)
+
+    prompt_ids = np.random.RandomState(4).randint(3, 60, size=9).astype(np.int32)
+    logits, tokens = _logits_and_tokens(unmerged, prompt_ids)
+    merged_logits, merged_tokens = _logits_and_tokens(merged, prompt_ids)
+    plain_logits, _ = _logits_and_tokens(checkpoint.model_from_params(cfg, base), prompt_ids)
+    assert not np.allclose(logits, plain_logits, atol=1e-3)  # the adapters matter
+    # float32: the merge only reassociates W x + A B x (QLoRA: dequantizes W once).
+    np.testing.assert_allclose(logits, merged_logits, rtol=1e-5, atol=1e-5)
+    assert tokens == merged_tokens
+
+
+def test_adapter_that_does_not_fit_is_refused(tmp_path):
+    cfg = model_config()
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    _, trained = _trained_lora(cfg, spec, base)
+    k_a = "language_model/layers/self_attn/k_proj/kernel_lora_a"
+    for params, match in [
+        ({k: v for k, v in trained.items() if k != k_a}, "missing"),
+        ({**trained, "language_model/extra": jnp.zeros(2)}, "not in the model"),
+        ({**trained, k_a: jnp.zeros((1, 2, 3))}, "has shape"),
+    ]:
+        with pytest.raises(ValueError, match=match) as e:
+            lora.with_adapter(checkpoint.model_from_params(cfg, base), spec, params)
+        assert "\n" not in str(e.value)
+    with pytest.raises(checkpoint.CheckpointError, match="not an adapter dir"):
+        checkpoint.load_adapter_dir(tmp_path)
+
+
+def test_merged_model_exported_to_hf_gives_the_adapted_logits(tmp_path):
+    """A merged LoRA model through `convert jax-to-hf` loads in transformers with the
+    unmerged model's logits: max |difference| <= 1e-4 (float32, as tests/test_parity.py)."""
+    import hf_tiny
+    import torch
+    import transformers
+
+    from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+    from llava_jax.convert.jax_to_hf import convert_jax_to_hf
+
+    hf_tiny.llava().save_pretrained(tmp_path / "hf")
+    cfg = convert_hf_to_jax(tmp_path / "hf", tmp_path / "base")
+    base = {k: np.asarray(v) for k, v in checkpoint.load_params(tmp_path / "base").items()}
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    adapted, _ = _trained_lora(cfg, spec, base)
+    merged = {k: np.asarray(v) for k, v in lora.merged_params(adapted, spec).items()}
+    checkpoint.save_model_dir(tmp_path / "merged", cfg, merged)
+    convert_jax_to_hf(tmp_path / "merged", tmp_path / "merged_hf")
+
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged_hf")
+    ids = np.random.RandomState(0).randint(2, 140, size=(1, 12)).astype(np.int32)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    unmerged = lora.intercept(adapted, spec)
+    got = np.asarray(unmerged.language_model.logits(unmerged.hidden_states(ids).hidden))
+    plain = checkpoint.model_from_params(cfg, base)
+    plain_logits = np.asarray(plain.language_model.logits(plain.hidden_states(ids).hidden))
+    assert np.abs(plain_logits - want).max() > 1e-3  # the adapters matter
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_dropout_changes_training_gradients_only():
+    """`train.lora.dropout`: the adapters' input dropped in training (a new mask per key),
+    never in the merge or in generation; 0 is the dropout-free model."""
+    cfg = model_config()
+    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    trained_model, trained = _trained_lora(cfg, spec, base)
+    params = nnx.to_pure_dict(nnx.state(trained_model, nnx.Param))
+    batch = {k: jnp.asarray(v) for k, v in random_batch(5).items()}
+
+    def grad_fn(dropout, keyed):  # compiled once per setting
+        config = lora_config()
+        config.train.lora.dropout = dropout
+        graphdef = nnx.graphdef(train_model(cfg, config))
+
+        def loss(p, key):
+            return jnp.sum(token_losses(graphdef, p, batch, dropout_key=key if keyed else None)[0])
+
+        grad = jax.jit(jax.grad(loss))
+        return lambda key: nested_to_flat(grad(params, key))
+
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    off = grad_fn(0.0, False)(k1)  # dropout 0: no key, today's model
+    on = grad_fn(0.3, True)
+    on1, on1_again, on2 = on(k1), on(k1), on(k2)
+    b = "language_model/layers/mlp/up_proj/kernel_lora_b"
+    assert all(np.array_equal(on1[k], on1_again[k]) for k in on1)  # the key decides
+    assert not np.allclose(on1[b], off[b]) and not np.allclose(on1[b], on2[b])
+    # The merge and an adapter dir's model take no dropout: as with dropout 0.
+    dropped = dataclasses.replace(spec, dropout=0.3)
+    merged, want = (
+        lora.merged_params(trained_model, dropped),
+        lora.merged_params(trained_model, spec),
+    )
+    assert all(np.array_equal(v, want[k]) for k, v in merged.items())
+    ids = np.random.RandomState(4).randint(3, 60, size=(1, 9)).astype(np.int32)
+    logits = []
+    for s in (spec, dropped):
+        m = lora.with_adapter(checkpoint.model_from_params(cfg, base), s, trained)
+        logits.append(np.asarray(m.language_model.logits(m.hidden_states(ids).hidden)))
+    assert np.array_equal(logits[0], logits[1])
+
+
+@pytest.mark.slow  # compiles a third train step (~1.5 min on 2 loaded cores)
+def test_train_step_with_dropout_draws_masks_from_the_seed():
+    """Two runs differing only in train.seed: the same step, other dropout masks."""
+    cfg, mesh = model_config(), make_mesh(data=2, fsdp=2, tensor=2)
+    updated = []
+    for seed in (0, 1):
+        config = lora_config()
+        config.train.lora.dropout = 0.3
+        config.train.seed = seed
+        state = init_state(cfg, config, mesh, total_steps=10, rng=0)  # the same init
+        step = make_train_step(cfg, config, mesh, total_steps=10)
+        state, metrics = step(state, shard_batch(random_batch(100), mesh))
+        assert np.isfinite(float(metrics["loss"]))
+        updated.append(_copy(state))
+    b = "language_model/layers/mlp/up_proj/kernel_lora_b"
+    assert not np.array_equal(updated[0][b], updated[1][b])

@@ -1,7 +1,9 @@
-"""`llava-jax export --merge`: a training checkpoint's weights as a plain llava-jax model dir.
+"""`llava-jax export`: a training checkpoint's weights as a plain llava-jax model dir.
 
 A finished run already writes `<workdir>/model` (LoRA: merged); this takes any saved step,
-e.g. to try a checkpoint mid-run, with LoRA adapters folded into their kernels.
+e.g. to try a checkpoint mid-run. A LoRA run's adapters are folded into their kernels with
+`--merge`; without it the trained parameters alone go to an adapter dir (megabytes, not the
+whole model), which `generate` / `serve --model BASE --adapter DIR` apply unmerged.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from llava_jax.paths import absolute
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a training checkpoint as a model dir (LoRA adapters merged)",
+        help="write a training checkpoint as a model dir (or a LoRA run's adapters)",
         description="Restore the train state of a workdir's checkpoint (the newest, or "
         "--step) and write its weights as a llava-jax model dir; with LoRA (train.lora) the "
-        "adapters are merged into their kernels (--merge). Pass the run's --config and "
+        "adapters are merged into their kernels (--merge), or written alone as an adapter dir "
+        "for `generate --adapter` (without --merge). Pass the run's --config and "
         "overrides; `llava-jax convert jax-to-hf` turns the result into an HF directory.",
     )
     parser.add_argument("--config", required=True, metavar="RECIPE[:ARG]", help="the run's recipe")
@@ -27,13 +30,13 @@ def add_parser(subparsers) -> None:
         "--init-from",
         type=absolute,
         metavar="DIR",
-        help="the run's --init-from (its tokenizer and processor)",
+        help="the run's --init-from (its tokenizer and processor; a LoRA run's frozen base)",
     )
     parser.add_argument("--step", type=int, help="the checkpoint step (default: the newest)")
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="merge LoRA adapters into the base weights (required when the run used LoRA)",
+        help="merge LoRA adapters into the base weights (without it: an adapter dir)",
     )
     parser.set_defaults(run=run, overrides=[])
 
@@ -41,9 +44,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from etils import epath
 
+    from llava_jax import checkpoint
     from llava_jax.cli import CommandError
     from llava_jax.models import lora
-    from llava_jax.train import config_loader, loop
+    from llava_jax.train import config_loader, loop, resume
     from llava_jax.train import state as state_lib
     from llava_jax.train.checkpoints import Checkpointer
 
@@ -51,11 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init_from:
         overrides.append(f"--config.init_from={args.init_from}")
     config = config_loader.load_config(args.config, overrides)
-    if lora.spec_from_config(config) is not None and not args.merge:
-        raise CommandError(
-            "the run trains LoRA adapters (train.lora.rank > 0): pass --merge to fold them "
-            "into the base weights"
-        )
+    spec = lora.spec_from_config(config)
     workdir = epath.Path(args.workdir)
     if not (workdir / "checkpoints").is_dir():
         raise CommandError(f"{workdir / 'checkpoints'}: no such directory (not a workdir?)")
@@ -68,13 +68,21 @@ def run(args: argparse.Namespace) -> int:
         if step is None or step not in steps:
             saved = f"saved: {sorted(steps)}" if steps else "no finished checkpoint"
             raise CommandError(f"{workdir / 'checkpoints'}: no step {step}; {saved}")
-        # The state's shapes do not depend on the schedule's length.
-        abstract = state_lib.abstract_state(model_cfg, config, mesh, total_steps=1)
-        state = ckpt.restore_state(step, abstract)
+        # The state's shapes do not depend on the schedule's length. A LoRA checkpoint's
+        # frozen base is re-created from init_from.
+        state, _ = resume.restore(ckpt, step, model_cfg, config, mesh, total_steps=1)
+    except resume.BaseMismatchError as e:
+        raise CommandError(str(e)) from None
     finally:
         ckpt.close()
-    params = state_lib.merged_params(model_cfg, config, mesh, state.params)
     out = epath.Path(args.out)
+    if spec is not None and not args.merge:
+        trained = resume.trained_paths(model_cfg, config)
+        params = resume.to_save(state, trained).params
+        checkpoint.save_adapter_dir(out, spec, checkpoint.nested_to_flat(params))
+        print(f"step {step} of {workdir} -> {out} (LoRA adapters, unmerged)")
+        return 0
+    params = state_lib.merged_params(model_cfg, config, mesh, state.params)
     assets = loop.model_assets(config.init_from)
     loop.export_model_dir(out, model_cfg, params, assets, config.data.template)
     print(f"step {step} of {workdir} -> {out}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llava_jax.cli import CommandError
 from llava_jax.data.templates import template_names  # light: no jax, no transformers
-from llava_jax.paths import location
+from llava_jax.paths import local_path, location
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_VIDEO_FRAMES = 8
@@ -26,6 +26,9 @@ def model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=location, metavar="PATH",
                         help="llava-jax model directory (local or gs://), or a Hugging Face "
                         "checkpoint (converted in memory)")  # fmt: skip
+    parser.add_argument("--adapter", type=local_path, metavar="DIR",
+                        help="LoRA adapters trained on --model, unmerged (`llava-jax "
+                        "export` of a LoRA run without --merge)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
                         help=f"conversation template ({', '.join(template_names())}); "
                         "default: the checkpoint's own chat template")  # fmt: skip
@@ -78,6 +81,14 @@ def check_model_args(args: argparse.Namespace) -> None:
     SamplingConfig(**sampling_args(args, DEFAULT_MAX_NEW_TOKENS if given is None else given))
     if args.template is not None:
         templates.get_template(args.template)
+    if args.adapter is not None:
+        from llava_jax import checkpoint
+
+        if not checkpoint.is_adapter_dir(args.adapter):
+            raise CommandError(
+                f"--adapter {args.adapter}: no {checkpoint.ADAPTER_CONFIG_FILE}; not an adapter "
+                "dir (`llava-jax export` of a LoRA run without --merge writes one)"
+            )
 
 
 def check_utf8(text: str, what: str) -> str:
@@ -138,7 +149,8 @@ def load_pipeline(args: argparse.Namespace, raw: bool = False):
     from llava_jax.pipeline import Pipeline
 
     overrides = {"dtype": args.dtype} if args.dtype else {}
-    return Pipeline.load(args.model, template=args.template, raw=raw, echo=say, **overrides)
+    return Pipeline.load(args.model, template=args.template, raw=raw, echo=say,
+                         adapter=args.adapter, **overrides)  # fmt: skip
 
 
 def with_placeholders(text: str, images: int, videos: int) -> str:

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, type=location, metavar="PATH",
                         help="llava-jax model directory (local or gs://), or a Hugging Face "
                         "checkpoint (converted in memory)")  # fmt: skip
+    parser.add_argument("--adapter", type=local_path, metavar="DIR",
+                        help="LoRA adapters trained on --model, unmerged (`llava-jax "
+                        "export` of a LoRA run without --merge)")  # fmt: skip
     parser.add_argument("--template", metavar="NAME",
                         help="conversation template; default: the checkpoint's own")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
@@ -176,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
               "can use it (--api-key)", file=sys.stderr)  # fmt: skip
     overrides = {"dtype": args.dtype} if args.dtype else {}
     echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    pipeline = Pipeline.load(args.model, template=args.template, echo=echo, **overrides)
+    pipeline = Pipeline.load(args.model, template=args.template, echo=echo,
+                             adapter=args.adapter, **overrides)  # fmt: skip
     app = create_app(pipeline, cfg)
     url = base_url(args.host, args.port)
     print(f"serving {cfg.model_name!r} on {url}/ (chat page) and {url}/v1 (OpenAI API)",

@@ -29,7 +29,7 @@ from flax import nnx
 from qwix._src.core import qarray  # HowToQuantize / quantize: not re-exported by qwix
 from qwix._src.providers.ptq import WithAux
 
-from llava_jax.checkpoint import nested_to_flat
+from llava_jax.checkpoint import flat_to_nested, nested_to_flat
 
 # Every linear layer of the decoder: q/k/v/o and gate/up/down.
 LLM_LINEARS = (r"language_model/layers/(self_attn|mlp)/\w+_proj/kernel",)
@@ -50,12 +50,15 @@ class LoraSpec:
       modules: regexes; a linear kernel whose path one of them matches in full gets an
         adapter.
       quantize: "" (LoRA) or the storage type of the frozen base kernels (QLoRA).
+      dropout: the rate of dropout on the adapters' input, in training only (peft's
+        `lora_dropout`: the base layer sees the whole input).
     """
 
     rank: int
     alpha: float
     modules: tuple[str, ...] = LLM_LINEARS
     quantize: str = ""
+    dropout: float = 0.0
 
     @property
     def scale(self) -> float:
@@ -75,11 +78,8 @@ def spec_from_config(config) -> LoraSpec | None:
         return None
     if int(c.rank) < 0:
         raise ValueError(f"train.lora.rank must be >= 0, got {c.rank}")
-    if float(c.dropout) != 0.0:
-        raise ValueError(
-            f"train.lora.dropout = {c.dropout}: adapter dropout is not supported yet (the "
-            "model is dropout-free); set it to 0"
-        )
+    if not 0.0 <= float(c.dropout) < 1.0:
+        raise ValueError(f"train.lora.dropout must be in [0, 1), got {c.dropout}")
     if c.quantize not in ("", *QUANT_TYPES):
         raise ValueError(
             f"train.lora.quantize must be '' or one of {QUANT_TYPES}, got {c.quantize!r}"
@@ -91,7 +91,9 @@ def spec_from_config(config) -> LoraSpec | None:
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"train.lora.modules: bad pattern {pattern!r}: {e}") from None
-    return LoraSpec(int(c.rank), float(c.alpha), tuple(c.modules), str(c.quantize))
+    return LoraSpec(
+        int(c.rank), float(c.alpha), tuple(c.modules), str(c.quantize), float(c.dropout)
+    )
 
 
 def is_adapter(path: str) -> bool:
@@ -181,17 +183,32 @@ def adapted_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
 def intercept(model: nnx.Module, spec: LoraSpec) -> nnx.Module:
     """A copy of `model` (adapters already added) whose `hidden_states` runs the adapters
     through qwix. qwix intercepts one method per model; `__call__` and generation go
-    through `hidden_states`, and `lm_head` (outside it) has no adapter."""
+    through `hidden_states`, and `lm_head` (outside it) has no adapter. With
+    `spec.dropout`, every call needs `set_dropout_keys` first (training only: generation
+    and evaluation take the spec without dropout)."""
     paths = sorted(adapted_layers(model))
     rule = qwix.LoraRule(
         module_path="|".join(re.escape(p) for p in paths),
         rank=spec.rank,
         alpha=spec.alpha,
+        dropout=spec.dropout,
         weight_qtype=spec.quantize or None,
     )
     return qwix.apply_lora_to_model(
         model, qwix.LoraProvider([rule]), methods=("hidden_states",), rngs=None, skip_nnx_init=True
     )
+
+
+def set_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
+    """Gives every adapted layer the keys of its dropout masks, one per stacked layer.
+
+    qwix draws the mask of a layer from `qwix_rngs` on the layer it intercepts
+    (`flax_util.make_rng`); the stacked layers are sliced per layer by `run_stacked`, so
+    the keys are stacked like their kernels and every layer gets its own.
+    """
+    for i, (_, layer) in enumerate(sorted(adapted_layers(model).items())):
+        keys = jax.random.split(jax.random.fold_in(key, i), layer.kernel_lora_a[...].shape[0])
+        layer.qwix_rngs = nnx.data(nnx.Rngs(dropout=keys))  # qwix declared it static (None)
 
 
 def lora_model(model: nnx.Module, spec: LoraSpec, key: jax.Array) -> nnx.Module:
@@ -220,3 +237,30 @@ def merged_params(model: nnx.Module, spec: LoraSpec) -> dict[str, jax.Array]:
     replaced = tuple(k + "/" for k in merged)
     rest = {k: v for k, v in flat.items() if not is_adapter(k) and not k.startswith(replaced)}
     return {**rest, **merged}
+
+
+def with_adapter(model: nnx.Module, spec: LoraSpec, params: dict[str, jax.Array]) -> nnx.Module:
+    """A plain model with trained adapters, unmerged: `spec`'s adapters added (and its base
+    kernels quantized for QLoRA, as in training), then `params` (flat: every adapter, plus
+    any fully trained parameter such as the projector) put in, run through qwix.
+
+    Raises:
+      ValueError: `params` misses an adapter, names a parameter the model does not have,
+        or has another shape.
+    """
+    add_adapters(model, spec, jax.random.key(0))  # every adapter is replaced below
+    state = nnx.state(model, nnx.Param)
+    flat = nested_to_flat(nnx.to_pure_dict(state))
+    missing = sorted(k for k in flat if is_adapter(k) and k not in params)
+    unknown = sorted(set(params) - set(flat))
+    if missing or unknown:
+        raise ValueError(f"adapter: missing {missing[:3]}, not in the model {unknown[:3]}")
+    for path, value in params.items():
+        if tuple(value.shape) != tuple(flat[path].shape):
+            raise ValueError(
+                f"adapter: {path} has shape {value.shape}, the model {flat[path].shape}"
+            )
+    placed = {k: jnp.asarray(params.get(k, v), flat[k].dtype) for k, v in flat.items()}
+    nnx.replace_by_pure_dict(state, flat_to_nested(placed))
+    nnx.update(model, state)
+    return intercept(model, dataclasses.replace(spec, dropout=0.0))  # dropout: training only

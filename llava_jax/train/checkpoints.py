@@ -4,7 +4,8 @@ Each step directory holds three items, written together and committed atomically
 (a temporary directory renamed into place, or `commit_success.txt` on GCS; orbax
 `_src/path/atomicity.py`):
 
-  state/  the TrainState pytree (params, optimizer state, step), sharded as in training
+  state/  the TrainState pytree (params, optimizer state, step), sharded as in training;
+          with LoRA only the trained params and their optimizer state (resume.py)
   data/   the Grain iterator state, one `process_{i}-of-{n}.json` per process
   meta/   JSON: the config, skip counts so far, wall-clock
 

@@ -35,7 +35,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import batching, loader, sources, templates
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.prompt import load_tokenizer
-from llava_jax.train import config_loader, flops
+from llava_jax.train import config_loader, flops, resume
 from llava_jax.train import state as state_lib
 from llava_jax.train import step as step_lib
 from llava_jax.train.checkpoints import Checkpointer
@@ -206,30 +206,6 @@ def _max_image_tokens(config) -> int:
     return int(config.data.max_len)  # image tokens can never outnumber a row's tokens
 
 
-def _init_params(config, model_cfg: LlavaConfig, mesh) -> dict | None:
-    shardings = state_lib.flat_param_shardings(model_cfg, mesh)
-    init_from = config.init_from
-    if checkpoint.is_model_dir(init_from):
-        params = checkpoint.load_params(
-            init_from, model_cfg, shardings=shardings, dtype=model_cfg.param_dtype
-        )
-    else:  # an HF dir: convert on the fly
-        from llava_jax.convert.hf_to_jax import hf_to_params
-        from llava_jax.convert.tensor_io import CheckpointReader
-
-        with CheckpointReader(init_from) as reader:
-            host = hf_to_params(
-                model_cfg, reader.keys(), reader.shape, reader.read, model_cfg.param_dtype
-            )
-        params = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
-    if config.projector_from:
-        from llava_jax.init_model import load_projector
-
-        params = load_projector(config.projector_from, params, model_cfg)
-        params = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}
-    return params
-
-
 def _mean_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Averages per-step metrics; loss and accuracy weighted by supervised tokens."""
     tokens = np.array([float(m["num_tokens"]) for m in steps])
@@ -362,19 +338,30 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     if is_main:
         record = {**json.loads(config.to_json_best_effort()), "versions": software_versions()}
         (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    trained = resume.trained_paths(model_cfg, config)
     if latest is not None:
         _check_resume(ckpt.read_meta(latest), config)
-        abstract = state_lib.abstract_state(model_cfg, config, mesh, total)
-        state, saved = ckpt.restore(latest, abstract, batches)
+        try:
+            state, saved = resume.restore(ckpt, latest, model_cfg, config, mesh, total, batches)
+        except resume.BaseMismatchError as e:
+            raise TrainingError(str(e)) from None
         budget.skipped.update(saved.get("skipped", {}))
         budget.samples = int(saved.get("samples", 0))
         log.info("resuming from step %d (%s)", latest, ckpt.directory / str(latest))
         resumed_from = latest
     else:
         resumed_from = None
-        params = _init_params(config, model_cfg, mesh)
+        params = resume.base_params(config, model_cfg, mesh)
         state = state_lib.init_state(model_cfg, config, mesh, total, params=params)
         del params
+    # LoRA: checkpoints leave the frozen base out and record its fingerprint instead.
+    frozen = None
+    if not resume.saves_frozen(config):
+        frozen = resume.frozen_fingerprint(state, trained, mesh)
+
+    def saved_part(state):
+        return state if frozen is None else resume.to_save(state, trained)
+
     start = int(jax.device_get(state.step))
     train_step = step_lib.make_train_step(model_cfg, config, mesh, total)
     labels = state_lib.labels_for(model_cfg, config)
@@ -401,6 +388,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             "skipped": dict(budget.skipped),
             "samples": budget.samples,
             "time": time.time(),
+            **({resume.FROZEN_KEY: frozen} if frozen is not None else {}),
         }
 
     preemption = _Preemption(ckpt)
@@ -445,15 +433,15 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
                 else:
                     last = monitor.report(done, report, tokens, samples)
                 tokens = samples = 0.0
-            ckpt.save(done, state, batches, meta())
+            ckpt.save(done, saved_part(state), batches, meta())
             if preemption.reached(done):
-                ckpt.save(done, state, batches, meta(), force=True)
+                ckpt.save(done, saved_part(state), batches, meta(), force=True)
                 ckpt.wait()
                 preempted = True
                 monitor.message(f"preempted: saved step {done}; run the same command to resume")
                 break
         else:
-            ckpt.save(total, state, batches, meta(), force=True)
+            ckpt.save(total, saved_part(state), batches, meta(), force=True)
             ckpt.wait()
     finally:
         trace.close()

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llava_jax.checkpoint import flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
+from llava_jax.models import lora
 from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
 from llava_jax.nn.chunks import over_positions
 from llava_jax.train.optim import lr_schedules, make_optimizer
@@ -69,7 +70,7 @@ def shard_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
-    """The per-step key: `fold_in(key(seed), step)` (the model is dropout-free today)."""
+    """The per-step key: `fold_in(key(seed), step)` (LoRA dropout's masks come from it)."""
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
@@ -79,6 +80,7 @@ def token_losses(
     batch: Mapping[str, jax.Array],
     chunk: int = 0,
     attention: FusedAttention | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(CE float32[B, T], correct bool[B, T]) of the model with `params` on `batch`.
 
@@ -87,9 +89,12 @@ def token_losses(
     [B, T, V] (and their gradient) never exist whole: [B, chunk, V] at a time, for the same
     FLOPs plus one more projection. At T = 8192 and a 152k vocabulary that is the
     difference between 5 GB and 80 GB per row of 16. `attention`: the fused kernel of
-    `train.attention` (None = the XLA path).
+    `train.attention` (None = the XLA path). `dropout_key`: the key of this forward's
+    LoRA dropout masks (needed when `train.lora.dropout` > 0).
     """
     model = nnx.merge(graphdef, params)
+    if dropout_key is not None:
+        lora.set_dropout_keys(model, dropout_key)
     hidden = model.hidden_states(
         batch["input_ids"],
         pixel_values=batch["pixel_values"],
@@ -136,6 +141,9 @@ def make_train_step(
     accum = int(config.optimizer.grad_accum)
     loss_chunk = int(config.train.loss_chunk)
     attention = attention_kernel(config.train.attention, mesh, model_cfg.dtype)
+    spec = lora.spec_from_config(config)
+    dropout = spec is not None and spec.dropout > 0
+    seed = int(config.train.seed)
     if accum < 1:
         raise ValueError(f"optimizer.grad_accum must be >= 1, got {accum}")
     state_sh = state_shardings(model_cfg, config, mesh, total_steps)
@@ -150,10 +158,10 @@ def make_train_step(
         frozen = {k: v for k, v in flat.items() if k not in trained}
         return train, frozen
 
-    def micro_loss(train, frozen, micro, denom):
+    def micro_loss(train, frozen, micro, denom, key):
         frozen = jax.lax.stop_gradient(frozen)
         params = flat_to_nested({**nested_to_flat(train), **frozen})
-        ce, correct = token_losses(graphdef, params, micro, loss_chunk, attention)
+        ce, correct = token_losses(graphdef, params, micro, loss_chunk, attention, key)
         mask = micro["loss_mask"].astype(jnp.float32)
         return jnp.sum(ce * mask) / denom, jnp.sum(correct * mask)
 
@@ -164,8 +172,9 @@ def make_train_step(
         num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         denom = jnp.maximum(num_tokens, 1.0)
         train, frozen = split(state.params)
+        key = step_rng(seed, state.step) if dropout else None
         if accum == 1:
-            (loss, correct), grads = grad_fn(train, frozen, batch, denom)
+            (loss, correct), grads = grad_fn(train, frozen, batch, denom, key)
         else:
 
             def to_micro(x):
@@ -180,15 +189,17 @@ def make_train_step(
 
             micros = {k: to_micro(v) for k, v in batch.items()}
 
-            def body(carry, micro):
+            def body(carry, micro_and_index):
                 g_sum, l_sum, c_sum = carry
-                (loss, correct), g = grad_fn(train, frozen, micro, denom)
+                micro, i = micro_and_index
+                micro_key = None if key is None else jax.random.fold_in(key, i)
+                (loss, correct), g = grad_fn(train, frozen, micro, denom, micro_key)
                 g_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_sum, g)
                 return (g_sum, l_sum + loss, c_sum + correct), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, loss, correct), _ = jax.lax.scan(body, init, micros)
+            (grads, loss, correct), _ = jax.lax.scan(body, init, (micros, jnp.arange(accum)))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train)
 
         grad_norm = optax.tree.norm(grads)
