@@ -204,6 +204,34 @@ def test_out_of_memory_is_reported_as_does_not_fit(capsys):
     assert "To fit:" in out
 
 
+def test_a_cost_compile_out_of_memory_keeps_the_memory_plan(capsys, monkeypatch):
+    """The unrolled cost compiles can need more HBM than the step (OneVision-0.5B stage 1
+    with 8 rows per v5e chip): the plan keeps its memory figures and says, in one line, why
+    there is no step time, instead of a traceback."""
+    from llava_jax.planning import estimate
+
+    compile_step = estimate._compile
+
+    def cost_compile_refused(*args, for_cost=False, **kwargs):
+        if for_cost:
+            raise RuntimeError(
+                "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                "HLO temporaries (15.94G) exceeds available HBM (15.75G)."
+            )
+        return compile_step(*args, for_cost=for_cost, **kwargs)
+
+    monkeypatch.setattr(estimate, "_compile", cost_compile_refused)
+    code, out, err = _run(capsys, "--config", TINY, "--topology", "v5e-8", "--json", *TINY_ARGS)
+    assert code == 0 and "Traceback" not in err
+    d = json.loads(out)
+    assert d["fits"] is True and d["memory"]["argument"] > 0 and d["cost"] is None
+    assert d["error"].startswith("no estimate: the cost compile does not fit (")
+    assert "(15.94G) exceeds available HBM (15.75G)" in d["error"]
+    code, out, _ = _run(capsys, "--config", TINY, "--topology", "v5e-8", *TINY_ARGS)
+    assert code == 0
+    assert "Cost per chip per step: no estimate: the cost compile does not fit" in out
+
+
 def test_parse_oom_message():
     from llava_jax.planning.estimate import is_oom, parse_oom
 
