@@ -1,4 +1,7 @@
-"""LLaVA-OneVision 72B, OneVision stage: `onevision_ov.py:72b` under its own name."""
+"""LLaVA-OneVision 72B, OneVision stage: `onevision_ov.py:72b` under its own name.
+
+Planned for a v5p-512 as shipped (`onevision_si.py`: FSDP over 256 chips, one row each).
+"""
 
 from pathlib import Path
 

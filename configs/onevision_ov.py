@@ -4,6 +4,9 @@
 `scripts/train/finetune_ov.sh` (and `docs/LLaVA_OneVision.md`): the SI hyperparameters on
 `onevision.yaml`; multi-image samples are padded to one 729-token view each, videos take up
 to 32 frames (`frames_upbound 32`), which fits in the 37 views of an anyres_max_9 image.
+
+Placement: the SI stage's (`onevision_si.py`: `TOPOLOGY`, `GRAD_ACCUM`); the compiled shapes
+are the same (256 rows of 32768 tokens and 37 views), so the SI plans hold for it.
 """
 
 from pathlib import Path

@@ -88,6 +88,8 @@ def format_plan(p: Plan, chip: Chip, title: str) -> str:
                 "of its own (collective matmuls), whose body its cost analysis counts once; the "
                 "step time is too low and the MFU too high"
             )
+    elif p.error and p.memory is not None and p.fits:
+        lines.append(f"Cost per chip per step: {p.error}")
     lines.append(f"Compile time: {p.compile_seconds:.1f} s")
     return "\n".join(lines)
 
