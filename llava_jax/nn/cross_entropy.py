@@ -51,9 +51,14 @@ def resolve_loss(impl: str | LossImpl, mesh: Mesh) -> LossImpl:
 
 
 def _vocab_slice(weight: jax.Array, vocab_axis: int, start, size: int) -> jax.Array:
-    """Columns (or rows) [start, start + size) of the weight as [D, size]."""
-    w = jax.lax.dynamic_slice_in_dim(weight, start, size, axis=vocab_axis)
-    return w if vocab_axis == 1 else w.T
+    """Vocabulary entries [start, start + size) of the weight, in its own layout."""
+    return jax.lax.dynamic_slice_in_dim(weight, start, size, axis=vocab_axis)
+
+
+def _w(vocab_axis: int) -> str:
+    """The weight's einsum subscripts: "VD" (the tied table) or "DV" (lm_head); written per
+    layout rather than transposed, which XLA's CPU dot cannot take in bfloat16 -> float32."""
+    return "VD" if vocab_axis == 0 else "DV"
 
 
 def _over_blocks(fn, init, num_blocks: int, unroll: bool):
@@ -72,7 +77,8 @@ def _over_blocks(fn, init, num_blocks: int, unroll: bool):
 def _logits_block(hidden, weight, vocab_axis, j, block, vocab):
     """float32[B, T, block] logits of vocabulary block j; entries past V are -inf."""
     w = _vocab_slice(weight, vocab_axis, j * block, block)
-    logits = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
+    spec = f"BTD,{_w(vocab_axis)}->BTV"
+    logits = jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
     ids = j * block + jnp.arange(block)
     return jnp.where(ids < vocab, logits, -jnp.inf), ids
 
@@ -123,9 +129,10 @@ def _blockwise_bwd(vocab_axis, block, unroll, residuals, cotangents):
         d_logits = jnp.exp(logits - lse[..., None]) - (ids == targets[..., None])
         d_logits = (d_logits * g[..., None]).astype(hidden.dtype)
         w = _vocab_slice(padded, vocab_axis, j * block, block)
-        d_hidden += jnp.einsum("BTV,DV->BTD", d_logits, w, preferred_element_type=jnp.float32)
-        d_w = jnp.einsum("BTD,BTV->DV", hidden, d_logits, preferred_element_type=jnp.float32)
-        return d_hidden, (d_w if vocab_axis == 1 else d_w.T).astype(weight.dtype)
+        w_spec, f32 = _w(vocab_axis), jnp.float32
+        d_hidden += jnp.einsum(f"BTV,{w_spec}->BTD", d_logits, w, preferred_element_type=f32)
+        d_w = jnp.einsum(f"BTD,BTV->{w_spec}", hidden, d_logits, preferred_element_type=f32)
+        return d_hidden, d_w.astype(weight.dtype)
 
     d_hidden, d_blocks = _over_blocks(
         body, jnp.zeros(hidden.shape, jnp.float32), num_blocks, unroll
