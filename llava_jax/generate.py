@@ -9,6 +9,11 @@ is updated in place.
 Sampling follows transformers' logits processors, in their order: repetition penalty,
 temperature, top-k, top-p; temperature 0 is greedy. Every setting is per row and traced, and
 every row draws with its own key, so requests with different settings share a batch.
+
+The prefill (vision tower and decoder) attends through the fused kernel `attention` resolves
+to on the devices holding the weights (`nn/attention_kernels.py`: splash on TPU, cuDNN on
+GPU, the XLA path on CPU, so CPU tokens are those of the XLA path); decode steps read the
+cache with the XLA path.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from flax import nnx
 from llava_jax.models.feature_plan import Media, build_feature_plan, check_placeholders
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.llm import KVCache
+from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
+from llava_jax.sharding import MESH_AXES, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +149,24 @@ class Generator:
     """Generates from a `LlavaModel`; compiled programs are cached per shape bucket.
 
     Args:
-      model: the model (its parameters may be sharded over a mesh).
+      model: the model (its parameters may be sharded over a (data, fsdp, tensor) mesh).
       decode: optional ids -> text, needed for stop strings and streaming text.
+      attention: the prefill's attention, as `train.attention` ("auto", "xla", "splash",
+        "cudnn"), resolved for the devices holding the weights; or a `FusedAttention`.
     """
 
-    def __init__(self, model: LlavaModel, decode: Callable[[list[int]], str] | None = None):
+    def __init__(
+        self,
+        model: LlavaModel,
+        decode: Callable[[list[int]], str] | None = None,
+        attention: str | FusedAttention = "auto",
+    ):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.decode = decode
+        if not isinstance(attention, FusedAttention):
+            attention = attention_kernel(attention, weights_mesh(self.state), self.cfg.dtype)
+        self.attention = attention
         static = ("greedy",)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=static)
         self._step = jax.jit(self._step_fn, static_argnames=static, donate_argnums=(1,))
@@ -161,7 +178,7 @@ class Generator:
         model = nnx.merge(self.graphdef, state)
         out = model.hidden_states(
             ids, pixel_values=pixels, taps=taps, tap_weights=weights, positions=positions,
-            segment_ids=segment, cache=cache,
+            segment_ids=segment, cache=cache, attention=self.attention,
         )  # fmt: skip
         logits = model.language_model.logits(out.hidden[:, -1:])[:, 0]
         vocab = logits.shape[-1]
@@ -242,6 +259,13 @@ class Generator:
         rows = [sampling] * b if isinstance(sampling, SamplingConfig) else list(sampling)
         if len(rows) != b:
             raise ValueError(f"{len(rows)} sampling settings for {b} prompts")
+        asked = b
+        if self.attention is not None:
+            # The kernel splits rows over (data, fsdp): extra rows repeat row 0 (same
+            # prompt, settings and seed, so they end with it) and are dropped at the end.
+            mesh = self.attention.mesh
+            b += -b % (mesh.shape["data"] * mesh.shape["fsdp"])
+            prompts, rows = [*prompts] + [prompts[0]] * (b - asked), rows + [rows[0]] * (b - asked)
         most_new = max(r.max_new_tokens for r in rows)
         ids, positions, segment, pixels, taps, weights, cache_len, lengths = self._batch(
             prompts, most_new
@@ -278,7 +302,7 @@ class Generator:
                 if reasons[row]:
                     continue
                 outputs[row].append(int(host_tokens[row]))
-                if on_token is not None:
+                if on_token is not None and row < asked:
                     on_token(row, int(host_tokens[row]))
                 reasons[row] = self._finished(outputs[row], rows[row])
             if all(reasons):
@@ -299,7 +323,7 @@ class Generator:
                 decode_tokens_per_s=rate,
             )
             for out, n, reason in zip(outputs, lengths, reasons, strict=True)
-        ]
+        ][:asked]
 
     def _finished(self, out: list[int], sampling: SamplingConfig) -> str:
         """Why `out` ends: "stop" (a stop token or string), "length" (max_new_tokens) or ""."""
@@ -313,3 +337,13 @@ class Generator:
             if any(s in text for s in sampling.stop_strings):
                 return "stop"
         return "length" if len(out) >= sampling.max_new_tokens else ""
+
+
+def weights_mesh(state) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh the weights live on, for the prefill's attention kernel;
+    weights placed otherwise get a mesh of their devices with rows split over all of them."""
+    sharding = jax.tree.leaves(state)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.axis_names == MESH_AXES:
+        return sharding.mesh
+    devices = list(sharding.device_set)
+    return make_mesh(len(devices), 1, 1, devices=devices)

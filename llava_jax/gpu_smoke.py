@@ -10,7 +10,10 @@ exits 0 without running anything. Three checks, each printed as it finishes:
 2. training: the shapes stage-1 recipe for `--steps` steps on the GPU: the loss must fall.
 3. throughput: one OneVision-0.5B-sized train step (SigLIP so400m + Qwen2-0.5B, every part
    training, bf16 compute, float32 master weights and AdamW state) on a random batch:
-   step time, tokens/s and MFU against the chip's peak (hardware.py).
+   step time, tokens/s and MFU against the chip's peak (hardware.py), with the fused paths
+   `auto` picks on a GPU (`--attention`: cuDNN flash attention; `--loss`: the blockwise
+   vocabulary projection + cross-entropy) or the XLA ones (`--attention xla --loss chunked`).
+   `benchmarks/device_check.sh` runs both side by side.
 """
 
 from __future__ import annotations
@@ -107,13 +110,16 @@ def probe_throughput(
     overrides: tuple[str, ...] = (),
     remat: str = "dots_with_no_batch_dims",
     attention: str = "auto",
+    loss: str = "auto",
 ) -> dict:
     """Times the train step of OneVision-0.5B (`overrides` shrink it for CPU tests), with
-    the `train.attention` kernel (auto: cuDNN flash attention on a GPU)."""
+    the `train.attention` kernel (auto: cuDNN flash attention on a GPU) and the
+    `train.loss_impl` loss (auto: blockwise on a GPU); both as resolved are in the result."""
     import jax
 
     from llava_jax import hardware
     from llava_jax.nn.attention_kernels import resolve
+    from llava_jax.nn.cross_entropy import resolve_loss
     from llava_jax.train import config_loader, flops, state, step
     from llava_jax.train.defaults import base_config
 
@@ -125,12 +131,14 @@ def probe_throughput(
     config.train.batch_size = batch
     config.data.max_len = seq_len
     config.train.attention = attention
+    config.train.loss_impl = loss
     config.mesh.data, config.mesh.fsdp = 1, -1
     for override in overrides:
         config_loader.apply_override(config, override)
     cfg = config_loader.model_config(config)
     mesh = state.mesh_from_config(config)
     attention = resolve(config.train.attention, mesh, cfg.dtype).value
+    loss = resolve_loss(config.train.loss_impl, mesh).value
     train_state = state.init_state(cfg, config, mesh, total_steps=100)
     train_step = step.make_train_step(cfg, config, mesh, total_steps=100)
     host = _random_batch(cfg, batch, seq_len, np.random.default_rng(0))
@@ -151,13 +159,13 @@ def probe_throughput(
     chip = hardware.chip_of(jax.devices()[0])
     mfu = hardware.mfu(model_flops, step_s, jax.device_count(), chip)
     out = {"device": jax.devices()[0].device_kind, "batch": batch, "seq_len": seq_len,
-           "remat": remat, "attention": attention,
+           "remat": remat, "attention": attention, "loss_impl": loss,
            "compile_and_first_step_s": compile_s, "step_s": step_s,
            "tokens_per_s": batch * seq_len / step_s, "model_tflops_per_step": model_flops / 1e12,
            "mfu": mfu, "loss": float(metrics["loss"])}  # fmt: skip
     shown = "n/a (unknown chip)" if mfu is None else f"{100 * mfu:.1f}%"
     print(f"throughput (OneVision-0.5B, bf16, B={batch}, T={seq_len}, remat {remat}, "
-          f"attention {attention}): "
+          f"attention {attention}, loss {loss}): "
           f"{step_s * 1e3:.0f} "
           f"ms/step, {out['tokens_per_s']:,.0f} tok/s, MFU {shown}", flush=True)  # fmt: skip
     return out
@@ -176,6 +184,8 @@ def main(argv=None) -> int:
                         help="throughput probe remat policy (none, dots, full, ...)")  # fmt: skip
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                         help="throughput probe attention kernel (auto: cudnn)")  # fmt: skip
+    parser.add_argument("--loss", default="auto", choices=("auto", "chunked", "blockwise"),
+                        help="throughput probe loss (auto: blockwise)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument(
         "--skip", nargs="*", default=(), choices=("parity", "training", "throughput")
@@ -196,8 +206,9 @@ def main(argv=None) -> int:
             results["training"] = check_training(Path(tmp) / "train", args.steps)
         if "throughput" not in args.skip:
             results["throughput"] = probe_throughput(
-                args.batch, args.seq_len, remat=args.remat, attention=args.attention
-            )
+                args.batch, args.seq_len, remat=args.remat, attention=args.attention,
+                loss=args.loss,
+            )  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     failed = [k for k in ("parity", "training") if k in results and not _passed(results[k])]

@@ -14,6 +14,7 @@ from llava_jax.checkpoint import load_model
 from llava_jax.convert.hf_to_jax import convert_hf_to_jax
 from llava_jax.generate import Generator, Prompt, SamplingConfig, bucket
 from llava_jax.models.feature_plan import Media, build_feature_plan
+from llava_jax.nn.attention_kernels import AttentionImpl, FusedAttention
 from llava_jax.sharding import make_mesh, shard_model
 
 IMG, VID = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN
@@ -256,6 +257,37 @@ def test_generation_on_a_sharded_mesh(models):
     kernel = sharded.state["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
     assert tuple(kernel.get_value().sharding.spec) == (None, "fsdp", "tensor")
     assert ours(sharded, [prompt]) == want
+
+
+def test_prefill_attention_auto_is_the_xla_path_on_cpu(models):
+    _, gen = models["llava"]
+    assert gen.attention is None
+    with pytest.raises(ValueError, match="'splash' does not run on cpu devices"):
+        Generator(nnx.merge(gen.graphdef, gen.state), attention="splash")
+
+
+@pytest.mark.slow  # Pallas' interpreter
+def test_prefill_through_the_splash_kernel(models):
+    """The prefill (vision tower and decoder) through splash in Pallas' interpreter gives the
+    XLA path's greedy tokens: three prompts of different lengths (left padding), rows split
+    over data=2, so a fourth row is added for the kernel and dropped."""
+    _, gen = models["llava"]
+    mesh = make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    model = nnx.merge(gen.graphdef, jax.tree.map(jnp.copy, gen.state))
+    shard_model(model, mesh)
+    traced = []  # `causal` of each kernel call traced: the tower's (False), the decoder's
+
+    class Splash(FusedAttention):
+        def __call__(self, *args, causal, **kwargs):
+            traced.append(causal)
+            return super().__call__(*args, causal=causal, **kwargs)
+
+    fused = Generator(model, attention=Splash(AttentionImpl.SPLASH, mesh, interpret=True))
+    rng = np.random.RandomState(20)
+    prompts = [make_prompt(gen.cfg, [Media.image(42, 42)], rng, text_len=n) for n in (5, 9, 2)]
+    want = ours(gen, prompts)
+    assert ours(fused, prompts) == want
+    assert set(traced) == {False, True}
 
 
 def test_media_without_views_is_an_error(models):

@@ -153,6 +153,7 @@ def test_tiny_plan_json_on_v5e_8(capsys):
     assert d["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the recipe's data = -1
     assert d["fits"] is True and d["cost"] is None and d["rows_per_chip"] == 1
     assert d["attention"] == "splash"  # auto, for TPU chips, on this CPU host
+    assert d["loss_impl"] == "blockwise"
     mem = d["memory"]
     # Data parallel: every chip holds all parameters (float32) and Adam's two moments of the
     # trained ones (here every parameter trains).

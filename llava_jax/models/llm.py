@@ -240,17 +240,15 @@ class LanguageModel(nnx.Module):
             cache = _append(cache, new_kv, segment_ids)
         return self.norm(h), cache
 
+    def vocab_projection(self, dtype) -> tuple[jax.Array, int]:
+        """(weight, vocab_axis) in `dtype`: the lm_head kernel [D, V] (axis 1) or, with tied
+        embeddings, the embedding table [V, D] (axis 0)."""
+        if self.cfg.text.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].astype(dtype), 0
+        return self.lm_head.kernel[...].astype(dtype), 1
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, T, D] -> float32[B, T, V], the matmul accumulated in float32."""
-        if self.cfg.text.tie_word_embeddings:
-            table = self.embed_tokens.embedding[...]
-            return jnp.einsum(
-                "BTD,VD->BTV",
-                hidden,
-                table.astype(hidden.dtype),
-                preferred_element_type=jnp.float32,
-            )
-        kernel = self.lm_head.kernel[...]
-        return jnp.einsum(
-            "BTD,DV->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32
-        )
+        weight, vocab_axis = self.vocab_projection(hidden.dtype)
+        spec = "BTD,VD->BTV" if vocab_axis == 0 else "BTD,DV->BTV"
+        return jnp.einsum(spec, hidden, weight, preferred_element_type=jnp.float32)

@@ -41,6 +41,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data.batching import BatchShape, empty_batch
 from llava_jax.hardware import Chip, mfu
 from llava_jax.nn.attention_kernels import resolve, splash_kernel_flops
+from llava_jax.nn.cross_entropy import resolve_loss
 from llava_jax.sharding import make_mesh
 from llava_jax.train import config_loader, flops
 from llava_jax.train.state import abstract_state, labels_for
@@ -126,6 +127,7 @@ class Plan:
     model_flops: float  # `train/flops.py` convention, padded batch, whole step
     compile_seconds: float
     attention: str = "xla"  # `train.attention` as resolved for the topology's chips
+    loss_impl: str = "chunked"  # `train.loss_impl` as resolved for the topology's chips
 
     @property
     def step_seconds(self) -> float | None:
@@ -410,6 +412,7 @@ def plan(
         seq_len=shape.max_len,
         model_flops=model_flops(model_cfg, config, shape),
         attention=resolve(config.train.attention, mesh, model_cfg.dtype).value,
+        loss_impl=resolve_loss(config.train.loss_impl, mesh).value,
     )
     _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")
     start = time.perf_counter()

@@ -41,7 +41,7 @@ def format_plan(p: Plan, chip: Chip, title: str) -> str:
         title,
         f"  mesh {mesh_text(p)}, remat {p.remat_policy}, global batch {p.batch_size} rows "
         f"({p.rows_per_chip:g} per chip per micro-batch, grad_accum {p.grad_accum}), "
-        f"{p.seq_len} tokens per row, attention {p.attention}",
+        f"{p.seq_len} tokens per row, attention {p.attention}, loss {p.loss_impl}",
     ]
     m = p.memory
     lines.append("Memory per chip (XLA memory_analysis, GB)")

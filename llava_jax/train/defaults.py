@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "splash", "cudnn". A run setting: it never changes the parameters or the numbers beyond
     # rounding, and is not written into the model's config.
     c.train.attention = "auto"
+    # Vocabulary projection + cross-entropy (`nn/cross_entropy.py`): "auto" = "blockwise" on
+    # TPU and GPU (vocabulary blocks at a time, custom backward), "chunked" elsewhere
+    # (`loss_chunk` positions at a time), by the devices the step is compiled for.
+    c.train.loss_impl = "auto"
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_last = 2

@@ -2,7 +2,8 @@
 
 Loss: the mean cross-entropy over the supervised tokens of the whole global batch,
 `sum(CE(logits, targets) * loss_mask) / sum(loss_mask)` with float32 logits, projected onto
-the vocabulary `train.loss_chunk` positions at a time (`token_losses`). With
+the vocabulary `train.loss_chunk` positions at a time, or (`train.loss_impl`, blockwise on
+TPU and GPU) vocabulary blocks at a time (`token_losses`, `nn/cross_entropy.py`). With
 `optimizer.grad_accum = A` the batch is split into A micro-batches (row r goes to micro-batch
 r % A, so each stays spread over every device), their gradients are summed in a `scan`, and
 one optimizer update follows; each micro-batch's loss is divided by the token count of the
@@ -34,6 +35,7 @@ from llava_jax.data.schema import BATCH_FIELDS
 from llava_jax.models import lora
 from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
 from llava_jax.nn.chunks import over_positions
+from llava_jax.nn.cross_entropy import LossImpl, blockwise_cross_entropy, resolve_loss
 from llava_jax.train.optim import lr_schedules, make_optimizer
 from llava_jax.train.state import TrainState, labels_for, state_shardings, train_model
 
@@ -80,17 +82,21 @@ def token_losses(
     batch: Mapping[str, jax.Array],
     chunk: int = 0,
     attention: FusedAttention | None = None,
+    loss_impl: LossImpl = LossImpl.CHUNKED,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(CE float32[B, T], correct bool[B, T]) of the model with `params` on `batch`.
 
-    With `chunk` (> 0, < T) the vocabulary projection and the loss run `chunk` positions of
-    every row at a time and are recomputed in the backward pass, so the float32 logits
+    `loss_impl` CHUNKED: with `chunk` (> 0, < T) the vocabulary projection and the loss run
+    `chunk` positions of every row at a time and are recomputed in the backward pass, so
+    the float32 logits
     [B, T, V] (and their gradient) never exist whole: [B, chunk, V] at a time, for the same
     FLOPs plus one more projection. At T = 8192 and a 152k vocabulary that is the
     difference between 5 GB and 80 GB per row of 16. `attention`: the fused kernel of
-    `train.attention` (None = the XLA path). `dropout_key`: the key of this forward's
-    LoRA dropout masks (needed when `train.lora.dropout` > 0).
+    `train.attention` (None = the XLA path). BLOCKWISE: every position at once, vocabulary
+    blocks at a time, never the whole logits either (`nn/cross_entropy.py`; `chunk` unused).
+    `dropout_key`: the key of this forward's LoRA dropout masks (needed when
+    `train.lora.dropout` > 0).
     """
     model = nnx.merge(graphdef, params)
     if dropout_key is not None:
@@ -105,6 +111,12 @@ def token_losses(
         attention=attention,
     ).hidden
     targets = batch["targets"]
+    unroll = not model.cfg.scan_layers  # plan's unrolled compile counts every block
+    if loss_impl == LossImpl.BLOCKWISE:
+        weight, vocab_axis = model.language_model.vocab_projection(hidden.dtype)
+        return blockwise_cross_entropy(
+            hidden, weight, targets, vocab_axis=vocab_axis, unroll=unroll
+        )
 
     def losses(h, y):  # float[b, t, D], int32[b, t] -> (float32[b, t], bool[b, t])
         logits = model.language_model.logits(h)
@@ -113,7 +125,7 @@ def token_losses(
 
     if chunk <= 0 or hidden.shape[1] <= chunk:
         return losses(hidden, targets)
-    return over_positions(losses, (hidden, targets), chunk, unroll=not model.cfg.scan_layers)
+    return over_positions(losses, (hidden, targets), chunk, unroll=unroll)
 
 
 def make_train_step(
@@ -124,7 +136,8 @@ def make_train_step(
     Args:
       model_cfg: the model (dtype = compute dtype, param_dtype = master weights).
       config: the training config (`train.trainable`, `optimizer.*`, `train.seed`,
-        `train.attention`: resolved for `mesh`'s devices, see `nn/attention_kernels.py`).
+        `train.attention` and `train.loss_impl`: resolved for `mesh`'s devices, see
+        `nn/attention_kernels.py` and `nn/cross_entropy.py`).
       mesh: the (data, fsdp, tensor) mesh the state lives on.
       total_steps: optimizer updates in the run (the schedule's length).
 
@@ -144,6 +157,7 @@ def make_train_step(
     spec = lora.spec_from_config(config)
     dropout = spec is not None and spec.dropout > 0
     seed = int(config.train.seed)
+    loss_impl = resolve_loss(config.train.loss_impl, mesh)
     if accum < 1:
         raise ValueError(f"optimizer.grad_accum must be >= 1, got {accum}")
     state_sh = state_shardings(model_cfg, config, mesh, total_steps)
@@ -161,7 +175,9 @@ def make_train_step(
     def micro_loss(train, frozen, micro, denom, key):
         frozen = jax.lax.stop_gradient(frozen)
         params = flat_to_nested({**nested_to_flat(train), **frozen})
-        ce, correct = token_losses(graphdef, params, micro, loss_chunk, attention, key)
+        ce, correct = token_losses(
+            graphdef, params, micro, loss_chunk, attention, loss_impl, dropout_key=key
+        )
         mask = micro["loss_mask"].astype(jnp.float32)
         return jnp.sum(ce * mask) / denom, jnp.sum(correct * mask)
 
