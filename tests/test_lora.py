@@ -215,6 +215,20 @@ def test_merged_equals_unmerged(run):
     np.testing.assert_allclose(merged_ce, unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantize", ["", "nf4"])
+def test_a_bf16_model_with_float32_adapters_keeps_bf16_activations(quantize):
+    """The LoRA recipes compute in bfloat16 with float32 master weights: an adapted layer
+    returns bfloat16 as the base layer does (qwix alone returns float32, which the scan over
+    stacked layers refuses: the 13B LoRA plan failed so)."""
+    cfg = model_config(dtype="bfloat16", scan_layers=True)
+    model = lora.lora_model(LlavaModel(cfg, rngs=nnx.Rngs(0)),
+                            lora.LoraSpec(rank=4, alpha=8.0, quantize=quantize),
+                            jax.random.key(1))  # fmt: skip
+    ids = np.random.RandomState(4).randint(3, 60, size=(2, 9)).astype(np.int32)
+    hidden = jax.jit(lambda m: m.hidden_states(ids).hidden)(model)
+    assert hidden.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(hidden)))
+
+
 @pytest.mark.parametrize("qtype,bits", [("int8", 8), ("int4", 4), ("nf4", 4)])
 def test_qlora_base_is_stored_quantized(qtype, bits):
     """The train state's base kernels (what init_state creates and checkpoints hold) are

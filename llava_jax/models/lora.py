@@ -180,6 +180,22 @@ def adapted_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
             if hasattr(m, "kernel_lora_a")}  # fmt: skip
 
 
+class _LoraProvider(qwix.LoraProvider):
+    """qwix's LoRA, with an adapted layer's output in the dtype its base product has.
+
+    qwix adds the adapters' delta, computed with the adapters as stored (float32 master
+    weights), to the base product in the compute dtype (bfloat16), so every adapted layer
+    of a bf16 model would return float32, and the scan over the stacked layers refuses a
+    carry that changes dtype. nnx.Linear has already cast the input to its compute dtype.
+    """
+
+    def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
+                    preferred_element_type=None, out_sharding=None):  # fmt: skip
+        out = super().dot_general(lhs, rhs, dimension_numbers, precision,
+                                  preferred_element_type, out_sharding=out_sharding)  # fmt: skip
+        return out.astype(preferred_element_type or lhs.dtype)
+
+
 def intercept(model: nnx.Module, spec: LoraSpec) -> nnx.Module:
     """A copy of `model` (adapters already added) whose `hidden_states` runs the adapters
     through qwix. qwix intercepts one method per model; `__call__` and generation go
@@ -195,7 +211,7 @@ def intercept(model: nnx.Module, spec: LoraSpec) -> nnx.Module:
         weight_qtype=spec.quantize or None,
     )
     return qwix.apply_lora_to_model(
-        model, qwix.LoraProvider([rule]), methods=("hidden_states",), rngs=None, skip_nnx_init=True
+        model, _LoraProvider([rule]), methods=("hidden_states",), rngs=None, skip_nnx_init=True
     )
 
 
