@@ -270,8 +270,12 @@ def measure(args, url: str, model_name: str, label: str) -> tuple[list[dict], di
         before = health()
         r = run_level(client, clients, args.duration, args.workload)
         after = health()
-        batches = max(after["batches"] - before["batches"], 1)
-        r["mean_batch"] = (after["requests"] - before["requests"]) / batches
+        if "steps" in after:  # the engine: rows decoded per step
+            steps = max(after["steps"] - before["steps"], 1)
+            r["mean_batch"] = (after["decoded_tokens"] - before["decoded_tokens"]) / steps
+        else:  # the batch scheduler: requests per batch
+            batches = max(after["batches"] - before["batches"], 1)
+            r["mean_batch"] = (after["requests"] - before["requests"]) / batches
         results.append(r)
         base = results[0]["tokens_per_s"]
         turns = "".join(f", turn {t} TTFT p50 {r[f'turn{t}_ttft_p50_s']:.3f} s"

@@ -73,6 +73,31 @@ def test_request_joining_a_busy_engine_matches_alone(generator, sampling):
     run_until(engine, busy)
 
 
+def test_the_cache_grows_and_shrinks_with_its_rows(generator):
+    """The slots' cache is as long as its longest row needs (a window), not the slot length:
+    it grows for a long answer, shrinks once that has left, and no answer changes."""
+    rng = np.random.RandomState(9)
+    engine = Engine(generator, num_slots=2, max_length=256)
+    columns = lambda: engine._cache.segment.shape[1]  # noqa: E731
+    short = Request(make_prompt(rng, 3, image=False), SamplingConfig(max_new_tokens=4))
+    engine.add(short)
+    run_until(engine, [short])
+    assert columns() == 16  # prompt and answer: 11 tokens
+    long = Request(make_prompt(rng, 4), SamplingConfig(max_new_tokens=60))
+    engine.add(long)
+    seen = set()
+    while not long.finish_reason:
+        engine.step()
+        seen.add(columns())
+    assert max(seen) == 96 and max(seen) < engine.max_length, sorted(seen)
+    after = Request(make_prompt(rng, 2, image=False), SamplingConfig(max_new_tokens=3))
+    engine.add(after)
+    run_until(engine, [after])
+    assert columns() == 16, "the cache kept the long row's length after it left"
+    for r in (short, long, after):
+        assert r.token_ids == alone(generator, r.prompt, r.sampling)
+
+
 def test_finished_row_frees_its_slot_at_once(generator):
     rng = np.random.RandomState(1)
     engine = Engine(generator, num_slots=2, max_length=128)
@@ -83,7 +108,9 @@ def test_finished_row_frees_its_slot_at_once(generator):
         engine.add(r)
     run_until(engine, [third])
     assert not long.finish_reason, "the third request waited for the long one"
-    assert engine.stats["steps"] <= 3  # short: prefill + 1 step; third: prefill + 1 step
+    # short: prefill + 1 step; third: prefill + 1 step; a step is in flight while the tokens of
+    # the one before are handed out, so each slot frees a step later.
+    assert engine.stats["steps"] <= 4
     assert (short.finish_reason, third.finish_reason) == ("length", "length")
     run_until(engine, [long])
     assert long.token_ids == alone(generator, long.prompt, long.sampling)
@@ -97,13 +124,14 @@ def test_no_request_compiles_a_new_program(generator):
     warm = [make_prompt(rng, 5), make_prompt(rng, 5), make_prompt(rng, 5, image=False),
             make_prompt(rng, 5, image=False)]  # fmt: skip
     engine.generate(warm, [longer, SAMPLED, SAMPLED, GREEDY])
-    programs = [f._cache_size() for f in (engine._prefill, engine._insert, engine._step)]
+    compiled = (engine._prefill, engine._insert, engine._step, engine._resize)
+    programs = [f._cache_size() for f in compiled]
     # Other lengths in the same buckets, other settings, other slots, joining mid-decode.
     prompts = [make_prompt(rng, 4), make_prompt(rng, 9, image=False), make_prompt(rng, 7)]
     settings = [SamplingConfig(max_new_tokens=5, temperature=0.5, top_p=0.7, seed=3), GREEDY,
                 SamplingConfig(max_new_tokens=12, repetition_penalty=1.4)]  # fmt: skip
     engine.generate(prompts, settings)
-    assert [f._cache_size() for f in (engine._prefill, engine._insert, engine._step)] == programs
+    assert [f._cache_size() for f in compiled] == programs
 
 
 def test_cancel_ends_a_request_and_frees_its_slot(generator):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
+import urllib.request
 
+import openai
 import pytest
 from serve_helpers import MODEL, NEW, QUESTIONS, client, png_bytes, reference, server_of, user
 
 from llava_jax.data.image_processing import load_image
-from llava_jax.serve import ServeConfig
+from llava_jax.serve import ServeConfig, create_app
 
 
 def ask(url: str, i: int, max_tokens: int = NEW) -> str:
@@ -73,3 +76,27 @@ def test_config_refuses_an_unknown_scheduler():
         ServeConfig(scheduler="fifo")
     with pytest.raises(ValueError, match="prefix_cache_bytes must be >= 0"):
         ServeConfig(prefix_cache_bytes=-1)
+
+
+def test_slot_tokens_bound_the_slots_and_the_requests_served(serve, pipeline):
+    """`--slot-tokens`: slots that long (not the model's context), a request that fits
+    answers as the pipeline does, one over the slot is a 400 that names the flag."""
+    url = serve(slot_tokens=64)
+    assert server_of(url).scheduler.engine.max_length == 64
+    with urllib.request.urlopen(url + "/health") as response:
+        assert json.loads(response.read())["context"] == 64
+    _, _, prompt_tokens = reference(pipeline, QUESTIONS[0], seed=0)
+    room = 64 - prompt_tokens
+    assert ask(url, 0, room) == reference(pipeline, QUESTIONS[0], seed=0, max_tokens=room)[0]
+    with pytest.raises(openai.BadRequestError, match=r"This server's \(--slot-tokens\) "
+                       r"maximum context length is 64 tokens"):  # fmt: skip
+        ask(url, 0, room + 1)
+
+
+def test_slot_tokens_over_the_context_or_without_the_engine_are_refused(pipeline):
+    context = pipeline.cfg.text.max_position_embeddings
+    with pytest.raises(ValueError, match=f"--slot-tokens {context + 1} is over the model's "
+                       f"context of {context} tokens"):  # fmt: skip
+        create_app(pipeline, ServeConfig(slot_tokens=context + 1))
+    with pytest.raises(ValueError, match="slot_tokens sizes the engine's slots"):
+        ServeConfig(slot_tokens=64, scheduler="batch")

@@ -89,6 +89,11 @@ def add_parser(subparsers) -> None:
                         help="the engine's cache of prompt prefixes (KV entries reused by "
                         "prompts that start with the same tokens and images; 0: off; "
                         "default 1024)")  # fmt: skip
+    parser.add_argument("--slot-tokens", type=int, default=None, metavar="N",
+                        help="each engine slot's length in tokens, prompt and answer: the "
+                        "longest request served (default: the model's context). The slots' "
+                        "KV cache grows with the requests to --max-batch x N tokens at "
+                        "most")  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -151,6 +156,7 @@ def config_from_args(args: argparse.Namespace):
         batch_wait_s=args.batch_wait_ms / 1000,
         scheduler=args.scheduler,
         prefix_cache_bytes=int(args.prefix_cache_mb * 1024 * 1024),
+        slot_tokens=args.slot_tokens,
     )
 
 
@@ -181,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
     echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
     pipeline = Pipeline.load(args.model, template=args.template, echo=echo,
                              adapter=args.adapter, **overrides)  # fmt: skip
-    app = create_app(pipeline, cfg)
+    try:
+        app = create_app(pipeline, cfg)
+    except ValueError as e:  # a limit the model cannot meet (--slot-tokens over its context)
+        raise CommandError(str(e)) from None
     url = base_url(args.host, args.port)
     print(f"serving {cfg.model_name!r} on {url}/ (chat page) and {url}/v1 (OpenAI API)",
           file=sys.stderr)  # fmt: skip

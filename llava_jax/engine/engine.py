@@ -1,14 +1,24 @@
 """Continuous batching: a decode engine of fixed slots that requests join and leave at every
 step.
 
-The engine's KV cache has B rows (slots) of S columns, and each row its own next column
+The engine's KV cache has B rows (slots) of up to S columns, and each row its own next column
 (`KVCache.index` int32[B]). A prompt is right-padded, so a row's columns are its tokens'
 positions. At each `step`, waiting requests take free slots: each is prefilled alone in a
 cache of its own (prompt length bucketed as the `Generator` buckets it: one compiled program
 per bucket, none per request), its first token sampled, its cache block copied into the slot;
-then one decode step runs for all B rows. A row that ends (stop token or string, its
-`max_new_tokens`, or cancelled) frees its slot for the next step. Free slots decode along, as
-padding of segment 0 that attends to nothing, so every step has the same shape.
+then one decode step is launched for all B rows, and the tokens of the step launched before
+are handed out. One step is always in flight while rows decode: the host's work on a step's
+tokens (stop checks, detokenizing and streaming them, admitting requests) overlaps the next
+step's compute instead of leaving the accelerator idle. A row that ends (stop token or
+string, its `max_new_tokens`, or cancelled) frees its slot when its last token is handed out;
+the one token it decoded meanwhile is dropped. Free slots decode along, as
+padding of segment 0 that attends to nothing.
+
+The cache is only as long as its longest row needs, rounded up to a window of 2^k or 1.5 x 2^k
+columns (at most S): it grows when a row is admitted or decodes past it, and shrinks when the
+rows that needed it have left and the rest need at most half of it. A decode step reads every
+column of the cache, so short answers in long slots cost what their length costs, not S; each
+resize is one copy of the cache, and each window one compiled step (about 2 log2(S) at most).
 
 Sampling is as `Generator.generate`'s, per row: settings, seed, the repetition penalty's seen
 tokens and the key folded with the token's step all live in the row, so a request's tokens do
@@ -111,8 +121,8 @@ class Engine:
     Args:
       generator: the `Generator` whose model (and tokenizer decode, for stop strings) is used.
       num_slots: rows decoded together.
-      max_length: each slot's cache length S (prompt and answer); rounded up to a bucket;
-        default: the model's context.
+      max_length: each slot's longest cache S (prompt and answer); rounded up to a bucket;
+        default: the model's context. The cache is allocated as the rows need it, up to S.
       prefix_cache: reuse of prompt prefixes; None: off.
     """
 
@@ -125,16 +135,16 @@ class Engine:
         self.num_slots = num_slots
         self.max_length = bucket(max_length or self.context)
         self.prefix_cache = prefix_cache
-        self._prefill, self._insert, self._step = _programs(generator)
+        self._prefill, self._insert, self._step, self._resize = _programs(generator)
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * num_slots
-        self.stats = {"steps": 0, "prefilled_tokens": 0}
+        self.stats = {"steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0, "resizes": 0}
         self.reset()
 
     def reset(self) -> None:
         """Empties the slots (after a device error, say); waiting requests stay."""
         b, v = self.num_slots, self.cfg.text.vocab_size
-        cache = KVCache.init(self.cfg.text, b, self.max_length, self.cfg.dtype)
+        cache = KVCache.init(self.cfg.text, b, _window(1, self.max_length), self.cfg.dtype)
         self._cache = dataclasses.replace(cache, index=jnp.zeros((b,), jnp.int32), empty=False)
         self._rows = Rows(
             token=jnp.zeros((b,), jnp.int32),
@@ -144,6 +154,15 @@ class Engine:
             knobs=jax.tree.map(jnp.asarray, _knobs([SamplingConfig()] * b)),
         )
         self.slots = [None] * b
+        self._in_flight: tuple[jax.Array, list[Request | None]] | None = None
+        self._lengths = np.zeros((b,), np.int64)  # each slot's cache index, mirrored
+
+    def clear(self) -> None:
+        """Forgets every request, waiting, decoding or in flight, without finishing them (the
+        caller answers them)."""
+        self.waiting.clear()
+        self.slots = [None] * self.num_slots
+        self._in_flight = None
 
     # -- the host side ------------------------------------------------------------------------
 
@@ -178,22 +197,36 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or self.active > 0
+        return bool(self.waiting) or self.active > 0 or self._in_flight is not None
 
     def step(self) -> None:
-        """Admits waiting requests into free slots, then decodes one token in every slot."""
+        """Admits waiting requests into free slots, launches one decode step for every slot,
+        then hands out the tokens of the step launched before."""
         while self.waiting and None in self.slots:
             self._admit(self.waiting.popleft(), self.slots.index(None))
-        if not self.active:
-            return
-        active = np.array([r is not None for r in self.slots])
-        greedy = all(r.sampling.temperature == 0 for r in self.slots if r is not None)
-        self._cache, self._rows = self._step(self.generator.state, self._cache, self._rows,
-                                             active, greedy=greedy)  # fmt: skip
-        self.stats["steps"] += 1
-        tokens = np.asarray(self._rows.token)
-        for slot, request in enumerate(self.slots):
-            if request is not None and self._emit(request, int(tokens[slot])):
+        launched = None
+        if self.active:
+            active = np.array([r is not None for r in self.slots])
+            greedy = all(r.sampling.temperature == 0 for r in self.slots if r is not None)
+            self._fit(int(self._lengths[active].max()) + 1)  # room for this step's column
+            self._cache, self._rows = self._step(self.generator.state, self._cache, self._rows,
+                                                 active, greedy=greedy)  # fmt: skip
+            self._lengths += active
+            self.stats["steps"] += 1
+            launched = (self._rows.token, list(self.slots))
+        if self._in_flight is not None:
+            self._hand_out(*self._in_flight)
+        self._in_flight = launched
+
+    def _hand_out(self, tokens: jax.Array, slots: list[Request | None]) -> None:
+        """Gives each request decoding in a launched step its token; a request that ended
+        since (its previous token, or cancelled) drops it."""
+        tokens = np.asarray(tokens)  # waits for that step, not for the one launched after it
+        for slot, request in enumerate(slots):
+            if request is None or request.finish_reason:
+                continue
+            self.stats["decoded_tokens"] += 1
+            if self._emit(request, int(tokens[slot])) and self.slots[slot] is request:
                 self.slots[slot] = None
 
     def generate(
@@ -234,7 +267,10 @@ class Engine:
         row = Rows(token=np.array([token], np.int32), seen=seen, keys=key[None],
                    step=np.ones((1,), np.int32), knobs=_knobs([request.sampling]))  # fmt: skip
         length = len(request.prompt.input_ids)
+        others = [int(self._lengths[i]) + 1 for i, r in enumerate(self.slots) if r is not None]
+        self._fit(max([block.length, *others]))
         self._cache, self._rows = self._insert(self._cache, self._rows, slot, block, length, row)
+        self._lengths[slot] = length
         self.slots[slot] = request
 
     def _prefill_one(self, request: Request):
@@ -269,6 +305,14 @@ class Engine:
             self.prefix_cache.store(prompt.input_ids, media, block)
         return int(token[0]), block, seen
 
+    def _fit(self, need: int) -> None:
+        """Resizes the cache to the window of `need` columns when that is longer, or at most
+        half as long (so that rows coming and going do not resize it back and forth)."""
+        window, columns = _window(need, self.max_length), self._cache.segment.shape[1]
+        if window > columns or 2 * window <= columns:
+            self._cache = self._resize(self._cache, columns=window)
+            self.stats["resizes"] += 1
+
     def _emit(self, request: Request, token: int) -> bool:
         """Hands a new token to the request; True when that ended it."""
         if not request.token_ids:
@@ -288,13 +332,23 @@ class Engine:
             request.on_finish(request)
 
 
-# -- the three compiled programs, shared by the engines of one generator ----------------------
+def _window(columns: int, max_length: int) -> int:
+    """The cache length that holds `columns`: rounded up to 2^k or 1.5 x 2^k (at least 16; at
+    most 1.5x the need, about 2 log2(S) windows), at most the slot length."""
+    n = max(columns, 16)
+    window = 1 << (n - 1).bit_length()
+    if window * 3 // 4 >= n:
+        window = window * 3 // 4
+    return min(max_length, window)
+
+
+# -- the compiled programs, shared by the engines of one generator ----------------------------
 
 _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _programs(generator: Generator):
-    """The jitted prefill, insert and step for `generator`'s model: every engine of one
+    """The jitted prefill, insert, step and resize for `generator`'s model: every engine of one
     generator (a server's, an eval's) shares their compiled programs."""
     if generator not in _PROGRAMS:
         graphdef, text = generator.graphdef, generator.cfg.text
@@ -302,9 +356,11 @@ def _programs(generator: Generator):
         _PROGRAMS[generator] = (
             jax.jit(functools.partial(_prefill_fn, graphdef, text, dtype),
                     static_argnames=("cache_len", "greedy")),
-            jax.jit(_insert_fn, donate_argnums=(0, 1)),
+            jax.jit(_insert_fn, donate_argnums=(0,)),
+            # Rows are never donated: the host reads a step's tokens after the next launched.
             jax.jit(functools.partial(_step_fn, graphdef), static_argnames=("greedy",),
-                    donate_argnums=(1, 2)),
+                    donate_argnums=(1,)),
+            jax.jit(_resize_fn, static_argnames=("columns",)),  # a new shape: nothing to donate
         )  # fmt: skip
     return _PROGRAMS[generator]
 
@@ -348,6 +404,19 @@ def _insert_fn(cache, rows, slot, block, length, row):
         index=cache.index.at[slot].set(length),
     )
     return cache, jax.tree.map(lambda a, r: a.at[slot].set(r[0]), rows, row)
+
+
+def _resize_fn(cache, columns):
+    """The cache cut or zero-padded (segment 0: nothing written) to `columns` columns."""
+    have = cache.segment.shape[1]
+    if columns <= have:
+        cut = lambda x, axis: jax.lax.slice_in_dim(x, 0, columns, axis=axis)  # noqa: E731
+        return dataclasses.replace(cache, k=cut(cache.k, 3), v=cut(cache.v, 3),
+                                   segment=cut(cache.segment, 1))  # fmt: skip
+    pad = lambda x, axis: jnp.pad(x, [(0, columns - have if a == axis else 0)  # noqa: E731
+                                      for a in range(x.ndim)])  # fmt: skip
+    return dataclasses.replace(cache, k=pad(cache.k, 3), v=pad(cache.v, 3),
+                               segment=pad(cache.segment, 1))  # fmt: skip
 
 
 def _step_fn(graphdef, state, cache, rows, active, greedy):

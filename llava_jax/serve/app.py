@@ -144,6 +144,12 @@ class _Server:
     def __init__(self, pipeline, cfg: ServeConfig):
         self.pipeline, self.cfg = pipeline, cfg
         self.context = pipeline.cfg.text.max_position_embeddings
+        self.whose = "This model's"  # OpenAI's wording, which clients match
+        if cfg.slot_tokens is not None:  # the longest request a slot holds
+            if cfg.slot_tokens > self.context:
+                raise ValueError(f"--slot-tokens {cfg.slot_tokens} is over the model's context "
+                                 f"of {self.context} tokens")  # fmt: skip
+            self.context, self.whose = cfg.slot_tokens, "This server's (--slot-tokens)"
         self.scheduler = _scheduler(pipeline, cfg)
         # Tokenizing and preprocessing run in worker threads; the tokenizer is not meant to be
         # shared across threads, so prompts are built one at a time.
@@ -162,7 +168,7 @@ class _Server:
         chat = parse_chat_request(_parse_json(body), self.cfg)
         chars = sum(len(m["content"]) for m in chat.messages)
         if chars > self.context * self.max_token_chars:  # refused before tokenizing
-            raise invalid(f"This model's maximum context length is {self.context} tokens; the "
+            raise invalid(f"{self.whose} maximum context length is {self.context} tokens; the "
                           f"messages hold {chars} characters, more than that many tokens can "
                           f"(at most {self.max_token_chars} characters each)", "messages",
                           "context_length_exceeded")  # fmt: skip
@@ -180,7 +186,7 @@ class _Server:
         room = self.context - n
         if room < 1 or (chat.max_tokens is not None and chat.max_tokens > room):
             asked = chat.max_tokens or 1
-            raise invalid(f"This model's maximum context length is {self.context} tokens; the "
+            raise invalid(f"{self.whose} maximum context length is {self.context} tokens; the "
                           f"messages take {n} tokens and {asked} were asked for the answer",
                           "messages", "context_length_exceeded")  # fmt: skip
         max_tokens = chat.max_tokens or min(self.cfg.default_max_tokens, room)
@@ -277,7 +283,8 @@ def _scheduler(pipeline, cfg: ServeConfig) -> JobQueue:
     model = pipeline.cfg
     media = tuple(i for i in (model.image_token_id, model.video_token_id) if i is not None)
     cache = PrefixCache(cfg.prefix_cache_bytes, media) if cfg.prefix_cache_bytes else None
-    engine = Engine(pipeline.generator, num_slots=cfg.max_batch, prefix_cache=cache)
+    engine = Engine(pipeline.generator, num_slots=cfg.max_batch, max_length=cfg.slot_tokens,
+                    prefix_cache=cache)  # fmt: skip
     return EngineScheduler(engine, pipeline.decode, cfg.max_queue, cfg.batch_wait_s,
                            cfg.batch_window_s)  # fmt: skip
 

@@ -51,6 +51,9 @@ class ServeConfig:
         slots at every decode step) or "batch" (batches decoded from start to end).
       prefix_cache_bytes: the engine's prefix cache (KV entries of earlier prompts, reused
         by prompts that start with the same tokens and media); 0: off.
+      slot_tokens: each engine slot's length (prompt and answer), which bounds what a request
+        may ask for; None: the model's context. The slots' KV cache is `max_batch` x
+        `slot_tokens` x the model's bytes per token at most (it grows with the rows).
     """
 
     model_name: str = "llava-jax"
@@ -77,6 +80,7 @@ class ServeConfig:
     batch_window_s: float = 0.0
     scheduler: str = "engine"
     prefix_cache_bytes: int = 1024 * 1024 * 1024
+    slot_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_image_pixels", "max_images", "image_memory_bytes",
@@ -92,6 +96,12 @@ class ServeConfig:
                              f"{self.scheduler!r}")  # fmt: skip
         if self.prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        if self.slot_tokens is not None:
+            if self.slot_tokens < 2:
+                raise ValueError(f"slot_tokens must be >= 2, got {self.slot_tokens}")
+            if self.scheduler != "engine":
+                raise ValueError("slot_tokens sizes the engine's slots; the batch scheduler "
+                                 "sizes each batch's cache to its requests")  # fmt: skip
         if not 0 <= self.batch_window_s <= self.batch_wait_s:
             raise ValueError("need 0 <= batch_window_s <= batch_wait_s")
         if self.api_key is not None:

@@ -104,11 +104,12 @@ class EngineScheduler(JobQueue):
             if not stream.finished:
                 stream.finished = True
                 job.sink(Event("error", error=error))
-        self.engine.waiting.clear()
-        self.engine.slots = [None] * self.engine.num_slots
+        self.engine.clear()
 
     def _count(self) -> None:
         self.stats["running"] = self.engine.active
+        self.stats["steps"] = self.engine.stats["steps"]
+        self.stats["decoded_tokens"] = self.engine.stats["decoded_tokens"]
         self.stats["largest_batch"] = max(self.stats["largest_batch"], self.engine.active)
         cache = self.engine.prefix_cache
         if cache is not None:
