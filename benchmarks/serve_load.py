@@ -8,10 +8,13 @@ sequential baseline; the gain is tokens/s against it. Every batch size is compil
 before measuring.
 
 Workloads (--workload): `uniform`, every answer --max-tokens long; `mixed`, each request's
-`max_tokens` drawn from 8 to 256; `multiturn`, each client holds 3-turn conversations about
-one image (each turn sends the whole conversation so far) and TTFT is reported per turn.
+`max_tokens` drawn from 8 to 256 (both about 8 images that the clients cycle over);
+`multiturn`, each client holds 3-turn conversations, each about an image of its own (each turn
+sends the whole conversation so far) and TTFT is reported per turn.
 --schedulers runs the same load against `serve --scheduler engine` and `--scheduler batch`,
-one server after the other, and prints their ratios.
+one server after the other, and prints their ratios. The server's resident memory (RSS) is
+sampled every --rss-every seconds while each client count runs: a soak is one long count,
+e.g. `--workload mixed --clients 32 --duration 600`, whose RSS should stay flat.
 
 The default model is a small random LLaVA built here (CLIP-style tower at --image-size px,
 default 42: 9 image tokens; LLaMA decoder of --width x --layers; the 160-token test
@@ -83,16 +86,18 @@ def build_model(root: Path, width: int, layers: int, image_size: int = 42) -> Pa
     return root / "bench-llava"
 
 
-def image_urls(n: int) -> list[str]:
+def image_url(seed: int) -> str:
+    """A random 160x120 JPEG as a data URL."""
     from PIL import Image
 
-    urls = []
-    for seed in range(n):
-        pixels = np.random.RandomState(seed).randint(0, 255, (120, 160, 3), np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
-    return urls
+    pixels = np.random.RandomState(seed).randint(0, 255, (120, 160, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_urls(n: int) -> list[str]:
+    return [image_url(seed) for seed in range(n)]
 
 
 class Client:
@@ -106,9 +111,12 @@ class Client:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
 
-    def first_turn(self, k: int) -> list[dict]:
+    def first_turn(self, k: int, fresh: bool = False) -> list[dict]:
+        """Request k's message: one of the client's images (or, `fresh`, an image of its own,
+        which no earlier request has sent) and a question."""
+        url = image_url(10_000 + k) if fresh else self.images[k % len(self.images)]
         return [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": self.images[k % len(self.images)]}},
+            {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]}]}]  # fmt: skip
 
     def request(self, k: int, max_tokens: int | None = None, messages=None) -> dict:
@@ -158,8 +166,9 @@ FOLLOW_UPS = ("Tell me more about it.", "And what else is there?")
 
 
 def conversation(client: Client, k: int) -> list[dict]:
-    """Three turns about one image; each row gets its `turn` (1, 2, 3)."""
-    messages, rows = client.first_turn(k), []
+    """Three turns about an image no earlier conversation sent (so that turn 1 prefills it
+    whole); each row gets its `turn` (1, 2, 3)."""
+    messages, rows = client.first_turn(k, fresh=True), []
     for turn in (1, 2, 3):
         row = client.request(k, messages=messages)
         rows.append({**row, "turn": turn})
@@ -257,8 +266,35 @@ def start_server(args, model: Path, scheduler: str) -> tuple[subprocess.Popen, s
             time.sleep(0.2)
 
 
-def measure(args, url: str, model_name: str, label: str) -> tuple[list[dict], dict]:
-    """Warms the server up, then runs every client count; prints one line per count."""
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every `every` seconds until stopped: (seconds, MiB) rows."""
+
+    def __init__(self, pid: int, every: float):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples = pid, every, []
+        self.done = threading.Event()
+
+    def run(self):
+        start = time.perf_counter()
+        while True:
+            self.samples.append((round(time.perf_counter() - start, 1), rss_mib(self.pid)))
+            if self.done.wait(self.every):
+                self.samples.append((round(time.perf_counter() - start, 1), rss_mib(self.pid)))
+                return
+
+
+def measure(args, url: str, model_name: str, label: str,
+            pid: int | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+    """Warms the server up, then runs every client count; prints one line per count (and
+    the server's RSS over it, when `pid` is the server's)."""
     client = Client(url, model_name, args.max_tokens, image_urls(8))
     t = time.perf_counter()
     warm_up(client, args.max_batch, args.workload)
@@ -268,7 +304,18 @@ def measure(args, url: str, model_name: str, label: str) -> tuple[list[dict], di
     health = lambda: json.loads(urllib.request.urlopen(url + "/health").read())  # noqa: E731
     for clients in args.clients:
         before = health()
+        sampler = None if pid is None else RssSampler(pid, args.rss_every)
+        if sampler is not None:
+            sampler.start()
         r = run_level(client, clients, args.duration, args.workload)
+        if sampler is not None:
+            sampler.done.set()
+            sampler.join()
+            rss = [m for _, m in sampler.samples]
+            r["rss_mib"] = sampler.samples
+            # From the first minute on (or the first sample): warm-up allocations excluded.
+            settled = [m for t, m in sampler.samples if t >= 60] or rss
+            r["rss_growth"] = max(settled) / settled[0]
         after = health()
         if "steps" in after:  # the engine: rows decoded per step
             steps = max(after["steps"] - before["steps"], 1)
@@ -287,6 +334,11 @@ def measure(args, url: str, model_name: str, label: str) -> tuple[list[dict], di
               f"{r['ttft_p99_s']:.3f} s, decode p50 {r['decode_rate_p50']:.1f} tok/s "
               f"per request, mean batch {r['mean_batch']:.2f}{turns}; load "
               f"{os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+        if "rss_mib" in r:
+            rss = [m for _, m in r["rss_mib"]]
+            print(f"[{label}] {clients:3d} clients: server RSS {rss[0]:.0f} MiB at the start, "
+                  f"{rss[-1]:.0f} at the end, {max(rss):.0f} at most; growth from the first "
+                  f"minute on {100 * (r['rss_growth'] - 1):.1f}%", flush=True)  # fmt: skip
         for e in r["first_errors"]:
             print(f"    error: {e}")
     final = health()
@@ -316,6 +368,9 @@ def main() -> None:
     parser.add_argument("--schedulers", nargs="+", choices=("engine", "batch"),
                         default=["engine"],
                         help="servers to start and compare, one after the other")  # fmt: skip
+    parser.add_argument("--rss-every", type=float, default=10.0, metavar="S",
+                        help="sample the started server's RSS every S seconds "
+                        "(default 10)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -331,7 +386,7 @@ def main() -> None:
             for scheduler in args.schedulers:
                 proc, url = start_server(args, model, scheduler)
                 try:
-                    runs[scheduler] = measure(args, url, "bench", scheduler)
+                    runs[scheduler] = measure(args, url, "bench", scheduler, pid=proc.pid)
                 finally:
                     proc.terminate()
                     proc.wait(60)
