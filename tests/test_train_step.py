@@ -316,15 +316,15 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
 
 def test_model_overrides():
     from llava_jax.config import RematPolicy
-    from llava_jax.train.state import apply_overrides
+    from llava_jax.train.config_loader import ConfigLoadError, apply_model_overrides
 
     config = train_config()  # defaults: bfloat16 compute, float32 params, full remat, scan
-    cfg = apply_overrides(model_config(scan_layers=False), config)
+    cfg = apply_model_overrides(model_config(scan_layers=False), config.model.overrides)
     assert (cfg.dtype, cfg.param_dtype, cfg.scan_layers) == ("bfloat16", "float32", True)
     assert cfg.remat_policy is RematPolicy.FULL
     assert cfg.vision == model_config().vision
     config = train_config()
     config.model.overrides.unlock()
     config.model.overrides.dropout = 0.1
-    with pytest.raises(ValueError, match=r"\['dropout'\] are not LlavaConfig fields"):
-        apply_overrides(model_config(), config)
+    with pytest.raises(ConfigLoadError, match=r"\['dropout'\] are not LlavaConfig fields"):
+        apply_model_overrides(model_config(), config.model.overrides)

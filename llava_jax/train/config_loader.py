@@ -260,6 +260,9 @@ def _parse_new(text: str, where: str, leaf: str, name: str) -> Any:
 def apply_model_overrides(cfg: LlavaConfig, overrides: Any) -> LlavaConfig:
     """`cfg` with the `config.model.overrides` fields (nested `vision` / `text` groups) set."""
     d = cfg.to_dict()
+    unknown = sorted(set(_plain(overrides)) - set(d))
+    if unknown:
+        raise ConfigLoadError(f"config.model.overrides: {unknown} are not LlavaConfig fields")
     for key, value in _plain(overrides).items():
         if key in _NESTED:
             if not isinstance(value, dict):

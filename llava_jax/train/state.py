@@ -49,22 +49,6 @@ def mesh_from_config(config, devices=None) -> Mesh:
         raise ValueError(f"config.mesh: {e}") from None
 
 
-def apply_overrides(model_cfg: LlavaConfig, config) -> LlavaConfig:
-    """`model_cfg` with `config.model.overrides` applied (dtype, param_dtype, remat_policy,
-    scan_layers, or any other LlavaConfig field; `vision` / `text` take dicts of fields)."""
-    changes = config.model.overrides.to_dict()
-    d = model_cfg.to_dict()
-    unknown = sorted(set(changes) - set(d))
-    if unknown:
-        raise ValueError(f"model.overrides: {unknown} are not LlavaConfig fields")
-    for key, value in changes.items():
-        d[key] = {**d[key], **value} if isinstance(d[key], dict) else value
-    try:
-        return LlavaConfig.from_dict(d)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"model.overrides: {e}") from None
-
-
 def flat_param_shardings(model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, NamedSharding]:
     """Flat {"a/b/c": NamedSharding} of every parameter of the plain model (what
     `init_from` holds), from abstract shapes."""
@@ -219,10 +203,6 @@ def _place(model_cfg: LlavaConfig, mesh: Mesh, params: Mapping[str, jax.Array]) 
         value = value.astype(want[path].dtype) if value.dtype != want[path].dtype else value
         placed[path] = jax.device_put(value, flat_sh[path])
     return flat_to_nested(placed)
-
-
-def count_params(tree: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
 def has_optimizer_state(opt_state: Any, path: str) -> bool:
