@@ -74,27 +74,32 @@ def test_request_joining_a_busy_engine_matches_alone(generator, sampling):
 
 
 def test_the_cache_grows_and_shrinks_with_its_rows(generator):
-    """The slots' cache is as long as its longest row needs (a window), not the slot length:
-    it grows for a long answer, shrinks once that has left, and no answer changes."""
+    """The cache holds the occupied slots and the longest row's columns (rounded up), not
+    every slot at the slot length: it grows for more requests and a long answer, shrinks once
+    they have left, and no answer changes."""
     rng = np.random.RandomState(9)
-    engine = Engine(generator, num_slots=2, max_length=256)
-    columns = lambda: engine._cache.segment.shape[1]  # noqa: E731
+    engine = Engine(generator, num_slots=4, max_length=256)
+    shape = lambda: engine._cache.segment.shape  # noqa: E731 (slots, columns)
     short = Request(make_prompt(rng, 3, image=False), SamplingConfig(max_new_tokens=4))
     engine.add(short)
     run_until(engine, [short])
-    assert columns() == 16  # prompt and answer: 11 tokens
+    assert shape() == (1, 16)  # one row; prompt and answer: 11 tokens
     long = Request(make_prompt(rng, 4), SamplingConfig(max_new_tokens=60))
-    engine.add(long)
+    two = [Request(make_prompt(rng, 2, image=False), SamplingConfig(max_new_tokens=5))
+           for _ in range(2)]  # fmt: skip
+    for r in (long, *two):
+        engine.add(r)
     seen = set()
     while not long.finish_reason:
         engine.step()
-        seen.add(columns())
-    assert max(seen) == 96 and max(seen) < engine.max_length, sorted(seen)
+        seen.add(shape())
+    # Three rows (rounded up to 4) while the short ones decode, then the long one alone.
+    assert max(r for r, _ in seen) == 4 and (1, 96) in seen and max(seen)[1] < 96, sorted(seen)
     after = Request(make_prompt(rng, 2, image=False), SamplingConfig(max_new_tokens=3))
     engine.add(after)
     run_until(engine, [after])
-    assert columns() == 16, "the cache kept the long row's length after it left"
-    for r in (short, long, after):
+    assert shape() == (1, 16), "the cache kept the rows and columns of requests that left"
+    for r in (short, long, *two, after):
         assert r.token_ids == alone(generator, r.prompt, r.sampling)
 
 
@@ -117,20 +122,26 @@ def test_finished_row_frees_its_slot_at_once(generator):
 
 
 def test_no_request_compiles_a_new_program(generator):
+    """Programs depend on shapes only (prompt buckets, occupied slots, cache length, whether
+    every row is greedy), never on a request's tokens, pixels or sampling values: the same
+    shapes again, with other prompts and settings, compile nothing."""
     rng = np.random.RandomState(2)
     engine = Engine(generator, num_slots=4, max_length=128)
-    # Each bucket greedy and sampled; steps with sampled rows, then with greedy rows only.
-    longer = SamplingConfig(max_new_tokens=12)
-    warm = [make_prompt(rng, 5), make_prompt(rng, 5), make_prompt(rng, 5, image=False),
-            make_prompt(rng, 5, image=False)]  # fmt: skip
-    engine.generate(warm, [longer, SAMPLED, SAMPLED, GREEDY])
-    compiled = (engine._prefill, engine._insert, engine._step, engine._resize)
+    compiled = (engine._prefill, engine._insert, engine._step, engine._move, engine._resize)
+
+    def run(settings):
+        prompts = [make_prompt(rng, 5), make_prompt(rng, 9, image=False), make_prompt(rng, 7),
+                   make_prompt(rng, 4, image=False), make_prompt(rng, 6)]  # fmt: skip
+        engine.generate(prompts, settings)
+
+    lengths = (12, 5, 9, 3, 7)  # rows leave mid-decode, later ones take their slots
+    run([SamplingConfig(max_new_tokens=n, temperature=0.0 if i % 2 else 1.3, top_k=20, seed=i)
+         for i, n in enumerate(lengths)])  # fmt: skip
     programs = [f._cache_size() for f in compiled]
-    # Other lengths in the same buckets, other settings, other slots, joining mid-decode.
-    prompts = [make_prompt(rng, 4), make_prompt(rng, 9, image=False), make_prompt(rng, 7)]
-    settings = [SamplingConfig(max_new_tokens=5, temperature=0.5, top_p=0.7, seed=3), GREEDY,
-                SamplingConfig(max_new_tokens=12, repetition_penalty=1.4)]  # fmt: skip
-    engine.generate(prompts, settings)
+    assert engine.stats["resizes"] > 0 and programs[3] > 0, "no row moved, no resize: weak"
+    run([SamplingConfig(max_new_tokens=n, temperature=0.0 if i % 2 else 0.6, top_p=0.7,
+                        repetition_penalty=1.3, seed=10 + i)
+         for i, n in enumerate(lengths)])  # fmt: skip
     assert [f._cache_size() for f in compiled] == programs
 
 

@@ -14,11 +14,15 @@ string, its `max_new_tokens`, or cancelled) frees its slot when its last token i
 the one token it decoded meanwhile is dropped. Free slots decode along, as
 padding of segment 0 that attends to nothing.
 
-The cache is only as long as its longest row needs, rounded up to a window of 2^k or 1.5 x 2^k
-columns (at most S): it grows when a row is admitted or decodes past it, and shrinks when the
-rows that needed it have left and the rest need at most half of it. A decode step reads every
-column of the cache, so short answers in long slots cost what their length costs, not S; each
-resize is one copy of the cache, and each window one compiled step (about 2 log2(S) at most).
+The cache is only as large as its rows need. Decoding requests are kept in the first slots (a
+row that ends is replaced by the last one, one row copied), and the cache holds the occupied
+slots rounded up to a power of two (at most B) and the longest row's columns rounded up to
+2^k or 1.5 x 2^k (at most S). It grows when a request is admitted or a row decodes past it,
+and shrinks when what is left needs at most half of it (so that requests coming and going do
+not resize it back and forth). A decode step reads the whole cache, so one client decodes
+one row, not B, and short answers in long slots cost what their length costs, not S. Each
+resize is one copy of the cache; each shape met is one compiled step (about 2 log2(S) x
+log2(B) at most).
 
 Sampling is as `Generator.generate`'s, per row: settings, seed, the repetition penalty's seen
 tokens and the key folded with the token's step all live in the row, so a request's tokens do
@@ -135,7 +139,7 @@ class Engine:
         self.num_slots = num_slots
         self.max_length = bucket(max_length or self.context)
         self.prefix_cache = prefix_cache
-        self._prefill, self._insert, self._step, self._resize = _programs(generator)
+        self._prefill, self._insert, self._step, self._move, self._resize = _programs(generator)
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * num_slots
         self.stats = {"steps": 0, "decoded_tokens": 0, "prefilled_tokens": 0, "resizes": 0}
@@ -144,14 +148,14 @@ class Engine:
     def reset(self) -> None:
         """Empties the slots (after a device error, say); waiting requests stay."""
         b, v = self.num_slots, self.cfg.text.vocab_size
-        cache = KVCache.init(self.cfg.text, b, _window(1, self.max_length), self.cfg.dtype)
-        self._cache = dataclasses.replace(cache, index=jnp.zeros((b,), jnp.int32), empty=False)
-        self._rows = Rows(
-            token=jnp.zeros((b,), jnp.int32),
-            seen=jnp.zeros((b, v), bool),
-            keys=jnp.zeros((b, 2), jnp.uint32),
-            step=jnp.zeros((b,), jnp.int32),
-            knobs=jax.tree.map(jnp.asarray, _knobs([SamplingConfig()] * b)),
+        cache = KVCache.init(self.cfg.text, 1, _window(1, self.max_length), self.cfg.dtype)
+        self._cache = dataclasses.replace(cache, index=jnp.zeros((1,), jnp.int32), empty=False)
+        self._rows = Rows(  # one row to start with; `_fit` grows both with the requests
+            token=jnp.zeros((1,), jnp.int32),
+            seen=jnp.zeros((1, v), bool),
+            keys=jnp.zeros((1, 2), jnp.uint32),
+            step=jnp.zeros((1,), jnp.int32),
+            knobs=jax.tree.map(jnp.asarray, _knobs([SamplingConfig()])),
         )
         self.slots = [None] * b
         self._in_flight: tuple[jax.Array, list[Request | None]] | None = None
@@ -186,8 +190,7 @@ class Engine:
         """Ends a request now (finish reason "cancelled"), waiting or decoding."""
         if request in self.waiting:
             self.waiting.remove(request)
-        if request in self.slots:
-            self.slots[self.slots.index(request)] = None
+        self._leave(request)
         if not request.finish_reason:
             self._finish(request, "cancelled")
 
@@ -202,18 +205,18 @@ class Engine:
     def step(self) -> None:
         """Admits waiting requests into free slots, launches one decode step for every slot,
         then hands out the tokens of the step launched before."""
-        while self.waiting and None in self.slots:
-            self._admit(self.waiting.popleft(), self.slots.index(None))
+        while self.waiting and self.active < self.num_slots:
+            self._admit(self.waiting.popleft(), self.active)
         launched = None
-        if self.active:
-            active = np.array([r is not None for r in self.slots])
-            greedy = all(r.sampling.temperature == 0 for r in self.slots if r is not None)
-            self._fit(int(self._lengths[active].max()) + 1)  # room for this step's column
+        if n := self.active:
+            greedy = all(r.sampling.temperature == 0 for r in self.slots[:n])
+            self._fit(n, int(self._lengths[:n].max()) + 1)  # room for this step's column
+            active = np.arange(self._cache.index.shape[0]) < n
             self._cache, self._rows = self._step(self.generator.state, self._cache, self._rows,
                                                  active, greedy=greedy)  # fmt: skip
-            self._lengths += active
+            self._lengths[:n] += 1
             self.stats["steps"] += 1
-            launched = (self._rows.token, list(self.slots))
+            launched = (self._rows.token, self.slots[:n])
         if self._in_flight is not None:
             self._hand_out(*self._in_flight)
         self._in_flight = launched
@@ -222,12 +225,23 @@ class Engine:
         """Gives each request decoding in a launched step its token; a request that ended
         since (its previous token, or cancelled) drops it."""
         tokens = np.asarray(tokens)  # waits for that step, not for the one launched after it
-        for slot, request in enumerate(slots):
+        for slot, request in enumerate(slots):  # the slots as launched; rows may have moved
             if request is None or request.finish_reason:
                 continue
             self.stats["decoded_tokens"] += 1
-            if self._emit(request, int(tokens[slot])) and self.slots[slot] is request:
-                self.slots[slot] = None
+            if self._emit(request, int(tokens[slot])):
+                self._leave(request)
+
+    def _leave(self, request: Request) -> None:
+        """Frees a decoding request's slot: the last occupied slot's row moves into it, so
+        that the occupied slots stay the first ones."""
+        if request not in self.slots:
+            return
+        slot, last = self.slots.index(request), self.active - 1
+        if slot != last:
+            self._cache, self._rows = self._move(self._cache, self._rows, last, slot)
+            self.slots[slot], self._lengths[slot] = self.slots[last], self._lengths[last]
+        self.slots[last] = None
 
     def generate(
         self,
@@ -267,8 +281,7 @@ class Engine:
         row = Rows(token=np.array([token], np.int32), seen=seen, keys=key[None],
                    step=np.ones((1,), np.int32), knobs=_knobs([request.sampling]))  # fmt: skip
         length = len(request.prompt.input_ids)
-        others = [int(self._lengths[i]) + 1 for i, r in enumerate(self.slots) if r is not None]
-        self._fit(max([block.length, *others]))
+        self._fit(slot + 1, max([block.length, *(int(n) + 1 for n in self._lengths[:slot])]))
         self._cache, self._rows = self._insert(self._cache, self._rows, slot, block, length, row)
         self._lengths[slot] = length
         self.slots[slot] = request
@@ -305,12 +318,14 @@ class Engine:
             self.prefix_cache.store(prompt.input_ids, media, block)
         return int(token[0]), block, seen
 
-    def _fit(self, need: int) -> None:
-        """Resizes the cache to the window of `need` columns when that is longer, or at most
-        half as long (so that rows coming and going do not resize it back and forth)."""
-        window, columns = _window(need, self.max_length), self._cache.segment.shape[1]
-        if window > columns or 2 * window <= columns:
-            self._cache = self._resize(self._cache, columns=window)
+    def _fit(self, rows: int, columns: int) -> None:
+        """Resizes the cache (and the rows' state) to hold `rows` slots of `columns` columns,
+        rounded up, when that is larger than it, or at most half of it in either direction."""
+        slots = min(1 << (rows - 1).bit_length(), self.num_slots)
+        want = (slots, _window(columns, self.max_length))
+        have = self._cache.segment.shape
+        if any(w > h or 2 * w <= h for w, h in zip(want, have, strict=True)):
+            self._cache, self._rows = self._resize(self._cache, self._rows, shape=want)
             self.stats["resizes"] += 1
 
     def _emit(self, request: Request, token: int) -> bool:
@@ -348,8 +363,8 @@ _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _programs(generator: Generator):
-    """The jitted prefill, insert, step and resize for `generator`'s model: every engine of one
-    generator (a server's, an eval's) shares their compiled programs."""
+    """The jitted prefill, insert, step, move and resize for `generator`'s model: every engine
+    of one generator (a server's, an eval's) shares their compiled programs."""
     if generator not in _PROGRAMS:
         graphdef, text = generator.graphdef, generator.cfg.text
         dtype = generator.cfg.dtype
@@ -360,7 +375,8 @@ def _programs(generator: Generator):
             # Rows are never donated: the host reads a step's tokens after the next launched.
             jax.jit(functools.partial(_step_fn, graphdef), static_argnames=("greedy",),
                     donate_argnums=(1,)),
-            jax.jit(_resize_fn, static_argnames=("columns",)),  # a new shape: nothing to donate
+            jax.jit(_move_fn, donate_argnums=(0,)),
+            jax.jit(_resize_fn, static_argnames=("shape",)),  # a new shape: nothing to donate
         )  # fmt: skip
     return _PROGRAMS[generator]
 
@@ -406,17 +422,37 @@ def _insert_fn(cache, rows, slot, block, length, row):
     return cache, jax.tree.map(lambda a, r: a.at[slot].set(r[0]), rows, row)
 
 
-def _resize_fn(cache, columns):
-    """The cache cut or zero-padded (segment 0: nothing written) to `columns` columns."""
-    have = cache.segment.shape[1]
-    if columns <= have:
-        cut = lambda x, axis: jax.lax.slice_in_dim(x, 0, columns, axis=axis)  # noqa: E731
-        return dataclasses.replace(cache, k=cut(cache.k, 3), v=cut(cache.v, 3),
-                                   segment=cut(cache.segment, 1))  # fmt: skip
-    pad = lambda x, axis: jnp.pad(x, [(0, columns - have if a == axis else 0)  # noqa: E731
-                                      for a in range(x.ndim)])  # fmt: skip
-    return dataclasses.replace(cache, k=pad(cache.k, 3), v=pad(cache.v, 3),
-                               segment=pad(cache.segment, 1))  # fmt: skip
+def _move_fn(cache, rows, src, dst):
+    """Slot `src`'s cache row and decoding state copied into slot `dst`."""
+    cache = dataclasses.replace(
+        cache,
+        k=cache.k.at[:, dst].set(cache.k[:, src]),
+        v=cache.v.at[:, dst].set(cache.v[:, src]),
+        segment=cache.segment.at[dst].set(cache.segment[src]),
+        index=cache.index.at[dst].set(cache.index[src]),
+    )
+    return cache, jax.tree.map(lambda a: a.at[dst].set(a[src]), rows)
+
+
+def _resize_fn(cache, rows, shape):
+    """The cache and the rows' state cut or padded to `shape` = (slots, columns): new cache
+    entries are zeros (segment 0: nothing written), new rows copy the last one's settings."""
+
+    def fit(x, axis, size, mode="constant"):
+        have = x.shape[axis]
+        if size <= have:
+            return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+        return jnp.pad(x, [(0, size - have if a == axis else 0) for a in range(x.ndim)], mode)
+
+    b, columns = shape
+    cache = dataclasses.replace(
+        cache,
+        k=fit(fit(cache.k, 1, b), 3, columns),
+        v=fit(fit(cache.v, 1, b), 3, columns),
+        segment=fit(fit(cache.segment, 0, b), 1, columns),
+        index=fit(cache.index, 0, b),
+    )
+    return cache, jax.tree.map(lambda a: fit(a, 0, b, "edge"), rows)
 
 
 def _step_fn(graphdef, state, cache, rows, active, greedy):
