@@ -10,15 +10,13 @@ Weights: `init_from` the stage-1 model dir, or `init_from` the `llava-jax init` 
 """
 
 from llava_jax.train.config_loader import CONNECTOR_AND_LLM
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 
 
 def get_config(arg=None):
-    size = arg or "7b"
-    if size not in SIZES:
-        raise ValueError(f"llava15 finetune: size {size!r}; choose one of {sorted(SIZES)}")
+    size = recipe_arg("llava15_7b_finetune.py", "size", arg, SIZES, default="7b")
     c = base_config()
     c.model.preset = SIZES[size]
     c.data.template = "vicuna_v1"  # --version v1

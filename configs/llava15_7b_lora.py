@@ -13,7 +13,7 @@ ends by writing the merged model (adapters folded into the LLM) to `<workdir>/mo
 """
 
 from llava_jax.train.config_loader import CONNECTOR
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 
@@ -42,12 +42,12 @@ def lora_config(preset: str, qlora: bool):
     return c
 
 
-def parse(arg, default="7b"):
+def parse(arg, recipe="llava15_7b_lora.py", default="7b"):
+    """`SIZE` or `SIZE,qlora` -> (preset, qlora)."""
     size, _, mode = (arg or default).partition(",")
-    if size not in SIZES or mode not in ("", "qlora"):
-        raise ValueError(
-            f"llava15 LoRA: {arg!r}; choose one of {sorted(SIZES)}, optionally ',qlora'"
-        )
+    recipe_arg(recipe, "size", size, SIZES)
+    if mode:
+        recipe_arg(recipe, "mode (after the comma)", mode, ["qlora"])
     return SIZES[size], mode == "qlora"
 
 

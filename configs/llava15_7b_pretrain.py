@@ -9,15 +9,13 @@ pipeline's image mode is not a field of this config (see configs/README.md).
 """
 
 from llava_jax.train.config_loader import CONNECTOR
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b"}
 
 
 def get_config(arg=None):
-    size = arg or "7b"
-    if size not in SIZES:
-        raise ValueError(f"llava15 pretrain: size {size!r}; choose one of {sorted(SIZES)}")
+    size = recipe_arg("llava15_7b_pretrain.py", "size", arg, SIZES, default="7b")
     c = base_config()
     c.model.preset = SIZES[size]
     c.data.template = "plain"  # --version plain

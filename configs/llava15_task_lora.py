@@ -17,4 +17,4 @@ from llava_jax.train.config_loader import load_module
 
 def get_config(arg=None):
     lora = load_module(Path(__file__).with_name("llava15_7b_lora.py"))
-    return lora.lora_config(*lora.parse(arg))
+    return lora.lora_config(*lora.parse(arg, "llava15_task_lora.py"))

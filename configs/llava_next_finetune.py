@@ -8,7 +8,7 @@ LR, batch size and grouping follow the LLaVA-1.5 finetune (unverified for v1.6).
 """
 
 from llava_jax.train.config_loader import EVERYTHING
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 VARIANTS = {
     "vicuna-7b": ("llava-v1.6-vicuna-7b", "vicuna_v1"),
@@ -20,9 +20,7 @@ MAX_VIEWS = 1 + 4
 
 
 def get_config(arg=None):
-    variant = arg or "vicuna-7b"
-    if variant not in VARIANTS:
-        raise ValueError(f"llava_next finetune: {variant!r}; choose one of {sorted(VARIANTS)}")
+    variant = recipe_arg("llava_next_finetune.py", "variant", arg, VARIANTS, default="vicuna-7b")
     preset, template = VARIANTS[variant]
     c = base_config()
     c.model.preset = preset

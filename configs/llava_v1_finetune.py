@@ -9,17 +9,13 @@ Architecture as in llava_v1_pretrain.py.
 from pathlib import Path
 
 from llava_jax.train.config_loader import CONNECTOR_AND_LLM, load_module
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 EPOCHS = {"80k": 1.0, "full": 3.0}
 
 
 def get_config(arg=None):
-    schedule = arg or "80k"
-    if schedule not in EPOCHS:
-        raise ValueError(
-            f"llava_v1 finetune: schedule {schedule!r}; choose one of {sorted(EPOCHS)}"
-        )
+    schedule = recipe_arg("llava_v1_finetune.py", "schedule", arg, EPOCHS, default="80k")
     c = base_config()
     load_module(Path(__file__).with_name("llava_v1_pretrain.py")).v1_model(c)
     c.data.template = "vicuna_v1"  # --version v1

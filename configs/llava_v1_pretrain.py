@@ -9,7 +9,7 @@ the HF llava layout `llava-jax init` writes (32000 + `<image>`, padded to 64).
 """
 
 from llava_jax.train.config_loader import CONNECTOR
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 
 def v1_model(c):
@@ -22,8 +22,7 @@ def v1_model(c):
 
 
 def get_config(arg=None):
-    if arg not in (None, "7b"):
-        raise ValueError(f"llava_v1 pretrain: only 7b is defined, got {arg!r}")
+    recipe_arg("llava_v1_pretrain.py", "size", arg, ["7b"], default="7b")
     c = base_config()
     v1_model(c)
     c.data.template = "plain"  # --version plain

@@ -6,9 +6,9 @@ Planned for a v5p-512 as shipped (`onevision_si.py`: FSDP over 256 chips, one ro
 from pathlib import Path
 
 from llava_jax.train.config_loader import load_module
+from llava_jax.train.defaults import recipe_arg
 
 
 def get_config(arg=None):
-    if arg not in (None, "72b"):
-        raise ValueError(f"onevision_72b_ov.py is the 72B recipe; got size {arg!r}")
+    recipe_arg("onevision_72b_ov.py", "size", arg, ["72b"], default="72b")
     return load_module(Path(__file__).with_name("onevision_ov.py")).get_config("72b")

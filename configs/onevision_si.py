@@ -16,7 +16,7 @@ keep 256 / grad_accum a multiple of the chips and the rows per chip at most thes
 """
 
 from llava_jax.train.config_loader import EVERYTHING
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 SIZES = ("0.5b", "7b", "72b")
 # anyres_max_9: the base view + up to 6 x 6 crops go through the tower (the token budget of
@@ -31,9 +31,7 @@ GRAD_ACCUM = {"0.5b": 4, "7b": 2, "72b": 1}
 
 def onevision_finetune(arg, stage):
     """The SI / OV stage config for a size (the two stages differ only in their data)."""
-    size = arg or "7b"
-    if size not in SIZES:
-        raise ValueError(f"onevision {stage}: size {size!r}; choose one of {list(SIZES)}")
+    size = recipe_arg(f"onevision_{stage}.py", "size", arg, SIZES, default="7b")
     c = base_config()
     c.model.preset = f"llava-onevision-qwen2-{size}"
     if size == "72b":

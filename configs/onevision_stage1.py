@@ -15,7 +15,7 @@ and about as many rows per chip per micro-batch as HBM allows
 """
 
 from llava_jax.train.config_loader import CONNECTOR
-from llava_jax.train.defaults import base_config
+from llava_jax.train.defaults import base_config, recipe_arg
 
 SIZES = ("0.5b", "7b", "72b")
 # The slice each size is planned for (docs/scaling.md has the plan of each).
@@ -26,9 +26,7 @@ GRAD_ACCUM = {"0.5b": 4, "7b": 2, "72b": 1}
 
 
 def get_config(arg=None):
-    size = arg or "7b"
-    if size not in SIZES:
-        raise ValueError(f"onevision stage 1: size {size!r}; choose one of {list(SIZES)}")
+    size = recipe_arg("onevision_stage1.py", "size", arg, SIZES, default="7b")
     c = base_config()
     c.model.preset = f"llava-onevision-qwen2-{size}"
     if size == "72b":

@@ -31,8 +31,8 @@ def get_config(arg=None):
     builtin = arg in BUILTINS
     stage = "stage1" if builtin else arg
     if stage not in STAGES:
-        choices = sorted([*STAGES, "lora"])
-        raise ValueError(f"shapes_tiny: {arg!r}; choose one of {choices} or no argument")
+        choices = ", ".join(sorted([*STAGES, "lora"]))
+        raise ValueError(f"shapes_tiny.py: {arg!r}; choose one of {choices}, or no argument")
     vocab = shapes.vocabulary()
     c = base_config()
     if builtin:

@@ -137,7 +137,7 @@ def test_bad_overrides_are_one_line_errors(override, message):
 def test_bad_specs():
     with pytest.raises(ConfigLoadError, match="no such recipe file"):
         load_config(str(CONFIGS / "nope.py"))
-    with pytest.raises(ValueError, match="size '3b'"):
+    with pytest.raises(ValueError, match="onevision_si.py: size '3b'; choose one of 0.5b, 7b"):
         load_config(str(CONFIGS / "onevision_si.py:3b"))
     assert config_loader.split_spec("a/b.py:13b") == ("a/b.py", "13b")
     assert config_loader.split_spec("C:/x/b.py") == ("C:/x/b.py", None)
@@ -147,6 +147,12 @@ def test_bad_specs():
     empty = load_config(str(CONFIGS / "llava15_7b_pretrain.py"), ["--config.model.preset="])
     with pytest.raises(ConfigLoadError, match="no model to build"):
         model_config(empty)
+
+
+@pytest.mark.parametrize("recipe", sorted({spec.partition(":")[0] for spec in RECIPES}))
+def test_an_unknown_recipe_argument_names_the_recipe_and_its_choices(recipe):
+    with pytest.raises(ValueError, match=f"^{recipe.replace('.', '[.]')}:.*'nope'.*choose one of"):
+        load_config(str(CONFIGS / f"{recipe}:nope"))
 
 
 def test_model_config_from_init_from_dir(tmp_path):

@@ -8,7 +8,19 @@ silently ignored setting (the dict is locked).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import ml_collections
+
+
+def recipe_arg(recipe: str, what: str, arg: str | None, choices: Collection[str],
+               default: str | None = None) -> str:  # fmt: skip
+    """A recipe's `:ARG` (`--config=configs/X.py:ARG`), `default` when none is given; any
+    other value is a one-line error naming the recipe and its choices."""
+    value = arg or default
+    if value not in choices:
+        raise ValueError(f"{recipe}: {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
 
 
 def base_config() -> ml_collections.ConfigDict:
