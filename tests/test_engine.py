@@ -11,6 +11,7 @@ from flax import nnx
 from tiny_configs import LLAVA
 
 from llava_jax.engine import Engine, PrefixCache, Request
+from llava_jax.engine import engine as engine_module
 from llava_jax.engine.prefix_cache import Block
 from llava_jax.generate import Generator, Prompt, SamplingConfig
 from llava_jax.models.feature_plan import Media, build_feature_plan
@@ -73,10 +74,11 @@ def test_request_joining_a_busy_engine_matches_alone(generator, sampling):
     run_until(engine, busy)
 
 
-def test_the_cache_grows_and_shrinks_with_its_rows(generator):
+def test_the_cache_grows_and_shrinks_with_its_rows(generator, monkeypatch):
     """The cache holds the occupied slots and the longest row's columns (rounded up), not
     every slot at the slot length: it grows for more requests and a long answer, shrinks once
     they have left, and no answer changes."""
+    monkeypatch.setattr(engine_module, "SHRINK_AFTER", 1)  # shrink as soon as it may
     rng = np.random.RandomState(9)
     engine = Engine(generator, num_slots=4, max_length=256)
     shape = lambda: engine._cache.segment.shape  # noqa: E731 (slots, columns)
@@ -101,6 +103,28 @@ def test_the_cache_grows_and_shrinks_with_its_rows(generator):
     assert shape() == (1, 16), "the cache kept the rows and columns of requests that left"
     for r in (short, long, *two, after):
         assert r.token_ids == alone(generator, r.prompt, r.sampling)
+
+
+def test_requests_coming_and_going_do_not_resize_the_cache_back_and_forth(generator):
+    """A need below half the cache must last `SHRINK_AFTER` steps before the cache shrinks:
+    short requests joining and leaving beside a long one do not shrink it after each."""
+    rng = np.random.RandomState(10)
+    engine = Engine(generator, num_slots=4, max_length=256)
+    long = Request(make_prompt(rng, 4, image=False), SamplingConfig(max_new_tokens=40))
+    engine.add(long)
+    slots = []
+    for _ in range(6):  # 1 row, then 2 while a short one decodes beside it, and again
+        short = Request(make_prompt(rng, 3, image=False), SamplingConfig(max_new_tokens=2))
+        engine.add(short)
+        while not short.finish_reason:
+            engine.step()
+            slots.append(engine._cache.segment.shape[0])
+        for _ in range(3):  # the long one alone for a few steps
+            engine.step()
+            slots.append(engine._cache.segment.shape[0])
+    assert 2 in slots and slots == sorted(slots), f"slots went back and forth: {slots}"
+    run_until(engine, [long])
+    assert long.token_ids == alone(generator, long.prompt, long.sampling)
 
 
 def test_finished_row_frees_its_slot_at_once(generator):

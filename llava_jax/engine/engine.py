@@ -18,9 +18,10 @@ The cache is only as large as its rows need. Decoding requests are kept in the f
 row that ends is replaced by the last one, one row copied), and the cache holds the occupied
 slots rounded up to a power of two (at most B) and the longest row's columns rounded up to
 2^k or 1.5 x 2^k (at most S). It grows when a request is admitted or a row decodes past it,
-and shrinks when what is left needs at most half of it (so that requests coming and going do
-not resize it back and forth). A decode step reads the whole cache, so one client decodes
-one row, not B, and short answers in long slots cost what their length costs, not S. Each
+and shrinks when what is left has needed at most half of it for `SHRINK_AFTER` steps (so that
+requests coming and going do not resize it back and forth). A decode step reads the whole
+cache, so one client decodes one row, not B, and short answers in long slots cost what their
+length costs, not S. Each
 resize is one copy of the cache; each shape met is one compiled step (about 2 log2(S) x
 log2(B) at most).
 
@@ -160,6 +161,7 @@ class Engine:
         self.slots = [None] * b
         self._in_flight: tuple[jax.Array, list[Request | None]] | None = None
         self._lengths = np.zeros((b,), np.int64)  # each slot's cache index, mirrored
+        self._small_for = 0  # calls of `_fit` in a row that needed at most half a dimension
 
     def clear(self) -> None:
         """Forgets every request, waiting, decoding or in flight, without finishing them (the
@@ -320,12 +322,19 @@ class Engine:
 
     def _fit(self, rows: int, columns: int) -> None:
         """Resizes the cache (and the rows' state) to hold `rows` slots of `columns` columns,
-        rounded up, when that is larger than it, or at most half of it in either direction."""
+        rounded up: at once when it is too small; when at most half of it has been needed in
+        a dimension for `SHRINK_AFTER` calls in a row (requests coming and going would
+        otherwise resize it back and forth, a copy of the cache each time)."""
         slots = min(1 << (rows - 1).bit_length(), self.num_slots)
         want = (slots, _window(columns, self.max_length))
         have = self._cache.segment.shape
-        if any(w > h or 2 * w <= h for w, h in zip(want, have, strict=True)):
+        small = any(2 * w <= h for w, h in zip(want, have, strict=True))
+        self._small_for = self._small_for + 1 if small else 0
+        if self._small_for < SHRINK_AFTER:  # grow only
+            want = tuple(max(w, h) for w, h in zip(want, have, strict=True))
+        if want != have:
             self._cache, self._rows = self._resize(self._cache, self._rows, shape=want)
+            self._small_for = 0
             self.stats["resizes"] += 1
 
     def _emit(self, request: Request, token: int) -> bool:
@@ -345,6 +354,9 @@ class Engine:
         request.finished_at = time.perf_counter()
         if request.on_finish is not None:
             request.on_finish(request)
+
+
+SHRINK_AFTER = 64  # `_fit` calls (about decode steps) a smaller need must last to shrink
 
 
 def _window(columns: int, max_length: int) -> int:
