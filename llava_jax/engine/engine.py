@@ -21,9 +21,8 @@ slots rounded up to a power of two (at most B) and the longest row's columns rou
 and shrinks when what is left has needed at most half of it for `SHRINK_AFTER` steps (so that
 requests coming and going do not resize it back and forth). A decode step reads the whole
 cache, so one client decodes one row, not B, and short answers in long slots cost what their
-length costs, not S. Each
-resize is one copy of the cache; each shape met is one compiled step (about 2 log2(S) x
-log2(B) at most).
+length costs, not S. Each resize is one copy of the cache; each shape met is one compiled step
+(about 2 log2(S) x log2(B) at most).
 
 Sampling is as `Generator.generate`'s, per row: settings, seed, the repetition penalty's seen
 tokens and the key folded with the token's step all live in the row, so a request's tokens do
