@@ -145,8 +145,9 @@ def test_image_size_reads_the_header_upright(tmp_path):
 
 def test_a_question_over_the_context_is_named(pipeline, pope, tmp_path):
     context = pipeline.cfg.text.max_position_embeddings
-    with pytest.raises(EvalDataError, match=r"^question adversarial/1: prompt of \d+ tokens "
-                       rf"\+ {context} new tokens exceeds the model's context of {context}$"):
+    message = (r"^question adversarial/1: prompt of \d+ tokens "
+               rf"\+ {context} new tokens exceeds the model's context of {context}$")  # fmt: skip
+    with pytest.raises(EvalDataError, match=message):
         run(pipeline, pope, tmp_path / "out", max_new_tokens=context)
     assert not (tmp_path / "out/predictions.jsonl").exists()  # refused before any answer
 
