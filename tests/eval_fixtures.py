@@ -141,6 +141,22 @@ def make_pope(root: Path) -> Path:
     return root
 
 
+def make_pope_grid(root: Path, images: int, per_image: int) -> Path:
+    """POPE with `per_image` questions about each of `images` images in every category,
+    interleaved (question i asks about image i % images), as POPE's files mix images."""
+    objects = ("dog", "cat", "car", "tree", "cup", "bus", "kite", "sink")
+    for category in ("adversarial", "popular", "random"):
+        _jsonl(root / f"coco/coco_pope_{category}.json", [
+            {"question_id": i + 1, "image": f"COCO_val2014_{i % images:012d}.jpg",
+             "text": f"Is there a {objects[i % len(objects)]} in the image?",
+             "label": "yes" if i % 2 else "no"}
+            for i in range(images * per_image)
+        ])  # fmt: skip
+    for i in range(images):
+        image(root / f"val2014/COCO_val2014_{i:012d}.jpg", 100 + i)
+    return root
+
+
 MME_SPLIT_LAYOUT = ("artwork", "celebrity", "landmark", "posters", "scene")
 
 

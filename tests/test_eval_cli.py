@@ -247,6 +247,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "testdev_balanced_questions.json: not found" in proc.stderr
     proc = cli("eval", "gqa", "--data", tmp_path, "--split", "nope")
     assert proc.returncode == 2 and "unknown split 'nope'" in proc.stderr
+    proc = cli("eval", "gqa", "--data", tmp_path, "--prefix-cache-mb", "-1")
+    assert proc.returncode == 2 and "--prefix-cache-mb must be >= 0, got -1.0" in proc.stderr
     (tmp_path / "testdev_balanced_questions.json").write_text("[]")  # the wrong shape
     proc = cli("eval", "gqa", "--data", tmp_path, "--out", tmp_path / "out")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [

@@ -83,7 +83,14 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--split", metavar="NAME", help="the task's split (default: the "
                         "one the LLaVA papers report)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="the generation engine's slots: questions decoded together, "
+                        "each leaving its slot at its own last token (default 8)")  # fmt: skip
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024.0, metavar="MB",
+                        help="KV entries of earlier prompts, so that the next question about "
+                        "the same image skips prefilling it; questions come grouped by image, "
+                        "so a few prompts' entries suffice: 1024 holds a LLaVA-1.5-7B bf16 "
+                        "prompt twice over (0: off; default 1024)")  # fmt: skip
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
     parser.add_argument(
         "--max-new-tokens",
@@ -134,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--judge-runs must be >= 1, got {args.judge_runs}")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prefix_cache_mb < 0:
+        raise CommandError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 is not "the default"
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.template is not None:
@@ -155,8 +164,9 @@ def run(args: argparse.Namespace) -> int:
     if (task is None or task.needs_judge) and args.judge_model:
         judge = make_client(args, args.judge_model, out / "llm_cache")
     common = dict(
-        batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-        model_name=_model_name(args.model), judge_runs=args.judge_runs,
+        batch_size=args.batch_size, prefix_cache_mb=args.prefix_cache_mb, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, model_name=_model_name(args.model),
+        judge_runs=args.judge_runs,
     )  # fmt: skip
     if task is None:
         from llava_jax.eval.suite import run_suite

@@ -1,15 +1,16 @@
-"""The evaluation loop: batched greedy generation into a resumable predictions file, then
-the task's metrics.
+"""The evaluation loop: greedy generation on the continuous-batching engine into a resumable
+predictions file, then the task's metrics.
 
 The output directory holds `predictions.jsonl` (one `{"question_id", "prompt", "answer"}`
-per line, appended and flushed per batch), `run.json` (task, split and model, so that a
-resumed run cannot silently mix two models), and `metrics.json`. A rerun skips every question
-already in the predictions file, so an interrupted eval continues where it stopped, and a
-predictions file written by other means is scored without loading a model.
+per line, appended and flushed every `batch_size` answers), `run.json` (task, split and
+model, so that a resumed run cannot silently mix two models), and `metrics.json`. A rerun
+skips every question already in the predictions file, so an interrupted eval continues where
+it stopped, and a predictions file written by other means is scored without loading a model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from etils import epath
 
+from llava_jax.eval import slots
 from llava_jax.eval.task import (
     EvalDataError,
     Report,
@@ -102,6 +104,12 @@ def local_out_dir(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir)
 
 
+def _image_key(sample: Sample) -> tuple[str, ...]:
+    """The sample's images, named by path, or by content hash for image bytes."""
+    return tuple(hashlib.blake2b(ref, digest_size=16).hexdigest() if isinstance(ref, bytes)
+                 else str(ref) for ref in sample.images)  # fmt: skip
+
+
 def generate_answers(
     pipeline: Any,
     samples: Sequence[Sample],
@@ -109,34 +117,69 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     echo: Callable[[str], None] = print,
+    prefix_cache_mb: float = 0.0,
 ) -> None:
-    """Greedy answers for `samples`, appended to `out` one batch at a time."""
+    """Greedy answers for `samples` from an `Engine` of `batch_size` slots, appended to `out`
+    every `batch_size` answers and at the end.
+
+    A question is admitted (its prompt built, its images decoded) only when a slot is about
+    to take it, and leaves its slot at its own last token: a long answer holds one slot, not
+    a batch. Slots are as long as the longest prompt plus `max_new_tokens` (`slots.py`).
+    """
     from llava_jax.data.image_processing import load_image
+    from llava_jax.engine import Engine, PrefixCache, Request
 
     sampling = pipeline.stop_config(max_new_tokens=max_new_tokens, temperature=0.0)
-    start, done = time.perf_counter(), 0
-    for i in range(0, len(samples), batch_size):
-        batch = samples[i : i + batch_size]
-        prompts = []
-        for s in batch:
-            try:
-                images = [load_image(ref) for ref in s.images]
-                messages = [{"role": "user", "content": s.text}]
-                prompts.append(pipeline.prompt(messages, images))
-            except ValueError as e:  # an unreadable image, a prompt over the context, ...
-                raise EvalDataError(f"question {s.question_id}: {e}") from None
-        # A short last batch is padded with copies of its last prompt, so that it reuses the
-        # compiled programs of the full batches instead of compiling new ones.
-        padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
-        results = pipeline.generator.generate(padded, sampling)[: len(batch)]
-        rows = []
-        for s, r in zip(batch, results, strict=True):
-            answer = _cut_at_stop(pipeline.decode(r.token_ids), sampling.stop_strings)
-            rows.append({"question_id": s.question_id, "prompt": s.text, "answer": answer})
+    max_length = slots.slot_length(pipeline, samples, max_new_tokens)
+    cfg = pipeline.cfg
+    media = tuple(i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None)
+    budget = int(prefix_cache_mb * 1024 * 1024)
+    cache = PrefixCache(budget, media) if budget else None
+    engine = Engine(pipeline.generator, num_slots=batch_size, max_length=max_length,
+                    prefix_cache=cache)  # fmt: skip
+    queue = iter(samples)
+    finished: list[tuple[Sample, Request]] = []
+    rows: list[dict[str, Any]] = []
+    start, written = time.perf_counter(), 0
+
+    def admit(s: Sample) -> None:
+        try:
+            images = [load_image(ref) for ref in s.images]
+            prompt = pipeline.prompt([{"role": "user", "content": s.text}], images)
+            request = Request(prompt, sampling, on_finish=lambda r: finished.append((s, r)))
+            engine.add(request)
+        except ValueError as e:  # an unreadable image, a prompt over its slot, ...
+            raise EvalDataError(f"question {s.question_id}: {e}") from None
+
+    def flush() -> None:
+        nonlocal written
         out.append(rows)
-        done += len(batch)
-        rate = done / (time.perf_counter() - start)
-        echo(f"{done}/{len(samples)} answered ({rate:.2f} questions/s)")
+        written += len(rows)
+        rows.clear()
+        rate = written / (time.perf_counter() - start)
+        echo(f"{written}/{len(samples)} answered ({rate:.2f} questions/s)")
+
+    try:
+        while written + len(rows) < len(samples):
+            while engine.active + len(engine.waiting) < batch_size:
+                s = next(queue, None)
+                if s is None:
+                    break
+                admit(s)
+            engine.step()
+            for s, r in finished:
+                if r.error is not None:
+                    if isinstance(r.error, ValueError):  # the prompt's media, say
+                        raise EvalDataError(f"question {s.question_id}: {r.error}") from None
+                    raise r.error
+                answer = _cut_at_stop(pipeline.decode(r.token_ids), sampling.stop_strings)
+                rows.append({"question_id": s.question_id, "prompt": s.text, "answer": answer})
+            finished.clear()
+            if len(rows) >= batch_size:
+                flush()
+    finally:  # an error or an interrupt keeps the answers already made
+        if rows:
+            flush()
 
 
 def evaluate(
@@ -147,6 +190,7 @@ def evaluate(
     *,
     split: str | None = None,
     batch_size: int = 8,
+    prefix_cache_mb: float = 1024.0,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     model_name: str | None = None,
@@ -162,7 +206,8 @@ def evaluate(
       out_dir: where predictions, metrics and any submission or judge files go.
       load_pipeline: () -> `Pipeline`, called only if a question still needs an answer.
       split: the task's split (default: `task.default_split`).
-      batch_size: questions generated together.
+      batch_size: the engine's slots: questions generated together.
+      prefix_cache_mb: budget of the engine's prefix cache (0: off).
       limit: only the first N questions (also what is scored).
       max_new_tokens: override the task's answer length.
       model_name: recorded in run.json; a resume with another model is refused.
@@ -176,6 +221,8 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if prefix_cache_mb < 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0, got {prefix_cache_mb}")
     data_dir, out_dir = epath.Path(data_dir), local_out_dir(out_dir)
     samples = task.samples(data_dir, split)
     if limit is not None:
@@ -190,8 +237,9 @@ def evaluate(
     pending = [s for s in samples if s.question_id not in done]
     echo(f"{task.name} {split}: {len(samples)} questions, {len(samples) - len(pending)} "
          f"already answered in {out.path}")  # fmt: skip
-    # Questions of similar length share a batch: less padding, fewer shape buckets to compile.
-    pending.sort(key=lambda s: (len(s.images), len(s.text)))
+    # Questions about the same image come together, so the prefix cache still holds its
+    # prompt's image tokens when the next one is admitted (the order within stays the task's).
+    pending.sort(key=_image_key)
     if pending:
         if load_pipeline is None:
             raise EvalDataError(
@@ -199,7 +247,7 @@ def evaluate(
             )
         check_images(pending)
         generate_answers(load_pipeline(), pending, out, batch_size,
-                         max_new_tokens or task.max_new_tokens, echo)  # fmt: skip
+                         max_new_tokens or task.max_new_tokens, echo, prefix_cache_mb)  # fmt: skip
         done = out.load()
     if task.needs_judge and judge is None:
         raise EvalDataError(f"{task.name} is scored by an LLM judge: the answers are in "

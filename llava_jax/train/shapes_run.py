@@ -66,35 +66,38 @@ def _random_model_dir(out: Path, config, tokenizer_dir: Path) -> Path:
 
 
 def evaluate_heldout(model_dir: Path, heldout: Path, template: str, batch_size: int = 64):
-    """Greedy answers to the held-out questions; exact match after lower-casing."""
+    """Greedy answers to the held-out questions (on an engine of `batch_size` slots); exact
+    match after lower-casing."""
+    from llava_jax.engine import Engine
     from llava_jax.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir, template=template, echo=lambda _: None)
     sampling = pipe.stop_config(max_new_tokens=8)
     records = json.loads(heldout.read_text())
     root = heldout.parent
+    prompts = [
+        pipe.prompt([{"role": "user", "content": r["conversations"][0]["value"]}],
+                    images=[root / r["image"]])
+        for r in records
+    ]  # fmt: skip
+    # Slots as long as the longest prompt and its answer, not the whole context.
+    longest = max((len(p.input_ids) for p in prompts), default=0) + sampling.max_new_tokens
+    context = pipe.cfg.text.max_position_embeddings
+    engine = Engine(pipe.generator, num_slots=batch_size, max_length=min(longest, context))
     results = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = []
-        for r in chunk:
-            question = r["conversations"][0]["value"]
-            prompts.append(
-                pipe.prompt([{"role": "user", "content": question}], images=[root / r["image"]])
-            )
-        for r, gen in zip(chunk, pipe.generator.generate(prompts, sampling), strict=True):
-            answer = pipe.decode(gen.token_ids).strip().rstrip(".").lower()
-            expected = r["conversations"][1]["value"].strip().lower()
-            question = r["conversations"][0]["value"].replace("<image>", "").strip()
-            results.append(
-                dict(
-                    id=r["id"],
-                    question=question,
-                    expected=expected,
-                    answer=answer,
-                    correct=answer == expected,
-                )  # fmt: skip
-            )
+    for r, gen in zip(records, engine.generate(prompts, sampling), strict=True):
+        answer = pipe.decode(gen.token_ids).strip().rstrip(".").lower()
+        expected = r["conversations"][1]["value"].strip().lower()
+        question = r["conversations"][0]["value"].replace("<image>", "").strip()
+        results.append(
+            dict(
+                id=r["id"],
+                question=question,
+                expected=expected,
+                answer=answer,
+                correct=answer == expected,
+            )  # fmt: skip
+        )
     accuracy = sum(r["correct"] for r in results) / max(len(results), 1)
     return accuracy, results
 

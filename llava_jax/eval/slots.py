@@ -1,0 +1,79 @@
+"""How long the eval engine's slots must be, known before any image is decoded.
+
+An engine slot holds one prompt and its answer; its default length, the model's whole
+context (32K for Qwen2), times the slots is many GB of KV cache. An eval needs only its
+longest prompt plus the answer length. A prompt's length is its text's tokens plus each
+image's token count, which depends on the image's size alone (`media_token_counts`), and an
+image file's header holds its size: so the lengths come from one tokenization of the text and
+one header read per image, never a decode.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import ExifTags, Image
+
+from llava_jax.data import image_processing, prompt, templates
+from llava_jax.eval.task import EvalDataError, ImageRef, Sample
+from llava_jax.models.feature_plan import Media
+
+# EXIF orientations that `ImageOps.exif_transpose` (which `load_image` applies) turns by 90
+# degrees: transpose, rotate 270, transverse, rotate 90.
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+
+def image_size(ref: ImageRef) -> tuple[int, int]:
+    """(height, width) of the upright image, as `load_image` would decode it, from the header."""
+    source = io.BytesIO(ref) if isinstance(ref, bytes) else image_processing._open(ref)
+    with source, Image.open(source, formats=image_processing.IMAGE_FORMATS) as im:
+        w, h = im.size
+        if im.getexif().get(ExifTags.Base.Orientation) in _SWAPS_SIDES:
+            w, h = h, w
+    return h, w
+
+
+def prompt_length(pipeline: Any, sample: Sample, sizes: dict | None = None) -> int:
+    """Tokens of the prompt `pipeline.prompt` builds for `sample` (`sizes`: a cache of image
+    sizes by reference, for questions that share an image)."""
+    from llava_jax.pipeline import _in_text_order
+
+    sizes = {} if sizes is None else sizes
+    media = []
+    for ref in sample.images:
+        key = ref if isinstance(ref, bytes) else str(ref)
+        if key not in sizes:
+            sizes[key] = image_size(ref)
+        media.append(Media.image(*sizes[key]))
+    messages = [{"role": "user", "content": sample.text}]
+    text = templates.render(pipeline.template, messages, add_generation_prompt=True)
+    ordered = _in_text_order(text, media)
+    return len(prompt.tokenize_prompt(pipeline.tokenizer, text, ordered, pipeline.cfg))
+
+
+def slot_length(pipeline: Any, samples: Sequence[Sample], max_new_tokens: int) -> int:
+    """The longest prompt of `samples` plus `max_new_tokens`; the engine rounds it up to a
+    shape bucket (capped at the context).
+
+    Raises:
+      EvalDataError: naming a question whose prompt and answer exceed the context, or whose
+        image cannot be read.
+    """
+    context = pipeline.cfg.text.max_position_embeddings
+    sizes: dict = {}
+    longest = 0
+    for s in samples:
+        try:
+            n = prompt_length(pipeline, s, sizes)
+        except (OSError, ValueError, SyntaxError) as e:  # unreadable image header, bad prompt
+            reason = image_processing._one_line(e)
+            raise EvalDataError(f"question {s.question_id}: {reason}") from None
+        if n + max_new_tokens > context:
+            raise EvalDataError(
+                f"question {s.question_id}: prompt of {n} tokens + {max_new_tokens} new tokens "
+                f"exceeds the model's context of {context}"
+            )
+        longest = max(longest, n)
+    return min(longest + max_new_tokens, context)
