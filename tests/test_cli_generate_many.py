@@ -183,6 +183,15 @@ def test_bad_flags_are_refused(media, capsys, flags, message):
     assert message in err.strip().splitlines()[-1], err
 
 
+def test_many_prompts_flags_are_refused_with_one_prompt(media, capsys):
+    code, _, err = run(capsys, "--model", media / "no-model", "--prompt", "hi", "--out",
+                       media / "a.jsonl", "--batch-size", 4)  # fmt: skip
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "llava-jax: error: --batch-size and --out go with --prompts, not --prompt"
+    )
+
+
 def test_prompt_over_the_context_names_its_line(model_dir, media, capsys):
     prompts = write_lines(media / "p.jsonl", [{"prompt": "hi"}, {"prompt": "word " * 300}])
     code, out, err = run(capsys, "--model", model_dir, "--prompts", prompts, "--raw")

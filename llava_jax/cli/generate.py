@@ -139,6 +139,12 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     check_model_args(args)
     if args.prompt is None:
         raise CommandError("give --prompt TEXT, or --prompts FILE.jsonl for many")
+    from llava_jax.cli import generate_many
+
+    given = generate_many.flags_given(args)
+    if given:
+        verb = "go" if len(given) > 1 else "goes"
+        raise CommandError(f"{' and '.join(given)} {verb} with --prompts, not --prompt")
     check_utf8(args.prompt, "--prompt")
     check_video_sampling(args)
     sampled = args.video_fps is not None or args.video_frames != DEFAULT_VIDEO_FRAMES

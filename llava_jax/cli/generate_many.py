@@ -61,6 +61,13 @@ def add_args(gen: argparse.ArgumentParser) -> None:
                       f"tokens); 0: off (default {DEFAULT_PREFIX_CACHE_MB})")  # fmt: skip
 
 
+def flags_given(args: argparse.Namespace) -> list[str]:
+    """The many-prompts flags set to other than their defaults (refused with --prompt)."""
+    defaults = {"batch_size": DEFAULT_BATCH_SIZE, "out": None, "resume": False,
+                "prefix_cache_mb": DEFAULT_PREFIX_CACHE_MB}  # fmt: skip
+    return [f"--{k.replace('_', '-')}" for k, v in defaults.items() if getattr(args, k) != v]
+
+
 @dataclasses.dataclass(frozen=True)
 class Line:
     """One checked line of the prompts file; `where` is "FILE:LINE: " for messages."""
