@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import hf_tiny
 import numpy as np
@@ -139,14 +140,20 @@ BAD = {
     "bad-json": (b'{"prompt": "hi"}\n{"prompt": \n', ":2: not a JSON line"),
     "missing-prompt": (b'{"image": "media/a.png"}\n', ':1: "prompt" (a string) is missing'),
     "unknown-key": (b'{"prompt": "hi", "images": "media/a.png"}\n', ":1: unknown key(s) 'images'"),
-    "missing-media": (b'{"prompt": "hi"}\n{"prompt": "hi", "image": "a.png"}\n',
-                      ':2: "image" a.png: no such file'),  # fmt: skip
+    "missing-media": (
+        b'{"prompt": "hi"}\n{"prompt": "hi", "image": "a.png"}\n',
+        ':2: "image" a.png: no such file',
+    ),  # fmt: skip
     "not-an-image": (b'{"prompt": "hi", "image": "prompts.jsonl"}\n', "not an image"),
-    "placeholders": (b'{"prompt": "<image> <image>", "image": "media/a.png"}\n',
-                     ':1: "prompt" has 2 <image> placeholder(s) for 1 "image" file(s)'),
+    "placeholders": (
+        b'{"prompt": "<image> <image>", "image": "media/a.png"}\n',
+        ':1: "prompt" has 2 <image> placeholder(s) for 1 "image" file(s)',
+    ),
     "utf8": (b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n', ":2: not valid UTF-8 (byte 0xe9"),
-    "duplicate-id": (b'{"prompt": "a", "id": 7}\n{"prompt": "b", "id": 7}\n',
-                     ":2: id 7 is already that of line 1"),  # fmt: skip
+    "duplicate-id": (
+        b'{"prompt": "a", "id": 7}\n{"prompt": "b", "id": 7}\n',
+        ":2: id 7 is already that of line 1",
+    ),  # fmt: skip
     "empty": (b"\n", "no prompts in it"),
 }
 
@@ -200,3 +207,45 @@ def test_prompt_over_the_context_names_its_line(model_dir, media, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"llava-jax: error: {prompts}:2: the prompt of "), last
     assert "fills the model's context of 256 tokens" in last
+
+
+def test_answers_are_written_in_input_order_as_soon_as_they_can_be(capsys):
+    """Line 3 ends first and waits; line 1 is written when it ends; line 2 lets 3 out."""
+    from llava_jax.cli.generate_many import Line, Writer
+
+    out = io.StringIO()
+    writer = Writer(SimpleNamespace(decode=lambda ids: f"t{ids}"), out, total=3)
+
+    def finish(index):
+        line = Line(f"f:{index + 1}: ", f"id{index}", "q", (), None, ())
+        request = SimpleNamespace(token_ids=[index], prompt=SimpleNamespace(input_ids=[0] * 5),
+                                  finish_reason="length", error=None)  # fmt: skip
+        writer.finished(index, line, request)
+        return [json.loads(t)["id"] for t in out.getvalue().splitlines()]
+
+    assert finish(2) == []
+    assert finish(0) == ["id0"]
+    assert finish(1) == ["id0", "id1", "id2"]
+    assert json.loads(out.getvalue().splitlines()[2]) == {
+        "id": "id2", "text": "t[2]", "token_ids": [2], "prompt_tokens": 5,
+        "finish_reason": "length",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "written, message",
+    [
+        (b'{"id": 1, "text": "a"}\n{"id": 2, "te', "its last line is cut off (no newline)"),
+        (b'{"id": 1}\nnot json\n', "answers.jsonl:2: not an answer line"),
+    ],
+    ids=["cut-off", "not-json"],
+)
+def test_resume_refuses_an_out_it_cannot_read(media, capsys, written, message):
+    prompts = write_lines(media / "prompts.jsonl", [{"prompt": "hi"}])
+    answers = media / "answers.jsonl"
+    answers.write_bytes(written)
+    code, _, err = run(capsys, "--model", media / "no-model", "--prompts", prompts, "--out",
+                       answers, "--resume")  # fmt: skip
+    assert code == 2
+    assert message in err.strip().splitlines()[-1], err
+    assert answers.read_bytes() == written

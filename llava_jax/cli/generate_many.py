@@ -195,8 +195,14 @@ def read_prompts(source: str, args: argparse.Namespace) -> list[Line]:
 
 def answered_ids(out: Path) -> set[str]:
     """The ids answered in an earlier run's `out` (as `_id_key`s)."""
-    done = set()
-    for number, text in enumerate(out.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        done, written = set(), out.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandError(f"--out {out}: cannot read the answers in it ({e})") from None
+    if written and not written.endswith("\n"):
+        raise CommandError(f"--out {out}: its last line is cut off (no newline); remove it and "
+                           "--resume again")  # fmt: skip
+    for number, text in enumerate(written.splitlines(), start=1):
         try:
             done.add(_id_key(json.loads(text)["id"]))
         except (ValueError, KeyError, TypeError):
@@ -263,22 +269,24 @@ class Writer:
 
     def __init__(self, pipeline, out: TextIO, total: int):
         self.pipeline, self.out, self.total = pipeline, out, total
-        self.done: dict[int, tuple[Line, Any]] = {}
+        self.done: dict[int, dict[str, Any]] = {}  # answers waiting for an earlier one
         self.written = self.tokens = 0
         self.start = self.said = time.perf_counter()
 
     def finished(self, index: int, line: Line, request) -> None:
         if request.error is not None:
             return  # the run stops on it: later answers wait for this line, never written
-        self.done[index] = (line, request)
+        # The answer alone, not the request: its prompt's pixels go now, however long an
+        # earlier answer keeps this one waiting.
+        self.done[index] = {
+            "id": line.id, "text": self.pipeline.decode(request.token_ids),
+            "token_ids": request.token_ids, "prompt_tokens": len(request.prompt.input_ids),
+            "finish_reason": request.finish_reason,
+        }  # fmt: skip
         self.tokens += len(request.token_ids)
         while self.written in self.done:
-            line, r = self.done.pop(self.written)
-            self.out.write(json.dumps({
-                "id": line.id, "text": self.pipeline.decode(r.token_ids),
-                "token_ids": r.token_ids, "prompt_tokens": len(r.prompt.input_ids),
-                "finish_reason": r.finish_reason,
-            }, ensure_ascii=False) + "\n")  # fmt: skip
+            answer = self.done.pop(self.written)
+            self.out.write(json.dumps(answer, ensure_ascii=False) + "\n")
             self.out.flush()
             self.written += 1
         now = time.perf_counter()
