@@ -73,9 +73,25 @@ ENTRIES = [
 ]
 
 
-def test_many_prompts_match_one_at_a_time(model_dir, media, capsys):
+def test_many_prompts_match_one_at_a_time(model_dir, media, capsys, monkeypatch):
     """Shared and different images, text only and two images, in 2 slots: per line the
-    tokens of `generate --prompt` alone, in input order, relative paths against the file."""
+    tokens of `generate --prompt` alone, in input order, relative paths against the file;
+    no more than 2 prompts' media loaded and not yet answered at any time."""
+    from llava_jax.cli import generate_many
+
+    held, most = [0], [0]
+
+    def build(*a, build=generate_many._build_prompt):
+        held[0] += 1
+        most[0] = max(most[0], held[0])
+        return build(*a)
+
+    def finished(self, *a, finished=generate_many.Writer.finished):
+        held[0] -= 1
+        return finished(self, *a)
+
+    monkeypatch.setattr(generate_many, "_build_prompt", build)
+    monkeypatch.setattr(generate_many.Writer, "finished", finished)
     prompts = write_lines(media / "prompts.jsonl", ENTRIES)
     code, out, err = run(capsys, "--model", model_dir, "--prompts", prompts, "--batch-size", 2,
                          *FLAGS)  # fmt: skip
@@ -85,6 +101,8 @@ def test_many_prompts_match_one_at_a_time(model_dir, media, capsys):
     assert "(6/6 answers written" in err
     hits = int(err.split("(prefix cache: ")[1].split(" hits")[0])
     assert hits >= 2, err  # lines 2 and 6 ask about line 1's image
+    assert most[0] == 2 and held[0] == 0
+    monkeypatch.undo()
     for entry, answer in zip(ENTRIES, answers, strict=True):
         images = entry.get("image", [])
         images = [images] if isinstance(images, str) else images

@@ -313,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args, raw=args.raw)
     cfg, context = pipeline.cfg, pipeline.cfg.text.max_position_embeddings
+    say(f"(checking {len(todo)} prompts' lengths against the context of {context} tokens)")
     lengths = [_prompt_tokens(pipeline, line, args) for line in todo]
     max_new = [_max_new_tokens(args.max_new_tokens, n, context, line.where)
                for line, n in zip(todo, lengths, strict=True)]  # fmt: skip
