@@ -267,3 +267,41 @@ def test_resume_refuses_an_out_it_cannot_read(media, capsys, written, message):
     assert code == 2
     assert message in err.strip().splitlines()[-1], err
     assert answers.read_bytes() == written
+
+
+@pytest.fixture(scope="module")
+def onevision_dir(tmp_path_factory):
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    path = tmp_path_factory.mktemp("ov")
+    model = hf_tiny.llava_onevision()
+    model.save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    LlavaOnevisionImageProcessorPil(
+        size={"height": hf_tiny.CROP, "width": hf_tiny.CROP},
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
+    ).save_pretrained(path)
+    rng = np.random.RandomState(0)
+    frames = [Image.fromarray(rng.randint(0, 255, (40, 40, 3), np.uint8)) for _ in range(6)]
+    frames[0].save(path / "clip.gif", save_all=True, append_images=frames[1:])
+    return path
+
+
+def test_video_lines_sampled_match_one_at_a_time(onevision_dir, capsys):
+    """Videos (an animated GIF, no PyAV needed), sampled: `--seed` is given to each line, so
+    each answer is the one `generate --prompt --video` samples alone."""
+    flags = ["--template", "qwen_1_5", "--max-new-tokens", "5", "--video-frames", "4",
+             "--temperature", "1.0", "--seed", "3"]  # fmt: skip
+    entries = [{"prompt": "What happens?", "video": "clip.gif"},
+               {"prompt": "<video> And then?", "video": "clip.gif"}]  # fmt: skip
+    prompts = write_lines(onevision_dir / "videos.jsonl", entries)
+    code, out, err = run(capsys, "--model", onevision_dir, "--prompts", prompts, *flags)
+    assert code == 0, err
+    answers = [json.loads(line) for line in out.splitlines()]
+    for entry, answer in zip(entries, answers, strict=True):
+        code, alone, err = run(capsys, "--model", onevision_dir, "--prompt", entry["prompt"],
+                               "--video", onevision_dir / "clip.gif", *flags, "--json")  # fmt: skip
+        assert code == 0, err
+        alone = json.loads(alone)
+        assert answer["token_ids"] == alone["token_ids"], (entry, answer, alone)
+        assert answer["prompt_tokens"] == alone["prompt_tokens"]
