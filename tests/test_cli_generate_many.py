@@ -198,6 +198,7 @@ def test_bad_line_is_one_line_before_the_model_loads(media, capsys, case):
         (["--json"], "--prompts always writes JSON lines"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--resume"], "--resume skips the ids already in --out, which is not given"),
+        (["--out", "no/such/a.jsonl"], "--out no/such/a.jsonl: cannot write in no/such (no such"),
         (["--video-frames", "4"], "no line of"),
     ],
 )

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     if args.resume and args.out is None:
         raise CommandError("--resume skips the ids already in --out, which is not given")
+    if args.out is not None and not os.access(args.out.parent, os.W_OK):
+        raise CommandError(f"--out {args.out}: cannot write in {args.out.parent} (no such "
+                           "folder, or not writable)")  # fmt: skip
     if args.out is not None and args.out.exists() and not args.resume:
         raise CommandError(f"--out {args.out} exists; pass --resume to skip the ids already "
                            "answered in it, or choose another file")  # fmt: skip
