@@ -124,10 +124,6 @@ class Pipeline:
           images: PIL images or paths, one per `<image>` placeholder.
           videos: decoded frames uint8[F, H, W, 3], one per `<video>` placeholder.
         """
-        if isinstance(messages, str):
-            text = messages
-        else:
-            text = templates.render(self.template, messages, add_generation_prompt=True)
         pil = [image_processing.load_image(i) if isinstance(i, str | Path) else i for i in images]
         multi = len(pil) > 1 and self.cfg.family == Family.LLAVA_ONEVISION
         processed = [image_processing.preprocess_image(i, self.image_config, multi) for i in pil]
@@ -135,10 +131,26 @@ class Pipeline:
         media = [Media.image(*p.image_hw) for p in processed] + [
             Media.video(len(v)) for v in frames
         ]
-        ordered = _in_text_order(text, media)
-        ids = prompt.tokenize_prompt(self.tokenizer, text, ordered, self.cfg)
+        ids, ordered = self.tokenize(messages, media)
         views = [p.views for p in processed] + frames
-        return Prompt(ids, np.concatenate(views) if views else None, tuple(ordered))
+        return Prompt(ids, np.concatenate(views) if views else None, ordered)
+
+    def tokenize(
+        self, messages: Sequence[dict[str, str]] | str, media: Sequence[Media]
+    ) -> tuple[np.ndarray, tuple[Media, ...]]:
+        """A prompt's token ids (media tokens expanded) and its media in text order, from the
+        media's geometry alone: a prompt's length before its pixels are loaded.
+
+        Args:
+          messages: as `prompt`'s.
+          media: the images' then the videos' `Media`, each kind in placeholder order.
+        """
+        if isinstance(messages, str):
+            text = messages
+        else:
+            text = templates.render(self.template, messages, add_generation_prompt=True)
+        ordered = _in_text_order(text, list(media))
+        return prompt.tokenize_prompt(self.tokenizer, text, ordered, self.cfg), tuple(ordered)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

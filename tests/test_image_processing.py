@@ -22,6 +22,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.image_processing import (
     ImageError,
+    image_hw,
     load_image,
     preprocess_image,
     preprocess_images,
@@ -202,6 +203,7 @@ def test_exif_orientation_as_transformers_load_image(orientation, tmp_path):
     ours = load_image(path)
     ref = hf_load_image(str(path))  # exif_transpose + convert("RGB")
     assert ours.size == ref.size == ((30, 50) if orientation in (6, 8) else (50, 30))
+    assert image_hw(path) == (ours.height, ours.width)  # from the header alone
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
     proc, cfg, _ = _processors("next")
     np.testing.assert_array_equal(

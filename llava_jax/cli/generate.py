@@ -1,4 +1,5 @@
-"""`llava-jax generate`: one answer to one prompt, streamed to stdout.
+"""`llava-jax generate`: one answer to one prompt, streamed to stdout; or, with `--prompts`,
+answers to a JSON Lines file of prompts on the continuous-batching engine (`generate_many.py`).
 
 Every argument is checked before anything loads: a wrong flag costs no model load. The
 answer's length defaults to what the model's context leaves, as transformers' `generate`
@@ -48,8 +49,9 @@ def model_args(parser: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     gen = subparsers.add_parser(
         "generate",
-        help="answer one prompt about images or a video",
-        description="Generate an answer to one prompt; the answer streams to stdout.",
+        help="answer a prompt (or a file of prompts) about images or a video",
+        description="Generate an answer to one prompt; the answer streams to stdout. With "
+        "--prompts, answer every line of a JSON Lines file, one JSON line per answer.",
     )
     model_args(gen)
     gen.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
@@ -61,11 +63,14 @@ def add_parser(subparsers) -> None:
                      f"{DEFAULT_VIDEO_FRAMES})")  # fmt: skip
     gen.add_argument("--video-fps", type=float, metavar="FPS",
                      help="sample --video at this rate instead of a fixed count")  # fmt: skip
-    gen.add_argument("--prompt", required=True, help="the question; <image> / <video> mark "
-                     "where the media go (default: before the text)")  # fmt: skip
+    gen.add_argument("--prompt", help="the question; <image> / <video> mark where the media go "
+                     "(default: before the text)")  # fmt: skip
     gen.add_argument("--raw", action="store_true",
                      help="use --prompt exactly as given, no template")  # fmt: skip
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    from llava_jax.cli import generate_many
+
+    generate_many.add_args(gen)
     gen.set_defaults(run=run_generate)
 
 
@@ -104,27 +109,44 @@ def check_utf8(text: str, what: str) -> str:
     return text
 
 
-def check_placeholders(text: str, images: int, videos: int, raw: bool) -> None:
+def check_placeholders(
+    text: str, images: int, videos: int, raw: bool,
+    names: tuple[str, str, str] = ("--prompt", "--image", "--video"),
+) -> None:  # fmt: skip
     """Placeholders in `text` against the media given. Without any placeholder the media go
-    first (templated prompts only); with some, every image and video needs its own."""
+    first (templated prompts only); with some, every image and video needs its own. `names`:
+    what the prompt, images and video are called in the message."""
     if not raw and "<image>" not in text and "<video>" not in text:
         return
-    for tag, given, flag in (("<image>", images, "--image"), ("<video>", videos, "--video")):
+    what, image_name, video_name = names
+    for tag, given, flag in (("<image>", images, image_name), ("<video>", videos, video_name)):
         found = text.count(tag)
         if found != given:
             raise CommandError(
-                f"--prompt has {found} {tag} placeholder(s) for {given} {flag} file(s); "
+                f"{what} has {found} {tag} placeholder(s) for {given} {flag} file(s); "
                 f"give one {tag} per {flag}" + ("" if raw else ", or none to put the media first")
             )
 
 
-def _check_generate_args(args: argparse.Namespace) -> None:
-    check_model_args(args)
-    check_utf8(args.prompt, "--prompt")
+def check_video_sampling(args: argparse.Namespace) -> None:
     if args.video_frames < 1:
         raise CommandError(f"--video-frames must be >= 1, got {args.video_frames}")
     if args.video_fps is not None and not args.video_fps > 0:
         raise CommandError(f"--video-fps must be > 0, got {args.video_fps}")
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    check_model_args(args)
+    if args.prompt is None:
+        raise CommandError("give --prompt TEXT, or --prompts FILE.jsonl for many")
+    from llava_jax.cli import generate_many
+
+    given = generate_many.flags_given(args)
+    if given:
+        verb = "go" if len(given) > 1 else "goes"
+        raise CommandError(f"{' and '.join(given)} {verb} with --prompts, not --prompt")
+    check_utf8(args.prompt, "--prompt")
+    check_video_sampling(args)
     sampled = args.video_fps is not None or args.video_frames != DEFAULT_VIDEO_FRAMES
     if args.video is None and sampled:
         raise CommandError("--video-frames and --video-fps sample --video, which is not given")
@@ -179,30 +201,35 @@ class Streamer:
 # -- the command ------------------------------------------------------------------------------
 
 
-def _max_new_tokens(requested: int | None, prompt_tokens: int, context: int) -> int:
+def _max_new_tokens(requested: int | None, prompt_tokens: int, context: int,
+                    where: str = "") -> int:  # fmt: skip
     """The answer's length: a requested one as given or refused, the default capped at the
-    room left, saying so."""
+    room left, saying so. `where`: the prompt's place ("FILE:LINE: "), for the messages."""
     room = context - prompt_tokens  # the context is max_position_embeddings
     if requested is not None:
         if requested > room:
             raise CommandError(
-                f"--max-new-tokens {requested}: the prompt's {prompt_tokens} tokens leave "
+                f"{where}--max-new-tokens {requested}: the prompt's {prompt_tokens} tokens leave "
                 f"{max(room, 0)} of the model's context of {context}; ask for at most that, or "
                 "leave it out"
             )
         return requested
     if room < 1:
         raise CommandError(
-            f"the prompt of {prompt_tokens} tokens fills the model's context of {context} "
+            f"{where}the prompt of {prompt_tokens} tokens fills the model's context of {context} "
             "tokens: no room for an answer"
         )
     if room < DEFAULT_MAX_NEW_TOKENS:
-        say(f"(at most {room} new tokens: the prompt's {prompt_tokens} tokens leave that much "
-            f"of the model's context of {context})")  # fmt: skip
+        say(f"({where}at most {room} new tokens: the prompt's {prompt_tokens} tokens leave "
+            f"that much of the model's context of {context})")  # fmt: skip
     return min(room, DEFAULT_MAX_NEW_TOKENS)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        from llava_jax.cli import generate_many
+
+        return generate_many.run(args)
     _check_generate_args(args)
     from llava_jax.data.image_processing import load_image
     from llava_jax.data.video import load_video
