@@ -14,7 +14,7 @@ from PIL import Image
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 import llava_jax.engine
-from llava_jax.data.image_processing import load_image
+from llava_jax.data.image_processing import image_hw, load_image
 from llava_jax.eval import TASKS, slots
 from llava_jax.eval.runner import EvalDataError, evaluate
 from llava_jax.generate import bucket
@@ -133,14 +133,15 @@ def test_slots_are_sized_to_the_longest_prompt(pipeline, pope, tmp_path, monkeyp
     assert engine.max_length == bucket(max(lengths) + NEW) < engine.context
 
 
-def test_image_size_reads_the_header_upright(tmp_path):
+def test_image_hw_reads_the_header_upright(tmp_path):
+    """What sizes the slots (`image_hw`, a path or bytes, as eval's questions hold either)."""
     path = tmp_path / "turned.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 270: the decoded image is 10 high, 20 wide turned to 20 x 10
     Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(path, exif=exif)
     upright = load_image(path)
-    assert slots.image_size(path) == (upright.height, upright.width) == (20, 10)
-    assert slots.image_size(path.read_bytes()) == (20, 10)
+    assert image_hw(path) == (upright.height, upright.width) == (20, 10)
+    assert image_hw(path.read_bytes()) == (20, 10)
 
 
 def test_a_question_over_the_context_is_named(pipeline, pope, tmp_path):

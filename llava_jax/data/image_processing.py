@@ -109,25 +109,29 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
         raise ImageError(f"{name}: corrupt or truncated image: {_one_line(e)}") from None
 
 
-def image_hw(path: str | Path) -> HW:
-    """The (height, width) `load_image` gives for the file at `path`, read from its header
-    alone (no decoding), EXIF orientation applied; or raises `ImageError`. A truncated file is
-    found only when `load_image` decodes it."""
+def image_hw(source: str | Path | bytes) -> HW:
+    """The (height, width) `load_image` gives for `source` (a path, local or a URL, or the
+    file's bytes), read from its header alone (no decoding), EXIF orientation applied; or
+    raises `ImageError`. A truncated file is found only when `load_image` decodes it."""
+    is_bytes = isinstance(source, (bytes, bytearray))
+    name = "<bytes>" if is_bytes else str(source)
     try:
-        with _open(path) as fp, Image.open(fp, formats=IMAGE_FORMATS) as im:
+        fp = io.BytesIO(source) if is_bytes else _open(source)
+        with fp, Image.open(fp, formats=IMAGE_FORMATS) as im:
             hw = (im.height, im.width)
             # Orientations 5-8 turn the image a quarter (as `ImageOps.exif_transpose`).
             if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
                 hw = hw[::-1]
             return hw
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise ImageError(f"{path}: cannot read the file ({e.strerror})") from None
+        raise ImageError(f"{name}: cannot read the file ({e.strerror})") from None
     except UnidentifiedImageError:
-        found = next((fmt for magic, fmt in _MAGIC if _head(path).startswith(magic)), None)
+        head = bytes(source[:16]) if is_bytes else _head(source)
+        found = next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
         cause = f"unsupported format {found}" if found else "not an image (or an unknown format)"
-        raise ImageError(f"{path}: {cause}; accepted: {', '.join(IMAGE_FORMATS)}") from None
+        raise ImageError(f"{name}: {cause}; accepted: {', '.join(IMAGE_FORMATS)}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{path}: corrupt or truncated image: {_one_line(e)}") from None
+        raise ImageError(f"{name}: corrupt or truncated image: {_one_line(e)}") from None
 
 
 def _open(path: str | Path):

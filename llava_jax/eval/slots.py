@@ -10,47 +10,26 @@ one header read per image, never a decode.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import ExifTags, Image
-
-from llava_jax.data import image_processing, prompt, templates
-from llava_jax.eval.task import EvalDataError, ImageRef, Sample
+from llava_jax.data.image_processing import ImageError, image_hw
+from llava_jax.eval.task import EvalDataError, Sample
 from llava_jax.models.feature_plan import Media
-
-# EXIF orientations that `ImageOps.exif_transpose` (which `load_image` applies) turns by 90
-# degrees: transpose, rotate 270, transverse, rotate 90.
-_SWAPS_SIDES = (5, 6, 7, 8)
-
-
-def image_size(ref: ImageRef) -> tuple[int, int]:
-    """(height, width) of the upright image, as `load_image` would decode it, from the header."""
-    source = io.BytesIO(ref) if isinstance(ref, bytes) else image_processing._open(ref)
-    with source, Image.open(source, formats=image_processing.IMAGE_FORMATS) as im:
-        w, h = im.size
-        if im.getexif().get(ExifTags.Base.Orientation) in _SWAPS_SIDES:
-            w, h = h, w
-    return h, w
 
 
 def prompt_length(pipeline: Any, sample: Sample, sizes: dict | None = None) -> int:
     """Tokens of the prompt `pipeline.prompt` builds for `sample` (`sizes`: a cache of image
     sizes by reference, for questions that share an image)."""
-    from llava_jax.pipeline import _in_text_order
-
     sizes = {} if sizes is None else sizes
     media = []
     for ref in sample.images:
         key = ref if isinstance(ref, bytes) else str(ref)
         if key not in sizes:
-            sizes[key] = image_size(ref)
+            sizes[key] = image_hw(ref)
         media.append(Media.image(*sizes[key]))
-    messages = [{"role": "user", "content": sample.text}]
-    text = templates.render(pipeline.template, messages, add_generation_prompt=True)
-    ordered = _in_text_order(text, media)
-    return len(prompt.tokenize_prompt(pipeline.tokenizer, text, ordered, pipeline.cfg))
+    ids, _ = pipeline.tokenize([{"role": "user", "content": sample.text}], media)
+    return len(ids)
 
 
 def slot_length(pipeline: Any, samples: Sequence[Sample], max_new_tokens: int) -> int:
@@ -67,9 +46,8 @@ def slot_length(pipeline: Any, samples: Sequence[Sample], max_new_tokens: int) -
     for s in samples:
         try:
             n = prompt_length(pipeline, s, sizes)
-        except (OSError, ValueError, SyntaxError) as e:  # unreadable image header, bad prompt
-            reason = image_processing._one_line(e)
-            raise EvalDataError(f"question {s.question_id}: {reason}") from None
+        except (ImageError, ValueError) as e:  # an unreadable image header, a bad prompt
+            raise EvalDataError(f"question {s.question_id}: {e}") from None
         if n + max_new_tokens > context:
             raise EvalDataError(
                 f"question {s.question_id}: prompt of {n} tokens + {max_new_tokens} new tokens "
