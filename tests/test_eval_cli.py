@@ -309,3 +309,65 @@ def test_cli_suite_scores_without_a_model(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     assert suite["scores"]["GQA"] == pytest.approx(200 / 3)
     assert suite["notes"]["VizWiz"].startswith("the val split")
+
+
+def test_eval_with_an_adapter_answers_as_the_merged_model(model_dir, pipeline, tmp_path, capsys):
+    """`eval --adapter` applies LoRA adapters (unmerged) to --model: its answers are the
+    merged model's; run.json names the adapter, so a resume without it is refused."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from llava_jax import checkpoint
+    from llava_jax.checkpoint import flat_to_nested, nested_to_flat
+    from llava_jax.cli.main import main
+    from llava_jax.generate import Generator
+    from llava_jax.models import lora
+
+    cfg, spec = pipeline.cfg, lora.LoraSpec(rank=4, alpha=8.0)
+    base = checkpoint.model_params(pipeline.model)
+    adapted = lora.add_adapters(checkpoint.model_from_params(cfg, base), spec, jax.random.key(1))
+    state = nnx.state(adapted, nnx.Param)
+    flat = nested_to_flat(nnx.to_pure_dict(state))
+    rng = np.random.RandomState(3)  # a trained B (zeros at init: the adapters would do nothing)
+    trained = {k: v + jnp.asarray(0.5 * rng.randn(*v.shape), v.dtype)
+               for k, v in flat.items() if k.endswith("_lora_b")}  # fmt: skip
+    nnx.replace_by_pure_dict(state, flat_to_nested({**flat, **trained}))
+    nnx.update(adapted, state)
+    adapters = {k: v for k, v in {**flat, **trained}.items() if lora.is_adapter(k)}
+    checkpoint.save_adapter_dir(tmp_path / "adapter", spec, adapters)
+    merged = checkpoint.model_from_params(cfg, lora.merged_params(adapted, spec))
+    reference = dataclasses.replace(pipeline, model=merged, generator=Generator(merged))
+
+    data = fx.make_pope(tmp_path / "pope")
+    evaluate(TASKS["pope"](), data, tmp_path / "merged", lambda: reference, split="adversarial",
+             max_new_tokens=4, echo=lambda m: None)  # fmt: skip
+    evaluate(TASKS["pope"](), data, tmp_path / "base", lambda: pipeline, split="adversarial",
+             max_new_tokens=4, echo=lambda m: None)  # fmt: skip
+    args = ["eval", "pope", "--model", str(model_dir), "--data", str(data), "--split",
+            "adversarial", "--template", TEMPLATE, "--max-new-tokens", "4"]  # fmt: skip
+    out = tmp_path / "adapted"
+    assert main([*args, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    got = lines(out / "predictions.jsonl")
+    want = {r["question_id"]: r["answer"] for r in lines(tmp_path / "merged/predictions.jsonl")}
+    plain = {r["question_id"]: r["answer"] for r in lines(tmp_path / "base/predictions.jsonl")}
+    assert {r["question_id"]: r["answer"] for r in got} == want
+    assert want != plain, "the adapters change no answer: the test shows nothing"
+    assert "adapter" in json.loads((out / "run.json").read_text())["model"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2  # the same folder, without the adapters
+    assert "model" in capsys.readouterr().err
+
+
+def test_eval_adapter_needs_a_model_and_an_adapter_dir(tmp_path, capsys):
+    from llava_jax.cli.main import main
+
+    data = fx.make_pope(tmp_path / "pope")
+    assert main(["eval", "pope", "--data", str(data), "--adapter", str(tmp_path)]) == 2
+    assert "--adapter adapts --model, which is not given" in capsys.readouterr().err
+    assert main(["eval", "pope", "--data", str(data), "--model", str(tmp_path),
+                 "--adapter", str(tmp_path)]) == 2  # fmt: skip
+    assert "not an adapter dir" in capsys.readouterr().err

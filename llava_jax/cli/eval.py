@@ -102,6 +102,9 @@ def add_parser(subparsers) -> None:
         "--template", metavar="NAME", help="conversation template (default: the checkpoint's own)"
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser.add_argument("--adapter", type=local_path, metavar="DIR",
+                        help="LoRA adapters trained on --model, unmerged (`llava-jax export` "
+                        "of a LoRA run without --merge)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     judge = parser.add_argument_group("LLM judge (llava-bench, mm-vet)")
     judge.add_argument(
@@ -149,6 +152,16 @@ def run(args: argparse.Namespace) -> int:
         from llava_jax.data.templates import get_template
 
         get_template(args.template)  # an unknown name fails now, not after the model loads
+    if args.adapter is not None:
+        from llava_jax import checkpoint
+
+        if args.model is None:
+            raise CommandError("--adapter adapts --model, which is not given")
+        if not checkpoint.is_adapter_dir(args.adapter):
+            raise CommandError(
+                f"--adapter {args.adapter}: no {checkpoint.ADAPTER_CONFIG_FILE}; not an adapter "
+                "dir (`llava-jax export` of a LoRA run without --merge writes one)"
+            )
     echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
 
     load = None
@@ -158,14 +171,15 @@ def run(args: argparse.Namespace) -> int:
             from llava_jax.pipeline import Pipeline
 
             overrides = {"dtype": args.dtype} if args.dtype else {}
-            return Pipeline.load(args.model, template=args.template, echo=echo, **overrides)
+            return Pipeline.load(args.model, template=args.template, echo=echo,
+                                 adapter=args.adapter, **overrides)  # fmt: skip
 
     judge = None
     if (task is None or task.needs_judge) and args.judge_model:
         judge = make_client(args, args.judge_model, out / "llm_cache")
     common = dict(
         batch_size=args.batch_size, prefix_cache_mb=args.prefix_cache_mb, limit=args.limit,
-        max_new_tokens=args.max_new_tokens, model_name=_model_name(args.model),
+        max_new_tokens=args.max_new_tokens, model_name=_model_name(args.model, args.adapter),
         judge_runs=args.judge_runs,
     )  # fmt: skip
     if task is None:
@@ -185,8 +199,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_name(model) -> str | None:
-    """What run.json records of --model: a resume with another model is refused."""
+def _model_name(model, adapter=None) -> str | None:
+    """What run.json records of --model (and --adapter): a resume with another model, or
+    other adapters, is refused."""
     if model is None:
         return None
-    return os.fspath(model) if is_url(model) else str(Path(model).resolve())
+    name = os.fspath(model) if is_url(model) else str(Path(model).resolve())
+    return name if adapter is None else f"{name} + adapter {Path(adapter).resolve()}"
