@@ -27,14 +27,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil  # noqa: E402
 
 from llava_jax import tiny_hf  # noqa: E402
 from llava_jax.data.image_processing import load_image  # noqa: E402
 from llava_jax.eval import TASKS  # noqa: E402
 from llava_jax.eval.runner import PredictionsFile, generate_answers  # noqa: E402
 from llava_jax.pipeline import Pipeline  # noqa: E402
-from llava_jax.tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
 
 OBJECTS = ("dog", "cat", "car", "tree", "cup", "bus", "kite", "sink")
 SLOTS = 8
@@ -42,12 +40,7 @@ SLOTS = 8
 
 def build(work: Path, images: int = 8, per_image: int = 8) -> tuple[Path, Path]:
     """The model dir and a POPE data dir (its published layout)."""
-    model = work / "model"
-    tiny_hf.llava().save_pretrained(model)
-    save_tiny_tokenizer(model)
-    crop = {"height": tiny_hf.CROP, "width": tiny_hf.CROP}
-    processor = LlavaImageProcessorPil(size={"shortest_edge": tiny_hf.CROP}, crop_size=crop)
-    processor.save_pretrained(model)
+    model = tiny_hf.save_llava_dir(work / "model")
     pope = work / "pope"
     (pope / "coco").mkdir(parents=True)
     (pope / "val2014").mkdir()

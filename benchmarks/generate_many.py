@@ -29,15 +29,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers.models.llava.image_processing_pil_llava import (  # noqa: E402
-    LlavaImageProcessorPil,
-)
 
 from llava_jax import tiny_hf  # noqa: E402
 from llava_jax.engine import Engine, PrefixCache  # noqa: E402
 from llava_jax.generate import SamplingConfig  # noqa: E402
 from llava_jax.pipeline import Pipeline  # noqa: E402
-from llava_jax.tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
 
 QUESTIONS = ["What is it?", "Which colours?", "Describe it.", "Where is it?", "How many?",
              "Is it large?", "What is unusual?", "Name one thing."]  # fmt: skip
@@ -45,13 +41,7 @@ BATCH = 8
 
 
 def build(work: Path) -> Path:
-    model = work / "model"
-    tiny_hf.llava().save_pretrained(model)
-    save_tiny_tokenizer(model)
-    crop = {"height": tiny_hf.CROP, "width": tiny_hf.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": tiny_hf.CROP}, crop_size=crop).save_pretrained(
-        model
-    )
+    model = tiny_hf.save_llava_dir(work / "model")
     rng = np.random.RandomState(0)
     lines = []
     for i in range(8):

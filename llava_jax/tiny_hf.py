@@ -10,6 +10,7 @@ CLS / no CLS, anyres grids with unpadding and the anyres_max downsample (g = 3 s
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time warnings
 
@@ -121,3 +122,19 @@ def llava_onevision(kv_heads=2, tie=True):
 
 
 BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision}
+
+
+def save_llava_dir(out_dir: str | os.PathLike, model=None) -> Path:
+    """A tiny LLaVA-1.5 checkpoint folder as `save_pretrained` writes one: the model (`llava()`
+    unless given), the tiny tokenizer and the PIL image processor at the towers' crop; what
+    tests and benchmarks pass as `--model HF_DIR`."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from llava_jax.tiny_tokenizer import save_tiny_tokenizer
+
+    out = Path(out_dir)
+    (model or llava()).save_pretrained(out)
+    save_tiny_tokenizer(out)
+    crop = {"height": CROP, "width": CROP}
+    LlavaImageProcessorPil(size={"shortest_edge": CROP}, crop_size=crop).save_pretrained(out)
+    return out

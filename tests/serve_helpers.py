@@ -25,16 +25,10 @@ def build_model_dir(root: Path) -> Path:
     """A tiny random LLaVA-1.5 converted to a llava-jax model dir, with tokenizer and
     image processor config, as `convert hf-to-jax` leaves it."""
     import hf_tiny
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from llava_jax.convert.hf_to_jax import convert_hf_to_jax
-    from llava_jax.tiny_tokenizer import save_tiny_tokenizer
 
-    hf = root / "hf"
-    hf_tiny.llava().save_pretrained(hf)
-    save_tiny_tokenizer(hf)
-    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(hf)
+    hf = hf_tiny.save_llava_dir(root / "hf")
     convert_hf_to_jax(hf, root / "tiny-llava")
     return root / "tiny-llava"
 

@@ -26,15 +26,8 @@ PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf")
     model = hf_tiny.llava()
-    model.save_pretrained(path)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(path)
-    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
-        path
-    )
+    path = hf_tiny.save_llava_dir(tmp_path_factory.mktemp("hf"), model)
     image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 90, 3), np.uint8))
     image.save(path / "photo.png")
     return path, model

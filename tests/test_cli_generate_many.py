@@ -16,7 +16,6 @@ import hf_tiny
 import numpy as np
 import pytest
 from PIL import Image
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from llava_jax.cli.main import main
 from llava_jax.tiny_tokenizer import build_tiny_tokenizer
@@ -26,14 +25,7 @@ FLAGS = ["--template", "vicuna_v1", "--max-new-tokens", "6"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf")
-    hf_tiny.llava().save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
-        path
-    )
-    return path
+    return hf_tiny.save_llava_dir(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture
@@ -288,6 +280,7 @@ def onevision_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a second model (OneVision) and video decoding, ~20 s: `pytest -m slow`
 def test_video_lines_sampled_match_one_at_a_time(onevision_dir, capsys):
     """Videos (an animated GIF, no PyAV needed), sampled: `--seed` is given to each line, so
     each answer is the one `generate --prompt --video` samples alone."""

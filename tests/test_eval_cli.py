@@ -13,26 +13,17 @@ import eval_fixtures as fx
 import hf_tiny
 import pytest
 from llm_server import FakeLLM
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from llava_jax.eval import TASKS
 from llava_jax.eval.runner import EvalDataError, PredictionsFile, evaluate
 from llava_jax.llm_client import ChatClient
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
 TEMPLATE = "chatml_direct"  # a short system prompt: the tiny model has 256 positions
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf")
-    hf_tiny.llava().save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
-        path
-    )
-    return path
+    return hf_tiny.save_llava_dir(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")

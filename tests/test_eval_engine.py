@@ -11,14 +11,12 @@ import hf_tiny
 import numpy as np
 import pytest
 from PIL import Image
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 import llava_jax.engine
 from llava_jax.data.image_processing import image_hw, load_image
 from llava_jax.eval import TASKS, slots
 from llava_jax.eval.runner import EvalDataError, evaluate
 from llava_jax.generate import bucket
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
 NEW = 4  # answer tokens
 
@@ -27,13 +25,7 @@ NEW = 4  # answer tokens
 def pipeline(tmp_path_factory):
     from llava_jax.pipeline import Pipeline
 
-    path = tmp_path_factory.mktemp("hf")
-    hf_tiny.llava().save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    crop = {"height": hf_tiny.CROP, "width": hf_tiny.CROP}
-    LlavaImageProcessorPil(size={"shortest_edge": hf_tiny.CROP}, crop_size=crop).save_pretrained(
-        path
-    )
+    path = hf_tiny.save_llava_dir(tmp_path_factory.mktemp("hf"))
     return Pipeline.load(path, template="chatml_direct", echo=lambda m: None)
 
 
