@@ -123,3 +123,29 @@ def test_auto_follows_the_devices_the_step_is_compiled_for():
         ValueError, match="loss_impl='fused': choose one of auto, chunked, blockwise"
     ):
         resolve_loss("fused", cpu)
+
+
+@pytest.mark.skipif(not topo_lib.libtpu_available(), reason="libtpu not installed")
+def test_unrolled_blocks_hold_one_block_of_logits_on_tpu():
+    """The plan's cost compile unrolls the block loop; its blocks must still run one after
+    another, or XLA:TPU keeps every block's float32 logits at once (the OneVision-0.5B cost
+    compile asked for 19 GB). Compiled for a v5e chip: unrolled needs what the loop needs."""
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
+                                        chip_config_name="default")  # fmt: skip
+    on_chip = jax.sharding.SingleDeviceSharding(desc.devices[0])
+    b, t, d, v, block = 2, 1024, 256, 8 * 4096, 4096  # eight blocks
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip) for shape, dtype in
+            [((b, t, d), jnp.bfloat16), ((v, d), jnp.bfloat16), ((b, t), jnp.int32)]]  # fmt: skip
+
+    def temp_bytes(unroll):
+        def loss(hidden, weight, targets):
+            return cross_entropy._blockwise(hidden, weight, targets, 0, block, unroll)[0].sum()
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    looped, unrolled = temp_bytes(False), temp_bytes(True)
+    one_block = b * t * block * 4
+    assert unrolled < looped + one_block, (unrolled, looped, one_block)

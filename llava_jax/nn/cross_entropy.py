@@ -61,16 +61,20 @@ def _w(vocab_axis: int) -> str:
     return "VD" if vocab_axis == 0 else "DV"
 
 
-def _over_blocks(fn, init, num_blocks: int, unroll: bool):
-    """`carry = fn(carry, j)` for j < num_blocks, returning (carry, stacked per-block outputs):
-    a `scan`, or straight-line code when `unroll` (XLA's cost analysis counts a loop body
-    once; see `chunks.map_chunks`)."""
+def _over_blocks(fn, init, num_blocks: int, unroll: bool, operands: tuple):
+    """`carry = fn(carry, j, operands)` for j < num_blocks, returning (carry, stacked per-block
+    outputs): a `scan`, or straight-line code when `unroll` (XLA's cost analysis counts a loop
+    body once; see `chunks.map_chunks`). Unrolled, each block reads `operands` through an
+    optimization barrier with the previous block's carry, so the blocks run one after another
+    as in the loop: otherwise nothing orders them, and XLA keeps every block's float32 logits
+    alive at once (the plan's cost compile of OneVision-0.5B asked for 19 GB)."""
     if not unroll:
-        return jax.lax.scan(fn, init, jnp.arange(num_blocks))
+        return jax.lax.scan(lambda c, j: fn(c, j, operands), init, jnp.arange(num_blocks))
     carry, outs = init, []
     for j in range(num_blocks):
-        carry, out = fn(carry, j)
+        carry, out = fn(carry, j, operands)
         outs.append(out)
+        carry, operands = jax.lax.optimization_barrier((carry, operands))
     return carry, (None if outs[0] is None else jnp.stack(outs))
 
 
@@ -94,9 +98,9 @@ def _blockwise_fwd(hidden, weight, targets, vocab_axis, block, unroll):
     num_blocks = padded.shape[vocab_axis] // block
     shape = targets.shape
 
-    def body(carry, j):
+    def body(carry, j, operands):
         m, s, target_logit, best = carry
-        logits, ids = _logits_block(hidden, padded, vocab_axis, j, block, vocab)
+        logits, ids = _logits_block(*operands, vocab_axis, j, block, vocab)
         block_max = jnp.max(logits, axis=-1)
         new_m = jnp.maximum(m, block_max)
         s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[..., None]), axis=-1)
@@ -111,7 +115,7 @@ def _blockwise_fwd(hidden, weight, targets, vocab_axis, block, unroll):
         jnp.zeros(shape, jnp.float32),
         jnp.zeros(shape, jnp.int32),
     )
-    (m, s, target_logit, best), _ = _over_blocks(body, init, num_blocks, unroll)
+    (m, s, target_logit, best), _ = _over_blocks(body, init, num_blocks, unroll, (hidden, padded))
     lse = m + jnp.log(s)
     return (lse - target_logit, best == targets), (hidden, weight, targets, lse)
 
@@ -123,7 +127,8 @@ def _blockwise_bwd(vocab_axis, block, unroll, residuals, cotangents):
     padded = _pad_vocab(weight, vocab_axis, block)
     num_blocks = padded.shape[vocab_axis] // block
 
-    def body(d_hidden, j):
+    def body(d_hidden, j, operands):
+        hidden, padded = operands
         logits, ids = _logits_block(hidden, padded, vocab_axis, j, block, vocab)
         # d CE / d logits = softmax - onehot(target), scaled by the incoming cotangent.
         d_logits = jnp.exp(logits - lse[..., None]) - (ids == targets[..., None])
@@ -135,7 +140,7 @@ def _blockwise_bwd(vocab_axis, block, unroll, residuals, cotangents):
         return d_hidden, d_w.astype(weight.dtype)
 
     d_hidden, d_blocks = _over_blocks(
-        body, jnp.zeros(hidden.shape, jnp.float32), num_blocks, unroll
+        body, jnp.zeros(hidden.shape, jnp.float32), num_blocks, unroll, (hidden, padded)
     )
     # [n, D, block] -> [D, n * block] (or [n, block, D] -> [n * block, D]), padding dropped.
     if vocab_axis == 1:
