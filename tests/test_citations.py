@@ -1,8 +1,8 @@
 """The project cites only what a reader can open: its own files or public sources.
 
-Notes kept outside the repository (the team's `shared/` folder and the `recipes.md`,
-`pitfalls.md`, `algorithms.md`, `performance.md` files in it) are not shipped, so a
-docstring or doc that points to them is a dead end for a reader.
+Notes kept outside the repository (the team's notes folder and its recipe, pitfall,
+algorithm and performance notes) are not shipped, so a docstring or doc that points to
+them is a dead end for a reader.
 """
 
 import re
@@ -10,7 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("llava_jax", "configs", "convert", "docs", "benchmarks", "tests", "tpu_scripts")
-UNSHIPPED = re.compile(r"\b(?:recipes|pitfalls|algorithms|performance)\.md\b|shared/reference")
+UNSHIPPED = re.compile(
+    r"\b(?:recipes|pitfalls|algorithms|performance)\.md\b|shared/(?:reference|seeds)"
+)
 
 
 def _project_text_files():

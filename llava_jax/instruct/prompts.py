@@ -1,12 +1,12 @@
 """The prompts of LLaVA's instruction-data generation (Liu et al., 2023, "Visual Instruction
 Tuning", Section 3 and the appendix).
 
-- The conversation system message is the paper's, as quoted in ../shared/seeds (the slides'
-  "Instruction-Tuning Data Generation" page).
+- The conversation system message is the paper's (its appendix's prompt-construction
+  table; also on the "Instruction-Tuning Data Generation" page of the authors' slides).
 - The detailed-description and complex-reasoning system messages are written here from the
   paper's description of those response types (the paper prints only the conversation one).
 - `DETAIL_INSTRUCTIONS` are the 16 "describe the image in detail" instructions of the paper's
-  appendix (Table 9; also in the seeds' slides), one drawn at random per sample.
+  appendix (Table 9), one drawn at random per sample.
 - `BRIEF_INSTRUCTIONS` are the 11 brief-description instructions of the appendix (Table 8),
   used for the caption (pre-training) samples `filter-captions` writes.
 """
