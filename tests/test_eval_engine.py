@@ -72,12 +72,16 @@ class _Spy:
             self.engines.append(engine_cls(*a, **kw))
             return self.engines[-1]
 
+        for_model = cache_cls.for_model
+
         def cache(*a, **kw):
-            self.caches.append(cache_cls(*a, **kw))
-            return self.caches[-1]
+            made = for_model(*a, **kw)
+            if made is not None:
+                self.caches.append(made)
+            return made
 
         monkeypatch.setattr(llava_jax.engine, "Engine", engine)
-        monkeypatch.setattr(llava_jax.engine, "PrefixCache", cache)
+        monkeypatch.setattr(cache_cls, "for_model", cache)
 
 
 def test_engine_answers_equal_one_at_a_time(pipeline, pope, one_at_a_time, tmp_path):

@@ -322,8 +322,7 @@ def run(args: argparse.Namespace) -> int:
     max_new = [_max_new_tokens(args.max_new_tokens, n, context, line.where)
                for line, n in zip(todo, lengths, strict=True)]  # fmt: skip
     slot_length = min(max(n + m for n, m in zip(lengths, max_new, strict=True)), context)
-    media = tuple(i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None)
-    cache = PrefixCache(args.prefix_cache_mb << 20, media) if args.prefix_cache_mb else None
+    cache = PrefixCache.for_model(cfg, args.prefix_cache_mb << 20)
     engine = Engine(pipeline.generator, num_slots=args.batch_size, max_length=slot_length,
                     prefix_cache=cache)  # fmt: skip
     say(f"({len(todo)} prompts, {args.batch_size} at a time, slots of {engine.max_length} "

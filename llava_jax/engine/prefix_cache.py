@@ -90,6 +90,15 @@ class PrefixCache:
         must hold all of a prompt's media, the rest of the prompt is prefilled without any.
     """
 
+    @classmethod
+    def for_model(cls, cfg, budget_bytes: int) -> PrefixCache | None:
+        """The cache for a `LlavaConfig`'s media tokens (image, and video where it has one);
+        None, no cache, for a budget of 0."""
+        if budget_bytes == 0:
+            return None
+        media = tuple(i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None)
+        return cls(budget_bytes, media)
+
     def __init__(self, budget_bytes: int, media_token_ids: tuple[int, ...]):
         if budget_bytes < 0:
             raise ValueError(f"the prefix cache budget must be >= 0 bytes, got {budget_bytes}")

@@ -131,10 +131,7 @@ def generate_answers(
 
     sampling = pipeline.stop_config(max_new_tokens=max_new_tokens, temperature=0.0)
     max_length = slots.slot_length(pipeline, samples, max_new_tokens)
-    cfg = pipeline.cfg
-    media = tuple(i for i in (cfg.image_token_id, cfg.video_token_id) if i is not None)
-    budget = int(prefix_cache_mb * 1024 * 1024)
-    cache = PrefixCache(budget, media) if budget else None
+    cache = PrefixCache.for_model(pipeline.cfg, int(prefix_cache_mb * 1024 * 1024))
     engine = Engine(pipeline.generator, num_slots=batch_size, max_length=max_length,
                     prefix_cache=cache)  # fmt: skip
     queue = iter(samples)

@@ -280,9 +280,7 @@ def _scheduler(pipeline, cfg: ServeConfig) -> JobQueue:
         context = pipeline.cfg.text.max_position_embeddings
         return Scheduler(pipeline.generator, pipeline.decode, context, cfg.max_batch,
                          cfg.max_queue, cfg.batch_wait_s, cfg.batch_window_s)  # fmt: skip
-    model = pipeline.cfg
-    media = tuple(i for i in (model.image_token_id, model.video_token_id) if i is not None)
-    cache = PrefixCache(cfg.prefix_cache_bytes, media) if cfg.prefix_cache_bytes else None
+    cache = PrefixCache.for_model(pipeline.cfg, cfg.prefix_cache_bytes)
     engine = Engine(pipeline.generator, num_slots=cfg.max_batch, max_length=cfg.slot_tokens,
                     prefix_cache=cache)  # fmt: skip
     return EngineScheduler(engine, pipeline.decode, cfg.max_queue, cfg.batch_wait_s,
