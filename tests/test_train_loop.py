@@ -344,8 +344,14 @@ def test_lora_run_exports_the_merged_model(setup, tmp_path):
     assert answers[0] == answers[1]
 
 
-def _bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+def _stored_values(directory: Path) -> int:
+    """Array values an orbax checkpoint holds, from its metadata (file bytes vary with
+    orbax's metadata and chunk layout from machine to machine; the values do not)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape"))
 
 
 def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
@@ -378,18 +384,17 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
     state_dir = ckpts / "4" / "state"
     tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
     assert set(checkpoint.nested_to_flat(tree["params"])) == trained
-    # Against the same step saved whole (what a LoRA checkpoint held before): 1.17 MB
-    # against 2.60 MB here, where the frozen base is ~75% of the state's values (the tiny
-    # projector is as big as the adapters) and orbax's metadata a large share of the
-    # bytes; at 7B with rank 128 the base is ~87% of the values.
+    # Against the same step saved whole (what a LoRA checkpoint held before): the frozen
+    # base is ~75% of the state's values here (the tiny projector is as big as the
+    # adapters); at 7B with rank 128 it is ~87%.
     mesh = loop.state_lib.mesh_from_config(config)
     ckpt = Checkpointer(ckpts, save_every=1)
     state, _ = resume.restore(ckpt, 4, cfg, config, mesh, STEPS)
     ckpt.close()
     with ocp.StandardCheckpointer() as whole:
         whole.save(tmp_path / "whole", state)
-    stored, full = _bytes(state_dir), _bytes(tmp_path / "whole")
-    assert stored < 0.5 * full, (stored, full)
+    stored, full = _stored_values(state_dir), _stored_values(tmp_path / "whole")
+    assert stored < 0.3 * full, (stored, full)
 
     run = tmp_path / "run"
     shutil.copytree(reference / "checkpoints" / "4", run / "checkpoints" / "4")
