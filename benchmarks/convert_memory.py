@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_jax.checkpoint import abstract_params
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.convert.jax_to_hf import params_to_hf
-from llava_jax.convert.tensor_io import CheckpointWriter
-from llava_jax.hf_config import to_hf_config
+from llava_jax.conversion.hf_config import to_hf_config
+from llava_jax.conversion.jax_to_hf import params_to_hf
+from llava_jax.conversion.tensor_io import CheckpointWriter
+from llava_jax.models.build import abstract_params
 
 
 def synthetic_config() -> LlavaConfig:

@@ -5,7 +5,7 @@
 #   cudnn   train.attention=auto, train.loss_impl=chunked  (cuDNN flash attention)
 #   fused   train.attention=auto, train.loss_impl=auto     (and the blockwise loss)
 #
-# Each row is `python -m llava_jax.gpu_smoke --skip parity training` (its throughput probe:
+# Each row is `python -m llava_jax.checks.gpu_smoke --skip parity training` (its throughput probe:
 # SigLIP so400m + Qwen2-0.5B, all parts training, bf16, B=8, T=2048 unless given), one
 # process per row, same machine; the table prints ms/step, tokens/s and MFU, and each row's
 # JSON goes to $OUT (or ./device_check/).
@@ -55,7 +55,7 @@ mkdir -p "$out"
 rows=("xla xla chunked" "cudnn auto chunked" "fused auto auto")
 for row in "${rows[@]}"; do
   read -r name attention loss <<<"$row"
-  "$PYTHON" -m llava_jax.gpu_smoke --skip parity training --attention "$attention" \
+  "$PYTHON" -m llava_jax.checks.gpu_smoke --skip parity training --attention "$attention" \
     --loss "$loss" --out "$out/$name.json" "$@"
 done
 

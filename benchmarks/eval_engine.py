@@ -1,6 +1,6 @@
 """`llava-jax eval`'s generation on the engine against fixed batches, in one process.
 
-A tiny random HF LLaVA (`llava_jax.tiny_hf.llava`, 9 image tokens a prompt) and a POPE
+A tiny random HF LLaVA (`llava_jax.checks.tiny_hf.llava`, 9 image tokens a prompt) and a POPE
 layout built here: 8 images x 8 questions (64 questions, interleaved as POPE's files are).
 Timed, generation only, `--rounds` times each after a compile round:
 - batches: the evaluation loop before the engine, `Generator.generate` on fixed batches of 8;
@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image  # noqa: E402
 
-from llava_jax import tiny_hf  # noqa: E402
+from llava_jax.checks import tiny_hf  # noqa: E402
 from llava_jax.data.image_processing import load_image  # noqa: E402
 from llava_jax.eval import TASKS  # noqa: E402
 from llava_jax.eval.runner import PredictionsFile, generate_answers  # noqa: E402
-from llava_jax.pipeline import Pipeline  # noqa: E402
+from llava_jax.inference.pipeline import Pipeline  # noqa: E402
 
 OBJECTS = ("dog", "cat", "car", "tree", "cup", "bus", "kite", "sink")
 SLOTS = 8

@@ -33,9 +33,9 @@ from generate_speed import build_hf, hf_timed  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import LlavaOnevisionImageProcessorPil  # noqa: E402
 
-from llava_jax.convert.hf_to_jax import convert_hf_to_jax  # noqa: E402
-from llava_jax.pipeline import Pipeline  # noqa: E402
-from llava_jax.tiny_tokenizer import IMAGE_TOKEN_ID, save_tiny_tokenizer  # noqa: E402
+from llava_jax.checks.tiny_tokenizer import IMAGE_TOKEN_ID, save_tiny_tokenizer  # noqa: E402
+from llava_jax.conversion.hf_to_jax import convert_hf_to_jax  # noqa: E402
+from llava_jax.inference.pipeline import Pipeline  # noqa: E402
 
 PROMPT = "<image>\nDescribe the picture in detail."
 

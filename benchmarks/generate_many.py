@@ -1,7 +1,7 @@
 """`llava-jax generate --prompts`: 64 prompts on the engine against `Generator.generate` one
 prompt at a time (`generate --prompt`'s way) and in batches of 8, same model, same run.
 
-A tiny random HF LLaVA (`llava_jax.tiny_hf.llava`, 256-token context, 9 image tokens) saved
+A tiny random HF LLaVA (`llava_jax.checks.tiny_hf.llava`, 256-token context, 9 image tokens) saved
 with the test tokenizer; 8 images, 8 questions each (64 prompts, every image asked about by 8
 of them). Each way runs once to compile, then is timed (median of `--rounds`): generation
 only, the prompts built beforehand; greedy, float32, no stop tokens. `uniform`: every answer
@@ -30,10 +30,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from llava_jax import tiny_hf  # noqa: E402
-from llava_jax.engine import Engine, PrefixCache  # noqa: E402
-from llava_jax.generate import SamplingConfig  # noqa: E402
-from llava_jax.pipeline import Pipeline  # noqa: E402
+from llava_jax.checks import tiny_hf  # noqa: E402
+from llava_jax.inference.engine import Engine
+from llava_jax.inference.generator import SamplingConfig  # noqa: E402
+from llava_jax.inference.pipeline import Pipeline  # noqa: E402
+from llava_jax.inference.prefix_cache import PrefixCache  # noqa: E402
 
 QUESTIONS = ["What is it?", "Which colours?", "Describe it.", "Where is it?", "How many?",
              "Is it large?", "What is unusual?", "Name one thing."]  # fmt: skip

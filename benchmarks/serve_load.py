@@ -60,9 +60,9 @@ def build_model(root: Path, width: int, layers: int, image_size: int = 42) -> Pa
     import transformers
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    from llava_jax import tiny_hf
-    from llava_jax.convert.hf_to_jax import convert_hf_to_jax
-    from llava_jax.tiny_tokenizer import save_tiny_tokenizer
+    from llava_jax.checks import tiny_hf
+    from llava_jax.checks.tiny_tokenizer import save_tiny_tokenizer
+    from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 
     torch.manual_seed(0)
     heads = max(width // 32, 1)

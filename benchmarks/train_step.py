@@ -36,10 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llava_jax.checkpoint import load_config, load_params  # noqa: E402
-from llava_jax.convert.hf_to_jax import convert_hf_to_jax  # noqa: E402
+from llava_jax.conversion.hf_to_jax import convert_hf_to_jax  # noqa: E402
 from llava_jax.data import batching  # noqa: E402
 from llava_jax.data.schema import Example  # noqa: E402
+from llava_jax.model_io import load_config, load_params  # noqa: E402
 from llava_jax.models.feature_plan import Media, num_tokens  # noqa: E402
 from llava_jax.sharding import make_mesh  # noqa: E402
 from llava_jax.train.defaults import base_config  # noqa: E402
@@ -172,7 +172,8 @@ def time_pieces(name, base_cfg, params, host, torch_trainer, rounds: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llava_jax.checkpoint import abstract_model, flat_to_nested
+    from llava_jax.models.build import abstract_model
+    from llava_jax.param_paths import flat_to_nested
     from llava_jax.train.step import token_losses
 
     remat, layout = name.split(":")

@@ -1,7 +1,7 @@
 """The built-in tiny run: a tiny LLaVA trained from scratch on the synthetic shapes dataset.
 
 `:stage1` (default; captions, `plain` template) or `:stage2` (questions, `vicuna_v1`). The
-dataset comes from `llava_jax.shapes.write_shapes_dataset` (32 px images, a 72-token
+dataset comes from `llava_jax.train.shapes.write_shapes_dataset` (32 px images, a 72-token
 word-level tokenizer with `<image>` = 4); the training command writes it into the workdir
 and fills `data.train`, `data.image_root` and, for stage 2, `init_from` (the stage-1 model),
 so they are left empty here.
@@ -14,7 +14,7 @@ language, and the vision tower has to learn its features. Stage 2 freezes the to
 the paper does, and sees each of its images once.
 """
 
-from llava_jax import shapes
+from llava_jax.train import shapes
 from llava_jax.train.config_loader import CONNECTOR, CONNECTOR_AND_LLM
 from llava_jax.train.defaults import base_config
 

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.checkpoint import flat_to_nested, model_params
+from llava_jax.models.build import model_params
+from llava_jax.param_paths import flat_to_nested
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

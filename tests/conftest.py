@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory):
 def pipeline(model_dir):
     from serve_helpers import TEMPLATE
 
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     return Pipeline.load(model_dir, template=TEMPLATE, echo=lambda _: None)
 

@@ -26,7 +26,7 @@ def build_model_dir(root: Path) -> Path:
     image processor config, as `convert hf-to-jax` leaves it."""
     import hf_tiny
 
-    from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+    from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 
     hf = hf_tiny.save_llava_dir(root / "hf")
     convert_hf_to_jax(hf, root / "tiny-llava")

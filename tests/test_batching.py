@@ -12,13 +12,13 @@ import pytest
 import transformers
 from flax import nnx
 
-from llava_jax import tiny_hf
-from llava_jax.checkpoint import abstract_model
+from llava_jax.checks import tiny_hf
 from llava_jax.config import LlavaConfig
 from llava_jax.data import batching
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord
 from llava_jax.models import feature_plan
+from llava_jax.models.build import abstract_model
 from llava_jax.models.feature_plan import Media
 
 IMG, VID = tiny_hf.IMAGE_TOKEN, tiny_hf.VIDEO_TOKEN

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 from llava_jax.cli.main import main
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
 FLAGS = ["--template", "vicuna_v1", "--max-new-tokens", "6"]
 

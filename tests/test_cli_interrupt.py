@@ -10,7 +10,7 @@ from pathlib import Path
 
 import hf_tiny
 
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 
 CONFIG = Path(__file__).parent.parent / "configs" / "shapes_tiny.py"
 
@@ -19,7 +19,7 @@ CONFIG = Path(__file__).parent.parent / "configs" / "shapes_tiny.py"
 # lands in a callback only some of the time.
 SCRIPT = """
 import gc, os, signal, sys
-from llava_jax import shapes
+from llava_jax.train import shapes
 from llava_jax.cli.main import main
 
 # As at a terminal, even when the tests run as a shell's background job (SIGINT ignored).

@@ -19,8 +19,8 @@ import pytest
 from llm_server import FakeLLM
 from test_init_model import build_parts
 
-from llava_jax import checkpoint, paths, shapes
-from llava_jax.train import config_loader
+from llava_jax import model_io, paths
+from llava_jax.train import config_loader, shapes
 from llava_jax.train.shapes_run import _random_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_convert_and_export(inputs, tmp_path):
     proc = cli(tmp_path, "convert", "hf-to-jax", "--hf", rel(inputs["hf"], tmp_path),
                "--out", "ckpt/llava")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert checkpoint.is_model_dir(tmp_path / "ckpt" / "llava")
+    assert model_io.is_model_dir(tmp_path / "ckpt" / "llava")
     assert f"-> {tmp_path / 'ckpt' / 'llava'} (" in proc.stdout
 
     proc = cli(tmp_path, "convert", "jax-to-hf", "--ckpt", "ckpt/llava", "--out", "export/hf")
@@ -73,7 +73,7 @@ def test_init(inputs, tmp_path):
     proc = cli(tmp_path, "init", "--vision", f"{parts}/vision", "--llm", f"{parts}/llm",
                "--config", f"{parts}/recipe.py", "--out", "models/init")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert checkpoint.is_model_dir(tmp_path / "models" / "init")
+    assert model_io.is_model_dir(tmp_path / "models" / "init")
 
 
 def test_data_build(inputs, tmp_path):
@@ -121,7 +121,7 @@ def test_train_recipe(inputs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     workdir = tmp_path / "runs" / "stage1"
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
-    assert checkpoint.is_model_dir(workdir / "model")
+    assert model_io.is_model_dir(workdir / "model")
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["data"]["train"] == str(inputs["stage1"].absolute())
     assert saved["init_from"] == str(inputs["init"].absolute())

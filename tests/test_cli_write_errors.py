@@ -15,7 +15,7 @@ import sys
 import hf_tiny
 import pytest
 
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 
 LIMIT = 16 * 1024  # bytes per file: the tokenizer fits, the tiny model's parameters do not
 

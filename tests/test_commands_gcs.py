@@ -17,7 +17,7 @@ from fake_gcs import fake_gcs  # noqa: F401 (a fixture)
 from test_data_gcs import in_empty_dir, upload  # noqa: F401 (a fixture)
 from test_init_model import build_parts
 
-from llava_jax import checkpoint
+from llava_jax import model_io
 from llava_jax.cli.main import main
 
 MODEL = "gs://bucket/models/m"
@@ -29,8 +29,8 @@ def test_init_eval_and_generate_with_a_bucket(fake_gcs, in_empty_dir, tmp_path, 
             "--config", str(tmp_path / "recipe.py"), "--seed", "3"]  # fmt: skip
     assert main([*init, "--out", MODEL]) == 0
     assert main([*init, "--out", str(tmp_path / "local-model")]) == 0
-    assert checkpoint.is_model_dir(MODEL)
-    remote, local = checkpoint.load_params(MODEL), checkpoint.load_params(tmp_path / "local-model")
+    assert model_io.is_model_dir(MODEL)
+    remote, local = model_io.load_params(MODEL), model_io.load_params(tmp_path / "local-model")
     assert set(remote) == set(local)
     for name, value in local.items():
         np.testing.assert_array_equal(remote[name], value, err_msg=name)

@@ -6,8 +6,8 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from llava_jax.checkpoint import abstract_params
 from llava_jax.config import Family, LlavaConfig, Projector
+from llava_jax.models.build import abstract_params
 from llava_jax.train import config_loader
 from llava_jax.train.config_loader import ConfigLoadError, load_config, model_config, total_steps
 
@@ -188,7 +188,7 @@ def test_total_steps():
 
 
 def test_shapes_tiny_fits_the_shapes_tokenizer():
-    from llava_jax import shapes
+    from llava_jax.train import shapes
 
     cfg = model_config(load_config(str(CONFIGS / "shapes_tiny.py:stage2")))
     tok = shapes.build_tokenizer()

@@ -21,7 +21,13 @@ import pytest
 import torch
 import transformers
 
-from llava_jax.checkpoint import (
+from llava_jax.conversion.hf_config import ConfigError
+from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
+from llava_jax.conversion.mapping import canonical_key
+from llava_jax.conversion.tensor_io import CheckpointReader, CheckpointWriter
+from llava_jax.errors import CheckpointError
+from llava_jax.model_io import (
     CONFIG_FILE,
     PARAMS_DIR,
     load_config,
@@ -29,11 +35,6 @@ from llava_jax.checkpoint import (
     load_params,
     save_model_dir,
 )
-from llava_jax.convert.hf_to_jax import convert_hf_to_jax
-from llava_jax.convert.jax_to_hf import convert_jax_to_hf
-from llava_jax.convert.mapping import canonical_key
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader, CheckpointWriter
-from llava_jax.hf_config import ConfigError
 
 MAKERS = {
     "llava": hf_tiny.llava,

@@ -17,10 +17,10 @@ import pytest
 from flax import nnx
 from train_helpers import TINY, model_config, random_batch
 
-from llava_jax.checkpoint import nested_to_flat
 from llava_jax.models.llava import LlavaModel
 from llava_jax.nn import cross_entropy
 from llava_jax.nn.cross_entropy import LossImpl, blockwise_cross_entropy, resolve_loss
+from llava_jax.param_paths import nested_to_flat
 from llava_jax.planning import topology as topo_lib
 from llava_jax.sharding import make_mesh
 from llava_jax.train.step import token_losses

@@ -32,6 +32,7 @@ import pytest
 from PIL import Image
 from tiny_configs import LLAVA, NEXT, ONEVISION
 
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 from llava_jax.cli.main import main
 from llava_jax.data import loader, shards
 from llava_jax.data.batching import BatchShape
@@ -39,7 +40,6 @@ from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.schema import BATCH_FIELDS, SKIP_REASONS
 from llava_jax.data.sources import open_source
 from llava_jax.data.transforms import SampleTransform
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
 # -- models: tiny LLaVA-1.5 (pad), NeXT (anyres), OneVision (anyres_max_9, video) -------------
 

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 from tiny_configs import LLAVA
 
-from llava_jax.engine import Engine, PrefixCache, Request
-from llava_jax.engine import engine as engine_module
-from llava_jax.engine.prefix_cache import Block
-from llava_jax.generate import Generator, Prompt, SamplingConfig
+from llava_jax.inference import engine as engine_module
+from llava_jax.inference.engine import Engine, Request
+from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
+from llava_jax.inference.prefix_cache import Block, PrefixCache
 from llava_jax.models.feature_plan import Media, build_feature_plan
 from llava_jax.models.llava import LlavaModel
 

@@ -15,8 +15,8 @@ import pytest
 from llm_server import FakeLLM
 
 from llava_jax.eval import TASKS
+from llava_jax.eval.llm_client import ChatClient
 from llava_jax.eval.runner import EvalDataError, PredictionsFile, evaluate
-from llava_jax.llm_client import ChatClient
 
 TEMPLATE = "chatml_direct"  # a short system prompt: the tiny model has 256 positions
 
@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(model_dir):
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     return Pipeline.load(model_dir, template=TEMPLATE, echo=lambda m: None)
 
@@ -312,15 +312,15 @@ def test_eval_with_an_adapter_answers_as_the_merged_model(model_dir, pipeline, t
     import numpy as np
     from flax import nnx
 
-    from llava_jax import checkpoint
-    from llava_jax.checkpoint import flat_to_nested, nested_to_flat
+    from llava_jax import model_io
     from llava_jax.cli.main import main
-    from llava_jax.generate import Generator
-    from llava_jax.models import lora
+    from llava_jax.inference.generator import Generator
+    from llava_jax.models import build, lora
+    from llava_jax.param_paths import flat_to_nested, nested_to_flat
 
     cfg, spec = pipeline.cfg, lora.LoraSpec(rank=4, alpha=8.0)
-    base = checkpoint.model_params(pipeline.model)
-    adapted = lora.add_adapters(checkpoint.model_from_params(cfg, base), spec, jax.random.key(1))
+    base = build.model_params(pipeline.model)
+    adapted = lora.add_adapters(build.model_from_params(cfg, base), spec, jax.random.key(1))
     state = nnx.state(adapted, nnx.Param)
     flat = nested_to_flat(nnx.to_pure_dict(state))
     rng = np.random.RandomState(3)  # a trained B (zeros at init: the adapters would do nothing)
@@ -329,8 +329,8 @@ def test_eval_with_an_adapter_answers_as_the_merged_model(model_dir, pipeline, t
     nnx.replace_by_pure_dict(state, flat_to_nested({**flat, **trained}))
     nnx.update(adapted, state)
     adapters = {k: v for k, v in {**flat, **trained}.items() if lora.is_adapter(k)}
-    checkpoint.save_adapter_dir(tmp_path / "adapter", spec, adapters)
-    merged = checkpoint.model_from_params(cfg, lora.merged_params(adapted, spec))
+    model_io.save_adapter_dir(tmp_path / "adapter", spec, adapters)
+    merged = build.model_from_params(cfg, lora.merged_params(adapted, spec))
     reference = dataclasses.replace(pipeline, model=merged, generator=Generator(merged))
 
     data = fx.make_pope(tmp_path / "pope")

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import llava_jax.engine
+import llava_jax.inference.engine
+import llava_jax.inference.prefix_cache
 from llava_jax.data.image_processing import image_hw, load_image
 from llava_jax.eval import TASKS, slots
 from llava_jax.eval.runner import EvalDataError, evaluate
-from llava_jax.generate import bucket
+from llava_jax.inference.generator import bucket
 
 NEW = 4  # answer tokens
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     path = hf_tiny.save_llava_dir(tmp_path_factory.mktemp("hf"))
     return Pipeline.load(path, template="chatml_direct", echo=lambda m: None)
@@ -66,7 +67,8 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.engines, self.caches = [], []
-        engine_cls, cache_cls = llava_jax.engine.Engine, llava_jax.engine.PrefixCache
+        engine_cls = llava_jax.inference.engine.Engine
+        cache_cls = llava_jax.inference.prefix_cache.PrefixCache
 
         def engine(*a, **kw):
             self.engines.append(engine_cls(*a, **kw))
@@ -80,7 +82,7 @@ class _Spy:
                 self.caches.append(made)
             return made
 
-        monkeypatch.setattr(llava_jax.engine, "Engine", engine)
+        monkeypatch.setattr(llava_jax.inference.engine, "Engine", engine)
         monkeypatch.setattr(cache_cls, "for_model", cache)
 
 

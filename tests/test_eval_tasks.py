@@ -13,9 +13,9 @@ import pytest
 from llm_server import FakeLLM
 
 from llava_jax.eval import TASKS, EvalDataError
+from llava_jax.eval.llm_client import ChatClient
 from llava_jax.eval.mme import PERCEPTION
 from llava_jax.eval.runner import evaluate
-from llava_jax.llm_client import ChatClient
 
 
 def run(task, data, out, answers, **kw):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from llava_jax.checkpoint import load_model
-from llava_jax.convert.hf_to_jax import convert_hf_to_jax
-from llava_jax.generate import Generator, Prompt, SamplingConfig, bucket
+from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+from llava_jax.inference.generator import Generator, Prompt, SamplingConfig, bucket
+from llava_jax.model_io import load_model
 from llava_jax.models.feature_plan import Media, build_feature_plan
 from llava_jax.nn.attention_kernels import AttentionImpl, FusedAttention
 from llava_jax.sharding import make_mesh, shard_model
@@ -170,7 +170,7 @@ def test_warp_matches_transformers_logits_processors_per_row():
         TopPLogitsWarper,
     )
 
-    from llava_jax.generate import warp
+    from llava_jax.inference.generator import warp
 
     rng = np.random.RandomState(11)
     vocab = 64

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from llava_jax import gpu_smoke
+from llava_jax.checks import gpu_smoke
 
 ON_GPU = bool(gpu_smoke._gpu_devices())
 
@@ -102,7 +102,7 @@ DEVICE_CHECK = Path(__file__).parents[1] / "benchmarks" / "device_check.sh"
 # settings it was given (as the real probe reports them); every other call is the real Python.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "$1" == -c && "$2" == *"devices('gpu')"* ]]; then exit 0; fi
-if [[ "$1 $2" == "-m llava_jax.gpu_smoke" ]]; then
+if [[ "$1 $2" == "-m llava_jax.checks.gpu_smoke" ]]; then
   args=" $* "; attention=${args#* --attention }; loss=${args#* --loss }; out=${args#* --out }
   echo "$*" >> "$LOG"
   fields='"step_s": 0.5, "tokens_per_s": 32768, "mfu": 0.25'
@@ -131,7 +131,7 @@ def test_device_check_runs_the_three_settings_and_prints_the_table(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     out = tmp_path / "out"
     assert calls == [
-        f"-m llava_jax.gpu_smoke --skip parity training --attention {a} --loss {loss} "
+        f"-m llava_jax.checks.gpu_smoke --skip parity training --attention {a} --loss {loss} "
         f"--out {out}/{name}.json --batch 4"
         for name, a, loss in [
             ("xla", "xla", "chunked"),

@@ -25,7 +25,7 @@ from llava_jax.config import (
     TextKind,
     VisionKind,
 )
-from llava_jax.hf_config import ConfigError, from_hf_config, to_hf_config
+from llava_jax.conversion.hf_config import ConfigError, from_hf_config, to_hf_config
 
 
 def via_transformers(hf: dict) -> dict:

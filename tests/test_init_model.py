@@ -8,10 +8,11 @@ import pytest
 import torch
 import transformers
 
-from llava_jax import checkpoint, tiny_hf
+from llava_jax import model_io
+from llava_jax.checks import tiny_hf
 from llava_jax.cli.main import main
-from llava_jax.convert.mapping import rule_for
-from llava_jax.init_model import load_projector
+from llava_jax.conversion.init_model import load_projector
+from llava_jax.conversion.mapping import rule_for
 from llava_jax.train.config_loader import CONNECTOR, load_config
 
 OLD_VOCAB = 100  # the LLM's tokenizer and embedding rows; <image> becomes id 100
@@ -117,7 +118,7 @@ def initialised(request, tmp_path_factory):
 
 def test_weights_are_the_parts(initialised):
     kind, vision, llm, tmp_path = initialised
-    params = checkpoint.load_params(tmp_path / "out")
+    params = model_io.load_params(tmp_path / "out")
     # CLIPModel keys start with vision_model. (text_model.* is the other tower); transformers
     # 5 keeps a bare SiglipVisionModel's keys without it.
     hf_vision = {k.removeprefix("vision_model."): v for k, v in vision.state_dict().items()
@@ -148,7 +149,7 @@ def test_weights_are_the_parts(initialised):
 
 def test_new_rows_are_the_mean(initialised):
     kind, _, llm, tmp_path = initialised
-    params = checkpoint.load_params(tmp_path / "out")
+    params = model_io.load_params(tmp_path / "out")
     embed = np.asarray(params["language_model/embed_tokens/embedding"])
     old = llm.get_input_embeddings().weight.detach().numpy()
     assert embed.shape == (NEW_VOCAB, old.shape[1])
@@ -166,7 +167,7 @@ def test_new_rows_are_the_mean(initialised):
 def test_config_tokens_and_processor(initialised):
     kind, _, _, tmp_path = initialised
     out = tmp_path / "out"
-    cfg = checkpoint.load_config(out)
+    cfg = model_io.load_config(out)
     assert cfg.image_token_id == OLD_VOCAB and cfg.text.vocab_size == NEW_VOCAB
     tok = transformers.AutoTokenizer.from_pretrained(out / "assets")
     assert tok.convert_tokens_to_ids("<image>") == OLD_VOCAB
@@ -187,7 +188,7 @@ def test_config_tokens_and_processor(initialised):
 
 def test_connector_init(initialised):
     _, _, _, tmp_path = initialised
-    params = checkpoint.load_params(tmp_path / "out")
+    params = model_io.load_params(tmp_path / "out")
     k1 = np.asarray(params["multi_modal_projector/linear_1/kernel"])  # [32, 48], fan_in 32
     b2 = np.asarray(params["multi_modal_projector/linear_2/bias"])  # fan_in 48
     assert np.abs(k1).max() <= 1 / np.sqrt(32) and np.abs(k1).max() > 0.8 / np.sqrt(32)
@@ -199,7 +200,7 @@ def test_connector_init(initialised):
 
 def test_text_only_logits_match_the_llm(initialised):
     _, _, llm, tmp_path = initialised
-    model = checkpoint.load_model(tmp_path / "out")
+    model = model_io.load_model(tmp_path / "out")
     ids = np.array([[1, 5, 17, 42, 98, 3, 8]])
     got = np.asarray(model(ids).logits)
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_load_projector(initialised, tmp_path):
     from safetensors.torch import save_file
 
     kind, _, _, init_dir = initialised
-    params = checkpoint.load_params(init_dir / "out")
+    params = model_io.load_params(init_dir / "out")
     rng = np.random.default_rng(0)
     original = {  # the original repository's spelling, torch layout
         "model.mm_projector.0.weight": rng.standard_normal((48, 32)).astype(np.float32),
@@ -283,7 +284,7 @@ def test_projector_and_vocab_checks(tmp_path, capsys):
         main([*args, "--out", str(out), "--projector", str(tmp_path / "projector.safetensors")])
         == 0
     )
-    params = checkpoint.load_params(out)
+    params = model_io.load_params(out)
     np.testing.assert_array_equal(
         params["multi_modal_projector/linear_2/kernel"],
         projector["multi_modal_projector.linear_2.weight"].T,
@@ -299,7 +300,7 @@ def test_projector_and_vocab_checks(tmp_path, capsys):
 def test_image_processor_saved_by_transformers5(tmp_path, capsys):
     # transformers 5 nests the image processor in processor_config.json and writes no
     # preprocessor_config.json; its mean / std are the ones init must take.
-    from llava_jax.tiny_tokenizer import build_tiny_tokenizer
+    from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 
     _, _, recipe = build_parts(tmp_path, "llava")
     mean, std = [0.1, 0.2, 0.3], [0.3, 0.2, 0.1]

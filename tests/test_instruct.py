@@ -14,10 +14,13 @@ import pytest
 from llm_server import FakeLLM
 from PIL import Image
 
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.eval.llm_client import ChatClient
 from llava_jax.instruct.coco import context_text, load_contexts, normalise_box
-from llava_jax.instruct.generate import (
+from llava_jax.instruct.prompts import CONVERSATION_SYSTEM, DETAIL_INSTRUCTIONS
+from llava_jax.instruct.writer import (
     ReplyError,
     build_messages,
     detail_instruction,
@@ -26,9 +29,6 @@ from llava_jax.instruct.generate import (
     parse_qa,
     to_record,
 )
-from llava_jax.instruct.prompts import CONVERSATION_SYSTEM, DETAIL_INSTRUCTIONS
-from llava_jax.llm_client import ChatClient
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
 TINY = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,

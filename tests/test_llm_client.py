@@ -9,7 +9,7 @@ import time
 import pytest
 from llm_server import FakeLLM
 
-from llava_jax.llm_client import ChatClient, LLMAuthError, LLMError
+from llava_jax.eval.llm_client import ChatClient, LLMAuthError, LLMError
 
 
 def echo(body):

@@ -14,11 +14,12 @@ import pytest
 from flax import nnx
 from train_helpers import STAGE1, STAGE2, model_config, random_batch, train_config
 
-from llava_jax import checkpoint
-from llava_jax.checkpoint import abstract_model, flat_to_nested, nested_to_flat
-from llava_jax.generate import Generator, Prompt, SamplingConfig
-from llava_jax.models import lora
+from llava_jax import model_io
+from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
+from llava_jax.models import build, lora
+from llava_jax.models.build import abstract_model
 from llava_jax.models.llava import LlavaModel
+from llava_jax.param_paths import flat_to_nested, nested_to_flat
 from llava_jax.sharding import make_mesh
 from llava_jax.train.checkpoints import Checkpointer
 from llava_jax.train.flops import train_flops_per_step
@@ -261,7 +262,7 @@ def test_qlora_int8_arrays_hold_one_byte_per_weight(qlora_run):
 def _trained_lora(cfg, spec, base: dict) -> tuple[Any, dict]:
     """(the adapted model, its trained params: adapters with a random B, a moved projector)
     as a run of `spec` from `base` would leave them."""
-    model = lora.add_adapters(checkpoint.model_from_params(cfg, base), spec, jax.random.key(1))
+    model = lora.add_adapters(build.model_from_params(cfg, base), spec, jax.random.key(1))
     state = nnx.state(model, nnx.Param)
     flat = nested_to_flat(nnx.to_pure_dict(state))
     rng = np.random.RandomState(3)
@@ -288,19 +289,19 @@ def test_adapter_dir_generates_like_the_merged_model(quantize, tmp_path):
     QLoRA's base quantized again on load) gives the merged model's logits and tokens."""
     cfg = model_config()
     spec = lora.LoraSpec(rank=4, alpha=8.0, quantize=quantize)
-    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    base = build.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
     trained_model, trained = _trained_lora(cfg, spec, base)
-    merged = checkpoint.model_from_params(cfg, lora.merged_params(trained_model, spec))
+    merged = build.model_from_params(cfg, lora.merged_params(trained_model, spec))
 
-    checkpoint.save_adapter_dir(tmp_path / "adapter", spec, trained)
-    loaded_spec, params = checkpoint.load_adapter_dir(tmp_path / "adapter")
+    model_io.save_adapter_dir(tmp_path / "adapter", spec, trained)
+    loaded_spec, params = model_io.load_adapter_dir(tmp_path / "adapter")
     assert loaded_spec == spec and set(params) == set(trained)
-    unmerged = lora.with_adapter(checkpoint.model_from_params(cfg, base), spec, params)
+    unmerged = lora.with_adapter(build.model_from_params(cfg, base), spec, params)
 
     prompt_ids = np.random.RandomState(4).randint(3, 60, size=9).astype(np.int32)
     logits, tokens = _logits_and_tokens(unmerged, prompt_ids)
     merged_logits, merged_tokens = _logits_and_tokens(merged, prompt_ids)
-    plain_logits, _ = _logits_and_tokens(checkpoint.model_from_params(cfg, base), prompt_ids)
+    plain_logits, _ = _logits_and_tokens(build.model_from_params(cfg, base), prompt_ids)
     assert not np.allclose(logits, plain_logits, atol=1e-3)  # the adapters matter
     # float32: the merge only reassociates W x + A B x (QLoRA: dequantizes W once).
     np.testing.assert_allclose(logits, merged_logits, rtol=1e-5, atol=1e-5)
@@ -310,7 +311,7 @@ def test_adapter_dir_generates_like_the_merged_model(quantize, tmp_path):
 def test_adapter_that_does_not_fit_is_refused(tmp_path):
     cfg = model_config()
     spec = lora.LoraSpec(rank=4, alpha=8.0)
-    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    base = build.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
     _, trained = _trained_lora(cfg, spec, base)
     k_a = "language_model/layers/self_attn/k_proj/kernel_lora_a"
     for params, match in [
@@ -319,10 +320,10 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path):
         ({**trained, k_a: jnp.zeros((1, 2, 3))}, "has shape"),
     ]:
         with pytest.raises(ValueError, match=match) as e:
-            lora.with_adapter(checkpoint.model_from_params(cfg, base), spec, params)
+            lora.with_adapter(build.model_from_params(cfg, base), spec, params)
         assert "\n" not in str(e.value)
-    with pytest.raises(checkpoint.CheckpointError, match="not an adapter dir"):
-        checkpoint.load_adapter_dir(tmp_path)
+    with pytest.raises(model_io.CheckpointError, match="not an adapter dir"):
+        model_io.load_adapter_dir(tmp_path)
 
 
 def test_merged_model_exported_to_hf_gives_the_adapted_logits(tmp_path):
@@ -332,16 +333,16 @@ def test_merged_model_exported_to_hf_gives_the_adapted_logits(tmp_path):
     import torch
     import transformers
 
-    from llava_jax.convert.hf_to_jax import convert_hf_to_jax
-    from llava_jax.convert.jax_to_hf import convert_jax_to_hf
+    from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+    from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
 
     hf_tiny.llava().save_pretrained(tmp_path / "hf")
     cfg = convert_hf_to_jax(tmp_path / "hf", tmp_path / "base")
-    base = {k: np.asarray(v) for k, v in checkpoint.load_params(tmp_path / "base").items()}
+    base = {k: np.asarray(v) for k, v in model_io.load_params(tmp_path / "base").items()}
     spec = lora.LoraSpec(rank=4, alpha=8.0)
     adapted, _ = _trained_lora(cfg, spec, base)
     merged = {k: np.asarray(v) for k, v in lora.merged_params(adapted, spec).items()}
-    checkpoint.save_model_dir(tmp_path / "merged", cfg, merged)
+    model_io.save_model_dir(tmp_path / "merged", cfg, merged)
     convert_jax_to_hf(tmp_path / "merged", tmp_path / "merged_hf")
 
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged_hf")
@@ -350,7 +351,7 @@ def test_merged_model_exported_to_hf_gives_the_adapted_logits(tmp_path):
         want = hf(input_ids=torch.tensor(ids)).logits.numpy()
     unmerged = lora.intercept(adapted, spec)
     got = np.asarray(unmerged.language_model.logits(unmerged.hidden_states(ids).hidden))
-    plain = checkpoint.model_from_params(cfg, base)
+    plain = build.model_from_params(cfg, base)
     plain_logits = np.asarray(plain.language_model.logits(plain.hidden_states(ids).hidden))
     assert np.abs(plain_logits - want).max() > 1e-3  # the adapters matter
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -360,7 +361,7 @@ def test_dropout_changes_training_gradients_only():
     """`train.lora.dropout`: the adapters' input dropped in training (a new mask per key),
     never in the merge or in generation; 0 is the dropout-free model."""
     cfg = model_config()
-    base = checkpoint.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    base = build.model_params(LlavaModel(cfg, rngs=nnx.Rngs(0)))
     spec = lora.LoraSpec(rank=4, alpha=8.0)
     trained_model, trained = _trained_lora(cfg, spec, base)
     params = nnx.to_pure_dict(nnx.state(trained_model, nnx.Param))
@@ -394,7 +395,7 @@ def test_dropout_changes_training_gradients_only():
     ids = np.random.RandomState(4).randint(3, 60, size=(1, 9)).astype(np.int32)
     logits = []
     for s in (spec, dropped):
-        m = lora.with_adapter(checkpoint.model_from_params(cfg, base), s, trained)
+        m = lora.with_adapter(build.model_from_params(cfg, base), s, trained)
         logits.append(np.asarray(m.language_model.logits(m.hidden_states(ids).hidden)))
     assert np.array_equal(logits[0], logits[1])
 

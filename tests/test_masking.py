@@ -1,7 +1,7 @@
 """Token ids and label masks of `plain`, `vicuna_v1` and `qwen_1_5` conversations.
 
 Clean mode: against rows derived by hand from the template text and the tiny tokenizer's BPE
-(`llava_jax/tiny_tokenizer.py`: Metaspace with a "▁" prepended to the start of the text only,
+(`llava_jax/checks/tiny_tokenizer.py`: Metaspace with a "▁" prepended to the start of the text only,
 merges applied lowest rank first), not by running the code under test. Each row is
 (token, id, trained).
 
@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_jax.checks.tiny_tokenizer import build_tiny_bytelevel_tokenizer, build_tiny_tokenizer
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.data import masking
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.schema import RawRecord, SkipSample
 from llava_jax.data.templates import get_template
 from llava_jax.data.transforms import SampleTransform
-from llava_jax.tiny_tokenizer import build_tiny_bytelevel_tokenizer, build_tiny_tokenizer
 
 CFG = LlavaConfig(
     vision=VisionConfig(

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llava_jax.checkpoint import load_model
-from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+from llava_jax.model_io import load_model
 from llava_jax.models.feature_plan import Media, build_feature_plan, check_placeholders
 
 ATOL = 1e-4

@@ -134,7 +134,7 @@ def test_cli_without_libtpu_says_how_to_install(capsys, monkeypatch):
 
 
 def _param_bytes(config_spec, overrides):
-    from llava_jax.checkpoint import abstract_model, model_params
+    from llava_jax.models.build import abstract_model, model_params
     from llava_jax.train.config_loader import load_config, model_config
 
     cfg = model_config(load_config(config_spec, overrides))

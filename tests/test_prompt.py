@@ -14,7 +14,12 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from llava_jax.convert.tensor_io import CheckpointError
+from llava_jax.checks.tiny_tokenizer import (
+    build_tiny_bytelevel_tokenizer,
+    build_tiny_tokenizer,
+    save_tiny_tokenizer,
+)
+from llava_jax.conversion.hf_config import from_hf_config
 from llava_jax.data import templates
 from llava_jax.data.prompt import (
     PromptError,
@@ -24,13 +29,8 @@ from llava_jax.data.prompt import (
     tokenize_prompt,
     tokenize_spans,
 )
-from llava_jax.hf_config import from_hf_config
+from llava_jax.errors import CheckpointError
 from llava_jax.models.feature_plan import Media, sample_plan
-from llava_jax.tiny_tokenizer import (
-    build_tiny_bytelevel_tokenizer,
-    build_tiny_tokenizer,
-    save_tiny_tokenizer,
-)
 
 IMAGE, VIDEO = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN
 IMG, VID = Media.image(9, 9), Media.video(2)

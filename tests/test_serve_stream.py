@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llava_jax.generate import Prompt, SamplingConfig
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
+from llava_jax.inference.generator import Prompt, SamplingConfig
 from llava_jax.serve.scheduler import Job, TextStream
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer
 
 TOKENIZER = build_tiny_tokenizer()
 EOS = TOKENIZER.eos_token_id

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_jax import shapes
 from llava_jax.data.templates import get_template, render_spans
+from llava_jax.train import shapes
 
 SIZE = 32
 SPLITS = dict(num_stage1=60, num_stage2=70, num_val=20, image_size=SIZE)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llava_jax import checkpoint
+from llava_jax import model_io
 
 ROOT = Path(__file__).parents[1]
 SHORT = [
@@ -43,7 +43,7 @@ def test_builtin_run_end_to_end_then_resumes_as_complete(tmp_path):
     assert first.returncode == 1, first.stderr[-3000:]
     assert "held-out accuracy" in first.stderr and "(target 90%)" in first.stderr
     for stage in ("stage1", "stage2"):
-        assert checkpoint.is_model_dir(tmp_path / stage / "model"), stage
+        assert model_io.is_model_dir(tmp_path / stage / "model"), stage
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_questions"] == 6 == len(report["results"])
     assert report["accuracy"] == sum(r["correct"] for r in report["results"]) / 6

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
 from llava_jax.data.templates import (
     TEMPLATES,
     ChatTemplate,
@@ -16,7 +17,6 @@ from llava_jax.data.templates import (
     resolve_template,
     to_hf_content,
 )
-from llava_jax.tiny_tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
 
 ONE_TURN = [{"role": "user", "content": "<image>\nWhat is this?"}]
 TWO_TURNS = [

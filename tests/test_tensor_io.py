@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from llava_jax.convert.tensor_io import (
+from llava_jax.conversion.tensor_io import (
     CheckpointError,
     CheckpointReader,
     CheckpointWriter,
@@ -365,7 +365,7 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
     # Reading through a memory map (safe_open, np.memmap) grows VmHWM by ~200 MiB here.
     script = textwrap.dedent(
         f"""
-        from llava_jax.convert.tensor_io import CheckpointReader
+        from llava_jax.conversion.tensor_io import CheckpointReader
 
         def peak_rss_kib():
             with open("/proc/self/status") as f:

@@ -18,8 +18,8 @@ import pytest
 from etils import epath
 from fake_gcs import fake_gcs  # noqa: F401 (a fixture)
 
-from llava_jax import checkpoint, shapes
-from llava_jax.train import config_loader, loop
+from llava_jax import model_io, param_paths
+from llava_jax.train import config_loader, loop, shapes
 from llava_jax.train.shapes_run import _random_model_dir
 
 RECIPE = str(Path(__file__).parents[1] / "configs" / "shapes_tiny.py") + ":stage1"
@@ -85,7 +85,7 @@ def test_preempted_killed_and_restarted_run_matches_uninterrupted(setup, tmp_pat
     reference = tmp_path / "reference"
     config = config_loader.load_config(RECIPE, setup)
     result = loop.train(config, reference)
-    assert not result.preempted and checkpoint.is_model_dir(result.model_dir)
+    assert not result.preempted and model_io.is_model_dir(result.model_dir)
     expected = _losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert expected[STEPS] < expected[1]  # it learns
@@ -116,7 +116,7 @@ def test_preempted_killed_and_restarted_run_matches_uninterrupted(setup, tmp_pat
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "resuming from step" in out
-    assert checkpoint.is_model_dir(run / "model")
+    assert model_io.is_model_dir(run / "model")
     got = _losses(run)
     assert sorted(got) == sorted(expected)
     mismatched = {
@@ -150,7 +150,7 @@ def test_changed_data_order_settings_refuse_to_resume(setup, tmp_path):
 
 
 def test_exported_model_answers_with_its_training_template(setup, tmp_path):
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=1"])
     result = loop.train(config, tmp_path)
@@ -213,7 +213,7 @@ def test_two_processes_train_like_one(setup, tmp_path):
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in want:
         assert np.isclose(got[step], want[step], rtol=1e-5), (step, got[step], want[step])
-    assert checkpoint.is_model_dir(multi / "model")
+    assert model_io.is_model_dir(multi / "model")
 
 
 def test_a_run_on_a_bucket(setup, tmp_path, fake_gcs, monkeypatch):  # noqa: F811
@@ -251,7 +251,7 @@ def test_a_run_on_a_bucket(setup, tmp_path, fake_gcs, monkeypatch):  # noqa: F81
     assert [json.loads(line)["step"] for line in second] == [3]  # it resumed, not restarted
     assert _finished_steps(workdir) == [2, 3]
     assert os.fspath(result.model_dir) == "gs://bucket/runs/r1/model"
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     pipe = Pipeline.load(result.model_dir, echo=lambda _: None)  # generate / eval / serve
     assert pipe.template.name == "plain" and pipe.cfg == config_loader.model_config(more)
@@ -307,8 +307,8 @@ def test_lora_run_exports_the_merged_model(setup, tmp_path):
     config = config_loader.load_config(RECIPE, overrides)
     result = loop.train(config, tmp_path)
     cfg = config_loader.model_config(config)
-    init = checkpoint.load_params(config.init_from, cfg)
-    final = checkpoint.load_params(result.model_dir, cfg)
+    init = model_io.load_params(config.init_from, cfg)
+    final = model_io.load_params(result.model_dir, cfg)
     assert set(final) == set(init)
     for path, value in final.items():
         changed = not np.array_equal(np.asarray(value), np.asarray(init[path]))
@@ -322,13 +322,13 @@ def test_lora_run_exports_the_merged_model(setup, tmp_path):
     assert main([*argv, "--merge", "--step", "7", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     assert main([*argv, "--merge", "--out", str(tmp_path / "exported")]) == 0
-    exported = checkpoint.load_params(tmp_path / "exported", cfg)
+    exported = model_io.load_params(tmp_path / "exported", cfg)
     for path, value in final.items():
         assert np.array_equal(np.asarray(exported[path]), np.asarray(value)), path
 
     # Without --merge: the adapters alone, which `generate --adapter` applies to the base.
     assert main([*argv, "--out", str(tmp_path / "adapter")]) == 0
-    spec, adapter = checkpoint.load_adapter_dir(tmp_path / "adapter")
+    spec, adapter = model_io.load_adapter_dir(tmp_path / "adapter")
     assert (spec.rank, spec.alpha) == (4, 8.0)
     labels = loop.state_lib.labels_for(cfg, config)
     assert set(adapter) == {p for p, label in labels.items() if label != "frozen"}
@@ -383,7 +383,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
     ckpts = reference / "checkpoints"
     state_dir = ckpts / "4" / "state"
     tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
-    assert set(checkpoint.nested_to_flat(tree["params"])) == trained
+    assert set(param_paths.nested_to_flat(tree["params"])) == trained
     # Against the same step saved whole (what a LoRA checkpoint held before): the frozen
     # base is ~75% of the state's values here (the tiny projector is as big as the
     # adapters); at 7B with rank 128 it is ~87%.
@@ -402,16 +402,16 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
     got = _losses(run)
     assert sorted(got) == list(range(5, STEPS + 1))
     assert {s: got[s] for s in got} == {s: expected[s] for s in got}  # bit for bit
-    want = checkpoint.load_params(reference / "model", cfg)
-    for path, value in checkpoint.load_params(run / "model", cfg).items():
+    want = model_io.load_params(reference / "model", cfg)
+    for path, value in model_io.load_params(run / "model", cfg).items():
         assert np.array_equal(np.asarray(value), np.asarray(want[path])), path
 
     # Another base under the same checkpoint: refused in one line, nothing written.
     init = Path(config.init_from)
-    params = {k: np.asarray(v) for k, v in checkpoint.load_params(init, cfg).items()}
+    params = {k: np.asarray(v) for k, v in model_io.load_params(init, cfg).items()}
     params["language_model/norm/scale"] = params["language_model/norm/scale"] + 1
-    assets = init / checkpoint.ASSETS_DIR
-    other = checkpoint.save_model_dir(
+    assets = init / model_io.ASSETS_DIR
+    other = model_io.save_model_dir(
         tmp_path / "other_init", cfg, params, assets, [p.name for p in assets.iterdir()]
     )
     moved = tmp_path / "moved"

@@ -20,8 +20,9 @@ from train_helpers import (
     train_config,
 )
 
-from llava_jax.checkpoint import abstract_model, nested_to_flat
+from llava_jax.models.build import abstract_model
 from llava_jax.models.llava import LlavaModel
+from llava_jax.param_paths import nested_to_flat
 from llava_jax.sharding import make_mesh
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import decay_mask, lr_schedule, trainable_labels

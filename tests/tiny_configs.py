@@ -1,7 +1,7 @@
 """Tiny LlavaConfigs of the three families for data-pipeline tests (no weights needed).
 
 42 px views of 14 px patches (9 tokens per view), a 160-token vocabulary whose ids 150 and
-151 are the image and video tokens of `llava_jax.tiny_tokenizer`.
+151 are the image and video tokens of `llava_jax.checks.tiny_tokenizer`.
 """
 
 from llava_jax.config import (

@@ -5,11 +5,11 @@
 #   pip install -e '.[test]' 'jax[cuda12]'   # or jax[cuda13], to match the driver
 #   tpu_scripts/gpu_smoke.sh [--steps 300] [--out smoke.json]
 #
-# Without a GPU it prints why and exits 0. Arguments go to `python -m llava_jax.gpu_smoke`
+# Without a GPU it prints why and exits 0. Arguments go to `python -m llava_jax.checks.gpu_smoke`
 # (see its --help).
 set -euo pipefail
 
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
-  exec "${PYTHON:-python3}" -m llava_jax.gpu_smoke --help
+  exec "${PYTHON:-python3}" -m llava_jax.checks.gpu_smoke --help
 fi
-exec "${PYTHON:-python3}" -m llava_jax.gpu_smoke "$@"
+exec "${PYTHON:-python3}" -m llava_jax.checks.gpu_smoke "$@"

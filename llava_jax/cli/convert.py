@@ -101,8 +101,8 @@ def add_parser(subparsers) -> None:
 
 
 def run_hf_to_jax(args: argparse.Namespace) -> int:
-    from llava_jax.checkpoint import is_model_dir
-    from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+    from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+    from llava_jax.model_io import is_model_dir
 
     _require_dir(args.hf, "--hf")
     if is_model_dir(args.hf):
@@ -129,9 +129,9 @@ def run_hf_to_jax(args: argparse.Namespace) -> int:
 
 
 def run_jax_to_hf(args: argparse.Namespace) -> int:
-    from llava_jax.checkpoint import is_model_dir, load_config
-    from llava_jax.convert.jax_to_hf import convert_jax_to_hf
-    from llava_jax.convert.tensor_io import parse_size
+    from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
+    from llava_jax.conversion.tensor_io import parse_size
+    from llava_jax.model_io import is_model_dir, load_config
 
     _require_dir(args.ckpt, "--ckpt")
     if not is_model_dir(args.ckpt) and (args.ckpt / "config.json").is_file():
@@ -194,7 +194,8 @@ def _stored_params(model_dir: Path) -> tuple[int, list[str]]:
     """(parameter count, sorted dtype names) from the orbax metadata, without reading arrays."""
     import orbax.checkpoint as ocp
 
-    from llava_jax.checkpoint import PARAMS_DIR, nested_to_flat
+    from llava_jax.model_io import PARAMS_DIR
+    from llava_jax.param_paths import nested_to_flat
 
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.metadata(model_dir.absolute() / PARAMS_DIR).item_metadata.tree

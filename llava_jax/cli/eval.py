@@ -43,7 +43,7 @@ def add_judge_args(parser: argparse.ArgumentParser, prefix: str = "judge-") -> N
 
 
 def make_client(args: argparse.Namespace, model: str, default_cache: Path, prefix: str = "judge_"):
-    from llava_jax.llm_client import ChatClient
+    from llava_jax.eval.llm_client import ChatClient
 
     get = lambda name: getattr(args, prefix + name)  # noqa: E731
     return ChatClient(get("base_url"), model, api_key_env=get("api_key_env"),
@@ -153,13 +153,13 @@ def run(args: argparse.Namespace) -> int:
 
         get_template(args.template)  # an unknown name fails now, not after the model loads
     if args.adapter is not None:
-        from llava_jax import checkpoint
+        from llava_jax import model_io
 
         if args.model is None:
             raise CommandError("--adapter adapts --model, which is not given")
-        if not checkpoint.is_adapter_dir(args.adapter):
+        if not model_io.is_adapter_dir(args.adapter):
             raise CommandError(
-                f"--adapter {args.adapter}: no {checkpoint.ADAPTER_CONFIG_FILE}; not an adapter "
+                f"--adapter {args.adapter}: no {model_io.ADAPTER_CONFIG_FILE}; not an adapter "
                 "dir (`llava-jax export` of a LoRA run without --merge writes one)"
             )
     echo = lambda message: print(message, file=sys.stderr)  # noqa: E731
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
 
         def load():
-            from llava_jax.pipeline import Pipeline
+            from llava_jax.inference.pipeline import Pipeline
 
             overrides = {"dtype": args.dtype} if args.dtype else {}
             return Pipeline.load(args.model, template=args.template, echo=echo,

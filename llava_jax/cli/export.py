@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from etils import epath
 
-    from llava_jax import checkpoint
+    from llava_jax import model_io, param_paths
     from llava_jax.cli import CommandError
     from llava_jax.models import lora
     from llava_jax.train import config_loader, loop, resume
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None and not args.merge:
         trained = resume.trained_paths(model_cfg, config)
         params = resume.to_save(state, trained).params
-        checkpoint.save_adapter_dir(out, spec, checkpoint.nested_to_flat(params))
+        model_io.save_adapter_dir(out, spec, param_paths.nested_to_flat(params))
         print(f"step {step} of {workdir} -> {out} (LoRA adapters, unmerged)")
         return 0
     params = state_lib.merged_params(model_cfg, config, mesh, state.params)

@@ -80,18 +80,18 @@ def add_parser(subparsers) -> None:
 def check_model_args(args: argparse.Namespace) -> None:
     """The shared flags' values, before anything loads."""
     from llava_jax.data import templates
-    from llava_jax.generate import SamplingConfig
+    from llava_jax.inference.generator import SamplingConfig
 
     given = args.max_new_tokens
     SamplingConfig(**sampling_args(args, DEFAULT_MAX_NEW_TOKENS if given is None else given))
     if args.template is not None:
         templates.get_template(args.template)
     if args.adapter is not None:
-        from llava_jax import checkpoint
+        from llava_jax import model_io
 
-        if not checkpoint.is_adapter_dir(args.adapter):
+        if not model_io.is_adapter_dir(args.adapter):
             raise CommandError(
-                f"--adapter {args.adapter}: no {checkpoint.ADAPTER_CONFIG_FILE}; not an adapter "
+                f"--adapter {args.adapter}: no {model_io.ADAPTER_CONFIG_FILE}; not an adapter "
                 "dir (`llava-jax export` of a LoRA run without --merge writes one)"
             )
 
@@ -168,7 +168,7 @@ def say(message: str) -> None:
 
 
 def load_pipeline(args: argparse.Namespace, raw: bool = False):
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     overrides = {"dtype": args.dtype} if args.dtype else {}
     return Pipeline.load(args.model, template=args.template, raw=raw, echo=say,

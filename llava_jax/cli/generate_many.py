@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return 0
 
-    from llava_jax.engine import Engine, PrefixCache
+    from llava_jax.inference.engine import Engine
+    from llava_jax.inference.prefix_cache import PrefixCache
 
     pipeline = load_pipeline(args, raw=args.raw)
     cfg, context = pipeline.cfg, pipeline.cfg.text.max_position_embeddings
@@ -344,7 +345,7 @@ def _answer(pipeline, engine, todo: list[Line], max_new: list[int],
             args: argparse.Namespace, writer: Writer) -> None:  # fmt: skip
     """Runs every prompt through `engine`, loading each one's media only when a slot is free
     for it at the next step, so that few prompts' pixels are held at once."""
-    from llava_jax.engine import Request
+    from llava_jax.inference.engine import Request
 
     pending = iter(enumerate(zip(todo, max_new, strict=True)))
     running = []

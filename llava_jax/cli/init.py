@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--vision", args.vision), ("--llm", args.llm)):
         if not path.is_dir():
             raise CommandError(f"{flag} {path}: no such directory")
-    from llava_jax.init_model import assemble
+    from llava_jax.conversion.init_model import assemble
     from llava_jax.train.config_loader import load_config, model_config
 
     config = load_config(args.config, list(args.overrides))

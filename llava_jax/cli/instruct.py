@@ -80,7 +80,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llava_jax.instruct.coco import load_contexts
-    from llava_jax.instruct.generate import generate, load_few_shot
+    from llava_jax.instruct.writer import generate, load_few_shot
 
     needed = {"--captions": args.captions, "--type": args.response_type, "--out": args.out,
               "--model": args.model}  # fmt: skip

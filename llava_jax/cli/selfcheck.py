@@ -7,9 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llava_jax.checks.selfcheck import FAMILIES
 from llava_jax.cli import CommandError
 from llava_jax.paths import local_path
-from llava_jax.selfcheck import FAMILIES
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             "selfcheck compares against transformers' PyTorch models and needs torch: "
             "pip install -e '.[torch]'"
         ) from None
-    from llava_jax.selfcheck import check_family, format_table
+    from llava_jax.checks.selfcheck import check_family, format_table
 
     families = FAMILIES if args.family == "all" else (args.family,)
     if args.workdir is not None:

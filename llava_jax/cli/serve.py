@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"serving needs the serve extra: pip install 'llava-jax[serve]' ({e})"
         ) from None
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.pipeline import Pipeline
 
     if not _is_loopback(args.host) and cfg.api_key is None:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it "

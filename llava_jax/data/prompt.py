@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from llava_jax.config import Convention, LlavaConfig
-from llava_jax.convert.tensor_io import CheckpointError
 from llava_jax.data.templates import PLACEHOLDER, PromptError, assets_dir
+from llava_jax.errors import CheckpointError
 from llava_jax.models import feature_plan
 from llava_jax.models.feature_plan import Media
 

@@ -127,7 +127,8 @@ def generate_answers(
     a batch. Slots are as long as the longest prompt plus `max_new_tokens` (`slots.py`).
     """
     from llava_jax.data.image_processing import load_image
-    from llava_jax.engine import Engine, PrefixCache, Request
+    from llava_jax.inference.engine import Engine, Request
+    from llava_jax.inference.prefix_cache import PrefixCache
 
     sampling = pipeline.stop_config(max_new_tokens=max_new_tokens, temperature=0.0)
     max_length = slots.slot_length(pipeline, samples, max_new_tokens)

@@ -29,7 +29,7 @@ from flax import nnx
 from qwix._src.core import qarray  # HowToQuantize / quantize: not re-exported by qwix
 from qwix._src.providers.ptq import WithAux
 
-from llava_jax.checkpoint import flat_to_nested, nested_to_flat
+from llava_jax.param_paths import flat_to_nested, nested_to_flat
 
 # Every linear layer of the decoder: q/k/v/o and gate/up/down.
 LLM_LINEARS = (r"language_model/layers/(self_attn|mlp)/\w+_proj/kernel",)

@@ -29,8 +29,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from llava_jax.engine import Engine, PrefixCache
-from llava_jax.generate import Prompt
+from llava_jax.inference.engine import Engine
+from llava_jax.inference.generator import Prompt
+from llava_jax.inference.prefix_cache import PrefixCache
 from llava_jax.serve.config import ServeConfig
 from llava_jax.serve.engine_scheduler import EngineScheduler
 from llava_jax.serve.errors import APIError, invalid
@@ -292,7 +293,7 @@ def _no_sink(event: Event) -> None:
 
 
 def create_app(pipeline, cfg: ServeConfig | None = None) -> FastAPI:
-    """The app serving `pipeline` (a `llava_jax.pipeline.Pipeline`) under `cfg`'s limits."""
+    """The app serving `pipeline` (an `inference.pipeline.Pipeline`) under `cfg`'s limits."""
     cfg = cfg or ServeConfig()
     # One call before any worker thread, so the tokenizer's settings are fixed from then on.
     pipeline.prompt("warm up")

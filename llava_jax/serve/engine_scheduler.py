@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from llava_jax.engine import Engine, Request
+from llava_jax.inference.engine import Engine, Request
 from llava_jax.serve.errors import APIError
 from llava_jax.serve.scheduler import Event, Job, JobQueue, TextStream
 
@@ -26,7 +26,7 @@ class EngineScheduler(JobQueue):
     together.
 
     Args:
-      engine: a `llava_jax.engine.Engine`.
+      engine: a `llava_jax.inference.engine.Engine`.
       decode: token ids -> text (the pipeline's `decode`).
       max_queue, batch_wait_s, batch_window_s: as in `ServeConfig`.
     """

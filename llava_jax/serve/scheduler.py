@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from llava_jax.generate import Prompt, SamplingConfig
+from llava_jax.inference.generator import Prompt, SamplingConfig
 from llava_jax.serve.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Scheduler(JobQueue):
     from start to end (`serve --scheduler batch`).
 
     Args:
-      generator: a `llava_jax.generate.Generator`.
+      generator: a `llava_jax.inference.generator.Generator`.
       decode: token ids -> text (the pipeline's `decode`).
       context: the model's context length, in tokens.
       max_batch, max_queue, batch_wait_s, batch_window_s: as in `ServeConfig`.

@@ -307,12 +307,12 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
 
 
 def _init_from_config(path: str) -> LlavaConfig:
-    from llava_jax import checkpoint
+    from llava_jax import model_io
 
-    if checkpoint.is_model_dir(path):
-        return checkpoint.load_config(path)
+    if model_io.is_model_dir(path):
+        return model_io.load_config(path)
     if (Path(path) / "config.json").is_file():
-        from llava_jax.convert.hf_to_jax import read_hf_config
+        from llava_jax.conversion.hf_to_jax import read_hf_config
 
         return read_hf_config(path)
     raise ConfigLoadError(

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from llava_jax import checkpoint, hardware, paths
+from llava_jax import hardware, model_io, paths
 from llava_jax.config import LlavaConfig
 from llava_jax.data import batching, loader, sources, templates
 from llava_jax.data.image_config import ImageProcessorConfig
@@ -130,7 +130,7 @@ def model_assets(init_from: str) -> Path:
     """
     if not paths.is_url(init_from):
         return templates.assets_dir(init_from)
-    return checkpoint.local_assets(init_from)
+    return model_io.local_assets(init_from)
 
 
 # The software a run's numbers depend on, recorded in <workdir>/config.json: hosts set up at
@@ -182,13 +182,13 @@ def export_model_dir(
     """
     import orbax.checkpoint as ocp
 
-    if out.exists() and checkpoint.is_model_dir(out):
-        raise checkpoint.CheckpointError(f"{out}: a model is already exported here")
+    if out.exists() and model_io.is_model_dir(out):
+        raise model_io.CheckpointError(f"{out}: a model is already exported here")
     with ocp.StandardCheckpointer() as ckptr:
-        params_dir = out / checkpoint.PARAMS_DIR
+        params_dir = out / model_io.PARAMS_DIR
         ckptr.save(epath.Path(paths.absolute(params_dir)), params, force=True)
     if jax.process_index() == 0:
-        assets = out / checkpoint.ASSETS_DIR
+        assets = out / model_io.ASSETS_DIR
         assets.mkdir(parents=True, exist_ok=True)
         for name in HF_ASSET_FILES:
             if (assets_from / name).is_file():
@@ -196,7 +196,7 @@ def export_model_dir(
         (assets / templates.TRAINED_TEMPLATE_FILE).write_text(
             json.dumps({"template": template}) + "\n"
         )
-        (out / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / model_io.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out
 
 
@@ -453,7 +453,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     model_dir = None
     if not preempted:
         model_dir = workdir / "model"
-        if not checkpoint.is_model_dir(model_dir):
+        if not model_io.is_model_dir(model_dir):
             params = state_lib.merged_params(model_cfg, config, mesh, state.params)
             export_model_dir(model_dir, model_cfg, params, assets, config.data.template)
         monitor.message(f"done: {total} steps; model in {model_dir}")

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llava_jax.checkpoint import flat_to_nested
 from llava_jax.models.lora import ADAPTER_SUFFIXES
+from llava_jax.param_paths import flat_to_nested
 
 LABELS = ("train", "vision", "projector", "frozen")
 VISION_PREFIX = "vision_tower/"

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax import checkpoint
-from llava_jax.checkpoint import flat_to_nested, nested_to_flat
+from llava_jax import model_io
 from llava_jax.config import LlavaConfig
 from llava_jax.models import lora
+from llava_jax.param_paths import flat_to_nested, nested_to_flat
 from llava_jax.train import state as state_lib
 from llava_jax.train.checkpoints import Checkpointer
 from llava_jax.train.state import TrainState
@@ -88,13 +88,13 @@ def base_params(config, model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, jax.Arr
     on the fly) with `projector_from`'s connector, in their training shardings."""
     shardings = state_lib.flat_param_shardings(model_cfg, mesh)
     init_from = config.init_from
-    if checkpoint.is_model_dir(init_from):
-        params = checkpoint.load_params(
+    if model_io.is_model_dir(init_from):
+        params = model_io.load_params(
             init_from, model_cfg, shardings=shardings, dtype=model_cfg.param_dtype
         )
     else:
-        from llava_jax.convert.hf_to_jax import hf_to_params
-        from llava_jax.convert.tensor_io import CheckpointReader
+        from llava_jax.conversion.hf_to_jax import hf_to_params
+        from llava_jax.conversion.tensor_io import CheckpointReader
 
         with CheckpointReader(init_from) as reader:
             host = hf_to_params(
@@ -102,7 +102,7 @@ def base_params(config, model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, jax.Arr
             )
         params = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
     if config.projector_from:
-        from llava_jax.init_model import load_projector
+        from llava_jax.conversion.init_model import load_projector
 
         params = load_projector(config.projector_from, params, model_cfg)
         params = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}

@@ -2,7 +2,7 @@
 
 `llava-jax train --config configs/shapes_tiny.py --workdir DIR` does, in DIR:
 
-  data/     the synthetic dataset and its tokenizer (`llava_jax.shapes`)
+  data/     the synthetic dataset and its tokenizer (`llava_jax.train.shapes`)
   init/     a randomly initialised model dir with that tokenizer
   stage1/   stage 1 (captions, `plain`), a normal training workdir; stage1/model is its result
   stage2/   stage 2 (questions, `vicuna_v1`) from stage1/model
@@ -22,10 +22,11 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from llava_jax import checkpoint, shapes
+from llava_jax import model_io
 from llava_jax.data import templates
+from llava_jax.models import build
 from llava_jax.models.llava import LlavaModel
-from llava_jax.train import config_loader, loop
+from llava_jax.train import config_loader, loop, shapes
 
 
 def _dataset(root: Path, config) -> shapes.ShapesPaths:
@@ -54,13 +55,13 @@ def _dataset(root: Path, config) -> shapes.ShapesPaths:
 
 
 def _random_model_dir(out: Path, config, tokenizer_dir: Path) -> Path:
-    if checkpoint.is_model_dir(out):
+    if model_io.is_model_dir(out):
         return out
     cfg = config_loader.model_config(config)
     model = LlavaModel(cfg, rngs=nnx.Rngs(params=jax.random.key(config.train.seed)))
     files = sorted(p.name for p in tokenizer_dir.iterdir() if p.is_file())
-    checkpoint.save_model_dir(
-        out, cfg, checkpoint.model_params(model), assets_from=tokenizer_dir, asset_files=files
+    model_io.save_model_dir(
+        out, cfg, build.model_params(model), assets_from=tokenizer_dir, asset_files=files
     )
     return out
 
@@ -68,8 +69,8 @@ def _random_model_dir(out: Path, config, tokenizer_dir: Path) -> Path:
 def evaluate_heldout(model_dir: Path, heldout: Path, template: str, batch_size: int = 64):
     """Greedy answers to the held-out questions (on an engine of `batch_size` slots); exact
     match after lower-casing."""
-    from llava_jax.engine import Engine
-    from llava_jax.pipeline import Pipeline
+    from llava_jax.inference.engine import Engine
+    from llava_jax.inference.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir, template=template, echo=lambda _: None)
     sampling = pipe.stop_config(max_new_tokens=8)

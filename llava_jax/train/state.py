@@ -1,10 +1,10 @@
 """The train state (step, parameters, optimizer state), created directly sharded.
 
-Parameters are a nested dict of arrays (the tree `checkpoint.save_model_dir` writes), each
+Parameters are a nested dict of arrays (the tree `model_io.save_model_dir` writes), each
 placed by the logical-axis rules of `sharding.py`; the optimizer's moments take the sharding
 of the parameter they belong to. Nothing is ever gathered onto one host: random
 initialisation runs under `jit` with the final `out_shardings`, and a loaded checkpoint is
-expected to arrive already sharded (`checkpoint.load_params(shardings=...)`).
+expected to arrive already sharded (`model_io.load_params(shardings=...)`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.checkpoint import abstract_model, abstract_params, flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.models import lora
+from llava_jax.models.build import abstract_model, abstract_params
 from llava_jax.models.llava import LlavaModel
+from llava_jax.param_paths import flat_to_nested, nested_to_flat
 from llava_jax.sharding import param_shardings
 from llava_jax.train.optim import make_optimizer, trainable_labels
 
@@ -153,7 +154,7 @@ def init_state(
       config: the training config (`train.trainable`, `optimizer.*`).
       mesh: the device mesh.
       total_steps: optimizer updates in the run (the schedule's length).
-      params: flat {"a/b/c": array} of the plain model from `checkpoint.load_params`
+      params: flat {"a/b/c": array} of the plain model from `model_io.load_params`
         (ideally restored with `flat_param_shardings(model_cfg, mesh)`), or None for a
         random initialisation. With `train.lora`, fresh adapters are added to them.
       rng: the key (or seed) of a random initialisation; default `config.train.seed`.

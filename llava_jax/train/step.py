@@ -29,13 +29,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.checkpoint import flat_to_nested, nested_to_flat
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
 from llava_jax.models import lora
 from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
 from llava_jax.nn.chunks import over_positions
 from llava_jax.nn.cross_entropy import LossImpl, blockwise_cross_entropy, resolve_loss
+from llava_jax.param_paths import flat_to_nested, nested_to_flat
 from llava_jax.train.optim import lr_schedules, make_optimizer
 from llava_jax.train.state import TrainState, labels_for, state_shardings, train_model
 

@@ -3,7 +3,7 @@
 `Pipeline.load(PATH)` accepts a llava-jax model directory (from `convert hf-to-jax` or
 training) or a Hugging Face directory, which is converted in memory on the fly. Then
 `pipeline.prompt(messages, images, video)` renders the conversation, preprocesses the media
-and expands the placeholders into a `generate.Prompt`.
+and expands the placeholders into a `generator.Prompt`.
 """
 
 from __future__ import annotations
@@ -16,24 +16,25 @@ from typing import Any
 
 import numpy as np
 
-from llava_jax import checkpoint
+from llava_jax import model_io
 from llava_jax.config import Family, LlavaConfig
-from llava_jax.convert.tensor_io import CheckpointError
 from llava_jax.data import image_processing, prompt, templates, video
 from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.generate import Generator, Prompt, SamplingConfig
+from llava_jax.errors import CheckpointError
+from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
+from llava_jax.models import build
 from llava_jax.models.feature_plan import Media
 from llava_jax.models.llava import LlavaModel
 
 
 def _load_hf(path: Path, overrides: dict[str, Any]) -> LlavaModel:
-    from llava_jax.convert.hf_to_jax import hf_to_params, read_hf_config
-    from llava_jax.convert.tensor_io import CheckpointReader
+    from llava_jax.conversion.hf_to_jax import hf_to_params, read_hf_config
+    from llava_jax.conversion.tensor_io import CheckpointReader
 
     cfg = read_hf_config(path).replace(**overrides)
     with CheckpointReader(path) as reader:
         params = hf_to_params(cfg, reader.keys(), reader.shape, reader.read, cfg.param_dtype)
-    return checkpoint.model_from_params(cfg, params)  # device arrays, as `load_model` gives
+    return build.model_from_params(cfg, params)  # device arrays, as `load_model` gives
 
 
 def load_any_model(
@@ -44,17 +45,17 @@ def load_any_model(
     A llava-jax model dir may be remote (gs://); its assets are then copied here first.
     """
     if "://" in os.fspath(path):
-        if not checkpoint.is_model_dir(path):
+        if not model_io.is_model_dir(path):
             raise CheckpointError(
                 f"{path}: not a llava-jax model directory (a remote path must be one; an HF "
                 "checkpoint must be local)"
             )
-        return checkpoint.load_model(path, **overrides), checkpoint.local_assets(path)
+        return model_io.load_model(path, **overrides), model_io.local_assets(path)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory")
-    if checkpoint.is_model_dir(path):
-        return checkpoint.load_model(path, **overrides), path / checkpoint.ASSETS_DIR
+    if model_io.is_model_dir(path):
+        return model_io.load_model(path, **overrides), path / model_io.ASSETS_DIR
     if (path / "config.json").is_file():
         echo(f"{path} is a Hugging Face checkpoint: converting it in memory "
              "(`llava-jax convert hf-to-jax` does this once)")  # fmt: skip
@@ -90,7 +91,7 @@ class Pipeline:
         if adapter is not None:
             from llava_jax.models import lora
 
-            spec, params = checkpoint.load_adapter_dir(adapter)
+            spec, params = model_io.load_adapter_dir(adapter)
             try:
                 model = lora.with_adapter(model, spec, params)
             except ValueError as e:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_jax.checkpoint import ASSETS_DIR, load_config, load_params
 from llava_jax.config import LlavaConfig
-from llava_jax.convert.mapping import hf_output_key, rules
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointWriter
-from llava_jax.hf_config import to_hf_config
+from llava_jax.conversion.hf_config import to_hf_config
+from llava_jax.conversion.mapping import hf_output_key, rules
+from llava_jax.conversion.tensor_io import CheckpointWriter
+from llava_jax.errors import CheckpointError
+from llava_jax.model_io import ASSETS_DIR, load_config, load_params
 
 
 def params_to_hf(cfg: LlavaConfig, params: Mapping[str, np.ndarray]):

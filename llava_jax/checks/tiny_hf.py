@@ -130,7 +130,7 @@ def save_llava_dir(out_dir: str | os.PathLike, model=None) -> Path:
     tests and benchmarks pass as `--model HF_DIR`."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    from llava_jax.tiny_tokenizer import save_tiny_tokenizer
+    from llava_jax.checks.tiny_tokenizer import save_tiny_tokenizer
 
     out = Path(out_dir)
     (model or llava()).save_pretrained(out)

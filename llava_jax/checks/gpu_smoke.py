@@ -1,6 +1,6 @@
 """GPU smoke test: parity with transformers, a short tiny training, a 0.5B throughput probe.
 
-    python -m llava_jax.gpu_smoke [--steps 300] [--out smoke.json]
+    python -m llava_jax.checks.gpu_smoke [--steps 300] [--out smoke.json]
 
 (also `tpu_scripts/gpu_smoke.sh`). On a machine where JAX sees no GPU it prints why and
 exits 0 without running anything. Three checks, each printed as it finishes:
@@ -39,7 +39,7 @@ def _gpu_devices():
 
 
 def check_parity(workdir: Path) -> dict:
-    from llava_jax.selfcheck import FAMILIES, check_family
+    from llava_jax.checks.selfcheck import FAMILIES, check_family
 
     out = {}
     for family in FAMILIES:
@@ -51,8 +51,7 @@ def check_parity(workdir: Path) -> dict:
 
 
 def check_training(workdir: Path, steps: int) -> dict:
-    from llava_jax import shapes
-    from llava_jax.train import config_loader, loop
+    from llava_jax.train import config_loader, loop, shapes
     from llava_jax.train.shapes_run import _random_model_dir
 
     recipe = str(Path(__file__).parents[1] / "configs" / "shapes_tiny.py") + ":stage1"
@@ -173,7 +172,7 @@ def probe_throughput(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llava_jax.gpu_smoke",
+        prog="python -m llava_jax.checks.gpu_smoke",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from llava_jax.generate import Prompt
+from llava_jax.inference.generator import Prompt
 
 
 @struct.dataclass

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_jax.checkpoint import save_model_dir
 from llava_jax.config import Family, LlavaConfig, VisionKind
-from llava_jax.convert.original_config import family_of, from_original_config, tower_kind
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader, read_config_json
+from llava_jax.conversion.original_config import family_of, from_original_config, tower_kind
+from llava_jax.conversion.tensor_io import CheckpointReader, read_config_json
 from llava_jax.data import templates
 from llava_jax.data.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from llava_jax.data.prompt import load_tokenizer
+from llava_jax.errors import CheckpointError
+from llava_jax.model_io import save_model_dir
 
 _TOWER_PREFIX = "model.vision_tower.vision_tower."
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
@@ -108,7 +109,7 @@ def convert_original_to_jax(
     Returns:
       The model config written.
     """
-    from llava_jax.convert.hf_to_jax import hf_to_params  # which dispatches here
+    from llava_jax.conversion.hf_to_jax import hf_to_params  # which dispatches here
 
     src = Path(src_dir)
     raw = read_config_json(src / "config.json", "a model directory")

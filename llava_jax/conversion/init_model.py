@@ -38,11 +38,13 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from llava_jax.checkpoint import abstract_params, is_model_dir, load_params
 from llava_jax.config import Family, LlavaConfig, VisionKind
-from llava_jax.convert.mapping import canonical_key, rule_for
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader, read_config_json
-from llava_jax.hf_config import ConfigError, from_hf_config
+from llava_jax.conversion.hf_config import ConfigError, from_hf_config
+from llava_jax.conversion.mapping import canonical_key, rule_for
+from llava_jax.conversion.tensor_io import CheckpointReader, read_config_json
+from llava_jax.errors import CheckpointError
+from llava_jax.model_io import is_model_dir, load_params
+from llava_jax.models.build import abstract_params
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -287,9 +289,9 @@ def assemble(
     Returns:
       The config written.
     """
-    from llava_jax.checkpoint import save_model_dir
-    from llava_jax.convert.hf_to_jax import hf_to_params
+    from llava_jax.conversion.hf_to_jax import hf_to_params
     from llava_jax.data.prompt import load_tokenizer
+    from llava_jax.model_io import save_model_dir
 
     out = epath.Path(out_dir)  # local or gs://
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -49,8 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from llava_jax.engine.prefix_cache import Block, PrefixCache, media_digest
-from llava_jax.generate import Generation, Generator, Prompt, SamplingConfig, _sample, bucket
+from llava_jax.inference.generator import (
+    Generation,
+    Generator,
+    Prompt,
+    SamplingConfig,
+    _sample,
+    bucket,
+)
+from llava_jax.inference.prefix_cache import Block, PrefixCache, media_digest
 from llava_jax.models.llm import KVCache
 
 

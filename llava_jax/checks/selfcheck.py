@@ -5,7 +5,7 @@ For each family: build a tiny random transformers model in-process (nothing is d
 same random image prompt (non-square for the AnyRes families, so unpadding and the grid
 really happen) and compare the image features and the logits, float32 on CPU.
 
-The models come from `llava_jax.tiny_hf`, the same builders the test suite uses.
+The models come from `llava_jax.checks.tiny_hf`, the same builders the test suite uses.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class CheckResult:
 
 def build_tiny_hf_model(family: str):
     """A tiny random transformers model of `family`, in eval mode."""
-    from llava_jax import tiny_hf
+    from llava_jax.checks import tiny_hf
 
     if family not in tiny_hf.BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
@@ -52,9 +52,10 @@ def check_family(family: str, workdir: str | os.PathLike) -> CheckResult:
     """Builds, saves, converts and compares one family; files go under `workdir`."""
     import torch
 
-    from llava_jax import tiny_hf
-    from llava_jax.checkpoint import load_model, model_params
-    from llava_jax.convert.hf_to_jax import convert_hf_to_jax
+    from llava_jax.checks import tiny_hf
+    from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+    from llava_jax.model_io import load_model
+    from llava_jax.models.build import model_params
     from llava_jax.models.feature_plan import (
         Media,
         build_feature_plan,

@@ -27,7 +27,7 @@ from llava_jax.config import (
     VisionConfig,
     VisionKind,
 )
-from llava_jax.hf_config import ConfigError, extra_json, text_from_hf, vision_from_hf
+from llava_jax.conversion.hf_config import ConfigError, extra_json, text_from_hf, vision_from_hf
 
 ARCHITECTURES = {
     "LlavaLlamaForCausalLM": "llama",

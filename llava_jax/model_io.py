@@ -25,49 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from llava_jax import paths
 from llava_jax.config import LlavaConfig
-from llava_jax.convert.tensor_io import CheckpointError  # one error type for all checkpoints
+from llava_jax.errors import CheckpointError
+from llava_jax.models.build import abstract_params, default_sharding, model_from_params
 from llava_jax.models.llava import LlavaModel
+from llava_jax.param_paths import flat_to_nested, nested_to_flat
 
 CONFIG_FILE = "llava_config.json"
 PARAMS_DIR = "params"
 ASSETS_DIR = "assets"
-
-
-def flat_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = nested
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
-
-
-def nested_to_flat(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in nested.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(nested_to_flat(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def abstract_model(cfg: LlavaConfig) -> LlavaModel:
-    """The model with ShapeDtypeStruct parameters: no memory allocated."""
-    return nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
-
-
-def abstract_params(cfg: LlavaConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Flat {"a/b/c": ShapeDtypeStruct} of every parameter of `LlavaModel(cfg)`."""
-    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-    return nested_to_flat(state)
 
 
 def save_model_dir(
@@ -267,40 +235,11 @@ def _count_nonfinite(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32) for k, v in params.items()}
 
 
-def default_sharding() -> jax.sharding.Sharding:
-    """Where a loaded model's parameters go unless a mesh says otherwise: the first local device."""
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def model_from_params(cfg: LlavaConfig, params: Mapping[str, Any]) -> LlavaModel:
-    """`LlavaModel(cfg)` holding `params` (flat {path: array}), each placed on the device.
-
-    Host NumPy arrays would be copied into the device again at every jitted call (a decode
-    step reads all weights), so every parameter becomes a device array here, whichever
-    loader produced it; arrays already placed stay where they are.
-    """
-    device = default_sharding()
-    placed = {
-        path: value if isinstance(value, jax.Array) else jax.device_put(value, device)
-        for path, value in params.items()
-    }
-    model = abstract_model(cfg)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, flat_to_nested(placed))
-    nnx.update(model, state)
-    return model
-
-
 def load_model(model_dir: str | os.PathLike, **overrides: Any) -> LlavaModel:
     """A ready `LlavaModel` from a model directory; `overrides` replace config fields
     (execution switches such as `dtype`, `scan_layers`, `remat_policy`)."""
     cfg = load_config(model_dir).replace(**overrides)
     return model_from_params(cfg, load_params(model_dir, cfg, dtype=cfg.param_dtype))
-
-
-def model_params(model: LlavaModel) -> dict[str, np.ndarray]:
-    """Flat {path: array} of a model's parameters."""
-    return nested_to_flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 # An adapter dir (`llava-jax export` of a LoRA run without --merge): the run's trained

@@ -6,7 +6,7 @@ to the start of the text only (so text right after a special token gets none, th
 breaks naive segment-wise tokenization), BOS is added, and `<image>`, `<video>`,
 `<|im_start|>`, `<|im_end|>` are special added tokens that never merge with text.
 
-Ids fit the tiny models of `llava_jax.tiny_hf`: 160 ids, `<image>` = 150, `<video>` = 151,
+Ids fit the tiny models of `llava_jax.checks.tiny_hf`: 160 ids, `<image>` = 150, `<video>` = 151,
 BOS = 1, EOS = 2 (the LlamaConfig defaults).
 
 `build_tiny_bytelevel_tokenizer` is the other kind LLaVA models use, a byte-level BPE like

@@ -17,8 +17,8 @@ import re
 
 import numpy as np
 
-from llava_jax.checkpoint import abstract_params
 from llava_jax.config import LlavaConfig
+from llava_jax.models.build import abstract_params
 
 
 class Transform(enum.Enum):

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_jax.checkpoint import abstract_params, save_model_dir
 from llava_jax.config import LlavaConfig
-from llava_jax.convert.mapping import canonical_key, rules
-from llava_jax.convert.original_config import is_original_config
-from llava_jax.convert.original_to_jax import convert_original_to_jax
-from llava_jax.convert.tensor_io import CheckpointError, CheckpointReader
-from llava_jax.hf_config import ConfigError, from_hf_config
+from llava_jax.conversion.hf_config import ConfigError, from_hf_config
+from llava_jax.conversion.mapping import canonical_key, rules
+from llava_jax.conversion.original_config import is_original_config
+from llava_jax.conversion.original_to_jax import convert_original_to_jax
+from llava_jax.conversion.tensor_io import CheckpointReader
+from llava_jax.errors import CheckpointError
+from llava_jax.model_io import save_model_dir
+from llava_jax.models.build import abstract_params
 
 # Files copied next to the parameters so the model can run (tokenizer, processor, template).
 ASSET_FILES = (

@@ -25,6 +25,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from llava_jax.errors import CheckpointError
+
 _FORMATS = [  # (safetensors name, numpy dtype, torch dtype); the format is little-endian
     ("F64", "<f8", "float64"),
     ("F32", "<f4", "float32"),
@@ -44,10 +46,6 @@ _TORCH_DTYPES = {f"torch.{torch_name}": DTYPES[name] for name, _, torch_name in 
 _MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
 _PICKLE_SUFFIXES = (".bin", ".pt")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, malformed or unsafe; the message names the file."""
 
 
 def read_config_json(path: Path, what: str = "a Hugging Face model directory") -> dict:
