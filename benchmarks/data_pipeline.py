@@ -253,13 +253,15 @@ class Ours:
 
     def epoch(self) -> int:
         from llava_jax.data import loader
+        from llava_jax.data.schema import BATCH_FIELDS
+        from llava_jax.sharding import shard_batch
 
         it = loader.make_loader(self.source, self.transform, self.shape, self.cfg, seed=0,
                                 num_epochs=1, num_workers=0, process_index=0,
                                 process_count=1)  # fmt: skip
         samples = 0
         for host in it:
-            for a in loader.global_batch(host, self.mesh).values():
+            for a in shard_batch(host, self.mesh, BATCH_FIELDS).values():
                 a.block_until_ready()
             samples += host["num_samples"]
         return samples

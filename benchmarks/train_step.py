@@ -38,13 +38,13 @@ import transformers  # noqa: E402
 
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax  # noqa: E402
 from llava_jax.data import batching  # noqa: E402
-from llava_jax.data.schema import Example  # noqa: E402
+from llava_jax.data.schema import BATCH_FIELDS, Example  # noqa: E402
 from llava_jax.model_io import load_config, load_params  # noqa: E402
 from llava_jax.models.feature_plan import Media, num_tokens  # noqa: E402
-from llava_jax.sharding import make_mesh  # noqa: E402
+from llava_jax.sharding import make_mesh, shard_batch  # noqa: E402
 from llava_jax.train.defaults import base_config  # noqa: E402
 from llava_jax.train.state import init_state  # noqa: E402
-from llava_jax.train.step import make_train_step, shard_batch  # noqa: E402
+from llava_jax.train.step import make_train_step  # noqa: E402
 
 IMAGE_TOKEN = 32000
 LR, BETAS, EPS, CLIP = 2e-5, (0.9, 0.999), 1e-8, 1.0
@@ -140,7 +140,7 @@ def run_variant(name, base_cfg, params, host, torch_trainer, torch_log, args):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     state = init_state(cfg, config, mesh, 1000, params={k: v.copy() for k, v in params.items()})
     step = make_train_step(cfg, config, mesh, 1000)
-    batch = shard_batch(host, mesh)
+    batch = shard_batch(host, mesh, BATCH_FIELDS)
 
     def jax_step():
         nonlocal state
@@ -179,7 +179,7 @@ def time_pieces(name, base_cfg, params, host, torch_trainer, rounds: int):
     remat, layout = name.split(":")
     cfg = base_cfg.replace(remat_policy=remat, scan_layers=layout == "scan")
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    batch = shard_batch(host, mesh)
+    batch = shard_batch(host, mesh, BATCH_FIELDS)
     graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
     nested = flat_to_nested(params)
     frozen = {"vision_tower": nested["vision_tower"]}

@@ -40,6 +40,7 @@ from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.schema import BATCH_FIELDS, SKIP_REASONS
 from llava_jax.data.sources import open_source
 from llava_jax.data.transforms import SampleTransform
+from llava_jax.sharding import shard_batch
 
 # -- models: tiny LLaVA-1.5 (pad), NeXT (anyres), OneVision (anyres_max_9, video) -------------
 
@@ -442,7 +443,7 @@ def check_epoch(epoch: Epoch, mix: Mix, family: str, packing: bool) -> None:
 def check_global_batches(epoch: Epoch, mesh) -> None:
     """Every batch onto the mesh: sharded over data x fsdp, values unchanged."""
     for b in epoch.batches:
-        device = loader.global_batch(b, mesh)
+        device = shard_batch(b, mesh, BATCH_FIELDS)
         assert device.keys() == BATCH_FIELDS.keys()
         for name, array in device.items():
             assert array.sharding.spec[0] == ("data", "fsdp"), name

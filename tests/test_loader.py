@@ -23,6 +23,7 @@ from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord, SkipSample
 from llava_jax.models import feature_plan
 from llava_jax.models.feature_plan import Media
+from llava_jax.sharding import shard_batch
 
 BAD_REASONS = ("corrupt_image", "missing_file", "unknown_role")
 
@@ -208,7 +209,7 @@ def test_grouping_spans_hosts():
 def test_global_batch_single_process():
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
     host = next(make(make_records(16), batch_size=8))
-    arrays = loader.global_batch(host, mesh)
+    arrays = shard_batch(host, mesh, BATCH_FIELDS)
     assert set(arrays) == set(BATCH_FIELDS)
     for name, value in arrays.items():
         assert value.shape == host[name].shape, name

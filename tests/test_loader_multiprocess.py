@@ -31,6 +31,8 @@ WORKER = textwrap.dedent(
     from test_loader import FakeTransform, make_records, shape_for
     from llava_jax.config import LlavaConfig
     from llava_jax.data import loader
+    from llava_jax.data.schema import BATCH_FIELDS
+    from llava_jax.sharding import shard_batch
 
     cfg = LlavaConfig.from_dict(json.loads(cfg_json))  # no transformers import here
 
@@ -46,7 +48,7 @@ WORKER = textwrap.dedent(
     for step in range(steps):
         host = next(it)
         saved[f"ids_{step}"] = np.array(host["sample_ids"])
-        for name, value in loader.global_batch(host, mesh).items():
+        for name, value in shard_batch(host, mesh, BATCH_FIELDS).items():
             saved[f"shape_{step}_{name}"] = np.array(value.shape)
             for s in value.addressable_shards:  # the rows this process holds
                 rows = s.index[0]

@@ -20,7 +20,7 @@ from llava_jax.models import build, lora
 from llava_jax.models.build import abstract_model
 from llava_jax.models.llava import LlavaModel
 from llava_jax.param_paths import flat_to_nested, nested_to_flat
-from llava_jax.sharding import make_mesh
+from llava_jax.sharding import make_mesh, shard_batch
 from llava_jax.train.checkpoints import Checkpointer
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import lr_schedules, trainable_labels
@@ -31,7 +31,7 @@ from llava_jax.train.state import (
     labels_for,
     train_model,
 )
-from llava_jax.train.step import make_train_step, shard_batch, token_losses
+from llava_jax.train.step import make_train_step, token_losses
 
 LLM_KERNELS = [f"language_model/layers/{m}/kernel" for m in (
     "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",

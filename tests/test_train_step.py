@@ -23,11 +23,11 @@ from train_helpers import (
 from llava_jax.models.build import abstract_model
 from llava_jax.models.llava import LlavaModel
 from llava_jax.param_paths import nested_to_flat
-from llava_jax.sharding import make_mesh
+from llava_jax.sharding import make_mesh, shard_batch
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import decay_mask, lr_schedule, trainable_labels
 from llava_jax.train.state import abstract_state, has_optimizer_state, init_state, labels_for
-from llava_jax.train.step import make_train_step, shard_batch, token_losses
+from llava_jax.train.step import make_train_step, token_losses
 
 VISION_DIMS = {24, 40, 6}  # the tiny tower's width, MLP width and head dim (the LLM has none)
 

@@ -93,8 +93,9 @@ def run_losses(mesh, steps: int = 3, accum: int = 1, trainable=STAGE2, local_row
 
     `local_rows(batch) -> this process's rows` for multi-process runs (default: all rows).
     """
+    from llava_jax.sharding import shard_batch
     from llava_jax.train.state import init_state
-    from llava_jax.train.step import make_train_step, shard_batch
+    from llava_jax.train.step import make_train_step
 
     cfg = model_config()
     config = train_config(trainable, optimizer__grad_accum=accum)

@@ -117,8 +117,10 @@ def probe_throughput(
     import jax
 
     from llava_jax import hardware
+    from llava_jax.data.schema import BATCH_FIELDS
     from llava_jax.nn.attention_kernels import resolve
     from llava_jax.nn.cross_entropy import resolve_loss
+    from llava_jax.sharding import shard_batch
     from llava_jax.train import config_loader, flops, state, step
     from llava_jax.train.defaults import base_config
 
@@ -141,7 +143,7 @@ def probe_throughput(
     train_state = state.init_state(cfg, config, mesh, total_steps=100)
     train_step = step.make_train_step(cfg, config, mesh, total_steps=100)
     host = _random_batch(cfg, batch, seq_len, np.random.default_rng(0))
-    batch_arrays = step.shard_batch(host, mesh)
+    batch_arrays = shard_batch(host, mesh, BATCH_FIELDS)
     start = time.perf_counter()
     train_state, metrics = train_step(train_state, batch_arrays)
     jax.block_until_ready(metrics)

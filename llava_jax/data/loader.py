@@ -33,7 +33,7 @@ from absl import flags as absl_flags
 from llava_jax.config import LlavaConfig
 from llava_jax.data import batching
 from llava_jax.data.batching import BatchShape
-from llava_jax.data.schema import BATCH_FIELDS, SKIP_REASONS, Example, RawRecord, SkipSample
+from llava_jax.data.schema import SKIP_REASONS, Example, RawRecord, SkipSample
 
 logger = logging.getLogger("llava_jax.data")
 
@@ -311,25 +311,6 @@ def make_loader(
             absl_flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(_BatchIterDataset(it_ds, shape, cfg, packing))
-
-
-def global_batch(
-    host_batch: Mapping[str, Any],
-    mesh: jax.sharding.Mesh,
-    data_axes: Sequence[str] = ("data", "fsdp"),
-) -> dict[str, jax.Array]:
-    """This host's batch as the global arrays of the train step, batch dim over `data_axes`.
-
-    Non-array fields ("skipped", "num_samples", "sample_ids") are dropped. Every host calls
-    it with its own rows; the global batch dimension is the hosts' rows in process order.
-    """
-    axes = tuple(a for a in data_axes if a in mesh.axis_names)
-    spec = jax.sharding.PartitionSpec(axes or None)
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return {
-        name: jax.make_array_from_process_local_data(sharding, np.asarray(host_batch[name]))
-        for name in BATCH_FIELDS
-    }
 
 
 class SkipBudgetExceeded(ValueError):

@@ -26,6 +26,7 @@ from llava_jax.nn.attention_kernels import FusedAttention
 from llava_jax.nn.layers import RMSNorm, activation, dense, partitioned
 from llava_jax.nn.rotary import apply_rope
 from llava_jax.nn.stack import run_stacked, stacked
+from llava_jax.sharding import HIDDEN, constrain
 
 
 @struct.dataclass
@@ -225,7 +226,7 @@ class LanguageModel(nnx.Module):
 
         def layer_fn(layer, h, kv):
             cached = None if kv is None else (*kv, cache_mask)
-            return layer(h, positions, mask, cached)
+            return layer(constrain(h, HIDDEN), positions, mask, cached)
 
         h, new_kv = run_stacked(
             self.layers,
@@ -238,7 +239,7 @@ class LanguageModel(nnx.Module):
         )
         if cache is not None:
             cache = _append(cache, new_kv, segment_ids)
-        return self.norm(h), cache
+        return self.norm(constrain(h, HIDDEN)), cache
 
     def vocab_projection(self, dtype) -> tuple[jax.Array, int]:
         """(weight, vocab_axis) in `dtype`: the lm_head kernel [D, V] (axis 1) or, with tied

@@ -21,6 +21,7 @@ from llava_jax.nn.attention import dot_product_attention
 from llava_jax.nn.attention_kernels import FusedAttention
 from llava_jax.nn.layers import LayerNorm, activation, dense, partitioned
 from llava_jax.nn.stack import run_stacked, stacked
+from llava_jax.sharding import HIDDEN, constrain
 
 
 class VisionEmbeddings(nnx.Module):
@@ -152,7 +153,7 @@ class VisionTransformer(nnx.Module):
         keep_all = len(indices) > 1
 
         def layer_fn(layer, h, _):
-            h = layer(h, attention)
+            h = layer(constrain(h, HIDDEN), attention)
             return h, (h if keep_all else None)
 
         last, per_layer = run_stacked(

@@ -25,7 +25,8 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import Mesh, PartitionSpec
 
-BATCH_AXES = ("data", "fsdp")  # as `train/step.py`: rows over data x fsdp
+from llava_jax.sharding import BATCH_AXES
+
 HEAD_AXIS = "tensor"
 _BLOCKS = (512, 256, 128)  # splash block sizes tried, largest first (MaxText's default: 512)
 

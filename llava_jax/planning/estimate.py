@@ -42,10 +42,10 @@ from llava_jax.data.batching import BatchShape, empty_batch
 from llava_jax.hardware import Chip, mfu
 from llava_jax.nn.attention_kernels import resolve, splash_kernel_flops
 from llava_jax.nn.cross_entropy import resolve_loss
-from llava_jax.sharding import make_mesh
+from llava_jax.sharding import batch_sharding, make_mesh
 from llava_jax.train import config_loader, flops
 from llava_jax.train.state import abstract_state, labels_for
-from llava_jax.train.step import batch_sharding, make_train_step
+from llava_jax.train.step import make_train_step
 
 # HBM bandwidth per chip, bytes/s, for the roofline cross-check (Cloud TPU docs, the v4 / v5e
 # / v5p / v6e system-architecture pages).

@@ -35,6 +35,8 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import batching, loader, sources, templates
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.prompt import load_tokenizer
+from llava_jax.data.schema import BATCH_FIELDS
+from llava_jax.sharding import shard_batch
 from llava_jax.train import config_loader, flops, resume
 from llava_jax.train import state as state_lib
 from llava_jax.train import step as step_lib
@@ -409,7 +411,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             budget.update(host["skipped"], host["num_samples"])
             tokens += float(np.count_nonzero(host["segment_ids"])) * jax.process_count()
             samples += host["num_samples"] * jax.process_count()
-            state, metrics = train_step(state, loader.global_batch(host, mesh))
+            state, metrics = train_step(state, shard_batch(host, mesh, BATCH_FIELDS))
             pending.append(metrics)
             done = step + 1
             if trace.after_step(done, state):

@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -36,10 +35,9 @@ from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
 from llava_jax.nn.chunks import over_positions
 from llava_jax.nn.cross_entropy import LossImpl, blockwise_cross_entropy, resolve_loss
 from llava_jax.param_paths import flat_to_nested, nested_to_flat
+from llava_jax.sharding import BATCH_AXES, batch_sharding
 from llava_jax.train.optim import lr_schedules, make_optimizer
 from llava_jax.train.state import TrainState, labels_for, state_shardings, train_model
-
-BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the batch dimension
 
 METRICS = (
     "loss",  # mean CE over supervised tokens
@@ -51,24 +49,6 @@ METRICS = (
     "vision_lr",  # the vision tower's learning rate (only when it trains)
     "nonfinite",  # 1 when the update was skipped
 )
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Dimension 0 (rows) split over (data, fsdp); the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-
-def shard_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows of each BATCH_FIELDS array.
-
-    Every process passes its own consecutive block of rows (process p holds rows
-    p * B / P ... (p + 1) * B / P - 1 of the global batch of B rows).
-    """
-    sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-        for k in BATCH_FIELDS
-    }
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -252,8 +232,15 @@ def make_train_step(
 
     metric_sh = {k: replicated for k in METRICS if k != "vision_lr" or "vision" in schedules}
     batch_sh = {k: rows for k in BATCH_FIELDS}
+
+    def step_on_mesh(state: TrainState, batch: Mapping[str, jax.Array]):
+        # Traced under the mesh, so the models' activation constraints (`sharding.constrain`)
+        # apply.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
     jitted = jax.jit(
-        step,
+        step_on_mesh,
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, metric_sh),
         donate_argnums=0,
