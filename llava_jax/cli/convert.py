@@ -102,10 +102,8 @@ def add_parser(subparsers) -> None:
 
 def run_hf_to_jax(args: argparse.Namespace) -> int:
     from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
-    from llava_jax.model_io import is_model_dir
-
     _require_dir(args.hf, "--hf")
-    if is_model_dir(args.hf):
+    if _format(args.hf) == "llava-jax":
         raise CommandError(
             f"--hf {args.hf}: is a llava-jax model directory; to export it use "
             "`convert jax-to-hf --ckpt`"
@@ -131,10 +129,10 @@ def run_hf_to_jax(args: argparse.Namespace) -> int:
 def run_jax_to_hf(args: argparse.Namespace) -> int:
     from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
     from llava_jax.conversion.tensor_io import parse_size
-    from llava_jax.model_io import is_model_dir, load_config
+    from llava_jax.model_io import load_config
 
     _require_dir(args.ckpt, "--ckpt")
-    if not is_model_dir(args.ckpt) and (args.ckpt / "config.json").is_file():
+    if _format(args.ckpt) == "hf":
         raise CommandError(
             f"--ckpt {args.ckpt}: is a Hugging Face directory, not a llava-jax one; to import "
             "it use `convert hf-to-jax --hf`"
@@ -154,6 +152,18 @@ def run_jax_to_hf(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _format(path: Path) -> str | None:
+    """"llava-jax" or "hf" (`conversion/source.py`); None for neither, which the converter
+    then refuses naming the file it misses."""
+    from llava_jax.conversion import source
+    from llava_jax.errors import CheckpointError
+
+    try:
+        return source.format_of(path)
+    except CheckpointError:
+        return None
 
 
 def _require_dir(path: Path, flag: str) -> None:

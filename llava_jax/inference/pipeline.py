@@ -18,49 +18,25 @@ import numpy as np
 
 from llava_jax import model_io
 from llava_jax.config import Family, LlavaConfig
+from llava_jax.conversion import source
 from llava_jax.data import image_processing, prompt, templates, video
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.errors import CheckpointError
 from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
-from llava_jax.models import build
 from llava_jax.models.feature_plan import Media
 from llava_jax.models.llava import LlavaModel
-
-
-def _load_hf(path: Path, overrides: dict[str, Any]) -> LlavaModel:
-    from llava_jax.conversion.hf_to_jax import hf_to_params, read_hf_config
-    from llava_jax.conversion.tensor_io import CheckpointReader
-
-    cfg = read_hf_config(path).replace(**overrides)
-    with CheckpointReader(path) as reader:
-        params = hf_to_params(cfg, reader.keys(), reader.shape, reader.read, cfg.param_dtype)
-    return build.model_from_params(cfg, params)  # device arrays, as `load_model` gives
 
 
 def load_any_model(
     path: str | os.PathLike, echo: Callable[[str], None] = print, **overrides: Any
 ) -> tuple[LlavaModel, Path]:
-    """(model, directory holding its tokenizer and processor files) for either kind of PATH.
-
-    A llava-jax model dir may be remote (gs://); its assets are then copied here first.
-    """
-    if "://" in os.fspath(path):
-        if not model_io.is_model_dir(path):
-            raise CheckpointError(
-                f"{path}: not a llava-jax model directory (a remote path must be one; an HF "
-                "checkpoint must be local)"
-            )
-        return model_io.load_model(path, **overrides), model_io.local_assets(path)
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model directory")
-    if model_io.is_model_dir(path):
-        return model_io.load_model(path, **overrides), path / model_io.ASSETS_DIR
-    if (path / "config.json").is_file():
+    """(model, local directory holding its tokenizer and processor files) for a model in
+    either format (`conversion/source.py`); an HF directory is converted in memory, and
+    `echo` says so."""
+    if source.format_of(path) == source.Format.HF:
         echo(f"{path} is a Hugging Face checkpoint: converting it in memory "
              "(`llava-jax convert hf-to-jax` does this once)")  # fmt: skip
-        return _load_hf(path, overrides), path
-    raise CheckpointError(f"{path}: neither a llava-jax model directory nor an HF checkpoint")
+    return source.load_model(path, **overrides), source.assets(path)
 
 
 @dataclasses.dataclass

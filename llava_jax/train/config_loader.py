@@ -307,18 +307,13 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
 
 
 def _init_from_config(path: str) -> LlavaConfig:
-    from llava_jax import model_io
+    from llava_jax.conversion import source
+    from llava_jax.errors import CheckpointError
 
-    if model_io.is_model_dir(path):
-        return model_io.load_config(path)
-    if (Path(path) / "config.json").is_file():
-        from llava_jax.conversion.hf_to_jax import read_hf_config
-
-        return read_hf_config(path)
-    raise ConfigLoadError(
-        f"config.init_from={path!r}: neither a llava-jax model dir (llava_config.json) nor an "
-        "HF dir (config.json)"
-    )
+    try:
+        return source.load_config(path)
+    except CheckpointError as e:
+        raise ConfigLoadError(f"config.init_from={path!r}: {e}") from None
 
 
 def total_steps(config: ml_collections.ConfigDict, num_records: int) -> int:

@@ -32,6 +32,7 @@ from etils import epath
 
 from llava_jax import hardware, model_io, paths
 from llava_jax.config import LlavaConfig
+from llava_jax.conversion import source
 from llava_jax.data import batching, loader, sources, templates
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.prompt import load_tokenizer
@@ -125,14 +126,8 @@ class _Preemption:
 
 
 def model_assets(init_from: str) -> Path:
-    """The tokenizer and processor files of `init_from`, as a local directory.
-
-    transformers reads tokenizers from local directories only, so the assets of a remote
-    model dir (gs://) are copied next to the process first.
-    """
-    if not paths.is_url(init_from):
-        return templates.assets_dir(init_from)
-    return model_io.local_assets(init_from)
+    """The tokenizer and processor files of `init_from`, as a local directory."""
+    return source.assets(init_from)
 
 
 # The software a run's numbers depend on, recorded in <workdir>/config.json: hosts set up at

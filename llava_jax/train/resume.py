@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax import model_io
 from llava_jax.config import LlavaConfig
+from llava_jax.conversion import source
 from llava_jax.models import lora
 from llava_jax.param_paths import flat_to_nested, nested_to_flat
 from llava_jax.train import state as state_lib
@@ -87,20 +87,9 @@ def base_params(config, model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, jax.Arr
     """Flat params of the plain model from `init_from` (a model dir, or an HF dir converted
     on the fly) with `projector_from`'s connector, in their training shardings."""
     shardings = state_lib.flat_param_shardings(model_cfg, mesh)
-    init_from = config.init_from
-    if model_io.is_model_dir(init_from):
-        params = model_io.load_params(
-            init_from, model_cfg, shardings=shardings, dtype=model_cfg.param_dtype
-        )
-    else:
-        from llava_jax.conversion.hf_to_jax import hf_to_params
-        from llava_jax.conversion.tensor_io import CheckpointReader
-
-        with CheckpointReader(init_from) as reader:
-            host = hf_to_params(
-                model_cfg, reader.keys(), reader.shape, reader.read, model_cfg.param_dtype
-            )
-        params = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+    params = source.load_params(
+        config.init_from, model_cfg, shardings=shardings, dtype=model_cfg.param_dtype
+    )
     if config.projector_from:
         from llava_jax.conversion.init_model import load_projector
 
