@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
+import tiny_configs
 from llm_server import FakeLLM
 from PIL import Image
 
 from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
-from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.eval.llm_client import ChatClient
 from llava_jax.instruct.coco import context_text, load_contexts, normalise_box
@@ -30,13 +30,7 @@ from llava_jax.instruct.writer import (
     to_record,
 )
 
-TINY = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                        num_attention_heads=4, image_size=42, patch_size=14),
-    text=TextConfig(vocab_size=160, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=12),
-    image_token_id=150,
-)  # fmt: skip
+TINY = tiny_configs.LLAVA
 
 CAPTIONS = {
     1: ["A dog runs on grass.", "A brown dog in a park.", "A dog chasing a ball.",
