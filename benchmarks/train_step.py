@@ -135,7 +135,9 @@ def timed(fn) -> tuple[float, object]:
 
 def run_variant(name, base_cfg, params, host, torch_trainer, torch_log, args):
     remat, layout = name.split(":")
-    cfg = base_cfg.replace(dtype="float32", remat_policy=remat, scan_layers=layout == "scan")
+    cfg = base_cfg.with_run(
+        dtype="float32", remat_policy=remat, vision_remat_policy=remat, scan_layers=layout == "scan"
+    )
     config = train_config(args.batch, args.seq_len)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     state = init_state(cfg, config, mesh, 1000, params={k: v.copy() for k, v in params.items()})
@@ -177,7 +179,9 @@ def time_pieces(name, base_cfg, params, host, torch_trainer, rounds: int):
     from llava_jax.train.step import token_losses
 
     remat, layout = name.split(":")
-    cfg = base_cfg.replace(remat_policy=remat, scan_layers=layout == "scan")
+    cfg = base_cfg.with_run(
+        remat_policy=remat, vision_remat_policy=remat, scan_layers=layout == "scan"
+    )
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     batch = shard_batch(host, mesh, BATCH_FIELDS)
     graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]

@@ -35,10 +35,10 @@ def onevision_finetune(arg, stage):
     c = base_config()
     c.model.preset = f"llava-onevision-qwen2-{size}"
     if size == "72b":
-        c.model.overrides.param_dtype = "bfloat16"  # bf16 master weights for the largest
+        c.train.param_dtype = "bfloat16"  # bf16 master weights for the largest
     # Splash attention keeps no [T, S] scores, so full remat stores a layer's input per row
     # (32768 x D in bf16); saving the matmul outputs would hold ~14x that.
-    c.model.overrides.remat_policy = "full"
+    c.train.remat_policy = c.train.vision_remat_policy = "full"
     c.data.template = "qwen_1_5"
     c.data.max_len = 32768  # --model_max_length 32768
     c.data.max_views = MAX_VIEWS

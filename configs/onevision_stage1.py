@@ -30,10 +30,10 @@ def get_config(arg=None):
     c = base_config()
     c.model.preset = f"llava-onevision-qwen2-{size}"
     if size == "72b":
-        c.model.overrides.param_dtype = "bfloat16"  # bf16 master weights for the largest
+        c.train.param_dtype = "bfloat16"  # bf16 master weights for the largest
     # Splash attention keeps no [T, S] scores, so a layer's saved input is what full remat
     # stores per row (8192 x D in bf16); saving the matmul outputs would hold ~14x that.
-    c.model.overrides.remat_policy = "full"
+    c.train.remat_policy = c.train.vision_remat_policy = "full"
     c.data.template = "plain"
     c.data.max_len = 8192  # --model_max_length 8192
     c.data.max_views = 1  # square: one view

@@ -48,9 +48,9 @@ def get_config(arg=None):
                 stage2=BUILTINS[arg],
             )
     c.model.preset = "llava-1.5-7b"
+    c.train.dtype = "float32"  # CPU: bfloat16 matmuls are slower there
+    c.train.remat_policy = c.train.vision_remat_policy = "none"
     with c.model.overrides.unlocked():
-        c.model.overrides.dtype = "float32"  # CPU: bfloat16 matmuls are slower there
-        c.model.overrides.remat_policy = "none"
         c.model.overrides.image_token_id = vocab.index(shapes.IMAGE_TOKEN)
         c.model.overrides.vision = dict(
             hidden_size=64,

@@ -65,6 +65,38 @@ class RematPolicy(enum.StrEnum):
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How a model runs, not what it is: never written into `llava_config.json`.
+
+    None of these changes the parameters' names or shapes, so a checkpoint runs with any of
+    them. Training takes them from `config.train` (`train/defaults.py`); `generate`, `serve`
+    and `eval` from their flags (`--dtype`), with the parameters in the dtype they were
+    stored in unless `param_dtype` is asked for.
+    """
+
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # the parameters' (master weights') dtype
+    # Layers run in a `scan` (one compiled body); False unrolls them, and the attention and
+    # loss chunks below too (slower compiles; XLA's cost analysis then counts every copy).
+    scan_layers: bool = True
+    remat_policy: RematPolicy = RematPolicy.NONE  # the decoder's layers
+    vision_remat_policy: RematPolicy = RematPolicy.NONE  # the vision tower's layers
+    # Training sequences longer than this attend in chunks of this many queries (memory
+    # O(chunk * T) instead of O(T^2), e.g. OneVision's 32K); 0 = never.
+    attention_chunk: int = 2048
+
+    def __post_init__(self):
+        # Enum fields given as strings (from configs and flags) are checked here, once.
+        object.__setattr__(self, "remat_policy", RematPolicy(self.remat_policy))
+        object.__setattr__(self, "vision_remat_policy", RematPolicy(self.vision_remat_policy))
+
+
+# Run settings that llava_config.json held before they moved to `RunSettings`: an old model
+# directory still loads, and they are dropped (they never affected the parameters).
+LEGACY_RUN_KEYS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk")
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """A ViT encoder: CLIP ViT-L/14 or SigLIP so400m/14."""
 
@@ -204,8 +236,8 @@ ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in ran
 class LlavaConfig:
     """A whole LLaVA model: vision tower, connector, decoder, and how image features are laid out.
 
-    The last five fields are execution switches, not architecture: they never change the
-    parameters, so a checkpoint runs with any of them.
+    Every field but the last is architecture (`llava_config.json`); `run` is how this
+    instance runs (`RunSettings`), set by the command and never saved.
     """
 
     family: Family = Family.LLAVA
@@ -225,15 +257,7 @@ class LlavaConfig:
     # HF config fields that do not affect the network (ids, names, image_seq_length, ...),
     # kept as JSON so that writing the config back to HF loses nothing.
     hf_extra: str = "{}"
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    # Layers run in a `scan` (one compiled body); False unrolls them, and the attention and
-    # loss chunks below too (slower compiles; XLA's cost analysis then counts every copy).
-    scan_layers: bool = True
-    remat_policy: RematPolicy = RematPolicy.NONE
-    # Training sequences longer than this attend in chunks of this many queries (memory
-    # O(chunk * T) instead of O(T^2), e.g. OneVision's 32K); 0 = never.
-    attention_chunk: int = 2048
+    run: RunSettings = RunSettings()
 
     def __post_init__(self):
         layers = self.feature_layers
@@ -278,15 +302,30 @@ class LlavaConfig:
     def replace(self, **changes: Any) -> LlavaConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_run(self, **changes: Any) -> LlavaConfig:
+        """This architecture with some run settings changed (`RunSettings` fields)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, **changes))
+
+    def with_fields(self, **changes: Any) -> LlavaConfig:
+        """`replace` and `with_run` in one: each name is a field of one or the other."""
+        run_names = {f.name for f in dataclasses.fields(RunSettings)}
+        run = {k: v for k, v in changes.items() if k in run_names}
+        arch = {k: v for k, v in changes.items() if k not in run_names}
+        return self.replace(**arch).with_run(**run)
+
     # -- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The architecture as JSON-ready data (`llava_config.json`): no run settings."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        del d["run"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LlavaConfig:
-        """Inverse of `to_dict`; unknown keys are an error."""
-        d = dict(d)
+        """Inverse of `to_dict`, with default run settings; unknown keys are an error, the
+        run settings older versions saved (`LEGACY_RUN_KEYS`) are dropped."""
+        d = {k: v for k, v in d.items() if k not in LEGACY_RUN_KEYS}
         vision = _dataclass_from_dict(VisionConfig, d.pop("vision", {}), "vision")
         text = _dataclass_from_dict(TextConfig, d.pop("text", {}), "text")
         cfg = _dataclass_from_dict(cls, d, "config", vision=vision, text=text)

@@ -236,10 +236,12 @@ def _count_nonfinite(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def load_model(model_dir: str | os.PathLike, **overrides: Any) -> LlavaModel:
-    """A ready `LlavaModel` from a model directory; `overrides` replace config fields
-    (execution switches such as `dtype`, `scan_layers`, `remat_policy`)."""
-    cfg = load_config(model_dir).replace(**overrides)
-    return model_from_params(cfg, load_params(model_dir, cfg, dtype=cfg.param_dtype))
+    """A ready `LlavaModel` from a model directory; `overrides` set config fields or run
+    settings (`dtype`, `scan_layers`, ...). The parameters keep the dtype they were stored
+    in unless `param_dtype` is given."""
+    cfg = load_config(model_dir).with_fields(**overrides)
+    params = load_params(model_dir, cfg, dtype=overrides.get("param_dtype"))
+    return model_from_params(cfg, params)
 
 
 # An adapter dir (`llava-jax export` of a LoRA run without --merge): the run's trained

@@ -50,9 +50,9 @@ def test_chunked_equals_full_attention_and_its_gradient(chunk, unroll, window):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_language_model_chunks_long_training_sequences_only(scan_layers):
-    tiny_cfg = TINY.replace(scan_layers=scan_layers)
-    model = LlavaModel(tiny_cfg.replace(attention_chunk=0), rngs=nnx.Rngs(0))
-    chunked = LlavaModel(tiny_cfg.replace(attention_chunk=8), rngs=nnx.Rngs(0))
+    tiny_cfg = TINY.with_run(scan_layers=scan_layers)
+    model = LlavaModel(tiny_cfg.with_run(attention_chunk=0), rngs=nnx.Rngs(0))
+    chunked = LlavaModel(tiny_cfg.with_run(attention_chunk=8), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(2), (2, 30), 0, 100)
     seg = jnp.array([[1] * 12 + [2] * 14 + [0] * 4, [1] * 30])
     pos = jnp.concatenate([jnp.arange(12), jnp.arange(14), jnp.zeros(4, int)])

@@ -80,7 +80,7 @@ def test_stage_values_from_recipes_md():
     ov = load_config(str(CONFIGS / "onevision_si.py"))
     assert (ov.optimizer.lr, ov.optimizer.vision_lr, ov.data.max_len) == (1e-5, 2e-6, 32768)
     big = load_config(str(CONFIGS / "onevision_72b_ov.py"))
-    assert model_config(big).param_dtype == "bfloat16"
+    assert model_config(big).run.param_dtype == "bfloat16"
     assert load_config(str(CONFIGS / "llava_v1_finetune.py:full")).train.num_epochs == 3.0
 
 
@@ -95,7 +95,7 @@ def test_overrides_parse_with_the_field_type():
             "--config.data.template=plain",
             "--config.train.trainable=('multi_modal_projector/.*',)",
             "--config.mesh.fsdp=4",
-            "--config.model.overrides.scan_layers=False",
+            "--config.train.scan_layers=False",
             "--config.model.overrides.vision.image_size=224",
             "--config.model.overrides.projector=linear",
         ],
@@ -106,7 +106,11 @@ def test_overrides_parse_with_the_field_type():
     assert config.train.trainable == ("multi_modal_projector/.*",)
     assert config.mesh.fsdp == 4
     cfg = model_config(config)
-    assert (cfg.scan_layers, cfg.vision.image_size, cfg.projector) == (False, 224, Projector.LINEAR)
+    assert (cfg.run.scan_layers, cfg.vision.image_size, cfg.projector) == (
+        False,
+        224,
+        Projector.LINEAR,
+    )
     unquoted = load_config(
         str(CONFIGS / "llava15_7b_finetune.py"), ["--config.train.trainable=a/.*,b/.*"]
     )
@@ -123,6 +127,12 @@ def test_overrides_parse_with_the_field_type():
         ("--config.data.packing=maybe", "not a valid bool"),
         ("--config.optimizer=1", "'optimizer' is a group"),
         ("--config.model.overrides.nope=1", "LlavaConfig has no field 'nope'"),
+        (
+            "--config.model.overrides.remat_policy=dots",
+            "remat_policy is a run setting, not architecture: set --config.train.remat_policy",
+        ),
+        ("--config.model.overrides.run=1", "LlavaConfig has no field 'run'"),
+        ("--config.train.remat_policy=some", "config.train: 'some' is not a valid RematPolicy"),
         ("--config.model.overrides.vision.nope=1", "VisionConfig has no field 'nope'"),
         ("--config.train.trainable=(1, 2)", "item 1 is not a str"),
         ("optimizer.lr", "expected --config.FIELD=VALUE"),
@@ -162,9 +172,10 @@ def test_model_config_from_init_from_dir(tmp_path):
         str(CONFIGS / "shapes_tiny.py"),
         ["--config.model.preset=", f"--config.init_from={tmp_path}"],
     )
-    with config.model.overrides.unlocked():  # keep only execution switches
-        config.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})
-    assert model_config(config) == cfg.replace(dtype="bfloat16")
+    with config.model.overrides.unlocked():  # no architecture overrides
+        config.model.overrides = ml_collections.ConfigDict()
+    config.train.dtype = "bfloat16"
+    assert model_config(config) == cfg.with_run(dtype="bfloat16")
 
 
 def test_total_steps():

@@ -85,13 +85,22 @@ def test_to_dict_from_dict_non_default_fields():
         text=text,
         vision_feature_layer=(-24, -12, -2),
         hf_extra='{"": {"ignore_index": -100}}',
-        dtype="bfloat16",
-        param_dtype="bfloat16",
-        scan_layers=False,
-        remat_policy=RematPolicy.DOTS,
     )
     assert LlavaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     hash(cfg)  # frozen and made of tuples
+    # Run settings are not architecture: never saved, and the saved config comes back with
+    # the defaults, whatever this instance ran with.
+    running = cfg.with_run(dtype="bfloat16", scan_layers=False, remat_policy=RematPolicy.DOTS)
+    assert running.to_dict() == cfg.to_dict() and "run" not in cfg.to_dict()
+    assert LlavaConfig.from_dict(running.to_dict()) == cfg
+
+
+def test_an_old_config_with_run_settings_still_loads():
+    """llava_config.json written before the run settings moved out held them at the top."""
+    d = LlavaConfig.llava15_7b().to_dict()
+    old = {**d, "dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": False,
+           "remat_policy": "full", "attention_chunk": 1024}  # fmt: skip
+    assert LlavaConfig.from_dict(old) == LlavaConfig.llava15_7b()
 
 
 def test_from_dict_refuses_unknown_keys():

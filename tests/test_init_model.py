@@ -25,8 +25,8 @@ from llava_jax.train.defaults import base_config
 def get_config(arg=None):
     c = base_config()
     c.model.preset = {preset!r}
+    c.train.dtype = "float32"
     with c.model.overrides.unlocked():
-        c.model.overrides.dtype = "float32"
         c.model.overrides.vision = {vision!r}
         c.model.overrides.text = {text!r}
         for key, value in {top!r}.items():

@@ -262,7 +262,7 @@ def test_extrapolated_cost_matches_an_unrolled_compile():
     model_cfg = model_config(config)
     mesh = estimate.plan_mesh(config, devices)
     cost, _ = estimate.extrapolated_cost(model_cfg, config, mesh, t.chip)
-    unrolled = model_cfg.replace(scan_layers=False)
+    unrolled = model_cfg.with_run(scan_layers=False)
     compiled, *_ = estimate._compile(unrolled, config, mesh, 8)
     flops, bytes_, _ = estimate._costs(compiled)
     assert cost.flops == pytest.approx(flops, rel=0.02)
@@ -371,7 +371,7 @@ def test_tiny_plan_compiles_and_counts_the_splash_kernel():
 
     t = parse_topology("v5e-8")
     config = load_config(TINY, TINY_ARGS)
-    model_cfg = model_config(config).replace(scan_layers=False)
+    model_cfg = model_config(config).with_run(scan_layers=False)
     mesh = estimate.plan_mesh(config, topo_lib.compile_devices(t))
     compiled, *_ = estimate._compile(model_cfg, config, mesh, 8, for_cost=True)
     text = compiled.as_text()
@@ -427,7 +427,7 @@ def test_onevision_recipes_as_shipped_divide_their_slice_at_the_official_batch(s
     assert rest == 0 and micro_batch % t.num_chips == 0, (micro_batch, t.num_chips)
     stage = "stage1" if recipe == "onevision_stage1.py" else "si"
     assert micro_batch // t.num_chips <= ROWS_PER_CHIP_THAT_FIT[stage, size or "72b"]
-    assert config.model.overrides.remat_policy == "full"
+    assert config.train.remat_policy == config.train.vision_remat_policy == "full"
     state = estimate.abstract_state(model_config(config), config, mesh, 100)
     per_chip = estimate._bytes_per_chip(state.params) + estimate._bytes_per_chip(state.opt_state)
     assert per_chip < 0.1 * t.chip.hbm_bytes, f"{per_chip / 1e9:.1f} GB of state per chip"

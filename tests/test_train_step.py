@@ -289,7 +289,9 @@ def test_init_from_loaded_params_and_decay_mask(one_device):
 def test_step_lowers_for_a_7b_preset_without_allocating():
     from llava_jax.config import LlavaConfig
 
-    cfg = LlavaConfig.preset("llava-1.5-7b").replace(dtype="bfloat16", remat_policy="full")
+    cfg = LlavaConfig.preset("llava-1.5-7b").with_run(
+        dtype="bfloat16", remat_policy="full", vision_remat_policy="full"
+    )
     config = train_config(STAGE2, optimizer__grad_accum=2)
     mesh = make_mesh(data=2, fsdp=4, tensor=1)
     state = abstract_state(cfg, config, mesh, total_steps=100)
@@ -316,14 +318,19 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
 
 
 def test_model_overrides():
-    from llava_jax.config import RematPolicy
-    from llava_jax.train.config_loader import ConfigLoadError, apply_model_overrides
+    from llava_jax.config import RematPolicy, RunSettings
+    from llava_jax.train.config_loader import ConfigLoadError, apply_model_overrides, run_settings
 
     config = train_config()  # defaults: bfloat16 compute, float32 params, full remat, scan
-    cfg = apply_model_overrides(model_config(scan_layers=False), config.model.overrides)
-    assert (cfg.dtype, cfg.param_dtype, cfg.scan_layers) == ("bfloat16", "float32", True)
-    assert cfg.remat_policy is RematPolicy.FULL
-    assert cfg.vision == model_config().vision
+    assert run_settings(config) == RunSettings(
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=True,
+        remat_policy=RematPolicy.FULL,
+        vision_remat_policy=RematPolicy.FULL,
+    )
+    cfg = apply_model_overrides(model_config(), config.model.overrides)
+    assert cfg == model_config()  # the defaults override no architecture field
     config = train_config()
     config.model.overrides.unlock()
     config.model.overrides.dropout = 0.1

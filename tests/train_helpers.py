@@ -34,7 +34,6 @@ TINY = LlavaConfig(
         max_position_embeddings=64,
     ),
     image_token_id=IMAGE_TOKEN,
-    scan_layers=True,
 )
 STAGE1 = ("multi_modal_projector/.*",)
 STAGE2 = ("multi_modal_projector/.*", "language_model/.*")
@@ -54,7 +53,8 @@ def train_config(trainable=STAGE2, **changes):
 
 
 def model_config(**overrides) -> LlavaConfig:
-    return TINY.replace(**overrides)
+    """TINY with architecture fields or run settings changed."""
+    return TINY.with_fields(**overrides)
 
 
 def random_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:

@@ -126,7 +126,7 @@ def probe_throughput(
 
     config = base_config()
     config.model.preset = "llava-onevision-qwen2-0.5b"
-    config.model.overrides.remat_policy = remat
+    config.train.remat_policy = config.train.vision_remat_policy = remat
     config.train.trainable = (".*",)
     config.optimizer.vision_lr = 2e-6
     config.train.batch_size = batch
@@ -138,7 +138,7 @@ def probe_throughput(
         config_loader.apply_override(config, override)
     cfg = config_loader.model_config(config)
     mesh = state.mesh_from_config(config)
-    attention = resolve(config.train.attention, mesh, cfg.dtype).value
+    attention = resolve(config.train.attention, mesh, cfg.run.dtype).value
     loss = resolve_loss(config.train.loss_impl, mesh).value
     train_state = state.init_state(cfg, config, mesh, total_steps=100)
     train_step = step.make_train_step(cfg, config, mesh, total_steps=100)

@@ -102,6 +102,7 @@ def add_parser(subparsers) -> None:
 
 def run_hf_to_jax(args: argparse.Namespace) -> int:
     from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+
     _require_dir(args.hf, "--hf")
     if _format(args.hf) == "llava-jax":
         raise CommandError(
@@ -155,7 +156,7 @@ def run_jax_to_hf(args: argparse.Namespace) -> int:
 
 
 def _format(path: Path) -> str | None:
-    """"llava-jax" or "hf" (`conversion/source.py`); None for neither, which the converter
+    """ "llava-jax" or "hf" (`conversion/source.py`); None for neither, which the converter
     then refuses naming the file it misses."""
     from llava_jax.conversion import source
     from llava_jax.errors import CheckpointError

@@ -34,7 +34,8 @@ def model_args(parser: argparse.ArgumentParser) -> None:
                         help=f"conversation template ({', '.join(template_names())}); "
                         "default: the checkpoint's own chat template")  # fmt: skip
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype (default: as the model was saved)")  # fmt: skip
+                        help="compute dtype (default: float32; the weights stay in the dtype "
+                             "they were saved in)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help=f"most tokens in an answer (default: {DEFAULT_MAX_NEW_TOKENS}, "
                         "or what the model's context leaves after the prompt)")  # fmt: skip

@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
         "machine (CPU only; needs libtpu: pip install -e .[tpu]) and report memory per chip "
         "against HBM, XLA's FLOPs and step-time estimate, the MFU and tokens/s it implies, and "
         "the compile time. Override any config field with --config.FIELD=VALUE (e.g. "
-        "--config.mesh.tensor=2 --config.model.overrides.remat_policy=dots).",
+        "--config.mesh.tensor=2 --config.train.remat_policy=dots).",
     )
     parser.add_argument(
         "--config",
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         if not p.fits:
             print(
                 "To fit: a larger fsdp axis (--config.mesh.fsdp=-1), "
-                "--config.model.overrides.remat_policy=full, more micro-batches "
+                "--config.train.remat_policy=full, more micro-batches "
                 "(--config.optimizer.grad_accum=2), or try --search."
             )
     return 0 if p.fits else 1

@@ -171,9 +171,6 @@ def convert_hf_to_jax(
     cfg = read_hf_config(hf_dir)
     with CheckpointReader(hf_dir, allow_pickle=allow_pickle) as reader:
         params = hf_to_params(cfg, reader.keys(), reader.shape, reader.read, np_dtype)
-    dtypes = {str(a.dtype) for a in params.values()}
-    if len(dtypes) == 1:
-        cfg = cfg.replace(param_dtype=dtypes.pop())
     assets = [name for name in ASSET_FILES if (Path(hf_dir) / name).is_file()]
     save_model_dir(out_dir, cfg, params, assets_from=hf_dir, asset_files=assets)
     return cfg

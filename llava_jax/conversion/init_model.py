@@ -343,7 +343,7 @@ def assemble(
             list(sources),
             lambda k: sources[k][1],
             lambda k: sources[k][0](),
-            np.dtype(_np_dtype(cfg.param_dtype)),
+            np.dtype(_np_dtype(cfg.run.param_dtype)),
         )
     if projector_from:
         params = load_projector(projector_from, params, allow_pickle=allow_pickle)

@@ -149,9 +149,6 @@ def convert_original_to_jax(
             lambda key: sources[key][0].read(sources[key][1]),
             dtype,
         )
-    dtypes = {str(a.dtype) for a in params.values()}
-    if len(dtypes) == 1:
-        cfg = cfg.replace(param_dtype=dtypes.pop())
 
     with tempfile.TemporaryDirectory() as tmp:
         assets = Path(tmp)

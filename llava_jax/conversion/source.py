@@ -79,10 +79,12 @@ def load_params(
 
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> LlavaModel:
-    """A ready `LlavaModel`; `overrides` replace config fields (execution switches such as
-    `dtype`, `scan_layers`, `remat_policy`)."""
-    cfg = load_config(path).replace(**overrides)
-    return build.model_from_params(cfg, load_params(path, cfg, dtype=cfg.param_dtype))
+    """A ready `LlavaModel`; `overrides` set config fields or run settings (`dtype`,
+    `scan_layers`, ...). The parameters keep the dtype they were stored in unless
+    `param_dtype` is given."""
+    cfg = load_config(path).with_fields(**overrides)
+    params = load_params(path, cfg, dtype=overrides.get("param_dtype"))
+    return build.model_from_params(cfg, params)
 
 
 def assets(path: str | os.PathLike) -> Path:

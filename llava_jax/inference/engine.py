@@ -155,7 +155,7 @@ class Engine:
     def reset(self) -> None:
         """Empties the slots (after a device error, say); waiting requests stay."""
         b, v = self.num_slots, self.cfg.text.vocab_size
-        cache = KVCache.init(self.cfg.text, 1, _window(1, self.max_length), self.cfg.dtype)
+        cache = KVCache.init(self.cfg.text, 1, _window(1, self.max_length), self.cfg.run.dtype)
         self._cache = dataclasses.replace(cache, index=jnp.zeros((1,), jnp.int32), empty=False)
         self._rows = Rows(  # one row to start with; `_fit` grows both with the requests
             token=jnp.zeros((1,), jnp.int32),
@@ -385,7 +385,7 @@ def _programs(generator: Generator):
     of one generator (a server's, an eval's) shares their compiled programs."""
     if generator not in _PROGRAMS:
         graphdef, text = generator.graphdef, generator.cfg.text
-        dtype = generator.cfg.dtype
+        dtype = generator.cfg.run.dtype
         _PROGRAMS[generator] = (
             jax.jit(functools.partial(_prefill_fn, graphdef, text, dtype),
                     static_argnames=("cache_len", "greedy")),

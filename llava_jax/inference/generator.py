@@ -165,7 +165,7 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         self.decode = decode
         if not isinstance(attention, FusedAttention):
-            attention = attention_kernel(attention, weights_mesh(self.state), self.cfg.dtype)
+            attention = attention_kernel(attention, weights_mesh(self.state), self.cfg.run.dtype)
         self.attention = attention
         static = ("greedy",)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=static)
@@ -270,7 +270,7 @@ class Generator:
         ids, positions, segment, pixels, taps, weights, cache_len, lengths = self._batch(
             prompts, most_new
         )
-        cache = KVCache.init(self.cfg.text, b, cache_len, self.cfg.dtype)
+        cache = KVCache.init(self.cfg.text, b, cache_len, self.cfg.run.dtype)
         keys = jax.vmap(jax.random.key)(np.array([r.seed % 2**32 for r in rows], np.uint32))
         knobs = {
             "greedy": np.array([r.temperature == 0 for r in rows]),

@@ -18,7 +18,10 @@ class MultiModalProjector(nnx.Module):
         d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
         d = cfg.text.hidden_size
         kw = dict(
-            use_bias=cfg.projector_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+            use_bias=cfg.projector_bias,
+            dtype=cfg.run.dtype,
+            param_dtype=cfg.run.param_dtype,
+            rngs=rngs,
         )
         self.linear_1 = dense(d_in, d, ("vision_embed", "embed"), **kw)
         if cfg.projector == Projector.MLP2X_GELU:

@@ -52,7 +52,7 @@ class LlavaModel(nnx.Module):
         if cfg.has_image_newline:
             d = cfg.text.hidden_size
             init = partitioned(nnx.initializers.normal(d**-0.5), "embed")  # randn / sqrt(d)
-            self.image_newline = nnx.Param(init(rngs.params(), (d,), cfg.param_dtype))
+            self.image_newline = nnx.Param(init(rngs.params(), (d,), cfg.run.param_dtype))
         self.language_model = LanguageModel(cfg, rngs=rngs)
 
     def encode_views(

@@ -163,7 +163,7 @@ class LanguageModel(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         t = cfg.text
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        kw = dict(dtype=cfg.run.dtype, param_dtype=cfg.run.param_dtype, rngs=rngs)
         self.embed_tokens = nnx.Embed(
             t.vocab_size,
             t.hidden_size,
@@ -173,7 +173,9 @@ class LanguageModel(nnx.Module):
         self.layers = stacked(
             lambda r: DecoderLayer(t, **{**kw, "rngs": r}), t.num_hidden_layers, rngs
         )
-        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.norm = RMSNorm(
+            t.hidden_size, t.rms_norm_eps, param_dtype=cfg.run.param_dtype, rngs=rngs
+        )
         if not t.tie_word_embeddings:
             self.lm_head = dense(
                 t.hidden_size, t.vocab_size, ("embed", "vocab"), use_bias=False, **kw
@@ -205,12 +207,12 @@ class LanguageModel(nnx.Module):
         b, seq = segment_ids.shape
         steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
         # The new tokens attend to each other causally, and to everything already cached.
-        chunk = self.cfg.attention_chunk
+        chunk = self.cfg.run.attention_chunk
         if attention is not None and (cache is None or cache.empty):
             mask = FusedCausalMask(segment_ids, attention, t.sliding_window)
         elif cache is None and chunk and seq > chunk:
             mask = ChunkedCausalMask(
-                steps, segment_ids, t.sliding_window, chunk, unroll=not self.cfg.scan_layers
+                steps, segment_ids, t.sliding_window, chunk, unroll=not self.cfg.run.scan_layers
             )
         else:
             mask = causal_mask(steps, steps, segment_ids, segment_ids, t.sliding_window)
@@ -230,12 +232,12 @@ class LanguageModel(nnx.Module):
 
         h, new_kv = run_stacked(
             self.layers,
-            inputs_embeds.astype(self.cfg.dtype),
+            inputs_embeds.astype(self.cfg.run.dtype),
             xs,
             fn=layer_fn,
             num_layers=t.num_hidden_layers,
-            scan=self.cfg.scan_layers,
-            remat=self.cfg.remat_policy,
+            scan=self.cfg.run.scan_layers,
+            remat=self.cfg.run.remat_policy,
         )
         if cache is not None:
             cache = _append(cache, new_kv, segment_ids)

@@ -123,9 +123,9 @@ class VisionTransformer(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         v = cfg.vision
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.embeddings = VisionEmbeddings(v, param_dtype=cfg.param_dtype, rngs=rngs)
-        norm = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        kw = dict(dtype=cfg.run.dtype, param_dtype=cfg.run.param_dtype, rngs=rngs)
+        self.embeddings = VisionEmbeddings(v, param_dtype=cfg.run.param_dtype, rngs=rngs)
+        norm = dict(param_dtype=cfg.run.param_dtype, rngs=rngs)
         if v.has_class_token:
             self.pre_layrnorm = LayerNorm(v.hidden_size, v.layer_norm_eps, **norm)  # sic, HF name
         self.encoder = VisionEncoder(v, **kw)
@@ -147,7 +147,7 @@ class VisionTransformer(nnx.Module):
         """
         # hidden_states[0] is the input of layer 1; hidden_states[i] the output of layer i.
         indices = self.cfg.feature_indices
-        x = self.embeddings(pixel_values.astype(self.cfg.dtype))
+        x = self.embeddings(pixel_values.astype(self.cfg.run.dtype))
         if self.cfg.vision.has_class_token:
             x = self.pre_layrnorm(x)
         keep_all = len(indices) > 1
@@ -161,8 +161,8 @@ class VisionTransformer(nnx.Module):
             x,
             fn=layer_fn,
             num_layers=self.cfg.vision_layers_run,
-            scan=self.cfg.scan_layers,
-            remat=self.cfg.remat_policy,
+            scan=self.cfg.run.scan_layers,
+            remat=self.cfg.run.vision_remat_policy,
         )
         if not keep_all:
             return last if indices[0] > 0 else x

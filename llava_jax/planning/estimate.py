@@ -289,7 +289,7 @@ def _with_depth(cfg: LlavaConfig, vision: int, text: int) -> LlavaConfig:
             continue
         if candidate.vision_layers_run == vision:
             text_cfg = dataclasses.replace(cfg.text, num_hidden_layers=text)
-            return candidate.replace(text=text_cfg, scan_layers=False)
+            return candidate.replace(text=text_cfg).with_run(scan_layers=False)
     raise PlanError(
         f"cannot build a {vision}-layer vision tower for feature layers {cfg.feature_layers}"
     )
@@ -341,7 +341,7 @@ def _direct_cost(compiled, chip: Chip) -> Cost:
 
 def _step_cost(model_cfg, config, mesh, compiled, chip: Chip, progress: Progress):
     """(Cost, seconds of extra compiles) of the step `compiled` for the memory plan."""
-    if model_cfg.scan_layers or int(config.optimizer.grad_accum) > 1:
+    if model_cfg.run.scan_layers or int(config.optimizer.grad_accum) > 1:
         return extrapolated_cost(model_cfg, config, mesh, chip, progress)
     if not has_xla_loops(compiled):
         return _direct_cost(compiled, chip), 0.0
@@ -405,13 +405,13 @@ def plan(
         num_chips=len(devices),
         chip=chip.name,
         mesh={k: int(v) for k, v in mesh.shape.items()},
-        remat_policy=str(model_cfg.remat_policy),
+        remat_policy=str(model_cfg.run.remat_policy),
         grad_accum=accum,
         batch_size=batch,
         rows_per_chip=batch / accum / rows_split,
         seq_len=shape.max_len,
         model_flops=model_flops(model_cfg, config, shape),
-        attention=resolve(config.train.attention, mesh, model_cfg.dtype).value,
+        attention=resolve(config.train.attention, mesh, model_cfg.run.dtype).value,
         loss_impl=resolve_loss(config.train.loss_impl, mesh).value,
     )
     _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")

@@ -35,7 +35,7 @@ def round_one(config) -> list[Changes]:
     """The baseline ({}) and the one-knob changes."""
     out: list[Changes] = [{}]
     out += [_mesh_changes(m) for m in MESHES]
-    out += [{"model.overrides.remat_policy": r} for r in REMATS]
+    out += [{"train.remat_policy": r, "train.vision_remat_policy": r} for r in REMATS]
     accum = int(config.optimizer.grad_accum)
     out += [{"optimizer.grad_accum": accum * f} for f in ACCUM_FACTORS]
     return out
@@ -48,7 +48,8 @@ def _key(config, changes: Changes) -> tuple:
         c.mesh.data,
         c.mesh.fsdp,
         c.mesh.tensor,
-        c.model.overrides.remat_policy,
+        c.train.remat_policy,
+        c.train.vision_remat_policy,
         c.optimizer.grad_accum,
     )
 
@@ -81,7 +82,7 @@ def search(
     run(first)
     tried = list(done.values())
     best_mesh = _best(tried, lambda ch: ch == {} or "mesh.data" in ch)
-    best_remat = _best(tried, lambda ch: ch == {} or "model.overrides.remat_policy" in ch)
+    best_remat = _best(tried, lambda ch: ch == {} or "train.remat_policy" in ch)
     combined = {**best_mesh, **best_remat}
     second = [combined]
     accum = int(config.optimizer.grad_accum)
@@ -110,7 +111,7 @@ def _invalid(config, devices, plan_kwargs, error: str) -> Plan:
         num_chips=len(devices),
         chip=plan_kwargs["chip"].name,
         mesh={"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor},
-        remat_policy=str(config.model.overrides.remat_policy),
+        remat_policy=str(config.train.remat_policy),
         grad_accum=int(config.optimizer.grad_accum),
         batch_size=int(config.train.batch_size),
         rows_per_chip=0.0,

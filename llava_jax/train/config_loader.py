@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from llava_jax import paths
-from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.config import LEGACY_RUN_KEYS, LlavaConfig, RunSettings, TextConfig, VisionConfig
 from llava_jax.data.sources import TFDS_PREFIX
 
 # Trainable-parameter patterns of the papers' stages (haotian-liu/LLaVA
@@ -110,6 +110,7 @@ _RANGES = (
     ("train.num_epochs", "> 0", lambda v: v > 0),
     ("train.num_steps", ">= 0 (0: from num_epochs)", lambda v: v >= 0),
     ("train.loss_chunk", ">= 0 (0: all positions)", lambda v: v >= 0),
+    ("train.attention_chunk", ">= 0 (0: whole rows)", lambda v: v >= 0),
     ("train.log_every", ">= 1", lambda v: v >= 1),
     ("train.checkpoint_every", ">= 1", lambda v: v >= 1),
     ("train.keep_last", ">= 1", lambda v: v >= 1),
@@ -139,6 +140,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             continue  # num_steps decides the run's length
         if not ok(value):
             raise ConfigLoadError(f"config.{name}={value} must be {rule}")
+    run_settings(config)  # the remat policies' names
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
@@ -244,8 +246,13 @@ def _parse_new(text: str, where: str, leaf: str, name: str) -> Any:
     if where == "data.tfds_fields":
         return _unquote(text)
     cls = _NESTED.get(where.rpartition(".")[2], LlavaConfig)
+    if cls is LlavaConfig and leaf in LEGACY_RUN_KEYS:
+        raise ConfigLoadError(
+            f"--config.{name}: {leaf} is a run setting, not architecture: set "
+            f"--config.train.{leaf} instead"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    if leaf not in fields or leaf in _NESTED and cls is LlavaConfig:
+    if leaf not in fields or leaf == "run" or leaf in _NESTED and cls is LlavaConfig:
         raise ConfigLoadError(f"--config.{name}: {cls.__name__} has no field {leaf!r}")
     default = fields[leaf].default
     if isinstance(default, (bool, int, float, str, tuple)) and not isinstance(default, type):
@@ -260,6 +267,12 @@ def _parse_new(text: str, where: str, leaf: str, name: str) -> Any:
 def apply_model_overrides(cfg: LlavaConfig, overrides: Any) -> LlavaConfig:
     """`cfg` with the `config.model.overrides` fields (nested `vision` / `text` groups) set."""
     d = cfg.to_dict()
+    moved = sorted(set(_plain(overrides)) & set(LEGACY_RUN_KEYS))
+    if moved:
+        raise ConfigLoadError(
+            f"config.model.overrides.{moved[0]} is a run setting, not architecture: set "
+            f"config.train.{moved[0]} instead"
+        )
     unknown = sorted(set(_plain(overrides)) - set(d))
     if unknown:
         raise ConfigLoadError(f"config.model.overrides: {unknown} are not LlavaConfig fields")
@@ -289,7 +302,7 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
 
     `config.model.preset` (a name of `config.PRESETS`) plus `config.model.overrides`; with an
     empty preset, the config of `config.init_from` (a llava-jax model dir or an HF dir) plus
-    the overrides.
+    the overrides; run settings from `config.train` (`run_settings`).
     """
     preset = config.model.preset
     if preset:
@@ -303,7 +316,23 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
         raise ConfigLoadError(
             "config.model.preset is empty and config.init_from is not set: no model to build"
         )
-    return apply_model_overrides(base, config.model.overrides)
+    return apply_model_overrides(base, config.model.overrides).replace(run=run_settings(config))
+
+
+def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
+    """The `config.RunSettings` of `config.train` (dtype, remat, scan, attention chunk)."""
+    t = config.train
+    try:
+        return RunSettings(
+            dtype=t.dtype,
+            param_dtype=t.param_dtype,
+            scan_layers=bool(t.scan_layers),
+            remat_policy=t.remat_policy,
+            vision_remat_policy=t.vision_remat_policy,
+            attention_chunk=int(t.attention_chunk),
+        )
+    except ValueError as e:
+        raise ConfigLoadError(f"config.train: {e}") from None
 
 
 def _init_from_config(path: str) -> LlavaConfig:

@@ -26,14 +26,11 @@ def recipe_arg(recipe: str, what: str, arg: str | None, choices: Collection[str]
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # The model: a preset name (config.PRESETS) plus field overrides, or `init_from` alone.
+    # The model: a preset name (config.PRESETS) plus architecture field overrides (e.g.
+    # `text.max_position_embeddings`), or `init_from` alone. How it runs is in `train`.
     c.model = ml_collections.ConfigDict()
     c.model.preset = ""  # e.g. "llava-1.5-7b"; "" = take the config of `init_from`
-    c.model.overrides = ml_collections.ConfigDict()  # LlavaConfig fields, e.g. dtype
-    c.model.overrides.dtype = "bfloat16"  # compute dtype
-    c.model.overrides.param_dtype = "float32"  # master weights ("bfloat16" for the largest)
-    c.model.overrides.remat_policy = "full"  # see config.LlavaConfig.remat_policy
-    c.model.overrides.scan_layers = True
+    c.model.overrides = ml_collections.ConfigDict()  # LlavaConfig fields
     # Where the weights come from: a llava-jax model dir (from `llava-jax init` or a
     # previous stage) or an HF dir; "" = random init (tests, the tiny run).
     c.init_from = ""
@@ -93,6 +90,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Positions of each row projected onto the vocabulary at once in the loss (0 = all):
     # float32 logits [B, T, V] never exist whole (OneVision: T = 8192, V = 152k).
     c.train.loss_chunk = 512
+    # How the model runs (config.RunSettings; never saved with the model's architecture).
+    c.train.dtype = "bfloat16"  # compute dtype
+    c.train.param_dtype = "float32"  # master weights ("bfloat16" for the largest)
+    # Rematerialisation of each layer (config.RematPolicy): "none", "full", "dots",
+    # "dots_with_no_batch_dims"; the decoder's and the vision tower's apart.
+    c.train.remat_policy = "full"
+    c.train.vision_remat_policy = "full"
+    c.train.scan_layers = True  # False unrolls layers (slower compiles; see config.py)
+    c.train.attention_chunk = 2048  # queries per chunk of the XLA attention path; 0 = whole
     # Attention kernel (`nn/attention_kernels.py`): "auto" = Pallas splash on TPU, cuDNN flash
     # attention on GPU, XLA elsewhere, by the devices the step is compiled for; or "xla",
     # "splash", "cudnn". A run setting: it never changes the parameters or the numbers beyond

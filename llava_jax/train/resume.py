@@ -88,7 +88,7 @@ def base_params(config, model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, jax.Arr
     on the fly) with `projector_from`'s connector, in their training shardings."""
     shardings = state_lib.flat_param_shardings(model_cfg, mesh)
     params = source.load_params(
-        config.init_from, model_cfg, shardings=shardings, dtype=model_cfg.param_dtype
+        config.init_from, model_cfg, shardings=shardings, dtype=model_cfg.run.param_dtype
     )
     if config.projector_from:
         from llava_jax.conversion.init_model import load_projector

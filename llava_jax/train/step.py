@@ -91,7 +91,7 @@ def token_losses(
         attention=attention,
     ).hidden
     targets = batch["targets"]
-    unroll = not model.cfg.scan_layers  # plan's unrolled compile counts every block
+    unroll = not model.cfg.run.scan_layers  # plan's unrolled compile counts every block
     if loss_impl == LossImpl.BLOCKWISE:
         weight, vocab_axis = model.language_model.vocab_projection(hidden.dtype)
         return blockwise_cross_entropy(
@@ -133,7 +133,7 @@ def make_train_step(
     trained = {p for p, label in labels.items() if label != "frozen"}
     accum = int(config.optimizer.grad_accum)
     loss_chunk = int(config.train.loss_chunk)
-    attention = attention_kernel(config.train.attention, mesh, model_cfg.dtype)
+    attention = attention_kernel(config.train.attention, mesh, model_cfg.run.dtype)
     spec = lora.spec_from_config(config)
     dropout = spec is not None and spec.dropout > 0
     seed = int(config.train.seed)
