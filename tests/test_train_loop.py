@@ -364,6 +364,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
 
     from llava_jax.train import resume
     from llava_jax.train.checkpoints import Checkpointer
+    from llava_jax.train.setup import TrainSetup
 
     overrides = [
         *setup,
@@ -387,9 +388,8 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
     # Against the same step saved whole (what a LoRA checkpoint held before): the frozen
     # base is ~75% of the state's values here (the tiny projector is as big as the
     # adapters); at 7B with rank 128 it is ~87%.
-    mesh = loop.state_lib.mesh_from_config(config)
     ckpt = Checkpointer(ckpts, save_every=1)
-    state, _ = resume.restore(ckpt, 4, cfg, config, mesh, STEPS)
+    state, _ = resume.restore(ckpt, 4, TrainSetup.build(config, STEPS))
     ckpt.close()
     with ocp.StandardCheckpointer() as whole:
         whole.save(tmp_path / "whole", state)

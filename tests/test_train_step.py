@@ -26,7 +26,8 @@ from llava_jax.param_paths import nested_to_flat
 from llava_jax.sharding import make_mesh
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import decay_mask, lr_schedule, trainable_labels
-from llava_jax.train.state import abstract_state, has_optimizer_state, init_state, labels_for
+from llava_jax.train.setup import TrainSetup
+from llava_jax.train.state import has_optimizer_state, init_state, labels_for
 from llava_jax.train.step import make_train_step, shard_batch, token_losses
 
 VISION_DIMS = {24, 40, 6}  # the tiny tower's width, MLP width and head dim (the LLM has none)
@@ -83,8 +84,9 @@ def test_schedule_matches_hf_warmup_cosine():
 @pytest.fixture(scope="module")
 def stage1(one_device):
     cfg, config = model_config(), train_config(STAGE1)
-    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
-    return cfg, config, state, make_train_step(cfg, config, one_device, total_steps=10)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    state = init_state(setup, rng=0)
+    return cfg, config, state, make_train_step(setup)
 
 
 def test_stage1_trains_only_the_connector(stage1, one_device):
@@ -117,8 +119,9 @@ def test_frozen_tower_runs_forward_only(stage1, one_device):
     forward_dots = _vision_dots(jax.make_jaxpr(forward)(state.params, batch["pixel_values"]))
     for trainable, vision_lr, frozen_tower in ((STAGE2, 0.0, True), ((".*",), 1e-3, False)):
         config = train_config(trainable, optimizer__vision_lr=vision_lr)
-        step = make_train_step(cfg, config, one_device, total_steps=10)
-        abstract = abstract_state(cfg, config, one_device, total_steps=10)
+        setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+        step = make_train_step(setup)
+        abstract = setup.abstract
         dots = _vision_dots(jax.make_jaxpr(step.jitted)(abstract, dict(batch)))
         if frozen_tower:
             assert dots == forward_dots + 1, (dots, forward_dots)
@@ -148,9 +151,10 @@ def _eqns(jaxpr):
 def test_onevision_vision_lr_is_separate(one_device):
     cfg = model_config()
     config = train_config((".*",), optimizer__vision_lr=1e-3, optimizer__lr=1e-2)
-    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    state = init_state(setup, rng=0)
     before = _flat(state)
-    step = make_train_step(cfg, config, one_device, total_steps=10)
+    step = make_train_step(setup)
     state, metrics = step(state, shard_batch(random_batch(0), one_device))
     assert float(metrics["lr"]) == pytest.approx(1e-2)
     assert float(metrics["vision_lr"]) == pytest.approx(1e-3)
@@ -209,9 +213,10 @@ def test_grad_accum_matches_one_big_batch(single_device_losses, one_device):
 def test_bfloat16_compute_and_params(one_device):
     cfg = model_config(dtype="bfloat16", param_dtype="bfloat16")
     config = train_config(STAGE2)
-    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    state = init_state(setup, rng=0)
     assert {v.dtype for v in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
-    step = make_train_step(cfg, config, one_device, total_steps=10)
+    step = make_train_step(setup)
     state, metrics = step(state, shard_batch(random_batch(0), one_device))
     assert float(metrics["nonfinite"]) == 0.0 and 3.0 < float(metrics["loss"]) < 6.0
 
@@ -271,12 +276,13 @@ def test_flops_hand_count():
 
 def test_init_from_loaded_params_and_decay_mask(one_device):
     cfg, config = model_config(), train_config(STAGE2)
-    fresh = init_state(cfg, config, one_device, total_steps=10, rng=3)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    fresh = init_state(setup, rng=3)
     flat = {k: np.asarray(v) for k, v in nested_to_flat(fresh.params).items()}
-    loaded = init_state(cfg, config, one_device, total_steps=10, params=flat)
+    loaded = init_state(setup, params=flat)
     assert all(np.array_equal(v, flat[k]) for k, v in _flat(loaded).items())
     with pytest.raises(ValueError, match="missing"):
-        init_state(cfg, config, one_device, total_steps=10, params=dict(list(flat.items())[1:]))
+        init_state(setup, params=dict(list(flat.items())[1:]))
     mask = nested_to_flat(decay_mask(fresh.params))
     no_decay = sorted(k for k, v in mask.items() if not v)
     assert no_decay == sorted(k for k in flat if k.rsplit("/", 1)[1] in ("bias", "scale"))
@@ -292,7 +298,8 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
     cfg = LlavaConfig.preset("llava-1.5-7b").replace(dtype="bfloat16", remat_policy="full")
     config = train_config(STAGE2, optimizer__grad_accum=2)
     mesh = make_mesh(data=2, fsdp=4, tensor=1)
-    state = abstract_state(cfg, config, mesh, total_steps=100)
+    setup = TrainSetup.build(config, 100, mesh=mesh, model_cfg=cfg)
+    state = setup.abstract
     kernel = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     mu = state.opt_state[1].inner_states["train"].inner_state[0].mu
@@ -306,7 +313,7 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
     batch["view_mask"] = jax.ShapeDtypeStruct((16, 1), bool)
     batch["taps"] = jax.ShapeDtypeStruct((16, 576, 1), np.int32)
     batch["tap_weights"] = jax.ShapeDtypeStruct((16, 576, 1), np.float32)
-    step = make_train_step(cfg, config, mesh, total_steps=100)
+    step = make_train_step(setup)
     lowered = step.jitted.lower(state, batch)
     new_state, metrics = lowered.out_info
     same = jax.tree.map(lambda o, s: (o.shape, o.dtype) == (s.shape, s.dtype), new_state, state)
