@@ -336,3 +336,48 @@ def test_model_overrides():
     config.model.overrides.dropout = 0.1
     with pytest.raises(ConfigLoadError, match=r"\['dropout'\] are not LlavaConfig fields"):
         apply_model_overrides(model_config(), config.model.overrides)
+
+
+# -- the step keeps parameters nested -----------------------------------------------------------
+
+
+def count_conversions(monkeypatch) -> list[str]:
+    """Every `flat_to_nested` / `nested_to_flat` call from now on, by name, wherever a
+    llava_jax module bound them."""
+    import sys
+
+    from llava_jax import param_paths
+
+    calls = []
+    for name in ("flat_to_nested", "nested_to_flat"):
+        original = getattr(param_paths, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("llava_jax") and getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_step_never_converts_params_between_flat_and_nested(one_device, monkeypatch, accum):
+    """The jitted step splits the nested params into trained and frozen trees and merges them
+    back without flat paths (it used to go flat <-> nested six times), and the optimizer
+    state holds the trained parameters alone."""
+    from llava_jax.train import resume
+
+    config = train_config(STAGE1, optimizer__grad_accum=accum)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=model_config())
+    step = make_train_step(setup)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(0).items()}
+    calls = count_conversions(monkeypatch)
+    jax.make_jaxpr(step.jitted)(setup.abstract, batch)
+    assert calls == []
+    resume.frozen_fingerprint(setup, init_state(setup, rng=0))
+    assert "nested_to_flat" in calls  # the counter counts
+    mu = setup.abstract.opt_state[1].inner_states["train"].inner_state[0].mu
+    assert set(nested_to_flat(mu)) == {p for p in setup.labels if p in setup.trained}
+    assert setup.trained == {p for p in setup.labels if p.startswith("multi_modal_projector/")}
