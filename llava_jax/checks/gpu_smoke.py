@@ -120,8 +120,8 @@ def probe_throughput(
     from llava_jax.nn.attention_kernels import resolve
     from llava_jax.nn.cross_entropy import resolve_loss
     from llava_jax.train import config_loader, flops, state, step
-    from llava_jax.train.setup import TrainSetup
     from llava_jax.train.defaults import base_config
+    from llava_jax.train.setup import TrainSetup
 
     config = base_config()
     config.model.preset = "llava-onevision-qwen2-0.5b"
