@@ -381,3 +381,34 @@ def test_the_step_never_converts_params_between_flat_and_nested(one_device, monk
     mu = setup.abstract.opt_state[1].inner_states["train"].inner_state[0].mu
     assert set(nested_to_flat(mu)) == {p for p in setup.labels if p in setup.trained}
     assert setup.trained == {p for p in setup.labels if p.startswith("multi_modal_projector/")}
+
+
+def test_optimizer_state_takes_its_parameters_shardings_by_structure():
+    """Two label groups (masked moments) on a 2x2x2 mesh: every moment leaf has its own
+    parameter's sharding, found by the tree's structure (the parameters here share leaf
+    names and shapes); another group's MaskedNodes stay; the counts are replicated."""
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from llava_jax.train.setup import opt_state_shardings
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    params = {"a": {"w": jnp.zeros((4, 4))}, "b": {"w": jnp.zeros((4, 4))}}
+    params_sh = {
+        "a": {"w": NamedSharding(mesh, P("fsdp"))},
+        "b": {"w": NamedSharding(mesh, P(None, "tensor"))},
+    }
+    labels = {"a": {"w": "train"}, "b": {"w": "projector"}}
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.multi_transform({"train": optax.adamw(1e-3), "projector": optax.adamw(1e-4)}, labels),
+    )
+    replicated = NamedSharding(mesh, P())
+    shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params_sh, replicated)
+    for group, name in (("train", "a"), ("projector", "b")):
+        adam = shardings[1].inner_states[group].inner_state[0]
+        assert adam.mu[name]["w"] == adam.nu[name]["w"] == params_sh[name]["w"], (group, name)
+        other = "b" if name == "a" else "a"
+        assert isinstance(adam.mu[other]["w"], optax.MaskedNode)
+        assert adam.count == replicated
