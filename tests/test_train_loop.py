@@ -423,10 +423,20 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
     assert _finished_steps(moved) == [4] and not (moved / "model").exists()
 
 
-def test_a_start_builds_the_model_once(setup, tmp_path, monkeypatch):
+LORA = ["--config.train.trainable=multi_modal_projector/.*", "--config.optimizer.vision_lr=0",
+        "--config.train.lora.rank=4", "--config.train.lora.alpha=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, want",
+    [([], ["abstract"]), pytest.param(LORA, ["abstract", "abstract"], marks=pytest.mark.slow)],
+    ids=["full", "lora"],
+)
+def test_a_start_builds_the_model_once(setup, tmp_path, monkeypatch, extra, want):
     """A fresh start (setup, loading init_from, the state, the step, the export) builds the
     model abstractly once, in `TrainSetup.build`, and never for real: the weights come from
-    init_from. It used to build it abstractly about 9 times."""
+    init_from. It used to build it abstractly about 9 times. With LoRA, twice: the model with
+    adapters (what trains) and the plain one (what init_from holds and the export writes)."""
     import traceback
 
     from llava_jax.models.llava import LlavaModel
@@ -440,9 +450,9 @@ def test_a_start_builds_the_model_once(setup, tmp_path, monkeypatch):
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(LlavaModel, "__init__", counted)
-    config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=2"])
+    config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=2", *extra])
     loop.train(config, tmp_path)
-    assert builds == ["abstract"]
+    assert builds == want
 
 
 def test_a_checkpoint_from_before_the_trained_only_optimizer_is_refused(setup, tmp_path):

@@ -56,6 +56,7 @@ class TrainSetup:
       shardings: the TrainState as NamedShardings (`out_shardings`, orbax's restore layout).
       flops_per_step: model FLOPs of one optimizer step on the padded global batch
         (`train/flops.py`, MaxText's convention).
+      trained_mask: nested like the params, True where a parameter trains (`split`).
     """
 
     model_cfg: LlavaConfig
@@ -70,7 +71,7 @@ class TrainSetup:
     abstract: TrainState
     shardings: TrainState
     flops_per_step: float
-    _trained_mask: Mapping[str, Any]  # nested {name: bool | subtree}: True where it trains
+    trained_mask: Mapping[str, Any]
 
     @classmethod
     def build(
@@ -140,7 +141,7 @@ class TrainSetup:
             abstract=abstract,
             shardings=shardings,
             flops_per_step=step_flops,
-            _trained_mask=mask,
+            trained_mask=mask,
         )
 
     @functools.cached_property
@@ -159,7 +160,7 @@ class TrainSetup:
 
     def split(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(trained, frozen) nested subtrees of a nested tree shaped like the params."""
-        return _split(params, self._trained_mask)
+        return _split(params, self.trained_mask)
 
     @staticmethod
     def merge(trained: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
