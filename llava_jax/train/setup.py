@@ -37,7 +37,7 @@ from llava_jax.train.optim import lr_schedules, make_optimizer, trainable_labels
 from llava_jax.train.state import TrainState, mesh_from_config, train_model
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared by identity: it holds a model
 class TrainSetup:
     """Everything a run derives from its config before touching data or devices' memory.
 
