@@ -144,9 +144,7 @@ def cost_of(recipe: str, topology: str, overrides) -> dict:
     topo = topo_lib.parse_topology(topology)
     devices = topo_lib.compile_devices(topo)
     config = config_loader.load_config(recipe, list(overrides))
-    model_cfg = config_loader.model_config(config)
-    mesh = estimate.plan_mesh(config, devices)
-    cost, seconds = estimate.extrapolated_cost(model_cfg, config, mesh, topo.chip)
+    cost, seconds = estimate.extrapolated_cost(estimate.plan_setup(config, devices), topo.chip)
     return {"cost": dataclasses.asdict(cost), "compile_seconds": seconds}
 
 

@@ -43,6 +43,7 @@ from llava_jax.model_io import load_config, load_params  # noqa: E402
 from llava_jax.models.feature_plan import Media, num_tokens  # noqa: E402
 from llava_jax.sharding import make_mesh, shard_batch  # noqa: E402
 from llava_jax.train.defaults import base_config  # noqa: E402
+from llava_jax.train.setup import TrainSetup  # noqa: E402
 from llava_jax.train.state import init_state  # noqa: E402
 from llava_jax.train.step import make_train_step  # noqa: E402
 
@@ -140,8 +141,9 @@ def run_variant(name, base_cfg, params, host, torch_trainer, torch_log, args):
     )
     config = train_config(args.batch, args.seq_len)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    state = init_state(cfg, config, mesh, 1000, params={k: v.copy() for k, v in params.items()})
-    step = make_train_step(cfg, config, mesh, 1000)
+    setup = TrainSetup.build(config, 1000, mesh=mesh, model_cfg=cfg)
+    state = init_state(setup, params={k: v.copy() for k, v in params.items()})
+    step = make_train_step(setup)
     batch = shard_batch(host, mesh, BATCH_FIELDS)
 
     def jax_step():

@@ -166,6 +166,7 @@ def load_params(
     cfg: LlavaConfig | None = None,
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     dtype: Any = None,
+    expected: Mapping[str, jax.ShapeDtypeStruct] | None = None,
 ) -> dict[str, jax.Array]:
     """Restores the flat parameter dict, each array straight into its sharding.
 
@@ -174,12 +175,14 @@ def load_params(
       cfg: the config to check shapes against (default: the directory's own).
       shardings: flat {path: Sharding}; default: every array on the first local device.
       dtype: cast every parameter to this dtype while restoring (default: as stored).
+      expected: flat {path: ShapeDtypeStruct} of `cfg`'s model when the caller has them
+        (`TrainSetup.plain_params`); default: built from `cfg`.
     """
     cfg = cfg or load_config(model_dir)
     params_dir = epath.Path(paths.absolute(model_dir)) / PARAMS_DIR  # orbax: absolute only
     if not params_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ (incomplete checkpoint?)")
-    expected = abstract_params(cfg)
+    expected = expected if expected is not None else abstract_params(cfg)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             stored = nested_to_flat(ckptr.metadata(params_dir).item_metadata.tree)

@@ -24,8 +24,8 @@ from llava_jax.sharding import make_mesh, shard_batch
 from llava_jax.train.checkpoints import Checkpointer
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import lr_schedules, trainable_labels
+from llava_jax.train.setup import TrainSetup
 from llava_jax.train.state import (
-    abstract_state,
     has_optimizer_state,
     init_state,
     labels_for,
@@ -124,12 +124,13 @@ def _copy(state) -> dict[str, np.ndarray]:  # copies: the step donates its input
 def _run(quantize: str, tmp_path_factory) -> Run:
     cfg, config = model_config(), lora_config(quantize=quantize)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    state = init_state(cfg, config, mesh, total_steps=10, rng=0)
+    setup = TrainSetup.build(config, 10, mesh=mesh, model_cfg=cfg)
+    state = init_state(setup, rng=0)
     flat = nested_to_flat(state.params)
     has = {p: has_optimizer_state(state.opt_state, p) for p in flat}
     moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
     specs = {p: v.sharding.spec for p, v in flat.items()}
-    step = make_train_step(cfg, config, mesh, total_steps=10)
+    step = make_train_step(setup)
     ckpt_dir = tmp_path_factory.mktemp(f"lora{quantize}")
     params, losses = [_copy(state)], []
     for i in range(3):
@@ -186,7 +187,8 @@ def test_step_on_8_devices_trains_only_adapters(run):
 
 def test_exact_resume(run):
     """Restored at step 2 into a fresh abstract state, one more step gives step 3 exactly."""
-    abstract = abstract_state(run.cfg, run.config, run.mesh, total_steps=10)
+    setup = TrainSetup.build(run.config, 10, mesh=run.mesh, model_cfg=run.cfg)
+    abstract = setup.abstract
     restored, meta = Checkpointer(run.checkpoints, save_every=1).restore(2, abstract, _iterator())
     assert meta == {"step": 2}
     resumed, _ = run.step(restored, shard_batch(random_batch(102), run.mesh))
@@ -236,7 +238,8 @@ def test_qlora_base_is_stored_quantized(qtype, bits):
     `bits`-wide integers plus float32 scales: bytes counted against the float32 kernel."""
     cfg = model_config()
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    state = abstract_state(cfg, lora_config(quantize=qtype), mesh, total_steps=10)
+    setup = TrainSetup.build(lora_config(quantize=qtype), 10, mesh=mesh, model_cfg=cfg)
+    state = setup.abstract
     flat = nested_to_flat(state.params)
     plain = nested_to_flat(nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
     for kernel in LLM_KERNELS:
@@ -409,8 +412,9 @@ def test_train_step_with_dropout_draws_masks_from_the_seed():
         config = lora_config()
         config.train.lora.dropout = 0.3
         config.train.seed = seed
-        state = init_state(cfg, config, mesh, total_steps=10, rng=0)  # the same init
-        step = make_train_step(cfg, config, mesh, total_steps=10)
+        setup = TrainSetup.build(config, 10, mesh=mesh, model_cfg=cfg)
+        state = init_state(setup, rng=0)  # the same init
+        step = make_train_step(setup)
         state, metrics = step(state, shard_batch(random_batch(100), mesh))
         assert np.isfinite(float(metrics["loss"]))
         updated.append(_copy(state))

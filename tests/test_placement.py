@@ -19,7 +19,7 @@ from llava_jax.sharding import (
     make_mesh,
     shard_batch,
 )
-from llava_jax.train.state import abstract_state
+from llava_jax.train.setup import TrainSetup
 from llava_jax.train.step import make_train_step
 
 
@@ -59,8 +59,8 @@ def test_train_step_states_the_hidden_layout_at_the_layer_boundaries():
     instead of leaving the layout between layers to XLA's propagation."""
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     cfg, config = model_config(), train_config(STAGE2)
-    step = make_train_step(cfg, config, mesh, total_steps=10)
-    state = abstract_state(cfg, config, mesh, total_steps=10)
+    setup = TrainSetup.build(config, 10, mesh=mesh, model_cfg=cfg)
+    state, step = setup.abstract, make_train_step(setup)
     batch = shard_batch(random_batch(0), mesh)
     text = step.jitted.lower(state, batch).as_text()
     hidden = re.findall(

@@ -93,12 +93,12 @@ def test_multislice_devices_are_grouped_by_slice():
 
 
 def test_plan_mesh_puts_data_over_slices():
-    from llava_jax.planning.estimate import plan_mesh
+    from llava_jax.planning.estimate import plan_setup
     from llava_jax.train.config_loader import load_config
 
     devices = topo_lib.compile_devices(parse_topology("v5p-16", num_slices=2))
     config = load_config("configs/llava15_7b_finetune.py", ["--config.mesh.tensor=2"])
-    mesh = plan_mesh(config, devices)
+    mesh = plan_setup(config, devices).mesh
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
@@ -168,21 +168,21 @@ def test_tiny_plan_json_on_v5e_8(capsys):
 def test_real_preset_lowers_for_v5p(capsys):
     """LLaVA-1.5-7B finetune: abstract state and batch lower for a v5p-8 mesh (no compile)."""
     from llava_jax.planning import estimate
-    from llava_jax.train.config_loader import load_config, model_config
+    from llava_jax.train.config_loader import load_config
 
     devices = topo_lib.compile_devices(parse_topology("v5p-8"))
     config = load_config("configs/llava15_7b_finetune.py", [])
-    model_cfg = model_config(config)
-    mesh = estimate.plan_mesh(config, devices)
+    setup = estimate.plan_setup(config, devices)
+    mesh = setup.mesh
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
-    state = estimate.abstract_state(model_cfg, config, mesh, 100)
-    batch = estimate.abstract_batch(estimate.batch_shape(model_cfg, config, 128), mesh)
+    state = setup.abstract
+    batch = estimate.abstract_batch(setup.batch_shape, mesh)
     assert batch["input_ids"].shape == (128, 2048)
     assert batch["pixel_values"].shape == (128, 1, 336, 336, 3)
     # 7.06e9 float32 parameters over 4 chips.
     per_chip = estimate._bytes_per_chip(state.params)
     assert 7.0e9 * 4 / 4 < per_chip < 7.1e9 * 4 / 4 * 1.01
-    step = estimate.make_train_step(model_cfg, config, mesh, 100)
+    step = estimate.make_train_step(setup)
     text = step.jitted.lower(state, batch).as_text()
     assert "tensor<128x2048xi32>" in text  # input_ids, global shape
     assert "mhlo.num_partitions = 4" in text  # one program per chip
@@ -260,10 +260,9 @@ def test_extrapolated_cost_matches_an_unrolled_compile():
     devices = topo_lib.compile_devices(t)
     config = load_config(TINY, [*TINY_ARGS, "--config.model.overrides.text.num_hidden_layers=3"])
     model_cfg = model_config(config)
-    mesh = estimate.plan_mesh(config, devices)
-    cost, _ = estimate.extrapolated_cost(model_cfg, config, mesh, t.chip)
+    cost, _ = estimate.extrapolated_cost(estimate.plan_setup(config, devices), t.chip)
     unrolled = model_cfg.with_run(scan_layers=False)
-    compiled, *_ = estimate._compile(unrolled, config, mesh, 8)
+    compiled, *_ = estimate._compile(estimate.plan_setup(config, devices, model_cfg=unrolled))
     flops, bytes_, _ = estimate._costs(compiled)
     assert cost.flops == pytest.approx(flops, rel=0.02)
     assert cost.bytes_accessed == pytest.approx(bytes_, rel=0.1)
@@ -322,11 +321,10 @@ def test_cost_compiles_count_windowed_matmuls():
     devices = topo_lib.compile_devices(parse_topology("v5p-32"))
     config = load_config("configs/llava15_7b_finetune.py", [])
     one_layer = estimate._with_depth(model_config(config), 1, 1)
-    mesh = estimate.plan_mesh(config, devices)
-    rows = int(config.train.batch_size)
-    model = estimate.model_flops(one_layer, config, estimate.batch_shape(one_layer, config, rows))
-    default, *_ = estimate._compile(one_layer, config, mesh, rows)
-    counted, *_ = estimate._compile(one_layer, config, mesh, rows, for_cost=True)
+    setup = estimate.plan_setup(config, devices, model_cfg=one_layer)
+    model = setup.flops_per_step
+    default, *_ = estimate._compile(setup)
+    counted, *_ = estimate._compile(setup, for_cost=True)
     assert "windowed_dot_general" in default.as_text()
     assert estimate._costs(default)[0] * len(devices) < model  # the under-count
     assert not estimate.has_xla_loops(counted)
@@ -339,7 +337,7 @@ def test_13b_lora_state_fits_v5e_8_where_full_finetuning_does_not():
     rank 128 and the connector hold moments, every adapter FSDP-sharded) take under 7 GiB,
     QLoRA's (nf4 LLM kernels, two to a byte) under 2 GiB. docs/scaling.md."""
     from llava_jax.planning import estimate
-    from llava_jax.train.config_loader import load_config, model_config
+    from llava_jax.train.config_loader import load_config
 
     devices = topo_lib.compile_devices(parse_topology("v5e-8"))
     gib = {}
@@ -349,8 +347,7 @@ def test_13b_lora_state_fits_v5e_8_where_full_finetuning_does_not():
         "llava15_7b_lora.py:13b,qlora",
     ]:
         config = load_config(f"configs/{spec}", [])
-        mesh = estimate.plan_mesh(config, devices)
-        state = estimate.abstract_state(model_config(config), config, mesh, 100)
+        state = estimate.plan_setup(config, devices).abstract
         per_chip = estimate._bytes_per_chip(state.params) + estimate._bytes_per_chip(
             state.opt_state
         )
@@ -372,8 +369,9 @@ def test_tiny_plan_compiles_and_counts_the_splash_kernel():
     t = parse_topology("v5e-8")
     config = load_config(TINY, TINY_ARGS)
     model_cfg = model_config(config).with_run(scan_layers=False)
-    mesh = estimate.plan_mesh(config, topo_lib.compile_devices(t))
-    compiled, *_ = estimate._compile(model_cfg, config, mesh, 8, for_cost=True)
+    devices = topo_lib.compile_devices(t)
+    setup = estimate.plan_setup(config, devices, model_cfg=model_cfg)
+    compiled, *_ = estimate._compile(setup, for_cost=True)
     text = compiled.as_text()
     for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
         assert f"%{name}" in text, name
@@ -383,7 +381,8 @@ def test_tiny_plan_compiles_and_counts_the_splash_kernel():
     flops, _, _ = estimate._costs(compiled, t.chip)
     assert flops == pytest.approx(compiled.cost_analysis()["flops"] + kernel)
     xla = load_config(TINY, [*TINY_ARGS, "--config.train.attention=xla"])
-    compiled_xla, *_ = estimate._compile(model_cfg, xla, mesh, 8, for_cost=True)
+    setup_xla = estimate.plan_setup(xla, devices, model_cfg=model_cfg)
+    compiled_xla, *_ = estimate._compile(setup_xla, for_cost=True)
     assert "splash_mha" not in compiled_xla.as_text()
     assert estimate._costs(compiled_xla, t.chip)[0] == compiled_xla.cost_analysis()["flops"]
 
@@ -411,15 +410,15 @@ def test_onevision_recipes_as_shipped_divide_their_slice_at_the_official_batch(s
     chips, and parameters plus optimizer state take a small share of a chip (the plans that
     fit are in docs/scaling.md; `llava-jax plan --config configs/SPEC --topology T`)."""
     from llava_jax.planning import estimate
-    from llava_jax.train.config_loader import load_config, load_module, model_config
+    from llava_jax.train.config_loader import load_config, load_module
 
     recipe, _, size = spec.partition(":")
     source = "onevision_si.py" if recipe != "onevision_stage1.py" else recipe
     topology = load_module(f"configs/{source}").TOPOLOGY[size or "72b"]
     config = load_config(f"configs/{spec}", [])
     t = parse_topology(topology)
-    mesh = estimate.plan_mesh(config, topo_lib.compile_devices(t))
-    assert dict(mesh.shape) == {"data": 1, "fsdp": t.num_chips, "tensor": 1}
+    setup = estimate.plan_setup(config, topo_lib.compile_devices(t))
+    assert dict(setup.mesh.shape) == {"data": 1, "fsdp": t.num_chips, "tensor": 1}
     lrs = (config.optimizer.lr, config.optimizer.vision_lr)
     assert lrs == ((1e-3, 0.0) if recipe == "onevision_stage1.py" else (1e-5, 2e-6))
     assert config.train.batch_size == 256
@@ -428,18 +427,18 @@ def test_onevision_recipes_as_shipped_divide_their_slice_at_the_official_batch(s
     stage = "stage1" if recipe == "onevision_stage1.py" else "si"
     assert micro_batch // t.num_chips <= ROWS_PER_CHIP_THAT_FIT[stage, size or "72b"]
     assert config.train.remat_policy == config.train.vision_remat_policy == "full"
-    state = estimate.abstract_state(model_config(config), config, mesh, 100)
+    state = setup.abstract
     per_chip = estimate._bytes_per_chip(state.params) + estimate._bytes_per_chip(state.opt_state)
     assert per_chip < 0.1 * t.chip.hbm_bytes, f"{per_chip / 1e9:.1f} GB of state per chip"
 
 
 def test_onevision_ov_compiles_the_si_shapes():
     """The OV recipes take the SI plans: the same batch shapes and settings, other data."""
-    from llava_jax.planning import estimate
     from llava_jax.train.config_loader import load_config, model_config
+    from llava_jax.train.setup import global_batch_shape
 
     for size in ("0.5b", "7b", "72b"):
         si, ov = (load_config(f"configs/onevision_{s}.py:{size}", []) for s in ("si", "ov"))
-        shapes = [estimate.batch_shape(model_config(c), c, 256) for c in (si, ov)]
+        shapes = [global_batch_shape(model_config(c), c) for c in (si, ov)]
         assert shapes[0] == shapes[1]
         assert si.to_dict() == ov.to_dict()

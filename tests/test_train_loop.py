@@ -364,6 +364,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
 
     from llava_jax.train import resume
     from llava_jax.train.checkpoints import Checkpointer
+    from llava_jax.train.setup import TrainSetup
 
     overrides = [
         *setup,
@@ -387,9 +388,8 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
     # Against the same step saved whole (what a LoRA checkpoint held before): the frozen
     # base is ~75% of the state's values here (the tiny projector is as big as the
     # adapters); at 7B with rank 128 it is ~87%.
-    mesh = loop.state_lib.mesh_from_config(config)
     ckpt = Checkpointer(ckpts, save_every=1)
-    state, _ = resume.restore(ckpt, 4, cfg, config, mesh, STEPS)
+    state, _ = resume.restore(ckpt, 4, TrainSetup.build(config, STEPS))
     ckpt.close()
     with ocp.StandardCheckpointer() as whole:
         whole.save(tmp_path / "whole", state)
@@ -421,3 +421,79 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(setup, tmp_path):
         loop.train(config, moved)
     assert "\n" not in str(e.value) and "language_model/norm/scale" in str(e.value)
     assert _finished_steps(moved) == [4] and not (moved / "model").exists()
+
+
+LORA = ["--config.train.trainable=multi_modal_projector/.*", "--config.optimizer.vision_lr=0",
+        "--config.train.lora.rank=4", "--config.train.lora.alpha=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, want",
+    [([], ["abstract"]), pytest.param(LORA, ["abstract", "abstract"], marks=pytest.mark.slow)],
+    ids=["full", "lora"],
+)
+def test_a_start_builds_the_model_once(setup, tmp_path, monkeypatch, extra, want):
+    """A fresh start (setup, loading init_from, the state, the step, the export) builds the
+    model abstractly once, in `TrainSetup.build`, and never for real: the weights come from
+    init_from. It used to build it abstractly about 9 times. With LoRA, twice: the model with
+    adapters (what trains) and the plain one (what init_from holds and the export writes)."""
+    import traceback
+
+    from llava_jax.models.llava import LlavaModel
+
+    builds = []
+    init = LlavaModel.__init__
+
+    def counted(self, *args, **kwargs):
+        abstract = any(f.name == "eval_shape" for f in traceback.extract_stack())
+        builds.append("abstract" if abstract else "real")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaModel, "__init__", counted)
+    config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=2", *extra])
+    loop.train(config, tmp_path)
+    assert builds == want
+
+
+def test_a_checkpoint_from_before_the_trained_only_optimizer_is_refused(setup, tmp_path):
+    """A checkpoint written before the optimizer covered only the trained parameters (its
+    state an `optax.multi_transform` over every parameter with a `set_to_zero` "frozen"
+    group, its meta without a format) stops the resume in one line that says what to do,
+    and nothing is written."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    from llava_jax.train import resume
+    from llava_jax.train.checkpoints import Checkpointer
+    from llava_jax.train.optim import decay_mask
+    from llava_jax.train.setup import TrainSetup
+
+    config = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=2"])
+    loop.train(config, tmp_path)
+    train_setup = TrainSetup.build(config, 2)
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1)
+    state, _ = resume.restore(ckpt, 2, train_setup)
+    ckpt.close()
+    # The state as the code before it wrote it.
+    labels = param_paths.flat_to_nested(train_setup.labels)
+    trains = jax.tree.map(lambda label: label != "frozen", labels)
+    groups = {label: optax.adamw(1e-3, mask=decay_mask) for label in jax.tree.leaves(labels)}
+    groups["frozen"] = optax.set_to_zero()
+    old_tx = optax.chain(
+        optax.masked(optax.clip_by_global_norm(1.0), trains),
+        optax.multi_transform(groups, labels),
+    )
+    old = state.replace(opt_state=old_tx.init(state.params))
+    step_dir = tmp_path / "checkpoints" / "2"
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(step_dir / "state", old, force=True)
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta[resume.FORMAT_KEY]
+    meta_file.write_text(json.dumps(meta))
+
+    later = config_loader.load_config(RECIPE, [*setup, "--config.train.num_steps=4"])
+    with pytest.raises(loop.TrainingError, match="checkpoint format 2") as e:
+        loop.train(later, tmp_path)
+    assert "\n" not in str(e.value) and "init_from=" in str(e.value)
+    assert _finished_steps(tmp_path) == [2]

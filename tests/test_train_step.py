@@ -26,7 +26,8 @@ from llava_jax.param_paths import nested_to_flat
 from llava_jax.sharding import make_mesh, shard_batch
 from llava_jax.train.flops import train_flops_per_step
 from llava_jax.train.optim import decay_mask, lr_schedule, trainable_labels
-from llava_jax.train.state import abstract_state, has_optimizer_state, init_state, labels_for
+from llava_jax.train.setup import TrainSetup
+from llava_jax.train.state import has_optimizer_state, init_state, labels_for
 from llava_jax.train.step import make_train_step, token_losses
 
 VISION_DIMS = {24, 40, 6}  # the tiny tower's width, MLP width and head dim (the LLM has none)
@@ -83,8 +84,9 @@ def test_schedule_matches_hf_warmup_cosine():
 @pytest.fixture(scope="module")
 def stage1(one_device):
     cfg, config = model_config(), train_config(STAGE1)
-    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
-    return cfg, config, state, make_train_step(cfg, config, one_device, total_steps=10)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    state = init_state(setup, rng=0)
+    return cfg, config, state, make_train_step(setup)
 
 
 def test_stage1_trains_only_the_connector(stage1, one_device):
@@ -117,8 +119,9 @@ def test_frozen_tower_runs_forward_only(stage1, one_device):
     forward_dots = _vision_dots(jax.make_jaxpr(forward)(state.params, batch["pixel_values"]))
     for trainable, vision_lr, frozen_tower in ((STAGE2, 0.0, True), ((".*",), 1e-3, False)):
         config = train_config(trainable, optimizer__vision_lr=vision_lr)
-        step = make_train_step(cfg, config, one_device, total_steps=10)
-        abstract = abstract_state(cfg, config, one_device, total_steps=10)
+        setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+        step = make_train_step(setup)
+        abstract = setup.abstract
         dots = _vision_dots(jax.make_jaxpr(step.jitted)(abstract, dict(batch)))
         if frozen_tower:
             assert dots == forward_dots + 1, (dots, forward_dots)
@@ -148,9 +151,10 @@ def _eqns(jaxpr):
 def test_onevision_vision_lr_is_separate(one_device):
     cfg = model_config()
     config = train_config((".*",), optimizer__vision_lr=1e-3, optimizer__lr=1e-2)
-    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    state = init_state(setup, rng=0)
     before = _flat(state)
-    step = make_train_step(cfg, config, one_device, total_steps=10)
+    step = make_train_step(setup)
     state, metrics = step(state, shard_batch(random_batch(0), one_device))
     assert float(metrics["lr"]) == pytest.approx(1e-2)
     assert float(metrics["vision_lr"]) == pytest.approx(1e-3)
@@ -209,9 +213,10 @@ def test_grad_accum_matches_one_big_batch(single_device_losses, one_device):
 def test_bfloat16_compute_and_params(one_device):
     cfg = model_config(dtype="bfloat16", param_dtype="bfloat16")
     config = train_config(STAGE2)
-    state = init_state(cfg, config, one_device, total_steps=10, rng=0)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    state = init_state(setup, rng=0)
     assert {v.dtype for v in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
-    step = make_train_step(cfg, config, one_device, total_steps=10)
+    step = make_train_step(setup)
     state, metrics = step(state, shard_batch(random_batch(0), one_device))
     assert float(metrics["nonfinite"]) == 0.0 and 3.0 < float(metrics["loss"]) < 6.0
 
@@ -271,12 +276,13 @@ def test_flops_hand_count():
 
 def test_init_from_loaded_params_and_decay_mask(one_device):
     cfg, config = model_config(), train_config(STAGE2)
-    fresh = init_state(cfg, config, one_device, total_steps=10, rng=3)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=cfg)
+    fresh = init_state(setup, rng=3)
     flat = {k: np.asarray(v) for k, v in nested_to_flat(fresh.params).items()}
-    loaded = init_state(cfg, config, one_device, total_steps=10, params=flat)
+    loaded = init_state(setup, params=flat)
     assert all(np.array_equal(v, flat[k]) for k, v in _flat(loaded).items())
     with pytest.raises(ValueError, match="missing"):
-        init_state(cfg, config, one_device, total_steps=10, params=dict(list(flat.items())[1:]))
+        init_state(setup, params=dict(list(flat.items())[1:]))
     mask = nested_to_flat(decay_mask(fresh.params))
     no_decay = sorted(k for k, v in mask.items() if not v)
     assert no_decay == sorted(k for k in flat if k.rsplit("/", 1)[1] in ("bias", "scale"))
@@ -294,7 +300,8 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
     )
     config = train_config(STAGE2, optimizer__grad_accum=2)
     mesh = make_mesh(data=2, fsdp=4, tensor=1)
-    state = abstract_state(cfg, config, mesh, total_steps=100)
+    setup = TrainSetup.build(config, 100, mesh=mesh, model_cfg=cfg)
+    state = setup.abstract
     kernel = state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     mu = state.opt_state[1].inner_states["train"].inner_state[0].mu
@@ -308,7 +315,7 @@ def test_step_lowers_for_a_7b_preset_without_allocating():
     batch["view_mask"] = jax.ShapeDtypeStruct((16, 1), bool)
     batch["taps"] = jax.ShapeDtypeStruct((16, 576, 1), np.int32)
     batch["tap_weights"] = jax.ShapeDtypeStruct((16, 576, 1), np.float32)
-    step = make_train_step(cfg, config, mesh, total_steps=100)
+    step = make_train_step(setup)
     lowered = step.jitted.lower(state, batch)
     new_state, metrics = lowered.out_info
     same = jax.tree.map(lambda o, s: (o.shape, o.dtype) == (s.shape, s.dtype), new_state, state)
@@ -336,3 +343,79 @@ def test_model_overrides():
     config.model.overrides.dropout = 0.1
     with pytest.raises(ConfigLoadError, match=r"\['dropout'\] are not LlavaConfig fields"):
         apply_model_overrides(model_config(), config.model.overrides)
+
+
+# -- the step keeps parameters nested -----------------------------------------------------------
+
+
+def count_conversions(monkeypatch) -> list[str]:
+    """Every `flat_to_nested` / `nested_to_flat` call from now on, by name, wherever a
+    llava_jax module bound them."""
+    import sys
+
+    from llava_jax import param_paths
+
+    calls = []
+    for name in ("flat_to_nested", "nested_to_flat"):
+        original = getattr(param_paths, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("llava_jax") and getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_step_never_converts_params_between_flat_and_nested(one_device, monkeypatch, accum):
+    """The jitted step splits the nested params into trained and frozen trees and merges them
+    back without flat paths (it used to go flat <-> nested six times), and the optimizer
+    state holds the trained parameters alone."""
+    from llava_jax.train import resume
+
+    config = train_config(STAGE1, optimizer__grad_accum=accum)
+    setup = TrainSetup.build(config, 10, mesh=one_device, model_cfg=model_config())
+    step = make_train_step(setup)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(0).items()}
+    calls = count_conversions(monkeypatch)
+    jax.make_jaxpr(step.jitted)(setup.abstract, batch)
+    assert calls == []
+    resume.frozen_fingerprint(setup, init_state(setup, rng=0))
+    assert "nested_to_flat" in calls  # the counter counts
+    mu = setup.abstract.opt_state[1].inner_states["train"].inner_state[0].mu
+    assert set(nested_to_flat(mu)) == {p for p in setup.labels if p in setup.trained}
+    assert setup.trained == {p for p in setup.labels if p.startswith("multi_modal_projector/")}
+
+
+def test_optimizer_state_takes_its_parameters_shardings_by_structure():
+    """Two label groups (masked moments) on a 2x2x2 mesh: every moment leaf has its own
+    parameter's sharding, found by the tree's structure (the parameters here share leaf
+    names and shapes); another group's MaskedNodes stay; the counts are replicated."""
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from llava_jax.train.setup import opt_state_shardings
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    params = {"a": {"w": jnp.zeros((4, 4))}, "b": {"w": jnp.zeros((4, 4))}}
+    params_sh = {
+        "a": {"w": NamedSharding(mesh, P("fsdp"))},
+        "b": {"w": NamedSharding(mesh, P(None, "tensor"))},
+    }
+    labels = {"a": {"w": "train"}, "b": {"w": "projector"}}
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.multi_transform({"train": optax.adamw(1e-3), "projector": optax.adamw(1e-4)}, labels),
+    )
+    replicated = NamedSharding(mesh, P())
+    shardings = opt_state_shardings(jax.eval_shape(tx.init, params), params_sh, replicated)
+    for group, name in (("train", "a"), ("projector", "b")):
+        adam = shardings[1].inner_states[group].inner_state[0]
+        assert adam.mu[name]["w"] == adam.nu[name]["w"] == params_sh[name]["w"], (group, name)
+        other = "b" if name == "a" else "a"
+        assert isinstance(adam.mu[other]["w"], optax.MaskedNode)
+        assert adam.count == replicated

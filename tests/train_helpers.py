@@ -57,6 +57,14 @@ def model_config(**overrides) -> LlavaConfig:
     return TINY.with_fields(**overrides)
 
 
+def train_setup(config, mesh, total_steps: int = 10, **model_overrides):
+    """The `TrainSetup` of `config` on the tiny model (`model_config(**model_overrides)`)."""
+    from llava_jax.train.setup import TrainSetup
+
+    cfg = model_config(**model_overrides)
+    return TrainSetup.build(config, total_steps, mesh=mesh, model_cfg=cfg)
+
+
 def random_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
     """BATCH_FIELDS arrays: each row = BOS, 4 image tokens, text, then padding."""
     rng = np.random.RandomState(seed)
@@ -97,10 +105,10 @@ def run_losses(mesh, steps: int = 3, accum: int = 1, trainable=STAGE2, local_row
     from llava_jax.train.state import init_state
     from llava_jax.train.step import make_train_step
 
-    cfg = model_config()
     config = train_config(trainable, optimizer__grad_accum=accum)
-    state = init_state(cfg, config, mesh, total_steps=10, rng=0)
-    step = make_train_step(cfg, config, mesh, total_steps=10)
+    setup = train_setup(config, mesh)
+    state = init_state(setup, rng=0)
+    step = make_train_step(setup)
     losses = []
     for i in range(steps):
         batch = random_batch(100 + i)

@@ -123,6 +123,7 @@ def probe_throughput(
     from llava_jax.sharding import shard_batch
     from llava_jax.train import config_loader, flops, state, step
     from llava_jax.train.defaults import base_config
+    from llava_jax.train.setup import TrainSetup
 
     config = base_config()
     config.model.preset = "llava-onevision-qwen2-0.5b"
@@ -136,12 +137,12 @@ def probe_throughput(
     config.mesh.data, config.mesh.fsdp = 1, -1
     for override in overrides:
         config_loader.apply_override(config, override)
-    cfg = config_loader.model_config(config)
-    mesh = state.mesh_from_config(config)
+    setup = TrainSetup.build(config, total_steps=100)
+    cfg, mesh = setup.model_cfg, setup.mesh
     attention = resolve(config.train.attention, mesh, cfg.run.dtype).value
     loss = resolve_loss(config.train.loss_impl, mesh).value
-    train_state = state.init_state(cfg, config, mesh, total_steps=100)
-    train_step = step.make_train_step(cfg, config, mesh, total_steps=100)
+    train_state = state.init_state(setup)
+    train_step = step.make_train_step(setup)
     host = _random_batch(cfg, batch, seq_len, np.random.default_rng(0))
     batch_arrays = shard_batch(host, mesh, BATCH_FIELDS)
     start = time.perf_counter()
@@ -153,9 +154,8 @@ def probe_throughput(
         train_state, metrics = train_step(train_state, batch_arrays)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / repeats
-    labels = state.labels_for(cfg, config)
-    views = host["pixel_values"].shape[1] * batch
-    model_flops = flops.train_flops_per_step(cfg, labels, seq_lens=[seq_len] * batch,
+    views = host["pixel_values"].shape[1] * batch  # the probe's views, not data.max_views
+    model_flops = flops.train_flops_per_step(cfg, setup.labels, seq_lens=[seq_len] * batch,
                                              num_views=views)  # fmt: skip
     chip = hardware.chip_of(jax.devices()[0])
     mfu = hardware.mfu(model_flops, step_s, jax.device_count(), chip)

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from llava_jax.train import config_loader, loop, resume
     from llava_jax.train import state as state_lib
     from llava_jax.train.checkpoints import Checkpointer
+    from llava_jax.train.setup import TrainSetup
 
     overrides = list(args.overrides)
     if args.init_from:
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if not (workdir / "checkpoints").is_dir():
         raise CommandError(f"{workdir / 'checkpoints'}: no such directory (not a workdir?)")
     model_cfg = config_loader.model_config(config)
-    mesh = state_lib.mesh_from_config(config)
+    # The state's shapes do not depend on the schedule's length.
+    setup = TrainSetup.build(config, total_steps=1, model_cfg=model_cfg)
     ckpt = Checkpointer(workdir / "checkpoints", save_every=1)
     try:
         steps = ckpt.all_steps()
@@ -68,21 +70,19 @@ def run(args: argparse.Namespace) -> int:
         if step is None or step not in steps:
             saved = f"saved: {sorted(steps)}" if steps else "no finished checkpoint"
             raise CommandError(f"{workdir / 'checkpoints'}: no step {step}; {saved}")
-        # The state's shapes do not depend on the schedule's length. A LoRA checkpoint's
-        # frozen base is re-created from init_from.
-        state, _ = resume.restore(ckpt, step, model_cfg, config, mesh, total_steps=1)
-    except resume.BaseMismatchError as e:
+        # A LoRA checkpoint's frozen base is re-created from init_from.
+        state, _ = resume.restore(ckpt, step, setup)
+    except (resume.BaseMismatchError, resume.OldCheckpointError) as e:
         raise CommandError(str(e)) from None
     finally:
         ckpt.close()
     out = epath.Path(args.out)
     if spec is not None and not args.merge:
-        trained = resume.trained_paths(model_cfg, config)
-        params = resume.to_save(state, trained).params
+        params = resume.to_save(setup, state).params
         model_io.save_adapter_dir(out, spec, param_paths.nested_to_flat(params))
         print(f"step {step} of {workdir} -> {out} (LoRA adapters, unmerged)")
         return 0
-    params = state_lib.merged_params(model_cfg, config, mesh, state.params)
+    params = state_lib.merged_params(setup, state.params)
     assets = loop.model_assets(config.init_from)
     loop.export_model_dir(out, model_cfg, params, assets, config.data.template)
     print(f"step {step} of {workdir} -> {out}")

@@ -62,12 +62,14 @@ def load_params(
     cfg: LlavaConfig,
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     dtype: Any = None,
+    expected: Mapping[str, jax.ShapeDtypeStruct] | None = None,
 ) -> dict[str, jax.Array]:
     """Flat {path: array} of `cfg`'s parameters, each placed in `shardings[path]` (default:
     the first local device) and cast to `dtype` (default: as stored). A llava-jax dir is
-    restored straight into the shardings; an HF dir is read tensor by tensor and converted."""
+    restored straight into the shardings; an HF dir is read tensor by tensor and converted.
+    `expected`: `cfg`'s abstract parameters when the caller has them (no second build)."""
     if format_of(path) == Format.LLAVA_JAX:
-        return model_io.load_params(path, cfg, shardings=shardings, dtype=dtype)
+        return model_io.load_params(path, cfg, shardings=shardings, dtype=dtype, expected=expected)
     from llava_jax.conversion.hf_to_jax import hf_to_params
     from llava_jax.conversion.tensor_io import CheckpointReader
 

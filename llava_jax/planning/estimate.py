@@ -1,8 +1,10 @@
 """Compile the real train step for a TPU topology and read XLA's memory and cost estimates.
 
-The state is abstract (ShapeDtypeStructs carrying their NamedShardings, `state.abstract_state`)
-and so is the batch, so nothing is allocated: `make_train_step(...).jitted.lower(...)` and
-`.compile()` run on the CPU for libtpu's compile-only devices (`topology.compile_devices`).
+The step is the training run's own: `TrainSetup.build` (`train/setup.py`) over the topology's
+compile-only devices (`topology.compile_devices`) gives the mesh, the batch shape and the
+abstract state (ShapeDtypeStructs carrying their NamedShardings), exactly as `llava-jax
+train` builds them, so nothing is allocated: `make_train_step(setup).jitted.lower(...)` and
+`.compile()` run on the CPU.
 
 Two facts shape what is reported:
 - Memory comes from the compile of the step as configured (scanned layers, micro-batches):
@@ -42,9 +44,8 @@ from llava_jax.data.batching import BatchShape, empty_batch
 from llava_jax.hardware import Chip, mfu
 from llava_jax.nn.attention_kernels import resolve, splash_kernel_flops
 from llava_jax.nn.cross_entropy import resolve_loss
-from llava_jax.sharding import batch_sharding, make_mesh
-from llava_jax.train import config_loader, flops
-from llava_jax.train.state import abstract_state, labels_for
+from llava_jax.sharding import batch_sharding
+from llava_jax.train.setup import TrainSetup
 from llava_jax.train.step import make_train_step
 
 # HBM bandwidth per chip, bytes/s, for the roofline cross-check (Cloud TPU docs, the v4 / v5e
@@ -168,23 +169,14 @@ class PlanError(ValueError):
     """A configuration that cannot be compiled for reasons other than memory; one line."""
 
 
-def plan_mesh(config, devices: Sequence[Any]) -> Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh` over compile-only devices, built as
-    training builds it (`sharding.make_mesh`: on several slices, `config.mesh` describes
-    one slice and `data` also spans the slices)."""
-    m = config.mesh
+def plan_setup(config, devices: Sequence[Any], *, model_cfg: LlavaConfig | None = None):
+    """The training setup of `config` over compile-only devices, built as training builds
+    it (`TrainSetup.build`: on several slices, `config.mesh` describes one slice and `data`
+    also spans the slices)."""
     try:
-        return make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=list(devices))
+        return TrainSetup.build(config, _PLAN_STEPS, devices=list(devices), model_cfg=model_cfg)
     except ValueError as e:
-        raise PlanError(f"config.mesh: {e}") from None
-
-
-def batch_shape(model_cfg: LlavaConfig, config, rows: int) -> BatchShape:
-    """The global batch's static shapes, as the training loop builds them."""
-    max_image_tokens = int(config.data.max_image_tokens) or int(config.data.max_len)
-    return BatchShape.for_model(
-        model_cfg, rows, int(config.data.max_len), int(config.data.max_views), max_image_tokens
-    )
+        raise PlanError(str(e)) from None
 
 
 def abstract_batch(shape: BatchShape, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -242,15 +234,15 @@ def parse_oom(text: str) -> tuple[int | None, int | None, str]:
     return used, limit, key[:300]
 
 
-def _compile(model_cfg, config, mesh, rows: int, *, for_cost: bool = False):
+def _compile(setup: TrainSetup, *, for_cost: bool = False):
     """(compiled, abstract state, abstract batch, seconds) of the real train step.
 
     `for_cost`: compile with `COST_COMPILER_OPTIONS`, so that `cost_analysis()` counts every
     matmul (not for the memory figures: the TPU runs XLA's default program).
     """
-    state = abstract_state(model_cfg, config, mesh, _PLAN_STEPS)
-    batch = abstract_batch(batch_shape(model_cfg, config, rows), mesh)
-    step = make_train_step(model_cfg, config, mesh, _PLAN_STEPS)
+    state = setup.abstract
+    batch = abstract_batch(setup.batch_shape, setup.mesh)
+    step = make_train_step(setup)
     start = time.perf_counter()
     options = COST_COMPILER_OPTIONS if for_cost else None
     compiled = step.jitted.lower(state, batch).compile(compiler_options=options)
@@ -296,14 +288,15 @@ def _with_depth(cfg: LlavaConfig, vision: int, text: int) -> LlavaConfig:
 
 
 def extrapolated_cost(
-    model_cfg: LlavaConfig, config, mesh, chip: Chip, progress: Progress = None
+    setup: TrainSetup, chip: Chip, progress: Progress = None
 ) -> tuple[Cost, float]:
     """Per-chip cost of the full step from unrolled 1- and 2-layer compiles; and their time."""
+    model_cfg, config = setup.model_cfg, setup.config
     accum = int(config.optimizer.grad_accum)
-    rows = int(config.train.batch_size) // accum
-    micro = config.copy_and_resolve_references()
+    micro = config.copy_and_resolve_references()  # one micro-batch, one update
     with micro.unlocked():
         micro.optimizer.grad_accum = 1
+        micro.train.batch_size = int(config.train.batch_size) // accum
     v_real, t_real = model_cfg.vision_layers_run, model_cfg.text.num_hidden_layers
     v0 = 1 if v_real >= 1 else 0
     points = {}
@@ -314,7 +307,8 @@ def extrapolated_cost(
             continue
         cfg = _with_depth(model_cfg, v0 + dv, 1 + dt)
         _say(progress, f"compiling the step unrolled with {v0 + dv} vision + {1 + dt} LLM layers")
-        compiled, _, _, s = _compile(cfg, micro, mesh, rows, for_cost=True)
+        depth = TrainSetup.build(micro, _PLAN_STEPS, mesh=setup.mesh, model_cfg=cfg)
+        compiled, _, _, s = _compile(depth, for_cost=True)
         points[(dv, dt)] = _costs(compiled, chip)
         seconds += s
     base, plus_v, plus_t = (
@@ -339,28 +333,16 @@ def _direct_cost(compiled, chip: Chip) -> Cost:
     return Cost(flops_, bytes_, xla, roofline, "the compiled step (layers unrolled)")
 
 
-def _step_cost(model_cfg, config, mesh, compiled, chip: Chip, progress: Progress):
+def _step_cost(setup: TrainSetup, compiled, chip: Chip, progress: Progress):
     """(Cost, seconds of extra compiles) of the step `compiled` for the memory plan."""
-    if model_cfg.run.scan_layers or int(config.optimizer.grad_accum) > 1:
-        return extrapolated_cost(model_cfg, config, mesh, chip, progress)
+    if setup.model_cfg.run.scan_layers or int(setup.config.optimizer.grad_accum) > 1:
+        return extrapolated_cost(setup, chip, progress)
     if not has_xla_loops(compiled):
         return _direct_cost(compiled, chip), 0.0
     # windowed matmuls: count them in a second compile
     _say(progress, "compiling the step again with windowed matmuls off, for the cost")
-    batch = int(config.train.batch_size)
-    counted, _, _, seconds = _compile(model_cfg, config, mesh, batch, for_cost=True)
+    counted, _, _, seconds = _compile(setup, for_cost=True)
     return _direct_cost(counted, chip), seconds
-
-
-def model_flops(model_cfg: LlavaConfig, config, shape: BatchShape) -> float:
-    """Model FLOPs (`train/flops.py`) of one optimizer step on the padded global batch."""
-    labels = labels_for(model_cfg, config)
-    return flops.train_flops_per_step(
-        model_cfg,
-        labels,
-        seq_lens=[shape.max_len] * shape.batch_size,
-        num_views=shape.batch_size * shape.max_views,
-    )
 
 
 def plan(
@@ -389,8 +371,8 @@ def plan(
     Raises:
       PlanError: the mesh or the batch does not divide over the chips.
     """
-    model_cfg = config_loader.model_config(config)
-    mesh = plan_mesh(config, devices)
+    setup = plan_setup(config, devices)
+    model_cfg, mesh, shape = setup.model_cfg, setup.mesh, setup.batch_shape
     accum = int(config.optimizer.grad_accum)
     batch = int(config.train.batch_size)
     rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -399,7 +381,6 @@ def plan(
             f"batch_size {batch} / grad_accum {accum} does not divide over data x fsdp = "
             f"{rows_split} chips"
         )
-    shape = batch_shape(model_cfg, config, batch)
     common = dict(
         topology=topology_name,
         num_chips=len(devices),
@@ -410,14 +391,14 @@ def plan(
         batch_size=batch,
         rows_per_chip=batch / accum / rows_split,
         seq_len=shape.max_len,
-        model_flops=model_flops(model_cfg, config, shape),
+        model_flops=setup.flops_per_step,
         attention=resolve(config.train.attention, mesh, model_cfg.run.dtype).value,
         loss_impl=resolve_loss(config.train.loss_impl, mesh).value,
     )
     _say(progress, f"compiling the step for {len(devices)} chips, mesh {common['mesh']}")
     start = time.perf_counter()
     try:
-        compiled, state, abstract, seconds = _compile(model_cfg, config, mesh, batch)
+        compiled, state, abstract, seconds = _compile(setup)
     except Exception as e:  # noqa: BLE001 (XlaRuntimeError; only OOM is expected)
         if not is_oom(e):
             raise
@@ -444,7 +425,7 @@ def plan(
     cost = error = None
     if estimate_cost:
         try:
-            cost, extra = _step_cost(model_cfg, config, mesh, compiled, chip, progress)
+            cost, extra = _step_cost(setup, compiled, chip, progress)
             seconds += extra
         except Exception as e:  # noqa: BLE001 (XlaRuntimeError; only OOM is expected)
             # The unrolled cost programs schedule differently from the scanned step and can

@@ -33,16 +33,17 @@ from etils import epath
 from llava_jax import hardware, model_io, paths
 from llava_jax.config import LlavaConfig
 from llava_jax.conversion import source
-from llava_jax.data import batching, loader, sources, templates
+from llava_jax.data import loader, sources, templates
 from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.prompt import load_tokenizer
 from llava_jax.data.schema import BATCH_FIELDS
 from llava_jax.sharding import shard_batch
-from llava_jax.train import config_loader, flops, resume
+from llava_jax.train import config_loader, resume
 from llava_jax.train import state as state_lib
 from llava_jax.train import step as step_lib
 from llava_jax.train.checkpoints import Checkpointer
 from llava_jax.train.monitor import Monitor
+from llava_jax.train.setup import TrainSetup
 
 log = logging.getLogger("llava_jax.train")
 
@@ -197,12 +198,6 @@ def export_model_dir(
     return out
 
 
-def _max_image_tokens(config) -> int:
-    if config.data.max_image_tokens > 0:
-        return int(config.data.max_image_tokens)
-    return int(config.data.max_len)  # image tokens can never outnumber a row's tokens
-
-
 def _mean_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Averages per-step metrics; loss and accuracy weighted by supervised tokens."""
     tokens = np.array([float(m["num_tokens"]) for m in steps])
@@ -268,7 +263,6 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
         raise config_loader.ConfigLoadError("config.data.train is empty: no training data")
     workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = config_loader.model_config(config)
-    mesh = state_lib.mesh_from_config(config)
     assets = model_assets(config.init_from)
     tokenizer = load_tokenizer(assets)
     image_cfg = ImageProcessorConfig.from_pretrained(assets, model_cfg)
@@ -288,18 +282,9 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
         seed=config.data.seed,
     )
     total = config_loader.total_steps(config, len(source))
-    if config.train.batch_size % jax.process_count():
-        raise config_loader.ConfigLoadError(
-            f"config.train.batch_size={config.train.batch_size} does not divide over "
-            f"{jax.process_count()} processes"
-        )
-    shape = batching.BatchShape.for_model(
-        model_cfg,
-        config.train.batch_size // jax.process_count(),
-        config.data.max_len,
-        config.data.max_views,
-        _max_image_tokens(config),
-    )
+    setup = TrainSetup.build(config, total, model_cfg=model_cfg)
+    mesh = setup.mesh
+    shape = setup.process_batch_shape(jax.process_count())
     from llava_jax.data.transforms import SampleTransform
 
     transform = SampleTransform(
@@ -335,12 +320,11 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     if is_main:
         record = {**json.loads(config.to_json_best_effort()), "versions": software_versions()}
         (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    trained = resume.trained_paths(model_cfg, config)
     if latest is not None:
         _check_resume(ckpt.read_meta(latest), config)
         try:
-            state, saved = resume.restore(ckpt, latest, model_cfg, config, mesh, total, batches)
-        except resume.BaseMismatchError as e:
+            state, saved = resume.restore(ckpt, latest, setup, batches)
+        except (resume.BaseMismatchError, resume.OldCheckpointError) as e:
             raise TrainingError(str(e)) from None
         budget.skipped.update(saved.get("skipped", {}))
         budget.samples = int(saved.get("samples", 0))
@@ -348,33 +332,26 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
         resumed_from = latest
     else:
         resumed_from = None
-        params = resume.base_params(config, model_cfg, mesh)
-        state = state_lib.init_state(model_cfg, config, mesh, total, params=params)
+        params = resume.base_params(setup)
+        state = state_lib.init_state(setup, params=params)
         del params
     # LoRA: checkpoints leave the frozen base out and record its fingerprint instead.
     frozen = None
     if not resume.saves_frozen(config):
-        frozen = resume.frozen_fingerprint(state, trained, mesh)
+        frozen = resume.frozen_fingerprint(setup, state)
 
     def saved_part(state):
-        return state if frozen is None else resume.to_save(state, trained)
+        return state if frozen is None else resume.to_save(setup, state)
 
     start = int(jax.device_get(state.step))
-    train_step = step_lib.make_train_step(model_cfg, config, mesh, total)
-    labels = state_lib.labels_for(model_cfg, config)
-    step_flops = flops.train_flops_per_step(  # the padded count, as MaxText reports it
-        model_cfg,
-        labels,
-        seq_lens=[shape.max_len] * config.train.batch_size,
-        num_views=shape.max_views * config.train.batch_size,
-    )
+    train_step = step_lib.make_train_step(setup)
     chip = hardware.chip_of(jax.devices()[0])
     monitor = Monitor(
         workdir,
         total,
         enabled=is_main,
         stream=stream,
-        flops_per_step=step_flops,
+        flops_per_step=setup.flops_per_step,  # the padded count, as MaxText reports it
         peak_flops=chip.peak_bf16_flops * jax.device_count() if chip else None,
     )
 
@@ -385,6 +362,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
             "skipped": dict(budget.skipped),
             "samples": budget.samples,
             "time": time.time(),
+            resume.FORMAT_KEY: resume.FORMAT,
             **({resume.FROZEN_KEY: frozen} if frozen is not None else {}),
         }
 
@@ -451,7 +429,7 @@ def train(config, workdir: str | Path, *, profile_steps: int = 0, stream=None) -
     if not preempted:
         model_dir = workdir / "model"
         if not model_io.is_model_dir(model_dir):
-            params = state_lib.merged_params(model_cfg, config, mesh, state.params)
+            params = state_lib.merged_params(setup, state.params)
             export_model_dir(model_dir, model_cfg, params, assets, config.data.template)
         monitor.message(f"done: {total} steps; model in {model_dir}")
     return RunResult(

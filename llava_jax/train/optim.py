@@ -3,9 +3,9 @@
 Every parameter gets one label: "train" (the main learning rate), "vision" (the vision
 tower's own learning rate, OneVision), "projector" (the connector's own learning rate, the
 reference's `mm_projector_lr`, used by its LoRA recipes), or "frozen". LoRA adapters always
-train; the layers that carry them never do. Frozen parameters go through
-`optax.set_to_zero()` inside `optax.multi_transform`, so they hold no optimizer state and
-receive no update (`optax.masked` alone would pass their raw gradient through, pitfalls #16).
+train; the layers that carry them never do. The optimizer is built over the trained
+parameters only (`train/setup.py` splits them from the frozen ones once), so frozen
+parameters hold no optimizer state, get no gradient and receive no update.
 
 The schedules follow Hugging Face's `get_cosine_schedule_with_warmup` /
 `get_constant_schedule_with_warmup` with `warmup_steps = ceil(warmup_ratio * total_steps)`:
@@ -153,27 +153,25 @@ def make_optimizer(
     Args:
       config: the training config (`optimizer.*`).
       total_steps: optimizer updates in the run (for the schedule).
-      labels: flat {"a/b/c": label} from `trainable_labels`.
+      labels: flat {"a/b/c": label} from `trainable_labels`; "frozen" ones are left out.
 
-    The transformation takes nested param / gradient dicts. Gradient accumulation is not
-    here: the train step averages its micro-batches before one update.
+    The transformation takes nested param / gradient trees of the trained parameters only:
+    frozen parameters have no optimizer state, no gradient and no update. Gradient
+    accumulation is not here: the train step averages its micro-batches before one update.
     """
     o = config.optimizer
-    nested = flat_to_nested(labels)
-    trainable = jax.tree.map(lambda label: label != "frozen", nested)
+    nested = flat_to_nested({p: label for p, label in labels.items() if label != "frozen"})
 
     def adamw(schedule):
         return optax.adamw(
             schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
         )
 
-    groups = {name: adamw(s) for name, s in lr_schedules(config, total_steps).items()}
-    groups["frozen"] = optax.set_to_zero()
-    used = set(labels.values())
-    groups = {k: v for k, v in groups.items() if k in used or k == "frozen"}
+    used = set(jax.tree.leaves(nested))
+    schedules = lr_schedules(config, total_steps)
+    groups = {name: adamw(s) for name, s in schedules.items() if name in used}
     chain = []
     if o.grad_clip and o.grad_clip > 0:
-        # Masked: the norm counts trained gradients only; frozen ones go on to set_to_zero.
-        chain.append(optax.masked(optax.clip_by_global_norm(o.grad_clip), trainable))
+        chain.append(optax.clip_by_global_norm(o.grad_clip))
     chain.append(optax.multi_transform(groups, nested))
     return optax.chain(*chain)

@@ -19,20 +19,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.config import LlavaConfig
 from llava_jax.conversion import source
 from llava_jax.models import lora
-from llava_jax.param_paths import flat_to_nested, nested_to_flat
+from llava_jax.param_paths import nested_to_flat
 from llava_jax.train import state as state_lib
 from llava_jax.train.checkpoints import Checkpointer
+from llava_jax.train.setup import TrainSetup
 from llava_jax.train.state import TrainState
 
 # The meta key of a checkpoint without its frozen parameters: {path: fingerprint}.
 FROZEN_KEY = "frozen_fingerprint"
+# The meta key of the checkpoint layout's version. 1 (no key): the optimizer state covered
+# every parameter (`multi_transform` with a "frozen" group); 2: the trained parameters only.
+FORMAT_KEY = "format"
+FORMAT = 2
 
 
 class BaseMismatchError(RuntimeError):
     """The frozen parameters re-created on resume are not the ones the run trained on."""
+
+
+class OldCheckpointError(RuntimeError):
+    """A checkpoint whose layout this version cannot restore; the message says what to do."""
 
 
 def saves_frozen(config) -> bool:
@@ -40,18 +48,12 @@ def saves_frozen(config) -> bool:
     return lora.spec_from_config(config) is None
 
 
-def trained_paths(model_cfg: LlavaConfig, config) -> frozenset[str]:
-    """Flat paths of the parameters the optimizer updates."""
-    labels = state_lib.labels_for(model_cfg, config)
-    return frozenset(p for p, label in labels.items() if label != "frozen")
-
-
-def to_save(state: TrainState, trained: frozenset[str]) -> TrainState:
+def to_save(setup: TrainSetup, state: TrainState) -> TrainState:
     """The part of `state` a LoRA checkpoint holds: step, trained params, optimizer state
     (frozen parameters have none)."""
-    flat = nested_to_flat(state.params)
-    params = flat_to_nested({k: v for k, v in flat.items() if k in trained})
-    return TrainState(step=state.step, params=params, opt_state=state.opt_state)
+    return TrainState(
+        step=state.step, params=setup.split(state.params)[0], opt_state=state.opt_state
+    )
 
 
 def fingerprint(params: Mapping[str, jax.Array], mesh: Mesh) -> dict[str, str]:
@@ -78,17 +80,21 @@ def fingerprint(params: Mapping[str, jax.Array], mesh: Mesh) -> dict[str, str]:
     return {k: f"{int(np.asarray(v.addressable_data(0))):08x}" for k, v in sorted(sums.items())}
 
 
-def frozen_fingerprint(state: TrainState, trained: frozenset[str], mesh: Mesh) -> dict[str, str]:
-    flat = nested_to_flat(state.params)
-    return fingerprint({k: v for k, v in flat.items() if k not in trained}, mesh)
+def frozen_fingerprint(setup: TrainSetup, state: TrainState) -> dict[str, str]:
+    return fingerprint(nested_to_flat(setup.split(state.params)[1]), setup.mesh)
 
 
-def base_params(config, model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, jax.Array]:
+def base_params(setup: TrainSetup) -> dict[str, jax.Array]:
     """Flat params of the plain model from `init_from` (a model dir, or an HF dir converted
     on the fly) with `projector_from`'s connector, in their training shardings."""
-    shardings = state_lib.flat_param_shardings(model_cfg, mesh)
+    config, model_cfg = setup.config, setup.model_cfg
+    shardings = setup.plain_param_shardings
     params = source.load_params(
-        config.init_from, model_cfg, shardings=shardings, dtype=model_cfg.run.param_dtype
+        config.init_from,
+        model_cfg,
+        shardings=shardings,
+        dtype=model_cfg.run.param_dtype,
+        expected=setup.plain_params,
     )
     if config.projector_from:
         from llava_jax.conversion.init_model import load_projector
@@ -99,13 +105,7 @@ def base_params(config, model_cfg: LlavaConfig, mesh: Mesh) -> dict[str, jax.Arr
 
 
 def restore(
-    ckpt: Checkpointer,
-    step: int,
-    model_cfg: LlavaConfig,
-    config,
-    mesh: Mesh,
-    total_steps: int,
-    data_iterator=None,
+    ckpt: Checkpointer, step: int, setup: TrainSetup, data_iterator=None
 ) -> tuple[TrainState, dict[str, Any]]:
     """The whole TrainState of checkpoint `step`, and its meta.
 
@@ -114,31 +114,38 @@ def restore(
 
     Raises:
       BaseMismatchError: the re-created frozen parameters differ from the run's.
+      OldCheckpointError: the checkpoint's optimizer state has the layout of a version
+        before the trained/frozen split.
     """
     meta = ckpt.read_meta(step)
-    abstract = state_lib.abstract_state(model_cfg, config, mesh, total_steps)
+    if meta.get(FORMAT_KEY, 1) < FORMAT:
+        raise OldCheckpointError(
+            f"checkpoint {step} in {ckpt.directory} was written by a llava-jax before "
+            f"checkpoint format {FORMAT} (its optimizer state held frozen parameters' groups); "
+            "finish the run with that version, or start a new --workdir from its weights "
+            "(`llava-jax export` with that version, then init_from=<the export>)"
+        )
+    abstract = setup.abstract
     frozen_meta = meta.get(FROZEN_KEY)
-    trained = trained_paths(model_cfg, config)
     if frozen_meta is not None:
-        abstract = to_save(abstract, trained)
+        abstract = to_save(setup, abstract)
     if data_iterator is None:
         saved = ckpt.restore_state(step, abstract)
     else:
         saved, meta = ckpt.restore(step, abstract, data_iterator)
     if frozen_meta is None:  # the whole state (a run without LoRA, or saved before)
         return saved, meta
-    fresh = state_lib.init_state(
-        model_cfg, config, mesh, total_steps, params=base_params(config, model_cfg, mesh)
-    )
-    found = frozen_fingerprint(fresh, trained, mesh)
+    fresh = state_lib.init_state(setup, params=base_params(setup))
+    found = frozen_fingerprint(setup, fresh)
     differ = sorted(
         k for k in frozen_meta.keys() | found.keys() if frozen_meta.get(k) != found.get(k)
     )
+    config = setup.config
     if differ:
         raise BaseMismatchError(
             f"checkpoint {step}: the frozen weights re-created from init_from={config.init_from} "
             f"(projector_from={config.projector_from or None}) are not the run's ({len(differ)} "
             f"differ, e.g. {differ[0]}); resume with the run's init_from, or use a new --workdir"
         )
-    flat = {**nested_to_flat(fresh.params), **nested_to_flat(saved.params)}
-    return TrainState(step=saved.step, params=flat_to_nested(flat), opt_state=saved.opt_state), meta
+    params = setup.merge(saved.params, setup.split(fresh.params)[1])
+    return TrainState(step=saved.step, params=params, opt_state=saved.opt_state), meta

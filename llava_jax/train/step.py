@@ -9,35 +9,37 @@ r % A, so each stays spread over every device), their gradients are summed in a 
 one optimizer update follows; each micro-batch's loss is divided by the token count of the
 whole batch, so A micro-batches give the same update as one.
 
-Only the trained parameters are differentiated: frozen ones enter the forward pass as
-constants under `stop_gradient`, so a frozen vision tower (which sits before every trained
-parameter) runs forward only, and a frozen LLM (stage 1) computes input gradients but no
-weight gradients. A non-finite loss or gradient norm leaves params and optimizer state
-unchanged (`nonfinite = 1` in the metrics); the step counter still advances so the data
-does not repeat.
+Only the trained parameters are differentiated and updated: `TrainSetup.split` takes the
+nested params apart into trained and frozen trees (no flat paths, no zero gradients), and
+frozen ones enter the forward pass as constants under `stop_gradient`, so a frozen vision
+tower (which sits before every trained parameter) runs forward only, and a frozen LLM
+(stage 1) computes input gradients but no weight gradients. A non-finite loss or gradient
+norm leaves params and optimizer state unchanged (`nonfinite = 1` in the metrics); the step
+counter still advances so the data does not repeat.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS
 from llava_jax.models import lora
 from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
 from llava_jax.nn.chunks import over_positions
 from llava_jax.nn.cross_entropy import LossImpl, blockwise_cross_entropy, resolve_loss
-from llava_jax.param_paths import flat_to_nested, nested_to_flat
 from llava_jax.sharding import BATCH_AXES, batch_sharding
-from llava_jax.train.optim import lr_schedules, make_optimizer
-from llava_jax.train.state import TrainState, labels_for, state_shardings, train_model
+from llava_jax.train.state import TrainState
+
+if TYPE_CHECKING:
+    from llava_jax.train.setup import TrainSetup
+
 
 METRICS = (
     "loss",  # mean CE over supervised tokens
@@ -109,52 +111,40 @@ def token_losses(
 
 
 def make_train_step(
-    model_cfg: LlavaConfig, config, mesh: Mesh, total_steps: int
+    setup: TrainSetup,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
     Args:
-      model_cfg: the model (dtype = compute dtype, param_dtype = master weights).
-      config: the training config (`train.trainable`, `optimizer.*`, `train.seed`,
-        `train.attention` and `train.loss_impl`: resolved for `mesh`'s devices, see
-        `nn/attention_kernels.py` and `nn/cross_entropy.py`).
-      mesh: the (data, fsdp, tensor) mesh the state lives on.
-      total_steps: optimizer updates in the run (the schedule's length).
+      setup: the run's `TrainSetup`: the model (`model_cfg.run`: compute dtype, master
+        weights, remat), the trained/frozen split, the optimizer, the mesh and the state's
+        shardings. Its config's `train.seed`, `train.loss_chunk`, `optimizer.grad_accum`,
+        `train.attention` and `train.loss_impl` (resolved for the mesh's devices, see
+        `nn/attention_kernels.py` and `nn/cross_entropy.py`) shape the step.
 
     The batch is a dict with the BATCH_FIELDS arrays (global shapes; other keys are
     ignored), rows split over (data, fsdp); its row count must divide by grad_accum and
     the micro-batch rows by data * fsdp. Metrics are float32 scalars (see METRICS).
     The returned function has `.jitted` (the `jax.jit` object, e.g. for `.lower`).
     """
-    labels = labels_for(model_cfg, config)
-    tx = make_optimizer(config, total_steps, labels)
-    schedules = lr_schedules(config, total_steps)
-    graphdef = nnx.split(train_model(model_cfg, config), nnx.Param)[0]
-    trained = {p for p, label in labels.items() if label != "frozen"}
+    config, mesh, model_cfg = setup.config, setup.mesh, setup.model_cfg
+    tx, schedules, graphdef = setup.tx, setup.schedules, setup.graphdef
     accum = int(config.optimizer.grad_accum)
     loss_chunk = int(config.train.loss_chunk)
     attention = attention_kernel(config.train.attention, mesh, model_cfg.run.dtype)
-    spec = lora.spec_from_config(config)
-    dropout = spec is not None and spec.dropout > 0
+    dropout = setup.lora is not None and setup.lora.dropout > 0
     seed = int(config.train.seed)
     loss_impl = resolve_loss(config.train.loss_impl, mesh)
     if accum < 1:
         raise ValueError(f"optimizer.grad_accum must be >= 1, got {accum}")
-    state_sh = state_shardings(model_cfg, config, mesh, total_steps)
+    state_sh = setup.shardings
     rows = batch_sharding(mesh)
     micro_rows = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
     replicated = NamedSharding(mesh, PartitionSpec())
     split_rows = mesh.shape["data"] * mesh.shape["fsdp"]
 
-    def split(params):
-        flat = nested_to_flat(params)
-        train = flat_to_nested({k: v for k, v in flat.items() if k in trained})
-        frozen = {k: v for k, v in flat.items() if k not in trained}
-        return train, frozen
-
     def micro_loss(train, frozen, micro, denom, key):
-        frozen = jax.lax.stop_gradient(frozen)
-        params = flat_to_nested({**nested_to_flat(train), **frozen})
+        params = setup.merge(train, jax.lax.stop_gradient(frozen))
         ce, correct = token_losses(
             graphdef, params, micro, loss_chunk, attention, loss_impl, dropout_key=key
         )
@@ -167,7 +157,7 @@ def make_train_step(
         batch = {k: jax.lax.with_sharding_constraint(batch[k], rows) for k in BATCH_FIELDS}
         num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         denom = jnp.maximum(num_tokens, 1.0)
-        train, frozen = split(state.params)
+        train, frozen = setup.split(state.params)
         key = step_rng(seed, state.step) if dropout else None
         if accum == 1:
             (loss, correct), grads = grad_fn(train, frozen, batch, denom, key)
@@ -199,29 +189,21 @@ def make_train_step(
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train)
 
         grad_norm = optax.tree.norm(grads)
-        # Full-tree gradients for the optimizer; the frozen zeros only feed set_to_zero.
-        flat_params, flat_grads = nested_to_flat(state.params), nested_to_flat(grads)
-        full = {k: flat_grads[k] if k in trained else jnp.zeros_like(p)
-                for k, p in flat_params.items()}  # fmt: skip
-        updates, opt_state = tx.update(flat_to_nested(full), state.opt_state, state.params)
-        flat_updates = nested_to_flat(updates)
-        new_flat = {  # frozen parameters are passed through untouched (not even + 0)
-            k: (p + flat_updates[k]).astype(p.dtype) if k in trained else p
-            for k, p in flat_params.items()
-        }
+        updates, opt_state = tx.update(grads, state.opt_state, train)
+        new_train = optax.apply_updates(train, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_flat = {k: keep(v, flat_params[k]) if k in trained else v for k, v in new_flat.items()}
+        new_train = jax.tree.map(keep, new_train, train)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        new_state = TrainState(
-            step=state.step + 1, params=flat_to_nested(new_flat), opt_state=opt_state
-        )
+        # Frozen parameters are passed through untouched (not even + 0).
+        params = setup.merge(new_train, frozen)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": loss,
             "accuracy": correct / denom,
             "num_tokens": num_tokens,
             "grad_norm": grad_norm,
-            "param_norm": optax.tree.norm([new_flat[k] for k in sorted(trained)]),
+            "param_norm": optax.tree.norm(new_train),
             "lr": schedules["train"](state.step),
             "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
