@@ -39,8 +39,8 @@ import transformers  # noqa: E402
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax  # noqa: E402
 from llava_jax.data import batching  # noqa: E402
 from llava_jax.data.schema import Example  # noqa: E402
+from llava_jax.media.feature_plan import Media, num_tokens  # noqa: E402
 from llava_jax.model_io import load_config, load_params  # noqa: E402
-from llava_jax.models.feature_plan import Media, num_tokens  # noqa: E402
 from llava_jax.sharding import make_mesh  # noqa: E402
 from llava_jax.train.defaults import base_config  # noqa: E402
 from llava_jax.train.state import init_state  # noqa: E402

@@ -14,12 +14,13 @@ from flax import nnx
 
 from llava_jax.checks import tiny_hf
 from llava_jax.config import LlavaConfig
+from llava_jax.conversion.hf_config import from_hf_config
 from llava_jax.data import batching
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord
-from llava_jax.models import feature_plan
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
 from llava_jax.models.build import abstract_model
-from llava_jax.models.feature_plan import Media
 
 IMG, VID = tiny_hf.IMAGE_TOKEN, tiny_hf.VIDEO_TOKEN
 
@@ -47,7 +48,7 @@ def tiny_config(family: str) -> LlavaConfig:
             image_grid_pinpoints=tiny_hf.OV_PINPOINTS,
             vision_aspect_ratio="anyres_max_9",
         )
-    return LlavaConfig.from_hf_config(hf.to_dict())
+    return from_hf_config(hf.to_dict())
 
 
 def make_example(cfg, id_, media, text_len, seed=0, trained=None):

@@ -14,14 +14,14 @@ from PIL import Image
 from tiny_configs import LLAVA, NEXT, ONEVISION
 
 from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import load_image, preprocess_image
 from llava_jax.data.prompt import media_token_counts
 from llava_jax.data.schema import SKIP_REASONS, Example, RawRecord, SkipSample
 from llava_jax.data.templates import ChatTemplate
 from llava_jax.data.transforms import SampleTransform, match_placeholders, parse_conversation
-from llava_jax.data.video import preprocess_video
-from llava_jax.models.feature_plan import Media, num_views
+from llava_jax.media.feature_plan import Media, num_views
+from llava_jax.media.image_processing import load_image, preprocess_image
+from llava_jax.media.processor_config import ImageProcessorConfig
+from llava_jax.media.video import preprocess_video
 
 
 @pytest.fixture(scope="module")

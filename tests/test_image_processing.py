@@ -19,16 +19,16 @@ from transformers import (
 from transformers.image_utils import load_image as hf_load_image
 
 from llava_jax.config import LlavaConfig
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import (
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
+from llava_jax.media.image_processing import (
     ImageError,
     image_hw,
     load_image,
     preprocess_image,
     preprocess_images,
 )
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media.processor_config import ImageProcessorConfig
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

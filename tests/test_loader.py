@@ -21,8 +21,8 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import loader
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord, SkipSample
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
 
 BAD_REASONS = ("corrupt_image", "missing_file", "unknown_role")
 

@@ -84,7 +84,7 @@ def check_training(workdir: Path, steps: int) -> dict:
 def _random_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator) -> dict:
     from llava_jax.data import batching
     from llava_jax.data.schema import Example
-    from llava_jax.models.feature_plan import Media, num_tokens, num_views
+    from llava_jax.media.feature_plan import Media, num_tokens, num_views
 
     media = (Media.image(cfg.vision.image_size, cfg.vision.image_size),)  # one square image
     n_img, n_views = num_tokens(cfg, media[0]), num_views(cfg, media[0])

@@ -24,7 +24,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord
-from llava_jax.models import feature_plan
+from llava_jax.media import feature_plan
 
 
 @dataclasses.dataclass(frozen=True)

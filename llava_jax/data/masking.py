@@ -59,7 +59,7 @@ from llava_jax.data import templates
 from llava_jax.data.prompt import expand_media, media_tokens
 from llava_jax.data.schema import SkipSample
 from llava_jax.data.templates import PLACEHOLDER, Template
-from llava_jax.models.feature_plan import Media
+from llava_jax.media.feature_plan import Media
 
 # Template name -> the original preprocessing function whose ids and labels we reproduce.
 REFERENCE_STYLES = {

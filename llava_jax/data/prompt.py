@@ -22,8 +22,8 @@ import numpy as np
 from llava_jax.config import Convention, LlavaConfig
 from llava_jax.data.templates import PLACEHOLDER, PromptError, assets_dir
 from llava_jax.errors import CheckpointError
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
 
 __all__ = [
     "PromptError",

@@ -104,6 +104,6 @@ BATCH_FIELDS = {
     "positions": "int32[B, T]; restarting at 0 for each segment",
     "pixel_values": "float32[B, V, S, S, 3]; zeros for padded views",
     "view_mask": "bool[B, V]; True for real views",
-    "taps": "int32[B, I, K]; the row's feature plan (see models/feature_plan.py)",
+    "taps": "int32[B, I, K]; the row's feature plan (see media/feature_plan.py)",
     "tap_weights": "float32[B, I, K]; 0 for padded image tokens",
 }

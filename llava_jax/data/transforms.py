@@ -43,8 +43,6 @@ import numpy as np
 
 from llava_jax.config import Convention, LlavaConfig
 from llava_jax.data import masking
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import ImageError, load_image, preprocess_images
 from llava_jax.data.prompt import tokenize_spans
 from llava_jax.data.schema import Example, RawRecord, SkipSample, conversations_problem
 from llava_jax.data.sources import resolve_media
@@ -58,9 +56,11 @@ from llava_jax.data.templates import (
     get_template,
     render_spans,
 )
-from llava_jax.data.video import VideoError, load_video, preprocess_video
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
+from llava_jax.media.image_processing import ImageError, load_image, preprocess_images
+from llava_jax.media.processor_config import ImageProcessorConfig
+from llava_jax.media.video import VideoError, load_video, preprocess_video
 
 # LLaVA JSON speaker names -> template roles.
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

@@ -33,8 +33,8 @@ from etils import epath
 from llava_jax import hardware, model_io, paths
 from llava_jax.config import LlavaConfig
 from llava_jax.data import batching, loader, sources, templates
-from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.prompt import load_tokenizer
+from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.train import config_loader, flops, resume
 from llava_jax.train import state as state_lib
 from llava_jax.train import step as step_lib

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from llava_jax.config import Convention, Family, LlavaConfig
-from llava_jax.data import anyres
+from llava_jax.media import anyres
 
 NEWLINE = 0  # tap index of `image_newline`; view tokens start at 1
 

@@ -6,7 +6,7 @@ images with PIL, rescale in float64 and cast to float32, then normalise in float
 same PIL resizes and the same float32 arithmetic, bit for bit, but resize the AnyRes canvas
 once and normalise all crops in one vectorised pass instead of one PIL round trip per crop.
 
-Geometry (canvas, grid) comes from `data/anyres.py`, which the model's feature plan also
+Geometry (canvas, grid) comes from `media/anyres.py`, which the model's feature plan also
 reads, so the views made here are the ones the model expects: views[0] is the base view,
 then the crops row-major. Views are channels-last float32[V, S, S, 3].
 """
@@ -25,8 +25,8 @@ from etils import epath
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from llava_jax.config import Family
-from llava_jax.data import anyres
-from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.media import anyres
+from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.paths import is_url
 
 HW = tuple[int, int]
