@@ -103,7 +103,8 @@ def plan_example(example: Example, cfg: LlavaConfig) -> PlannedExample:
     Raises:
       ValueError: the token or view counts disagree with the media (a transform bug).
     """
-    taps, weights, n_image, n_video = feature_plan.sample_plan(cfg, example.media)
+    layouts = feature_plan.media_layouts(cfg, example.media)
+    taps, weights, n_image, n_video = feature_plan.sample_plan(cfg, example.media, None, layouts)
     ids = np.asarray(example.input_ids)
     found_image = int((ids == cfg.image_token_id).sum())
     found_video = 0 if cfg.video_token_id is None else int((ids == cfg.video_token_id).sum())
@@ -112,10 +113,7 @@ def plan_example(example: Example, cfg: LlavaConfig) -> PlannedExample:
             f"example {example.id}: has {found_image} image / {found_video} video tokens, "
             f"its media need {n_image} / {n_video}"
         )
-    needed = sum(
-        feature_plan.num_views(cfg, m, sum(x.kind == "image" for x in example.media))
-        for m in example.media
-    )
+    needed = sum(layout.num_views for layout in layouts)
     if len(example.views) != needed:
         raise ValueError(f"example {example.id}: has {len(example.views)} views, needs {needed}")
     if len(example.trained) != len(ids):

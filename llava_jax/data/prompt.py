@@ -54,11 +54,11 @@ def load_tokenizer(path: str | os.PathLike):
 def media_token_counts(cfg: LlavaConfig, media: Sequence[Media]) -> list[int]:
     """How many image / video tokens each media item fills, in the order given.
 
-    The feature plan's own arithmetic, so the text always has the positions the model fills
-    (for OneVision, a sample with several images is multi-image: one view each).
+    Each item's length in the feature plan (`feature_plan.media_layouts`), so the text always
+    has the positions the model fills (for OneVision, a sample with several images is
+    multi-image: one view each).
     """
-    n_images = sum(m.kind == "image" for m in media)
-    return [feature_plan.num_tokens(cfg, m, n_images) for m in media]
+    return [layout.num_tokens for layout in feature_plan.media_layouts(cfg, media)]
 
 
 def _plural(n: int, word: str) -> str:

@@ -152,7 +152,7 @@ class SampleTransform:
         }
         media = tuple(next(queues[kind]) for kind in kinds)  # in placeholder order
 
-        n_views = sum(feature_plan.num_views(self.cfg, m, len(images)) for m in media)
+        n_views = sum(layout.num_views for layout in feature_plan.media_layouts(self.cfg, media))
         if n_views > self.max_views:
             raise SkipSample("too_long", f"{n_views} views > max_views {self.max_views}")
         input_ids, trained = self._tokenize(messages, media)
