@@ -82,7 +82,7 @@ def make_batch(cfg, batch: int, seq_len: int) -> dict[str, np.ndarray]:
         trained = np.zeros(seq_len, bool)
         trained[1 + n_img :] = True
         views = rng.standard_normal((1, 224, 224, 3)).astype(np.float32)
-        examples.append(Example(f"r{i}", ids, trained, views, media))
+        examples.append(Example.build(cfg, f"r{i}", ids, trained, views, media))
     shape = batching.BatchShape.for_model(cfg, batch, seq_len, 1, n_img)
     return batching.pad_batch(examples, shape, cfg)
 

@@ -18,7 +18,7 @@ from llava_jax.data.prompt import media_token_counts
 from llava_jax.data.schema import SKIP_REASONS, Example, RawRecord, SkipSample
 from llava_jax.data.templates import ChatTemplate
 from llava_jax.data.transforms import SampleTransform, match_placeholders, parse_conversation
-from llava_jax.media.feature_plan import Media, num_views
+from llava_jax.media.feature_plan import Media, num_views, sample_plan
 from llava_jax.media.image_processing import load_image, preprocess_image
 from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.media.video import preprocess_video
@@ -157,6 +157,11 @@ def test_next_anyres_views_and_tokens(hw, tokenizer):
     assert (ex.input_ids == 150).sum() == media_token_counts(NEXT, [media])[0]
     if hw == (30, 60):  # hand: canvas 42x84 -> 1x2 crops + base; 9 base + 3x(6+1) grid
         assert len(ex.views) == 3 and (ex.input_ids == 150).sum() == 9 + 3 * 7
+    # The worker built the sample's feature plan: the batcher only offsets and pads.
+    taps, weights, n_image, _ = sample_plan(NEXT, [media])
+    np.testing.assert_array_equal(ex.taps, taps)
+    np.testing.assert_array_equal(ex.tap_weights, weights.astype(np.float32))
+    assert ex.num_image_tokens == n_image == (ex.input_ids == 150).sum()
 
 
 def test_onevision_multi_image_gives_one_view_each(tokenizer):

@@ -59,7 +59,7 @@ class FakeTransform:
         trained = np.arange(len(ids)) >= len(ids) - 2
         s = cfg.vision.image_size
         views = rng.normal(size=(len(media), s, s, 3)).astype(np.float32)
-        return Example(record.id, ids, trained, views, media)
+        return Example.build(cfg, record.id, ids, trained, views, media)
 
 
 def llava_config() -> LlavaConfig:

@@ -152,19 +152,15 @@ class SampleTransform:
         }
         media = tuple(next(queues[kind]) for kind in kinds)  # in placeholder order
 
-        n_views = sum(layout.num_views for layout in feature_plan.media_layouts(self.cfg, media))
+        layouts = feature_plan.media_layouts(self.cfg, media)
+        n_views = sum(layout.num_views for layout in layouts)
         if n_views > self.max_views:
             raise SkipSample("too_long", f"{n_views} views > max_views {self.max_views}")
         input_ids, trained = self._tokenize(messages, media)
         if not trained.any():
             raise SkipSample("no_supervised_tokens", "no token of the sample is trained")
-        return Example(
-            id=record.id,
-            input_ids=input_ids,
-            trained=trained,
-            views=self._views(images, videos, n_views),
-            media=media,
-        )
+        views = self._views(images, videos, n_views)
+        return Example.build(self.cfg, record.id, input_ids, trained, views, media, layouts)
 
     def _load_image(self, ref, record: RawRecord):
         source = resolve_media(ref, record.root, record.id)
