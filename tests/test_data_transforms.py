@@ -18,6 +18,7 @@ from llava_jax.data.prompt import media_token_counts
 from llava_jax.data.schema import SKIP_REASONS, Example, RawRecord, SkipSample
 from llava_jax.data.templates import ChatTemplate
 from llava_jax.data.transforms import SampleTransform, match_placeholders, parse_conversation
+from llava_jax.media import anyres
 from llava_jax.media.feature_plan import Media, num_views, sample_plan
 from llava_jax.media.image_processing import load_image, preprocess_image
 from llava_jax.media.processor_config import ImageProcessorConfig
@@ -162,6 +163,23 @@ def test_next_anyres_views_and_tokens(hw, tokenizer):
     np.testing.assert_array_equal(ex.taps, taps)
     np.testing.assert_array_equal(ex.tap_weights, weights.astype(np.float32))
     assert ex.num_image_tokens == n_image == (ex.input_ids == 150).sum()
+
+
+@pytest.mark.parametrize("cfg", [NEXT, ONEVISION], ids=["next", "onevision"])
+def test_anyres_geometry_is_worked_out_once_per_image(cfg, tokenizer, monkeypatch):
+    """Views, tokens, pixels and the feature plan share one layout per image: the canvas is
+    chosen once (it was chosen five times: views, tokens, pixels twice, batcher)."""
+    calls = []
+    choose = anyres.select_best_resolution
+    monkeypatch.setattr(anyres, "select_best_resolution", lambda *a: calls.append(a) or choose(*a))
+    record = RawRecord("n", chat(), (image_bytes(60, 30),))
+    ex = transform(tokenizer, cfg, "qwen_1_5" if cfg is ONEVISION else "vicuna_v1")(record)
+    assert len(calls) == 1
+    monkeypatch.setattr(anyres, "select_best_resolution", choose)
+    image = load_image(image_bytes(60, 30))  # the preprocessing alone, unchanged
+    np.testing.assert_array_equal(
+        ex.views, preprocess_image(image, ImageProcessorConfig.for_model(cfg)).views
+    )
 
 
 def test_onevision_multi_image_gives_one_view_each(tokenizer):
