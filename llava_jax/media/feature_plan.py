@@ -9,6 +9,10 @@ sample one view + one newline per image, and pools each video frame 27x27 -> 14x
 newline per video. Each token is written as K taps (index, weight); K is 1 for copies and 4
 for bilinear families, so the device does one gather and one weighted sum with static shapes.
 
+`media_layouts` works out each item's views, token count and AnyRes tiling once, in Python
+arithmetic: token counts for the text, view counts for the pixels and the tiling for the
+crops all read it, and `sample_plan` builds the taps from it (and checks their number).
+
 Index space of one sample: `image_newline` -> 0; view v, token p -> 1 + v * P + p. (The
 newline comes first so that no index depends on how many views the batch is padded to.)
 Order: all image tokens in image order, then all video tokens (as HF fills them).
