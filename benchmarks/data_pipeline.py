@@ -183,7 +183,7 @@ def case_config(name, tokenizer, ov_max_views: int = 37):
     import transformers
 
     from llava_jax.config import LlavaConfig
-    from llava_jax.data.image_config import ImageProcessorConfig
+    from llava_jax.media.processor_config import ImageProcessorConfig
 
     image_id, video_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>"))
     if name == "llava15":

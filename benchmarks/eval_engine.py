@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 
 from llava_jax.checks import tiny_hf  # noqa: E402
-from llava_jax.data.image_processing import load_image  # noqa: E402
 from llava_jax.eval import TASKS  # noqa: E402
 from llava_jax.eval.runner import PredictionsFile, generate_answers  # noqa: E402
 from llava_jax.inference.pipeline import Pipeline  # noqa: E402
+from llava_jax.media.image_processing import load_image  # noqa: E402
 
 OBJECTS = ("dog", "cat", "car", "tree", "cup", "bus", "kite", "sink")
 SLOTS = 8

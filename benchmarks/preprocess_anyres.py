@@ -21,8 +21,8 @@ import transformers
 from PIL import Image
 from transformers import LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
 
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import preprocess_image
+from llava_jax.media.image_processing import preprocess_image
+from llava_jax.media.processor_config import ImageProcessorConfig
 
 ONEVISION = {"size": {"height": 384, "width": 384}, "image_mean": [0.5] * 3,
              "image_std": [0.5] * 3, "resample": 3}  # fmt: skip

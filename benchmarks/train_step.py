@@ -39,8 +39,8 @@ import transformers  # noqa: E402
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax  # noqa: E402
 from llava_jax.data import batching  # noqa: E402
 from llava_jax.data.schema import BATCH_FIELDS, Example  # noqa: E402
+from llava_jax.media.feature_plan import Media, num_tokens  # noqa: E402
 from llava_jax.model_io import load_config, load_params  # noqa: E402
-from llava_jax.models.feature_plan import Media, num_tokens  # noqa: E402
 from llava_jax.sharding import make_mesh, shard_batch  # noqa: E402
 from llava_jax.train.defaults import base_config  # noqa: E402
 from llava_jax.train.setup import TrainSetup  # noqa: E402
@@ -83,7 +83,7 @@ def make_batch(cfg, batch: int, seq_len: int) -> dict[str, np.ndarray]:
         trained = np.zeros(seq_len, bool)
         trained[1 + n_img :] = True
         views = rng.standard_normal((1, 224, 224, 3)).astype(np.float32)
-        examples.append(Example(f"r{i}", ids, trained, views, media))
+        examples.append(Example.build(cfg, f"r{i}", ids, trained, views, media))
     shape = batching.BatchShape.for_model(cfg, batch, seq_len, 1, n_img)
     return batching.pad_batch(examples, shape, cfg)
 

@@ -1,8 +1,10 @@
 """Architecture configs: frozen dataclasses with presets for the released checkpoints.
 
 `LlavaConfig` describes one model completely. It is built from, and written back to, a
-Hugging Face `config.json` (`conversion/hf_config.py`), and it names the family, whose only
-effect on the network is the host-side feature layout (`models/feature_plan.py`).
+Hugging Face `config.json` by `conversion/hf_config.py` (`from_hf_config`, `to_hf_config`:
+functions there, not methods here, so that `config` stays below `conversion` in the
+layering), and it names the family, whose only effect on the network is the host-side
+feature layout (`media/feature_plan.py`).
 """
 
 from __future__ import annotations
@@ -330,19 +332,6 @@ class LlavaConfig:
         text = _dataclass_from_dict(TextConfig, d.pop("text", {}), "text")
         cfg = _dataclass_from_dict(cls, d, "config", vision=vision, text=text)
         return cfg
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> LlavaConfig:
-        """From an HF `config.json` dict; strict (see `llava_jax.conversion.hf_config`)."""
-        from llava_jax.conversion.hf_config import from_hf_config
-
-        return from_hf_config(hf)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The HF `config.json` dict (see `llava_jax.conversion.hf_config`)."""
-        from llava_jax.conversion.hf_config import to_hf_config
-
-        return to_hf_config(self)
 
     # -- presets for the released checkpoints ----------------------------------------------
 

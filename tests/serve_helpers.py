@@ -16,7 +16,7 @@ import openai
 import uvicorn
 from PIL import Image
 
-from llava_jax.data.image_processing import load_image
+from llava_jax.media.image_processing import load_image
 
 TEMPLATE = "mistral_instruct"  # short prompts: the tiny model's context is 256 tokens
 

@@ -26,7 +26,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
     LlavaOnevisionProcessor,
 )
 
-from llava_jax.data import anyres
+from llava_jax.media import anyres
 
 NEXT = dict(
     pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], crop=336, g=24

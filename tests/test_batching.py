@@ -14,12 +14,13 @@ from flax import nnx
 
 from llava_jax.checks import tiny_hf
 from llava_jax.config import LlavaConfig
+from llava_jax.conversion.hf_config import from_hf_config
 from llava_jax.data import batching
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord
-from llava_jax.models import feature_plan
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
 from llava_jax.models.build import abstract_model
-from llava_jax.models.feature_plan import Media
 
 IMG, VID = tiny_hf.IMAGE_TOKEN, tiny_hf.VIDEO_TOKEN
 
@@ -47,7 +48,7 @@ def tiny_config(family: str) -> LlavaConfig:
             image_grid_pinpoints=tiny_hf.OV_PINPOINTS,
             vision_aspect_ratio="anyres_max_9",
         )
-    return LlavaConfig.from_hf_config(hf.to_dict())
+    return from_hf_config(hf.to_dict())
 
 
 def make_example(cfg, id_, media, text_len, seed=0, trained=None):
@@ -64,13 +65,13 @@ def make_example(cfg, id_, media, text_len, seed=0, trained=None):
         trained[-text_len // 2 :] = True
     s = cfg.vision.image_size
     views = rng.normal(size=(n_views, s, s, 3)).astype(np.float32)
-    return Example(id_, ids, np.asarray(trained, bool), views, tuple(media))
+    return Example.build(cfg, id_, ids, np.asarray(trained, bool), views, tuple(media))
 
 
 def text_example(id_, ids, trained, cfg):
     s = cfg.vision.image_size
-    return Example(
-        id_, np.asarray(ids, np.int32), np.asarray(trained, bool), np.zeros((0, s, s, 3)), ()
+    return Example.build(
+        cfg, id_, np.asarray(ids, np.int32), np.asarray(trained, bool), np.zeros((0, s, s, 3)), ()
     )
 
 
@@ -94,7 +95,8 @@ def test_pad_batch_hand_arrays():
                        image_size=42, taps_per_token=1)  # fmt: skip
     s = cfg.vision.image_size
     views = np.arange(s * s * 3, dtype=np.float32).reshape(1, s, s, 3)
-    a = Example(
+    a = Example.build(
+        cfg,
         "a",
         np.array([5] + [IMG] * 9 + [6, 7], np.int32),
         np.array([0] * 10 + [1, 1], bool),
@@ -132,12 +134,13 @@ def test_pack_rows_hand_arrays():
     shape = BatchShape(2, max_len=26, max_views=3, max_image_tokens=20, image_size=42,
                        taps_per_token=1)  # fmt: skip
     s = cfg.vision.image_size
-    a = Example("a", np.array([5] + [IMG] * 9 + [6, 7], np.int32),
-                np.array([0] * 10 + [1, 1], bool), np.full((1, s, s, 3), 1.0, np.float32),
-                (Media.image(30, 40),))  # fmt: skip
+    a = Example.build(cfg, "a", np.array([5] + [IMG] * 9 + [6, 7], np.int32),
+                      np.array([0] * 10 + [1, 1], bool), np.full((1, s, s, 3), 1.0, np.float32),
+                      (Media.image(30, 40),))  # fmt: skip
     b = text_example("b", [8, 9, 10], [0, 1, 1], cfg)
-    c = Example("c", np.array([IMG] * 9 + [11], np.int32), np.array([0] * 9 + [1], bool),
-                np.full((1, s, s, 3), 2.0, np.float32), (Media.image(50, 20),))  # fmt: skip
+    c = Example.build(cfg, "c", np.array([IMG] * 9 + [11], np.int32),
+                      np.array([0] * 9 + [1], bool), np.full((1, s, s, 3), 2.0, np.float32),
+                      (Media.image(50, 20),))  # fmt: skip
     batch = batching.pack_rows([[a, b, c]], shape, cfg)
     ids_a, ids_b, ids_c = [5] + [IMG] * 9 + [6, 7], [8, 9, 10], [IMG] * 9 + [11]
     pixels = np.zeros((2, 3, s, s, 3), np.float32)
@@ -201,7 +204,7 @@ def test_packed_row_logits_equal_each_sample_alone(family):
 
     total = sum(len(e.input_ids) for e in samples)
     views = sum(len(e.views) for e in samples)
-    tokens = sum(len(batching.plan_example(e, cfg).taps) for e in samples)
+    tokens = sum(len(e.taps) for e in samples)
     shape = BatchShape.for_model(cfg, 1, total + 3, views + 1, tokens + 2)
     packed_batch = batching.pack_rows([samples], shape, cfg)
     packed = logits(packed_batch)
@@ -225,7 +228,7 @@ def test_row_packer_first_fit_in_arrival_order():
     shape = BatchShape(2, max_len=10, max_views=1, max_image_tokens=9, image_size=42,
                        taps_per_token=1)  # fmt: skip
     examples = [text_example(f"t{n}", [1] * n, [1] * n, cfg) for n in (6, 5, 4, 3, 7, 2)]
-    batches = batching.first_fit_rows(examples, shape, cfg)
+    batches = batching.first_fit_rows(examples, shape)
     ids = [[[e.id for e in row] for row in rows] for rows in batches]
     # 6 | 5; 4 joins 6 (10); 3 joins 5 (8); 7 fits no row -> next batch; 2 joins 7.
     assert ids == [[["t6", "t4"], ["t5", "t3"]], [["t7", "t2"]]]
@@ -233,11 +236,28 @@ def test_row_packer_first_fit_in_arrival_order():
     img = [make_example(cfg, f"i{k}", [Media.image(9, 9)], 0, seed=k) for k in range(3)]
     shape = BatchShape(3, max_len=40, max_views=1, max_image_tokens=9, image_size=42,
                        taps_per_token=1)  # fmt: skip
-    assert [[e.id for e in r] for r in batching.first_fit_rows(img, shape, cfg)[0]] == [
+    assert [[e.id for e in r] for r in batching.first_fit_rows(img, shape)[0]] == [
         ["i0"],
         ["i1"],
         ["i2"],
     ]
+
+
+def test_batching_only_offsets_and_pads(monkeypatch):
+    """The batcher reads each example's own plan (built in the Grain worker) and plans
+    nothing itself."""
+    cfg = tiny_config("llava_onevision")
+    rows = [[make_example(cfg, "v", [Media.video(2)], 3, seed=1),
+             make_example(cfg, "i", [Media.image(50, 120)], 3, seed=2)]]  # fmt: skip
+    shape = BatchShape.for_model(cfg, 1, max_len=128, max_views=12, max_image_tokens=64)
+    want = batching.pack_rows(rows, shape, cfg)
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("the batcher built a feature plan")
+
+    monkeypatch.setattr(feature_plan, "sample_plan", no_planning)
+    monkeypatch.setattr(feature_plan, "media_layouts", no_planning)
+    assert_arrays(batching.pack_rows(rows, shape, cfg), want)
 
 
 def test_bad_examples_are_rejected_with_their_id():
@@ -246,10 +266,10 @@ def test_bad_examples_are_rejected_with_their_id():
     e = make_example(cfg, "short", [Media.image(9, 9)], 2)
     with pytest.raises(ValueError, match="row 0 needs"):
         batching.pad_batch([e], shape, cfg)
-    wrong = Example("miscount", e.input_ids[:-2], e.trained[:-2], e.views, e.media)
-    wrong.input_ids[2] = 7  # one image token fewer than the image needs
+    ids = e.input_ids[:-2].copy()
+    ids[2] = 7  # one image token fewer than the image needs
     with pytest.raises(ValueError, match="miscount: has 8 image"):
-        batching.plan_example(wrong, cfg)
+        Example.build(cfg, "miscount", ids, e.trained[:-2], e.views, e.media)
 
 
 def test_group_by_modality_length():

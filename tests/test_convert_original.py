@@ -32,14 +32,15 @@ from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 from llava_jax.conversion.original_config import from_original_config, grid_pinpoints
 from llava_jax.conversion.original_to_jax import add_media_tokens
 from llava_jax.conversion.tensor_io import CheckpointWriter
-from llava_jax.data import anyres, templates
+from llava_jax.data import templates
 from llava_jax.data.masking import tokenizer_image_token
 from llava_jax.data.prompt import media_tokens
 from llava_jax.errors import CheckpointError
 from llava_jax.inference.generator import Generator, SamplingConfig
 from llava_jax.inference.pipeline import Pipeline
+from llava_jax.media import anyres
+from llava_jax.media.feature_plan import Media, num_tokens
 from llava_jax.model_io import load_model, load_params
-from llava_jax.models.feature_plan import Media, num_tokens
 
 # The released configs' fields (liuhaotian/llava-v1.6-vicuna-7b and
 # lmms-lab/llava-onevision-qwen2-7b-ov config.json on the Hugging Face hub).

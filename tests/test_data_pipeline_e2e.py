@@ -36,10 +36,10 @@ from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 from llava_jax.cli.main import main
 from llava_jax.data import loader, shards
 from llava_jax.data.batching import BatchShape
-from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.schema import BATCH_FIELDS, SKIP_REASONS
 from llava_jax.data.sources import open_source
 from llava_jax.data.transforms import SampleTransform
+from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.sharding import shard_batch
 
 # -- models: tiny LLaVA-1.5 (pad), NeXT (anyres), OneVision (anyres_max_9, video) -------------

@@ -14,14 +14,15 @@ from PIL import Image
 from tiny_configs import LLAVA, NEXT, ONEVISION
 
 from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import load_image, preprocess_image
 from llava_jax.data.prompt import media_token_counts
 from llava_jax.data.schema import SKIP_REASONS, Example, RawRecord, SkipSample
 from llava_jax.data.templates import ChatTemplate
 from llava_jax.data.transforms import SampleTransform, match_placeholders, parse_conversation
-from llava_jax.data.video import preprocess_video
-from llava_jax.models.feature_plan import Media, num_views
+from llava_jax.media import anyres
+from llava_jax.media.feature_plan import Media, num_views, sample_plan
+from llava_jax.media.image_processing import load_image, preprocess_image
+from llava_jax.media.processor_config import ImageProcessorConfig
+from llava_jax.media.video import preprocess_video
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,28 @@ def test_next_anyres_views_and_tokens(hw, tokenizer):
     assert (ex.input_ids == 150).sum() == media_token_counts(NEXT, [media])[0]
     if hw == (30, 60):  # hand: canvas 42x84 -> 1x2 crops + base; 9 base + 3x(6+1) grid
         assert len(ex.views) == 3 and (ex.input_ids == 150).sum() == 9 + 3 * 7
+    # The worker built the sample's feature plan: the batcher only offsets and pads.
+    taps, weights, n_image, _ = sample_plan(NEXT, [media])
+    np.testing.assert_array_equal(ex.taps, taps)
+    np.testing.assert_array_equal(ex.tap_weights, weights.astype(np.float32))
+    assert ex.num_image_tokens == n_image == (ex.input_ids == 150).sum()
+
+
+@pytest.mark.parametrize("cfg", [NEXT, ONEVISION], ids=["next", "onevision"])
+def test_anyres_geometry_is_worked_out_once_per_image(cfg, tokenizer, monkeypatch):
+    """Views, tokens, pixels and the feature plan share one layout per image: the canvas is
+    chosen once (it was chosen five times: views, tokens, pixels twice, batcher)."""
+    calls = []
+    choose = anyres.select_best_resolution
+    monkeypatch.setattr(anyres, "select_best_resolution", lambda *a: calls.append(a) or choose(*a))
+    record = RawRecord("n", chat(), (image_bytes(60, 30),))
+    ex = transform(tokenizer, cfg, "qwen_1_5" if cfg is ONEVISION else "vicuna_v1")(record)
+    assert len(calls) == 1
+    monkeypatch.setattr(anyres, "select_best_resolution", choose)
+    image = load_image(image_bytes(60, 30))  # the preprocessing alone, unchanged
+    np.testing.assert_array_equal(
+        ex.views, preprocess_image(image, ImageProcessorConfig.for_model(cfg)).views
+    )
 
 
 def test_onevision_multi_image_gives_one_view_each(tokenizer):

@@ -14,7 +14,7 @@ from llava_jax.inference import engine as engine_module
 from llava_jax.inference.engine import Engine, Request
 from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
 from llava_jax.inference.prefix_cache import Block, PrefixCache
-from llava_jax.models.feature_plan import Media, build_feature_plan
+from llava_jax.media.feature_plan import Media, build_feature_plan
 from llava_jax.models.llava import LlavaModel
 
 IMG = LLAVA.image_token_id

@@ -14,10 +14,10 @@ from PIL import Image
 
 import llava_jax.inference.engine
 import llava_jax.inference.prefix_cache
-from llava_jax.data.image_processing import image_hw, load_image
 from llava_jax.eval import TASKS, slots
 from llava_jax.eval.runner import EvalDataError, evaluate
 from llava_jax.inference.generator import bucket
+from llava_jax.media.image_processing import image_hw, load_image
 
 NEW = 4  # answer tokens
 

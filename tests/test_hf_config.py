@@ -447,8 +447,3 @@ def test_default_rope_accepted():
 def test_not_a_llava_config_is_refused(hf, message):
     with pytest.raises(ConfigError, match=message):
         from_hf_config(hf)
-
-
-def test_config_methods_delegate():
-    cfg = LlavaConfig.preset("llava-v1.6-mistral-7b")
-    assert LlavaConfig.from_hf_config(cfg.to_hf_config()) == cfg

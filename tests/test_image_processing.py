@@ -19,16 +19,16 @@ from transformers import (
 from transformers.image_utils import load_image as hf_load_image
 
 from llava_jax.config import LlavaConfig
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import (
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
+from llava_jax.media.image_processing import (
     ImageError,
     image_hw,
     load_image,
     preprocess_image,
     preprocess_images,
 )
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media.processor_config import ImageProcessorConfig
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -107,9 +107,20 @@ def _check(proc, cfg, images, multi, model):
         assert ours.image_hw == (h, w)
         assert ours.views.dtype == np.float32 and ours.views.shape == ref.shape
         np.testing.assert_array_equal(ours.views, ref)
-        # The model's geometry agrees on how many views this image has.
-        n = feature_plan.num_views(model, Media.image(h, w), len(images) if multi else 1)
-        assert len(ours.views) == n
+        # The model's geometry agrees on how many views this image has, and its layout, handed
+        # to the preprocessing (as the training transform does), cuts the same views.
+        layout = feature_plan.media_layout(model, Media.image(h, w), len(images) if multi else 1)
+        assert len(ours.views) == layout.num_views
+        given = preprocess_image(image, cfg, multi_image=multi, layout=layout.anyres)
+        np.testing.assert_array_equal(given.views, ref)
+
+
+def test_a_layout_of_another_image_is_refused():
+    _, cfg, _ = _processors("next")
+    model = MODELS["llava_next"]
+    layout = feature_plan.media_layout(model, Media.image(300, 700)).anyres
+    with pytest.raises(ValueError, match=r"AnyRes layout for a \(300, 700\) image"):
+        preprocess_image(_image(700, 300), cfg, layout=layout)
 
 
 SIZES = [(1, 1), (13, 7), (7, 13), (37, 296), (296, 37), (333, 517), (1080, 1920), (768, 384)]

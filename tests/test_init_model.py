@@ -178,7 +178,7 @@ def test_config_tokens_and_processor(initialised):
     else:
         assert "<video>" not in tok.get_vocab()
     proc = json.loads((out / "assets" / "preprocessor_config.json").read_text())
-    from llava_jax.data.image_config import SIGLIP_MEAN, ImageProcessorConfig
+    from llava_jax.media.processor_config import SIGLIP_MEAN, ImageProcessorConfig
 
     got = ImageProcessorConfig.from_pretrained(out / "assets", cfg)
     assert got.view_size == 42 and got.family == cfg.family

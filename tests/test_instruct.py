@@ -16,7 +16,6 @@ from llm_server import FakeLLM
 from PIL import Image
 
 from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
-from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.eval.llm_client import ChatClient
 from llava_jax.instruct.coco import context_text, load_contexts, normalise_box
 from llava_jax.instruct.prompts import CONVERSATION_SYSTEM, DETAIL_INSTRUCTIONS
@@ -29,6 +28,7 @@ from llava_jax.instruct.writer import (
     parse_qa,
     to_record,
 )
+from llava_jax.media.processor_config import ImageProcessorConfig
 
 TINY = tiny_configs.LLAVA
 

@@ -21,8 +21,8 @@ from llava_jax.config import LlavaConfig
 from llava_jax.data import loader
 from llava_jax.data.batching import BatchShape
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord, SkipSample
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
 from llava_jax.sharding import shard_batch
 
 BAD_REASONS = ("corrupt_image", "missing_file", "unknown_role")
@@ -60,7 +60,7 @@ class FakeTransform:
         trained = np.arange(len(ids)) >= len(ids) - 2
         s = cfg.vision.image_size
         views = rng.normal(size=(len(media), s, s, 3)).astype(np.float32)
-        return Example(record.id, ids, trained, views, media)
+        return Example.build(cfg, record.id, ids, trained, views, media)
 
 
 def llava_config() -> LlavaConfig:

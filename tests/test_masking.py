@@ -18,10 +18,10 @@ from PIL import Image
 from llava_jax.checks.tiny_tokenizer import build_tiny_bytelevel_tokenizer, build_tiny_tokenizer
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.data import masking
-from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.schema import RawRecord, SkipSample
 from llava_jax.data.templates import get_template
 from llava_jax.data.transforms import SampleTransform
+from llava_jax.media.processor_config import ImageProcessorConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(

@@ -21,9 +21,9 @@ from PIL import Image
 
 from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 from llava_jax.config import LlavaConfig
-from llava_jax.data.image_config import ImageProcessorConfig, find_processor_dict
 from llava_jax.data.templates import load_chat_template
 from llava_jax.inference.pipeline import Pipeline
+from llava_jax.media.processor_config import ImageProcessorConfig, find_processor_dict
 
 CROP = hf_tiny.CROP
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"

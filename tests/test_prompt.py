@@ -30,7 +30,7 @@ from llava_jax.data.prompt import (
     tokenize_spans,
 )
 from llava_jax.errors import CheckpointError
-from llava_jax.models.feature_plan import Media, sample_plan
+from llava_jax.media.feature_plan import Media, sample_plan
 
 IMAGE, VIDEO = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN
 IMG, VID = Media.image(9, 9), Media.video(2)

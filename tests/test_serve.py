@@ -34,7 +34,7 @@ from serve_helpers import (
     user,
 )
 
-from llava_jax.data.image_processing import load_image
+from llava_jax.media.image_processing import load_image
 from llava_jax.serve import ServeConfig
 from llava_jax.serve.scheduler import Event, Job, QueueFull, Scheduler
 

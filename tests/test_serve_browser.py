@@ -13,8 +13,8 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 from serve_helpers import TEMPLATE, LiveServer, build_model_dir, png_bytes
 
-from llava_jax.data.image_processing import load_image
 from llava_jax.inference.pipeline import Pipeline
+from llava_jax.media.image_processing import load_image
 from llava_jax.serve import ServeConfig, create_app
 
 MODEL = "tiny-llava"

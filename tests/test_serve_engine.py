@@ -12,7 +12,7 @@ import openai
 import pytest
 from serve_helpers import MODEL, NEW, QUESTIONS, client, png_bytes, reference, server_of, user
 
-from llava_jax.data.image_processing import load_image
+from llava_jax.media.image_processing import load_image
 from llava_jax.serve import ServeConfig, create_app
 
 

@@ -20,15 +20,15 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from llava_jax.config import LlavaConfig
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.video import (
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media
+from llava_jax.media.processor_config import ImageProcessorConfig
+from llava_jax.media.video import (
     VideoError,
     load_video,
     preprocess_video,
     sample_frame_indices,
 )
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
 
 # video_preprocessor_config.json of the llava-hf OneVision checkpoints.
 OV_VIDEO = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.models.feature_plan import Media, build_feature_plan
+from llava_jax.media.feature_plan import Media, build_feature_plan
 from llava_jax.train.defaults import base_config
 
 IMAGE_TOKEN = 63

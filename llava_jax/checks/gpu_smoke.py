@@ -84,7 +84,7 @@ def check_training(workdir: Path, steps: int) -> dict:
 def _random_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator) -> dict:
     from llava_jax.data import batching
     from llava_jax.data.schema import Example
-    from llava_jax.models.feature_plan import Media, num_tokens, num_views
+    from llava_jax.media.feature_plan import Media, num_tokens, num_views
 
     media = (Media.image(cfg.vision.image_size, cfg.vision.image_size),)  # one square image
     n_img, n_views = num_tokens(cfg, media[0]), num_views(cfg, media[0])
@@ -97,7 +97,7 @@ def _random_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator) -> di
         trained = np.zeros(seq_len, bool)
         trained[1 + n_img :] = True
         views = rng.standard_normal((n_views, cfg.vision.image_size, cfg.vision.image_size, 3))
-        examples.append(Example(f"r{i}", ids, trained, views.astype(np.float32), media))
+        examples.append(Example.build(cfg, f"r{i}", ids, trained, views.astype(np.float32), media))
     shape = batching.BatchShape.for_model(cfg, batch, seq_len, n_views, n_img)
     return batching.pad_batch(examples, shape, cfg)
 

@@ -125,7 +125,7 @@ class Chat:
 
 def run_chat(args: argparse.Namespace) -> int:
     check_model_args(args)
-    from llava_jax.data.image_processing import load_image
+    from llava_jax.media.image_processing import load_image
 
     images = [load_image(p) for p in args.image]
     chat = Chat(load_pipeline(args), args, images)

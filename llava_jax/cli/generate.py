@@ -232,8 +232,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         return generate_many.run(args)
     _check_generate_args(args)
-    from llava_jax.data.image_processing import load_image
-    from llava_jax.data.video import load_video
+    from llava_jax.media.image_processing import load_image
+    from llava_jax.media.video import load_video
 
     images = [load_image(p) for p in args.image]
     for path in args.image:
@@ -278,7 +278,7 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def _warn_if_animated(path: Path) -> None:
     """LLaVA sees one still image: say that only an animation's first frame is used."""
-    from llava_jax.data.image_processing import count_frames
+    from llava_jax.media.image_processing import count_frames
 
     frames = count_frames(path)
     if frames > 1:

@@ -125,7 +125,7 @@ def _media_path(value: Any, base: Path, where: str, key: str) -> Path:
 def _parse_line(raw: bytes, name: str, number: int, base: Path,
                 args: argparse.Namespace) -> Line | None:  # fmt: skip
     """The checked line `number` of file `name`, or None for a blank one."""
-    from llava_jax.data.image_processing import ImageError, image_hw
+    from llava_jax.media.image_processing import ImageError, image_hw
 
     where = f"{name}:{number}: "
     try:
@@ -234,7 +234,7 @@ def _video_frames(line: Line, args: argparse.Namespace) -> int:
 
 
 def _load_video(line: Line, args: argparse.Namespace):
-    from llava_jax.data.video import VideoError, load_video
+    from llava_jax.media.video import VideoError, load_video
 
     try:
         frames, _ = load_video(line.video, num_frames=None if args.video_fps else args.video_frames,
@@ -245,7 +245,7 @@ def _load_video(line: Line, args: argparse.Namespace):
 
 
 def _prompt_tokens(pipeline, line: Line, args: argparse.Namespace) -> int:
-    from llava_jax.models.feature_plan import Media
+    from llava_jax.media.feature_plan import Media
 
     media = [Media.image(*hw) for hw in line.image_hw]
     if line.video is not None:
@@ -258,7 +258,7 @@ def _prompt_tokens(pipeline, line: Line, args: argparse.Namespace) -> int:
 
 
 def _build_prompt(pipeline, line: Line, args: argparse.Namespace):
-    from llava_jax.data.image_processing import ImageError, load_image
+    from llava_jax.media.image_processing import ImageError, load_image
 
     try:
         images = [load_image(p) for p in line.images]

@@ -217,7 +217,7 @@ def processor_json(cfg: LlavaConfig, source: dict[str, Any] | None) -> dict[str,
     Mean and std come from `source` (the tower's own processor config) when given, else
     OpenAI CLIP's or SigLIP's. LLaVA pads to a square (the 1.5 recipe's `pad`).
     """
-    from llava_jax.data import image_config as ic
+    from llava_jax.media import processor_config as ic
 
     siglip = cfg.vision.kind == VisionKind.SIGLIP
     mean = (source or {}).get("image_mean") or (ic.SIGLIP_MEAN if siglip else ic.OPENAI_CLIP_MEAN)
@@ -351,7 +351,7 @@ def assemble(
     with tempfile.TemporaryDirectory(prefix=".init-assets-") as tmp:
         assets = Path(tmp)
         tokenizer.save_pretrained(assets)
-        from llava_jax.data.image_config import find_processor_dict
+        from llava_jax.media.processor_config import find_processor_dict
 
         source_dir = Path(image_processor_dir or vision_dir)
         try:
@@ -375,7 +375,7 @@ def assemble(
 
 
 def _check_processor(assets: Path, cfg: LlavaConfig) -> None:
-    from llava_jax.data.image_config import ImageProcessorConfig
+    from llava_jax.media.processor_config import ImageProcessorConfig
 
     ImageProcessorConfig.from_pretrained(assets, cfg)  # raises if views would not fit
 

@@ -27,9 +27,14 @@ from llava_jax.config import Family, LlavaConfig, VisionKind
 from llava_jax.conversion.original_config import family_of, from_original_config, tower_kind
 from llava_jax.conversion.tensor_io import CheckpointReader, read_config_json
 from llava_jax.data import templates
-from llava_jax.data.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from llava_jax.data.prompt import load_tokenizer
 from llava_jax.errors import CheckpointError
+from llava_jax.media.processor_config import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+)
 from llava_jax.model_io import save_model_dir
 
 _TOWER_PREFIX = "model.vision_tower.vision_tower."

@@ -1,7 +1,9 @@
 """Examples -> fixed-shape batch arrays: right padding, sequence packing, length grouping.
 
 Pure NumPy (no JAX): it runs on the host, after the Grain workers. Every batch has the
-static shapes of a `BatchShape`, so the jitted train step compiles once.
+static shapes of a `BatchShape`, so the jitted train step compiles once. Each example
+arrives with its own feature plan (`Example.build`, run in the worker by the sample
+transform), so batching only offsets and pads.
 
 A row holds one sample (`pad_batch`) or several (`pack_rows`). Packed samples are told
 apart by `segment_ids` 1, 2, ... (0 is padding), which confine attention
@@ -24,7 +26,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.data.schema import BATCH_FIELDS, Example, RawRecord
-from llava_jax.models import feature_plan
+from llava_jax.media import feature_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,68 +69,12 @@ class BatchShape:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class PlannedExample:
-    """An example with its feature plan, computed once and checked against its text.
-
-    Attributes:
-      example: the sample.
-      taps: int[I_s, K] indices into [image_newline, the sample's views' tokens].
-      weights: float[I_s, K].
-      num_image_tokens: the first `num_image_tokens` rows of `taps` are image tokens, the
-        rest video tokens.
-    """
-
-    example: Example
-    taps: np.ndarray
-    weights: np.ndarray
-    num_image_tokens: int
-
-    @property
-    def length(self) -> int:
-        return len(self.example.input_ids)
-
-    @property
-    def num_views(self) -> int:
-        return len(self.example.views)
-
-    @property
-    def num_media_tokens(self) -> int:
-        return len(self.taps)
-
-
-def plan_example(example: Example, cfg: LlavaConfig) -> PlannedExample:
-    """Builds the sample's feature plan and checks it against its tokens and views.
-
-    Raises:
-      ValueError: the token or view counts disagree with the media (a transform bug).
-    """
-    taps, weights, n_image, n_video = feature_plan.sample_plan(cfg, example.media)
-    ids = np.asarray(example.input_ids)
-    found_image = int((ids == cfg.image_token_id).sum())
-    found_video = 0 if cfg.video_token_id is None else int((ids == cfg.video_token_id).sum())
-    if (found_image, found_video) != (n_image, n_video):
-        raise ValueError(
-            f"example {example.id}: has {found_image} image / {found_video} video tokens, "
-            f"its media need {n_image} / {n_video}"
-        )
-    needed = sum(
-        feature_plan.num_views(cfg, m, sum(x.kind == "image" for x in example.media))
-        for m in example.media
-    )
-    if len(example.views) != needed:
-        raise ValueError(f"example {example.id}: has {len(example.views)} views, needs {needed}")
-    if len(example.trained) != len(ids):
-        raise ValueError(f"example {example.id}: trained and input_ids differ in length")
-    return PlannedExample(example, taps, weights, n_image)
-
-
-def fits_row(planned: PlannedExample, shape: BatchShape) -> bool:
+def fits_row(example: Example, shape: BatchShape) -> bool:
     """Whether the sample fits an empty row."""
     return (
-        planned.length <= shape.max_len
-        and planned.num_views <= shape.max_views
-        and planned.num_media_tokens <= shape.max_image_tokens
+        example.length <= shape.max_len
+        and example.num_views <= shape.max_views
+        and example.num_media_tokens <= shape.max_image_tokens
     )
 
 
@@ -142,7 +88,7 @@ class RowPacker:
 
     def __init__(self, shape: BatchShape, packing: bool):
         self.shape, self.packing = shape, packing
-        self.rows: list[list[PlannedExample]] = []
+        self.rows: list[list[Example]] = []
         self._used: list[list[int]] = []  # per row: tokens, views, media tokens
 
     @property
@@ -154,30 +100,30 @@ class RowPacker:
         """No further sample can join (only decided early without packing)."""
         return not self.packing and len(self.rows) == self.shape.batch_size
 
-    def add(self, planned: PlannedExample) -> bool:
-        if not fits_row(planned, self.shape):
-            raise ValueError(f"example {planned.example.id} does not fit an empty row")
-        size = (planned.length, planned.num_views, planned.num_media_tokens)
+    def add(self, example: Example) -> bool:
+        if not fits_row(example, self.shape):
+            raise ValueError(f"example {example.id} does not fit an empty row")
+        size = (example.length, example.num_views, example.num_media_tokens)
         limits = (self.shape.max_len, self.shape.max_views, self.shape.max_image_tokens)
         if self.packing:
             for row, used in zip(self.rows, self._used, strict=True):
                 if all(u + s <= m for u, s, m in zip(used, size, limits, strict=True)):
-                    row.append(planned)
+                    row.append(example)
                     used[:] = [u + s for u, s in zip(used, size, strict=True)]
                     return True
         if len(self.rows) == self.shape.batch_size:
             return False
-        self.rows.append([planned])
+        self.rows.append([example])
         self._used.append(list(size))
         return True
 
 
-def _fill_row(arrays: dict[str, np.ndarray], b: int, row: Sequence[PlannedExample], p: int):
+def _fill_row(arrays: dict[str, np.ndarray], b: int, row: Sequence[Example], p: int):
     """Writes the samples of row `b` (segments 1..n) into the batch arrays."""
     t = v = 0
     image_taps, video_taps = [], []
-    for segment, planned in enumerate(row, start=1):
-        ex, n = planned.example, planned.length
+    for segment, ex in enumerate(row, start=1):
+        n = ex.length
         ids = np.asarray(ex.input_ids)
         trained = np.asarray(ex.trained, bool)
         arrays["input_ids"][b, t : t + n] = ids
@@ -186,14 +132,14 @@ def _fill_row(arrays: dict[str, np.ndarray], b: int, row: Sequence[PlannedExampl
         arrays["loss_mask"][b, t : t + n - 1] = trained[1:]
         arrays["segment_ids"][b, t : t + n] = segment
         arrays["positions"][b, t : t + n] = np.arange(n)
-        arrays["pixel_values"][b, v : v + planned.num_views] = ex.views
-        arrays["view_mask"][b, v : v + planned.num_views] = True
+        arrays["pixel_values"][b, v : v + ex.num_views] = ex.views
+        arrays["view_mask"][b, v : v + ex.num_views] = True
         # Index 0 is image_newline; view tokens move past the `v` views before this sample.
-        taps = np.where(planned.taps > feature_plan.NEWLINE, planned.taps + v * p, planned.taps)
-        split = planned.num_image_tokens
-        image_taps.append((taps[:split], planned.weights[:split]))
-        video_taps.append((taps[split:], planned.weights[split:]))
-        t, v = t + n, v + planned.num_views
+        taps = np.where(ex.taps > feature_plan.NEWLINE, ex.taps + v * p, ex.taps)
+        split = ex.num_image_tokens
+        image_taps.append((taps[:split], ex.tap_weights[:split]))
+        video_taps.append((taps[split:], ex.tap_weights[split:]))
+        t, v = t + n, v + ex.num_views
     i = 0
     for taps, weights in image_taps + video_taps:
         arrays["taps"][b, i : i + len(taps)] = taps
@@ -220,10 +166,15 @@ def empty_batch(shape: BatchShape) -> dict[str, np.ndarray]:
     return arrays
 
 
-def assemble(
-    rows: Sequence[Sequence[PlannedExample]], shape: BatchShape, cfg: LlavaConfig
+def pack_rows(
+    rows: Sequence[Sequence[Example]], shape: BatchShape, cfg: LlavaConfig
 ) -> dict[str, np.ndarray]:
-    """The batch arrays of planned rows (rows beyond `len(rows)` are padding)."""
+    """The batch arrays of `rows`, each a list of examples packed into one row (rows beyond
+    `len(rows)` are padding).
+
+    Returns:
+      {name: array} with exactly the `schema.BATCH_FIELDS`.
+    """
     if len(rows) > shape.batch_size:
         raise ValueError(f"{len(rows)} rows do not fit batch_size {shape.batch_size}")
     arrays = empty_batch(shape)
@@ -243,17 +194,6 @@ def assemble(
     return arrays
 
 
-def pack_rows(
-    rows: Sequence[Sequence[Example]], shape: BatchShape, cfg: LlavaConfig
-) -> dict[str, np.ndarray]:
-    """The batch arrays of `rows`, each a list of examples packed into one row.
-
-    Returns:
-      {name: array} with exactly the `schema.BATCH_FIELDS`.
-    """
-    return assemble([[plan_example(e, cfg) for e in row] for row in rows], shape, cfg)
-
-
 def pad_batch(
     examples: Sequence[Example], shape: BatchShape, cfg: LlavaConfig
 ) -> dict[str, np.ndarray]:
@@ -261,9 +201,7 @@ def pad_batch(
     return pack_rows([[e] for e in examples], shape, cfg)
 
 
-def first_fit_rows(
-    examples: Sequence[Example], shape: BatchShape, cfg: LlavaConfig
-) -> list[list[list[Example]]]:
+def first_fit_rows(examples: Sequence[Example], shape: BatchShape) -> list[list[list[Example]]]:
     """Greedy first-fit packing of `examples` in order: batches of rows of examples.
 
     The loader packs the same way, one batch at a time; examples that fit no empty row
@@ -271,14 +209,13 @@ def first_fit_rows(
     """
     batches, packer = [], RowPacker(shape, packing=True)
     for e in examples:
-        planned = plan_example(e, cfg)
-        if not packer.add(planned):
+        if not packer.add(e):
             batches.append(packer.rows)
             packer = RowPacker(shape, packing=True)
-            packer.add(planned)
+            packer.add(e)
     if packer.rows:
         batches.append(packer.rows)
-    return [[[p.example for p in row] for row in rows] for rows in batches]
+    return batches
 
 
 # -- length grouping (LLaVA's group_by_modality_length) --------------------------------------

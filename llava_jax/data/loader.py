@@ -4,7 +4,8 @@
       -> epoch order: seeded shuffle, or LLaVA's modality/length grouping
       -> repeat for `num_epochs` (a new order each epoch), cut at num_epochs * N records
       -> this host's shard: global positions p, p + P, p + 2P, ...
-      -> transform (in `num_workers` processes); a SkipSample becomes a `Skipped` sentinel
+      -> transform (in `num_workers` processes): an `Example` with its feature plan, or a
+         `Skipped` sentinel for a SkipSample
       -> batcher (main process): counts and logs skips, pads or packs into `BatchShape`
 
 The batcher runs after `mp_prefetch`, so batches do not depend on the worker count's slicing
@@ -132,7 +133,7 @@ class _BatchIterator(grain.DatasetIterator):
     def __init__(self, parent, shape: BatchShape, cfg: LlavaConfig, packing: bool):
         super().__init__(parent)
         self._shape, self._cfg, self._packing = shape, cfg, packing
-        self._held: batching.PlannedExample | None = None  # the next batch's first sample
+        self._held: Example | None = None  # the next batch's first sample
         self._held_state: Any = None  # the parent's state from before `_held` was read
         self._skipped_total, self._samples_total = _no_skips(), 0
 
@@ -163,22 +164,21 @@ class _BatchIterator(grain.DatasetIterator):
             if isinstance(item, Skipped):
                 self._skip(skipped, item.reason, item.record_id, item.detail)
                 continue
-            planned = batching.plan_example(item, self._cfg)
-            if not batching.fits_row(planned, self._shape):
+            if not batching.fits_row(item, self._shape):
                 detail = (
-                    f"needs {planned.length} tokens, {planned.num_views} views, "
-                    f"{planned.num_media_tokens} image tokens; a row holds {self._shape}"
+                    f"needs {item.length} tokens, {item.num_views} views, "
+                    f"{item.num_media_tokens} image tokens; a row holds {self._shape}"
                 )
                 self._skip(skipped, "too_long", item.id, detail)
                 continue
-            if not packer.add(planned):
-                self._held, self._held_state = planned, state
+            if not packer.add(item):
+                self._held, self._held_state = item, state
                 break
         self._samples_total += packer.num_samples
-        batch: dict[str, Any] = batching.assemble(packer.rows, self._shape, self._cfg)
+        batch: dict[str, Any] = batching.pack_rows(packer.rows, self._shape, self._cfg)
         batch["num_samples"] = packer.num_samples
         batch["skipped"] = skipped
-        batch["sample_ids"] = [p.example.id for row in packer.rows for p in row]
+        batch["sample_ids"] = [e.id for row in packer.rows for e in row]
         return batch
 
     def get_state(self) -> dict[str, Any]:

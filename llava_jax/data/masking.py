@@ -59,7 +59,7 @@ from llava_jax.data import templates
 from llava_jax.data.prompt import expand_media, media_tokens
 from llava_jax.data.schema import SkipSample
 from llava_jax.data.templates import PLACEHOLDER, Template
-from llava_jax.models.feature_plan import Media
+from llava_jax.media.feature_plan import Media, MediaLayout
 
 # Template name -> the original preprocessing function whose ids and labels we reproduce.
 REFERENCE_STYLES = {
@@ -95,6 +95,7 @@ def reference_tokenize(
     media: Sequence[Media],
     cfg: LlavaConfig,
     max_len: int,
+    layouts: Sequence[MediaLayout] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The original code's input ids and trained mask of a conversation.
 
@@ -106,6 +107,7 @@ def reference_tokenize(
       media: the media items, in the order of their placeholders.
       cfg: the model config (token ids, feature layout).
       max_len: the original's `model_max_length`.
+      layouts: `feature_plan.media_layouts(cfg, media)` when the caller has them.
 
     Returns:
       (int32[L] ids, bool[L] trained), L <= max_len; labels are `where(trained, ids, -100)`.
@@ -124,7 +126,7 @@ def reference_tokenize(
         ids, trained = _qwen(template, messages, tokenizer, tokens)
     else:
         ids, trained = _by_rounds(style, template, messages, tokenizer, tokens, max_len)
-    ids, trained = expand_media(tokenizer, ids, trained, media, cfg)
+    ids, trained = expand_media(tokenizer, ids, trained, media, cfg, layouts)
     if len(ids) <= max_len:
         return ids, trained
     media_ids = [token_id for _, token_id in tokens.values()]

@@ -22,8 +22,8 @@ import numpy as np
 from llava_jax.config import Convention, LlavaConfig
 from llava_jax.data.templates import PLACEHOLDER, PromptError, assets_dir
 from llava_jax.errors import CheckpointError
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media, MediaLayout
 
 __all__ = [
     "PromptError",
@@ -51,14 +51,20 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{d}: cannot load the tokenizer ({first})") from None
 
 
-def media_token_counts(cfg: LlavaConfig, media: Sequence[Media]) -> list[int]:
+def media_token_counts(
+    cfg: LlavaConfig, media: Sequence[Media], layouts: Sequence[MediaLayout] | None = None
+) -> list[int]:
     """How many image / video tokens each media item fills, in the order given.
 
-    The feature plan's own arithmetic, so the text always has the positions the model fills
-    (for OneVision, a sample with several images is multi-image: one view each).
+    Each item's length in the feature plan (`feature_plan.media_layouts`, or `layouts` when
+    the caller has them), so the text always has the positions the model fills (for
+    OneVision, a sample with several images is multi-image: one view each).
     """
-    n_images = sum(m.kind == "image" for m in media)
-    return [feature_plan.num_tokens(cfg, m, n_images) for m in media]
+    if layouts is None:
+        layouts = feature_plan.media_layouts(cfg, media)
+    elif [layout.media for layout in layouts] != list(media):
+        raise ValueError("layouts are not those of the media given")
+    return [layout.num_tokens for layout in layouts]
 
 
 def _plural(n: int, word: str) -> str:
@@ -130,7 +136,12 @@ def _expand(ids, found, counts, tokens, trained=None):
 
 
 def expand_media(
-    tokenizer, ids, trained, media: Sequence[Media], cfg: LlavaConfig
+    tokenizer,
+    ids,
+    trained,
+    media: Sequence[Media],
+    cfg: LlavaConfig,
+    layouts: Sequence[MediaLayout] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ids with one media id per placeholder -> each repeated to its media item's token count.
 
@@ -142,12 +153,13 @@ def expand_media(
       trained: bool[N], the label mask over `ids`.
       media: the media items, in the order of their placeholders.
       cfg: the model config (token ids, feature layout).
+      layouts: `feature_plan.media_layouts(cfg, media)` when the caller has them.
 
     Returns:
       (int32[L] ids, bool[L] trained); media tokens are never trained.
     """
     kinds = [m.kind for m in media]
-    counts = media_token_counts(cfg, media)
+    counts = media_token_counts(cfg, media, layouts)
     return _expand(ids, kinds, counts, media_tokens(tokenizer, cfg), trained)
 
 
@@ -155,9 +167,9 @@ def _one_token_each(text: str, tokens) -> str:
     return PLACEHOLDER.sub(lambda m: tokens[m.group()[1:-1]][0], text)
 
 
-def _prepare(tokenizer, text: str, media: Sequence[Media], cfg: LlavaConfig):
+def _prepare(tokenizer, text: str, media: Sequence[Media], cfg: LlavaConfig, layouts=None):
     found = _check_media(text, media, cfg)
-    counts = media_token_counts(cfg, media)
+    counts = media_token_counts(cfg, media, layouts)
     return found, counts, media_tokens(tokenizer, cfg)
 
 
@@ -216,19 +228,20 @@ def tokenize_spans(
     spans: Sequence[tuple[str, bool]],
     media: Sequence[Media],
     cfg: LlavaConfig,
+    layouts: Sequence[MediaLayout] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ids and label mask of a conversation from `templates.render_spans`.
 
     Each span is tokenized on its own and the ids concatenated, so the mask can never be off
     by a token (the originals' "tokenization mismatch"). For the tokenizers LLaVA uses this
     gives the ids of `tokenize_prompt` on the joined text, since spans are cut where tokens
-    start.
+    start. `layouts`: `feature_plan.media_layouts(cfg, media)` when the caller has them.
 
     Returns:
       (int32[L] ids, bool[L] trained); media tokens and BOS are never trained.
     """
     text = "".join(t for t, _ in spans)
-    found, counts, tokens = _prepare(tokenizer, text, media, cfg)
+    found, counts, tokens = _prepare(tokenizer, text, media, cfg, layouts)
     newline_ids = tokenizer.encode("\n", add_special_tokens=False)
     ids, trained = [], []
     for i, (piece, is_trained) in enumerate(spans):

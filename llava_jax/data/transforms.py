@@ -43,8 +43,6 @@ import numpy as np
 
 from llava_jax.config import Convention, LlavaConfig
 from llava_jax.data import masking
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import ImageError, load_image, preprocess_images
 from llava_jax.data.prompt import tokenize_spans
 from llava_jax.data.schema import Example, RawRecord, SkipSample, conversations_problem
 from llava_jax.data.sources import resolve_media
@@ -58,9 +56,11 @@ from llava_jax.data.templates import (
     get_template,
     render_spans,
 )
-from llava_jax.data.video import VideoError, load_video, preprocess_video
-from llava_jax.models import feature_plan
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import feature_plan
+from llava_jax.media.feature_plan import Media, MediaLayout
+from llava_jax.media.image_processing import ImageError, load_image, preprocess_images
+from llava_jax.media.processor_config import ImageProcessorConfig
+from llava_jax.media.video import VideoError, load_video, preprocess_video
 
 # LLaVA JSON speaker names -> template roles.
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -152,19 +152,17 @@ class SampleTransform:
         }
         media = tuple(next(queues[kind]) for kind in kinds)  # in placeholder order
 
-        n_views = sum(feature_plan.num_views(self.cfg, m, len(images)) for m in media)
+        layouts = feature_plan.media_layouts(self.cfg, media)
+        n_views = sum(layout.num_views for layout in layouts)
         if n_views > self.max_views:
             raise SkipSample("too_long", f"{n_views} views > max_views {self.max_views}")
-        input_ids, trained = self._tokenize(messages, media)
+        input_ids, trained = self._tokenize(messages, layouts)
         if not trained.any():
             raise SkipSample("no_supervised_tokens", "no token of the sample is trained")
-        return Example(
-            id=record.id,
-            input_ids=input_ids,
-            trained=trained,
-            views=self._views(images, videos, n_views),
-            media=media,
-        )
+        # Images take their placeholders in record order, so their layouts are in that order.
+        tilings = [layout.anyres for layout in layouts if layout.media.kind == "image"]
+        views = self._views(images, tilings, videos, n_views)
+        return Example.build(self.cfg, record.id, input_ids, trained, views, media, layouts)
 
     def _load_image(self, ref, record: RawRecord):
         source = resolve_media(ref, record.root, record.id)
@@ -181,12 +179,13 @@ class SampleTransform:
             raise SkipSample("bad_video", str(e)) from None
         return frames
 
-    def _views(self, images, videos, n_views: int) -> np.ndarray:
-        """float32[V, S, S, 3]: every image's views, then every video's frames."""
+    def _views(self, images, tilings, videos, n_views: int) -> np.ndarray:
+        """float32[V, S, S, 3]: every image's views (cut as `tilings`, their AnyRes layouts,
+        say), then every video's frames."""
         s = self.image_cfg.view_size
         parts = []
         try:
-            parts += [p.views for p in preprocess_images(images, self.image_cfg)]
+            parts += [p.views for p in preprocess_images(images, self.image_cfg, tilings)]
         except ValueError as e:  # an aspect ratio too extreme to pad or resize
             raise SkipSample("corrupt_image", str(e)) from None
         parts += [preprocess_video(frames, self.image_cfg) for frames in videos]
@@ -195,17 +194,18 @@ class SampleTransform:
             raise RuntimeError(f"preprocessing made {len(views)} views, the plan {n_views}")
         return views
 
-    def _tokenize(self, messages: list[Message], media: Sequence[Media]):
+    def _tokenize(self, messages: list[Message], layouts: Sequence[MediaLayout]):
         """(int32[L], bool[L]): reference masking's, or clean masking's longest prefix of whole
         rounds within max_len."""
         if self.masking == "reference":
+            media = [layout.media for layout in layouts]
             try:
                 return masking.reference_tokenize(
-                    self.template, messages, self.tokenizer, media, self.cfg, self.max_len
+                    self.template, messages, self.tokenizer, media, self.cfg, self.max_len, layouts
                 )
             except PromptError as e:  # e.g. the media token's text written in the conversation
                 raise SkipSample("placeholder_mismatch", str(e)) from None
-        ids, trained = self._tokenize_all(messages, media)
+        ids, trained = self._tokenize_all(messages, layouts)
         if len(ids) <= self.max_len:
             return ids, trained
         too_long = SkipSample(
@@ -218,7 +218,7 @@ class SampleTransform:
         best, lo, hi = None, 0, len(cuts) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
-            candidate = self._tokenize_all(messages[: cuts[mid]], media)
+            candidate = self._tokenize_all(messages[: cuts[mid]], layouts)
             if len(candidate[0]) <= self.max_len:
                 best, lo = candidate, mid + 1
             else:
@@ -239,13 +239,14 @@ class SampleTransform:
             if m["role"] == "assistant" and i >= last_media
         ]
 
-    def _tokenize_all(self, messages: list[Message], media: Sequence[Media]):
+    def _tokenize_all(self, messages: list[Message], layouts: Sequence[MediaLayout]):
         try:
             spans = render_spans(self.template, messages)
         except PromptError as e:  # a Jinja template refusing this conversation
             raise SkipSample("malformed_record", str(e)) from None
         try:
-            ids, trained = tokenize_spans(self.tokenizer, spans, media, self.cfg)
+            media = [layout.media for layout in layouts]
+            ids, trained = tokenize_spans(self.tokenizer, spans, media, self.cfg, layouts)
         except PromptError as e:  # e.g. the media token's text written in the conversation
             raise SkipSample("placeholder_mismatch", str(e)) from None
         return ids.astype(np.int32), trained

@@ -126,9 +126,9 @@ def generate_answers(
     to take it, and leaves its slot at its own last token: a long answer holds one slot, not
     a batch. Slots are as long as the longest prompt plus `max_new_tokens` (`slots.py`).
     """
-    from llava_jax.data.image_processing import load_image
     from llava_jax.inference.engine import Engine, Request
     from llava_jax.inference.prefix_cache import PrefixCache
+    from llava_jax.media.image_processing import load_image
 
     sampling = pipeline.stop_config(max_new_tokens=max_new_tokens, temperature=0.0)
     max_length = slots.slot_length(pipeline, samples, max_new_tokens)

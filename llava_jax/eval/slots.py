@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llava_jax.data.image_processing import ImageError, image_hw
 from llava_jax.eval.task import EvalDataError, Sample
-from llava_jax.models.feature_plan import Media
+from llava_jax.media.feature_plan import Media
+from llava_jax.media.image_processing import ImageError, image_hw
 
 
 def prompt_length(pipeline: Any, sample: Sample, sizes: dict | None = None) -> int:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.models.feature_plan import Media, build_feature_plan, check_placeholders
+from llava_jax.media.feature_plan import Media, build_feature_plan, check_placeholders
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.llm import KVCache
 from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel

@@ -19,11 +19,12 @@ import numpy as np
 from llava_jax import model_io
 from llava_jax.config import Family, LlavaConfig
 from llava_jax.conversion import source
-from llava_jax.data import image_processing, prompt, templates, video
-from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.data import prompt, templates
 from llava_jax.errors import CheckpointError
 from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
-from llava_jax.models.feature_plan import Media
+from llava_jax.media import image_processing, video
+from llava_jax.media.feature_plan import Media
+from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.models.llava import LlavaModel
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava_jax.data.image_processing import IMAGE_FORMATS, ImageError, load_image
+from llava_jax.media.image_processing import IMAGE_FORMATS, ImageError, load_image
 from llava_jax.serve.config import ServeConfig
 from llava_jax.serve.errors import APIError, invalid
 from llava_jax.serve.fetch import Fetcher

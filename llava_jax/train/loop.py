@@ -34,9 +34,9 @@ from llava_jax import hardware, model_io, paths
 from llava_jax.config import LlavaConfig
 from llava_jax.conversion import source
 from llava_jax.data import loader, sources, templates
-from llava_jax.data.image_config import ImageProcessorConfig
 from llava_jax.data.prompt import load_tokenizer
 from llava_jax.data.schema import BATCH_FIELDS
+from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.sharding import shard_batch
 from llava_jax.train import config_loader, resume
 from llava_jax.train import state as state_lib

@@ -31,12 +31,12 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.config import Family
-from llava_jax.data.image_config import ImageProcessorConfig
-from llava_jax.data.image_processing import (
+from llava_jax.media.image_processing import (
     normalize_,
     resize_and_crop,
     to_rgb,
 )
+from llava_jax.media.processor_config import ImageProcessorConfig
 
 _PIL_VIDEO_FORMATS = ("GIF", "WEBP")
 

@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from llava_jax.config import Family, LlavaConfig, VisionKind
-from llava_jax.data import anyres
+from llava_jax.media import anyres
 
 HW = tuple[int, int]
 # Opening only these keeps Pillow's other parsers (FITS, PSD, ...) away from untrusted bytes.

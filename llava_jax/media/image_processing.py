@@ -6,7 +6,7 @@ images with PIL, rescale in float64 and cast to float32, then normalise in float
 same PIL resizes and the same float32 arithmetic, bit for bit, but resize the AnyRes canvas
 once and normalise all crops in one vectorised pass instead of one PIL round trip per crop.
 
-Geometry (canvas, grid) comes from `data/anyres.py`, which the model's feature plan also
+Geometry (canvas, grid) comes from `media/anyres.py`, which the model's feature plan also
 reads, so the views made here are the ones the model expects: views[0] is the base view,
 then the crops row-major. Views are channels-last float32[V, S, S, 3].
 """
@@ -25,8 +25,8 @@ from etils import epath
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from llava_jax.config import Family
-from llava_jax.data import anyres
-from llava_jax.data.image_config import ImageProcessorConfig
+from llava_jax.media import anyres
+from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.paths import is_url
 
 HW = tuple[int, int]
@@ -160,7 +160,10 @@ class ProcessedImage:
 
 
 def preprocess_image(
-    image: Image.Image | np.ndarray, cfg: ImageProcessorConfig, multi_image: bool = False
+    image: Image.Image | np.ndarray,
+    cfg: ImageProcessorConfig,
+    multi_image: bool = False,
+    layout: anyres.AnyresLayout | None = None,
 ) -> ProcessedImage:
     """The normalised views of one image, as the model's feature plan expects them.
 
@@ -170,6 +173,8 @@ def preprocess_image(
         multi_image: the image is one of several in a sample. OneVision then pads it to a
             square with int(255 * mean) and makes one view (HF `batch_num_images > 1`);
             other families ignore it.
+        layout: the image's AnyRes tiling when the caller has it already (the model's
+            `feature_plan.media_layouts`), so canvas and grid are worked out once per image.
 
     Returns:
         `ProcessedImage` with V = 1 + rows * cols for AnyRes, else 1.
@@ -178,7 +183,7 @@ def preprocess_image(
     image_hw = (img.height, img.width)
     fill = tuple(int(x * 255) for x in cfg.image_mean)  # HF's pad colour, truncated
     if cfg.is_anyres and not (multi_image and cfg.family == Family.LLAVA_ONEVISION):
-        views = _anyres_views(img, cfg)
+        views = _anyres_views(img, cfg, layout)
     else:
         if cfg.is_anyres or cfg.aspect_ratio == "pad":
             img = _pad_to_square(img, fill)
@@ -266,12 +271,22 @@ def _pad_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
-def _anyres_views(img: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+def _anyres_views(
+    img: Image.Image, cfg: ImageProcessorConfig, layout: anyres.AnyresLayout | None
+) -> np.ndarray:
     """Base view + crops of the chosen canvas, uint8 values in a float32[V, S, S, 3] array."""
     image_hw, ps = (img.height, img.width), cfg.patch_size
-    canvas_hw = anyres.select_best_resolution(image_hw, cfg.image_grid_pinpoints)
-    rows, cols = anyres.anyres_grid_shape(image_hw, cfg.image_grid_pinpoints, ps)
-    new_h, new_w = anyres.resized_size_for_patching(image_hw, canvas_hw)
+    if layout is None:
+        canvas_hw = anyres.select_best_resolution(image_hw, cfg.image_grid_pinpoints)
+        rows, cols = anyres.anyres_grid_shape(image_hw, cfg.image_grid_pinpoints, ps)
+        new_h, new_w = anyres.resized_size_for_patching(image_hw, canvas_hw)
+    else:
+        canvas_hw, (rows, cols), (new_h, new_w) = layout.canvas_hw, layout.grid, layout.resized_hw
+        if layout.image_hw != image_hw or canvas_hw != (rows * ps, cols * ps):
+            raise ValueError(
+                f"AnyRes layout for a {layout.image_hw} image in {layout.grid} crops of a "
+                f"{canvas_hw} canvas does not fit a {image_hw} image in {ps}px crops"
+            )
     top, _, left, _ = anyres.patching_padding((new_h, new_w), canvas_hw)
     # HF pads with 0 in uint8, before normalisation: black, not the mean colour.
     canvas = np.zeros((*canvas_hw, 3), np.uint8)
@@ -336,7 +351,17 @@ def _normalizer(do_rescale, factor, do_normalize, mean, std, fused):
 
 
 def preprocess_images(
-    images: Sequence[Image.Image | np.ndarray], cfg: ImageProcessorConfig
+    images: Sequence[Image.Image | np.ndarray],
+    cfg: ImageProcessorConfig,
+    layouts: Sequence[anyres.AnyresLayout | None] | None = None,
 ) -> list[ProcessedImage]:
-    """The images of one sample: OneVision treats more than one as multi-image."""
-    return [preprocess_image(im, cfg, multi_image=len(images) > 1) for im in images]
+    """The images of one sample: OneVision treats more than one as multi-image.
+
+    `layouts`, when given, is each image's AnyRes tiling (None where it has none), as
+    `preprocess_image` takes it.
+    """
+    layouts = [None] * len(images) if layouts is None else layouts
+    return [
+        preprocess_image(im, cfg, multi_image=len(images) > 1, layout=layout)
+        for im, layout in zip(images, layouts, strict=True)
+    ]

@@ -9,6 +9,10 @@ sample one view + one newline per image, and pools each video frame 27x27 -> 14x
 newline per video. Each token is written as K taps (index, weight); K is 1 for copies and 4
 for bilinear families, so the device does one gather and one weighted sum with static shapes.
 
+`media_layouts` works out each item's views, token count and AnyRes tiling once, in Python
+arithmetic: token counts for the text, view counts for the pixels and the tiling for the
+crops all read it, and `sample_plan` builds the taps from it (and checks their number).
+
 Index space of one sample: `image_newline` -> 0; view v, token p -> 1 + v * P + p. (The
 newline comes first so that no index depends on how many views the batch is padded to.)
 Order: all image tokens in image order, then all video tokens (as HF fills them).
@@ -23,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from llava_jax.config import Convention, Family, LlavaConfig
-from llava_jax.data import anyres
+from llava_jax.media import anyres
 
 NEWLINE = 0  # tap index of `image_newline`; view tokens start at 1
 
@@ -69,6 +73,23 @@ def num_taps(cfg: LlavaConfig) -> int:
     return 4 if cfg.family == Family.LLAVA_ONEVISION else 1
 
 
+@dataclasses.dataclass(frozen=True)
+class MediaLayout:
+    """One media item's geometry, worked out once: the views it takes and the tokens it fills.
+
+    Attributes:
+      media: the item.
+      num_views: views the preprocessor makes of it (base view + crops, or frames).
+      num_tokens: image (or video) tokens it fills: its length in the feature plan.
+      anyres: the AnyRes tiling (grid, unpad, anyres_max resize) of a tiled image, else None.
+    """
+
+    media: Media
+    num_views: int
+    num_tokens: int
+    anyres: anyres.AnyresLayout | None = None
+
+
 def _uses_anyres(cfg: LlavaConfig, media: Media, images_in_sample: int) -> bool:
     if media.kind != "image" or cfg.family == Family.LLAVA:
         return False
@@ -77,7 +98,13 @@ def _uses_anyres(cfg: LlavaConfig, media: Media, images_in_sample: int) -> bool:
     return cfg.family == Family.LLAVA_NEXT or images_in_sample == 1
 
 
-def _layout(cfg: LlavaConfig, image_hw: tuple[int, int]) -> anyres.AnyresLayout:
+def _anyres_layout(cfg: LlavaConfig, image_hw: tuple[int, int]) -> anyres.AnyresLayout:
+    p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
+    if p != g * g:
+        raise ValueError(
+            f"AnyRes needs {g}x{g} tokens per view, but feature selection leaves {p}; "
+            "check vision_feature_select_strategy"
+        )
     max_patches = None
     if cfg.family == Family.LLAVA_ONEVISION:
         max_patches = anyres.parse_anyres_max(cfg.vision_aspect_ratio or "anyres")
@@ -85,28 +112,45 @@ def _layout(cfg: LlavaConfig, image_hw: tuple[int, int]) -> anyres.AnyresLayout:
         image_hw,
         cfg.image_grid_pinpoints,
         cfg.vision.image_size,
-        cfg.vision.patches_per_side,
+        g,
         max_num_patches=max_patches,
         rounding="int" if cfg.convention == Convention.ORIGINAL else "round",
     )
 
 
+def media_layout(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> MediaLayout:
+    """`media`'s views and tokens, in Python arithmetic (no tap array is built).
+
+    Args:
+      cfg: the model config.
+      media: the item.
+      images_in_sample: images in its sample; for OneVision, more than one makes each image
+        a single view.
+    """
+    if media.kind == "video":
+        pooled = anyres.pooled_tokens_per_side(cfg.vision.patches_per_side)
+        return MediaLayout(media, media.num_frames, media.num_frames * pooled**2 + 1)
+    if _uses_anyres(cfg, media, images_in_sample):
+        layout = _anyres_layout(cfg, media.image_hw)
+        rows, cols = layout.grid
+        return MediaLayout(media, 1 + rows * cols, layout.num_tokens, layout)
+    return MediaLayout(media, 1, cfg.tokens_per_view + int(cfg.has_image_newline))
+
+
+def media_layouts(cfg: LlavaConfig, media: Sequence[Media]) -> tuple[MediaLayout, ...]:
+    """The layout of each item of one sample, in the order given."""
+    n_images = sum(m.kind == "image" for m in media)
+    return tuple(media_layout(cfg, m, n_images) for m in media)
+
+
 def num_views(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> int:
     """How many views (crops or frames) the preprocessor produces for `media`."""
-    if media.kind == "video":
-        return media.num_frames
-    if _uses_anyres(cfg, media, images_in_sample):
-        rows, cols = _layout(cfg, media.image_hw).grid
-        return 1 + rows * cols
-    return 1
+    return media_layout(cfg, media, images_in_sample).num_views
 
 
 def num_tokens(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> int:
     """How many image (or video) tokens `media` fills: its length in the feature plan."""
-    if media.kind == "video":
-        return len(_video_taps(cfg, media, 0, num_taps(cfg))[0])
-    anyres_view = _uses_anyres(cfg, media, images_in_sample)
-    return len(_image_taps(cfg, media, 0, anyres_view, num_taps(cfg))[0])
+    return media_layout(cfg, media, images_in_sample).num_tokens
 
 
 def _copy(indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,29 +183,23 @@ def _with_newlines(taps, weights) -> tuple[np.ndarray, np.ndarray]:
     return taps, weights
 
 
-def _image_taps(cfg, media, first_view, anyres_view, k):
+def _image_taps(cfg: LlavaConfig, layout: MediaLayout, first_view: int, k: int):
     p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
     base = _copy(1 + first_view * p + np.arange(p), k)
-    if not anyres_view:
+    if layout.anyres is None:
         if not cfg.has_image_newline:
             return base
         nl = _copy(np.array([NEWLINE]), k)
         return np.concatenate([base[0], nl[0]]), np.concatenate([base[1], nl[1]])
-    if p != g * g:
-        raise ValueError(
-            f"AnyRes needs {g}x{g} tokens per view, but feature selection leaves {p}; "
-            "check vision_feature_select_strategy"
-        )
-    layout = _layout(cfg, media.image_hw)
-    rows, cols = layout.grid
+    rows, cols = layout.anyres.grid
     # The crops tile a (rows*g, cols*g) grid; entry (y, x) is token (y%g, x%g) of crop
     # (y//g, x//g), which is view 1 + crop index.
     y, x = np.meshgrid(np.arange(rows * g), np.arange(cols * g), indexing="ij")
     grid = 1 + (first_view + 1 + (y // g) * cols + (x // g)) * p + (y % g) * g + (x % g)
-    top, bottom, left, right = layout.unpad
+    top, bottom, left, right = layout.anyres.unpad
     grid = grid[top:bottom, left:right]
-    if layout.target_hw is not None:
-        taps, weights = _bilinear(grid, layout.target_hw)
+    if layout.anyres.target_hw is not None:
+        taps, weights = _bilinear(grid, layout.anyres.target_hw)
     else:
         taps, weights = _copy(grid.reshape(-1), k)
         taps, weights = taps.reshape(*grid.shape, k), weights.reshape(*grid.shape, k)
@@ -169,11 +207,11 @@ def _image_taps(cfg, media, first_view, anyres_view, k):
     return np.concatenate([base[0], taps]), np.concatenate([base[1], weights])
 
 
-def _video_taps(cfg, media, first_view, k):
+def _video_taps(cfg: LlavaConfig, layout: MediaLayout, first_view: int, k: int):
     p, g = cfg.tokens_per_view, cfg.vision.patches_per_side
     pooled = anyres.pooled_tokens_per_side(g)
     parts = []
-    for f in range(media.num_frames):
+    for f in range(layout.num_views):
         grid = 1 + (first_view + f) * p + np.arange(g * g).reshape(g, g)
         taps, weights = _bilinear(grid, (pooled, pooled))
         parts.append((taps.reshape(-1, 4), weights.reshape(-1, 4)))
@@ -181,25 +219,39 @@ def _video_taps(cfg, media, first_view, k):
     return np.concatenate([t for t, _ in parts]), np.concatenate([w for _, w in parts])
 
 
-def sample_plan(cfg: LlavaConfig, media: Sequence[Media], max_views: int | None = None):
-    """Taps for one sample: (taps int[I, K], weights float64[I, K], image tokens, video tokens)."""
+def sample_plan(
+    cfg: LlavaConfig,
+    media: Sequence[Media],
+    max_views: int | None = None,
+    layouts: Sequence[MediaLayout] | None = None,
+):
+    """Taps for one sample: (taps int[I, K], weights float64[I, K], image tokens, video tokens).
+
+    Args:
+      cfg: the model config.
+      media: the sample's media in order of appearance.
+      max_views: the most views the sample may take, checked if given.
+      layouts: `media_layouts(cfg, media)` when the caller has them already.
+    """
     if any(m.kind == "video" for m in media) and cfg.family != Family.LLAVA_ONEVISION:
         raise ValueError(f"family {cfg.family} has no video support")
+    layouts = media_layouts(cfg, media) if layouts is None else layouts
     k = num_taps(cfg)
-    n_images = sum(m.kind == "image" for m in media)
-    ordered = [m for m in media if m.kind == "image"] + [m for m in media if m.kind == "video"]
-    views = [num_views(cfg, m, n_images) for m in ordered]
-    if max_views is not None and sum(views) > max_views:
-        raise ValueError(f"sample needs {sum(views)} views but max_views is {max_views}")
+    # All image tokens first, then all video tokens (as HF fills them).
+    ordered = [lo for lo in layouts if lo.media.kind == "image"]
+    ordered += [lo for lo in layouts if lo.media.kind == "video"]
+    views = sum(lo.num_views for lo in ordered)
+    if max_views is not None and views > max_views:
+        raise ValueError(f"sample needs {views} views but max_views is {max_views}")
     parts, counts, first = [], {"image": 0, "video": 0}, 0
-    for m, n in zip(ordered, views, strict=True):
-        if m.kind == "image":
-            part = _image_taps(cfg, m, first, _uses_anyres(cfg, m, n_images), k)
-        else:
-            part = _video_taps(cfg, m, first, k)
+    for layout in ordered:
+        taps_of = _image_taps if layout.media.kind == "image" else _video_taps
+        part = taps_of(cfg, layout, first, k)
+        if len(part[0]) != layout.num_tokens:  # the layout's arithmetic and the taps disagree
+            raise RuntimeError(f"{layout.media}: {len(part[0])} taps, {layout.num_tokens} tokens")
         parts.append(part)
-        counts[m.kind] += len(part[0])
-        first += n
+        counts[layout.media.kind] += layout.num_tokens
+        first += layout.num_views
     if not parts:
         return np.zeros((0, k), np.int64), np.zeros((0, k)), 0, 0
     taps = np.concatenate([t for t, _ in parts])
@@ -221,7 +273,11 @@ def build_feature_plan(
       max_views: the V of the pixel_values array float[B, V, S, S, C], checked if given.
       max_tokens: the I to pad to; defaults to the batch maximum.
     """
-    plans = [sample_plan(cfg, media, max_views) for media in batch_media]
+    layouts = [media_layouts(cfg, media) for media in batch_media]
+    plans = [
+        sample_plan(cfg, media, max_views, lo)
+        for media, lo in zip(batch_media, layouts, strict=True)
+    ]
     longest = max([len(t) for t, *_ in plans] + [1])
     max_tokens = longest if max_tokens is None else max_tokens
     if longest > max_tokens:
@@ -231,16 +287,12 @@ def build_feature_plan(
     weights = np.zeros((len(plans), max_tokens, k), np.float32)
     for b, (t, w, *_) in enumerate(plans):
         taps[b, : len(t)], weights[b, : len(t)] = t, w
-    n_images = [sum(m.kind == "image" for m in media) for media in batch_media]
     return FeaturePlan(
         taps=taps,
         weights=weights,
         num_image_tokens=tuple(p[2] for p in plans),
         num_video_tokens=tuple(p[3] for p in plans),
-        num_views=tuple(
-            sum(num_views(cfg, m, n) for m in media)
-            for media, n in zip(batch_media, n_images, strict=True)
-        ),
+        num_views=tuple(sum(lo.num_views for lo in sample) for sample in layouts),
     )
 
 
