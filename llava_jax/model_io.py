@@ -80,15 +80,19 @@ def save_model_dir(
     return out
 
 
-def _remove_tree(path: Path, tries: int = 50) -> None:
+def _remove_tree(path: Path, tries: int = 50, settle: int = 5) -> None:
     """Removes a failed write's folder. After a write error, TensorStore's threads may still
-    be finishing other files in it, so one `rmtree` can meet a folder that is not empty yet."""
+    be finishing other files in it: one `rmtree` can meet a folder that is not empty yet, and
+    a file written after it re-creates the folder. So the folder must stay absent for
+    `settle` checks 0.1 s apart."""
+    absent = 0
     for _ in range(tries):
         shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
+        absent = absent + 1 if not path.exists() else 0
+        if absent >= settle:
             return
         time.sleep(0.1)
-    shutil.rmtree(path)  # still there: say why
+    shutil.rmtree(path, ignore_errors=not path.exists())  # still there: say why
 
 
 def _save_remote_model_dir(
