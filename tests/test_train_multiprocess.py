@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from train_helpers import run_losses
 
 from llava_jax.sharding import make_mesh
@@ -23,6 +24,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Slow (about 50 s): test_train_loop.py::test_two_processes_train_like_one checks the same
+# property through the whole `llava-jax train` loop in the default run.
+@pytest.mark.slow
 def test_two_processes_match_one_process_of_8_devices(tmp_path):
     port = _free_port()
     env = {

@@ -221,7 +221,10 @@ def test_bfloat16_compute_and_params(one_device):
     assert float(metrics["nonfinite"]) == 0.0 and 3.0 < float(metrics["loss"]) < 6.0
 
 
-@pytest.mark.parametrize("tied, scan_layers", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize(
+    "tied, scan_layers",
+    [(False, True), (True, True), pytest.param(False, False, marks=pytest.mark.slow)],
+)  # unrolled: slow (17 s); the unrolled loss is also compared in test_cross_entropy.py
 def test_chunked_loss_equals_the_whole_logits(tied, scan_layers):
     """Chunks of 5 over 16 positions (the last one padded): same CE, argmax and gradients,
     in a loop or unrolled."""
