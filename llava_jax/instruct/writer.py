@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_jax.eval.task import drop_partial_line
 from llava_jax.instruct.coco import ImageContext, context_text
 from llava_jax.instruct.prompts import DETAIL_INSTRUCTIONS, EXAMPLES, SYSTEM_MESSAGES
 
@@ -150,14 +151,7 @@ def to_record(image: ImageContext, response_type: str, reply: str, seed: int) ->
 
 def done_ids(path: Path) -> set[str]:
     """Ids already written; a last line cut short by an interruption is removed."""
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
+    data = drop_partial_line(path)
     ids = set()
     for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if line.strip():
