@@ -23,9 +23,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax  # noqa: E402
+from llava_jax.conversion.source import load_model  # noqa: E402
 from llava_jax.inference.generator import Generator, Prompt, SamplingConfig  # noqa: E402
 from llava_jax.media.feature_plan import Media, build_feature_plan  # noqa: E402
-from llava_jax.model_io import load_model  # noqa: E402
 
 IMAGE_TOKEN = 32000
 

@@ -29,8 +29,7 @@ from etils import epath
 from llava_jax import paths
 from llava_jax.config import LlavaConfig
 from llava_jax.errors import CheckpointError
-from llava_jax.models.build import abstract_params, default_sharding, model_from_params
-from llava_jax.models.llava import LlavaModel
+from llava_jax.models.build import abstract_params, default_sharding
 from llava_jax.param_paths import flat_to_nested, nested_to_flat
 
 CONFIG_FILE = "llava_config.json"
@@ -240,15 +239,6 @@ def check_finite(params: Mapping[str, Any], where: str | os.PathLike) -> None:
 @jax.jit
 def _count_nonfinite(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32) for k, v in params.items()}
-
-
-def load_model(model_dir: str | os.PathLike, **overrides: Any) -> LlavaModel:
-    """A ready `LlavaModel` from a model directory; `overrides` set config fields or run
-    settings (`dtype`, `scan_layers`, ...). The parameters keep the dtype they were stored
-    in unless `param_dtype` is given."""
-    cfg = load_config(model_dir).with_fields(**overrides)
-    params = load_params(model_dir, cfg, dtype=overrides.get("param_dtype"))
-    return model_from_params(cfg, params)
 
 
 # An adapter dir (`llava-jax export` of a LoRA run without --merge): the run's trained

@@ -31,6 +31,7 @@ from llava_jax.conversion.hf_config import ConfigError
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 from llava_jax.conversion.original_config import from_original_config, grid_pinpoints
 from llava_jax.conversion.original_to_jax import add_media_tokens
+from llava_jax.conversion.source import load_model
 from llava_jax.conversion.tensor_io import CheckpointWriter
 from llava_jax.data import templates
 from llava_jax.data.masking import tokenizer_image_token
@@ -40,7 +41,7 @@ from llava_jax.inference.generator import Generator, SamplingConfig
 from llava_jax.inference.pipeline import Pipeline
 from llava_jax.media import anyres
 from llava_jax.media.feature_plan import Media, num_tokens
-from llava_jax.model_io import load_model, load_params
+from llava_jax.model_io import load_params
 
 # The released configs' fields (liuhaotian/llava-v1.6-vicuna-7b and
 # lmms-lab/llava-onevision-qwen2-7b-ov config.json on the Hugging Face hub).

@@ -11,9 +11,9 @@ import torch
 from flax import nnx
 
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+from llava_jax.conversion.source import load_model
 from llava_jax.inference.generator import Generator, Prompt, SamplingConfig, bucket
 from llava_jax.media.feature_plan import Media, build_feature_plan
-from llava_jax.model_io import load_model
 from llava_jax.nn.attention_kernels import AttentionImpl, FusedAttention
 from llava_jax.sharding import make_mesh, shard_model
 

@@ -11,6 +11,7 @@ import transformers
 from llava_jax import model_io
 from llava_jax.checks import tiny_hf
 from llava_jax.cli.main import main
+from llava_jax.conversion import source
 from llava_jax.conversion.init_model import load_projector
 from llava_jax.conversion.mapping import rule_for
 from llava_jax.train.config_loader import CONNECTOR, load_config
@@ -200,7 +201,7 @@ def test_connector_init(initialised):
 
 def test_text_only_logits_match_the_llm(initialised):
     _, _, llm, tmp_path = initialised
-    model = model_io.load_model(tmp_path / "out")
+    model = source.load_model(tmp_path / "out")
     ids = np.array([[1, 5, 17, 42, 98, 3, 8]])
     got = np.asarray(model(ids).logits)
     with torch.no_grad():

@@ -15,8 +15,8 @@ from test_parity import assert_close
 
 from llava_jax.config import PRESETS, LlavaConfig, RematPolicy
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+from llava_jax.conversion.source import load_model
 from llava_jax.media.feature_plan import Media, build_feature_plan
-from llava_jax.model_io import load_model
 from llava_jax.models.build import abstract_model, abstract_params
 from llava_jax.models.llm import KVCache
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+from llava_jax.conversion.source import load_model
 from llava_jax.media.feature_plan import Media, build_feature_plan, check_placeholders
-from llava_jax.model_io import load_model
 
 ATOL = 1e-4
 IMG, VID = hf_tiny.IMAGE_TOKEN, hf_tiny.VIDEO_TOKEN

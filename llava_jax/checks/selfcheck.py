@@ -54,13 +54,13 @@ def check_family(family: str, workdir: str | os.PathLike) -> CheckResult:
 
     from llava_jax.checks import tiny_hf
     from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
+    from llava_jax.conversion.source import load_model
     from llava_jax.media.feature_plan import (
         Media,
         build_feature_plan,
         check_placeholders,
         num_views,
     )
-    from llava_jax.model_io import load_model
     from llava_jax.models.build import model_params
 
     start = time.perf_counter()
