@@ -25,13 +25,13 @@ from llava_jax.conversion.hf_config import ConfigError
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
 from llava_jax.conversion.mapping import canonical_key
+from llava_jax.conversion.source import load_model
 from llava_jax.conversion.tensor_io import CheckpointReader, CheckpointWriter
 from llava_jax.errors import CheckpointError
 from llava_jax.model_io import (
     CONFIG_FILE,
     PARAMS_DIR,
     load_config,
-    load_model,
     load_params,
     save_model_dir,
 )
