@@ -48,3 +48,22 @@ def serve(pipeline):
     yield start
     for server in servers.values():
         server.close()
+
+
+# -- the tpu_scripts tests' sandbox (test_tpu_scripts_*.py) -----------------------------------
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A working directory with a config file, a HOME, and a guard `gcloud` on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "gcloud-calls"
+    guard = bin_dir / "gcloud"
+    guard.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexit 97\n')
+    guard.chmod(0o755)
+    (tmp_path / "home").mkdir()
+    work = tmp_path / "work"
+    (work / "configs").mkdir(parents=True)
+    (work / "configs" / "exp.py").write_text("def get_config(arg=None):\n    return None\n")
+    return tmp_path
