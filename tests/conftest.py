@@ -67,3 +67,22 @@ def sandbox(tmp_path):
     (work / "configs").mkdir(parents=True)
     (work / "configs" / "exp.py").write_text("def get_config(arg=None):\n    return None\n")
     return tmp_path
+
+
+# -- the conversion tests' tiny models (test_convert_*.py) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def case(tmp_path_factory):
+    """case(name) -> a `convert_helpers.Case`: built (saved, converted, exported) once a session,
+    shared by the round-trip and refusal tests."""
+    from convert_helpers import Case
+
+    built: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in built:
+            built[name] = Case(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
