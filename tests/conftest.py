@@ -86,3 +86,22 @@ def case(tmp_path_factory):
         return built[name]
 
     return get
+
+
+# -- the original-checkpoint tests' models (test_convert_original_*.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """converted(name) -> a `convert_original_helpers.Converted`: written in the original layout
+    and converted by both routes once a session, shared by the parity and refusal tests."""
+    from convert_original_helpers import Converted
+
+    built: dict[str, Converted] = {}
+
+    def get(name: str) -> Converted:
+        if name not in built:
+            built[name] = Converted(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
