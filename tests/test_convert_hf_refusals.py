@@ -11,14 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from convert_helpers import (
-    Case,
-    _truncate,
-    legacy_spelling,
-    raises_one_line,
-    spelled,
-    write_hf_dir,
-)
+from convert_helpers import Case, _truncate, legacy_spelling, raises_one_line, spelled, write_hf_dir
 
 from llava_jax.conversion.hf_config import ConfigError
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax

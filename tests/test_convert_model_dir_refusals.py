@@ -11,24 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from convert_helpers import (
-    Case,
-    _truncate,
-    assert_same_tensors,
-    raises_one_line,
-)
+from convert_helpers import Case, _truncate, assert_same_tensors, raises_one_line
 
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
 from llava_jax.conversion.source import load_model
 from llava_jax.errors import CheckpointError
-from llava_jax.model_io import (
-    CONFIG_FILE,
-    PARAMS_DIR,
-    load_config,
-    load_params,
-    save_model_dir,
-)
+from llava_jax.model_io import CONFIG_FILE, PARAMS_DIR, load_config, load_params, save_model_dir
 
 # -- output directories ------------------------------------------------------------------
 

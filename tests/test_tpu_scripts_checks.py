@@ -11,17 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tpu_scripts_helpers import (
-    NAMES,
-    PROJECT,
-    REPO,
-    SCRIPTS,
-    SETTINGS,
-    TPU,
-    TRAIN,
-    ZONE,
-    run,
-)
+from tpu_scripts_helpers import NAMES, PROJECT, REPO, SCRIPTS, SETTINGS, TPU, TRAIN, ZONE, run
 
 # --- errors -----------------------------------------------------------------------------
 

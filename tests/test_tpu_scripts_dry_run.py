@@ -8,16 +8,7 @@ fails (tests/tpu_scripts_helpers.py runs the scripts).
 from __future__ import annotations
 
 import pytest
-from tpu_scripts_helpers import (
-    PROJECT,
-    SETTINGS,
-    TPU,
-    TRAIN,
-    WHERE,
-    ZONE,
-    dry_run,
-    remote,
-)
+from tpu_scripts_helpers import PROJECT, SETTINGS, TPU, TRAIN, WHERE, ZONE, dry_run, remote
 
 # --- create -----------------------------------------------------------------------------
 

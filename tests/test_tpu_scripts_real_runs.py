@@ -16,13 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tpu_scripts_helpers import (
-    SETTINGS,
-    TRAIN,
-    dry_run,
-    remote,
-    run,
-)
+from tpu_scripts_helpers import SETTINGS, TRAIN, dry_run, remote, run
 
 
 def answering_gcloud(sandbox: Path, *answers: str) -> None:
