@@ -6,19 +6,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-# -- the serving tests' model and servers (test_serve.py, test_serve_errors.py) ---------------
+# -- the serving tests' model and servers (test_serve*.py) -------------------------------------
 
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+# The model and its pipeline (its compiled programs) are built once a session: building and
+# compiling them is most of a serving test module's time.
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     from serve_helpers import build_model_dir
 
     return build_model_dir(tmp_path_factory.mktemp("serve"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pipeline(model_dir):
     from serve_helpers import TEMPLATE
 
