@@ -214,3 +214,21 @@ def test_onevision_video_processor_is_read_and_must_match_the_images(tmp_path, w
     save({**OV_VIDEO, "image_mean": [0.48145466, 0.4578275, 0.40821073]})
     with pytest.raises(ValueError, match=r"video processor differs .* \['image_mean'\]"):
         ImageProcessorConfig.from_pretrained(tmp_path, model)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_a_prompt_works_out_each_images_anyres_geometry_once(tmp_path, monkeypatch, family):
+    """`Pipeline.prompt` computes each image's layout once and the `Prompt` carries it to the
+    generator's feature plan: the canvas is chosen once per image, not three times (pixels,
+    token count, feature plan)."""
+    from llava_jax.media import anyres
+
+    _save(tmp_path, family)
+    pipeline = Pipeline.load(tmp_path, raw=True, echo=lambda _: None)
+    calls = []
+    choose = anyres.select_best_resolution
+    monkeypatch.setattr(anyres, "select_best_resolution", lambda *a: calls.append(a) or choose(*a))
+    prompt = pipeline.prompt(PROMPT, [_image(60, 90)])
+    pipeline.generator.generate([prompt], pipeline.stop_config(max_new_tokens=2))
+    assert len(calls) == 1
+    assert [lo.media for lo in prompt.layouts] == list(prompt.media)

@@ -251,7 +251,7 @@ def _prompt_tokens(pipeline, line: Line, args: argparse.Namespace) -> int:
     if line.video is not None:
         media.append(Media.video(_video_frames(line, args)))
     try:
-        ids, _ = pipeline.tokenize(_messages(line, args.raw), media)
+        ids = pipeline.tokenize(_messages(line, args.raw), media).input_ids
     except ValueError as e:
         raise CommandError(f"{line.where}{e}") from None
     return len(ids)

@@ -187,6 +187,7 @@ def tokenize_prompt(
     media: Sequence[Media],
     cfg: LlavaConfig,
     add_special_tokens: bool | None = None,
+    layouts: Sequence[MediaLayout] | None = None,
 ) -> np.ndarray:
     """Token ids of a prompt, each placeholder expanded to its media item's token count.
 
@@ -197,11 +198,12 @@ def tokenize_prompt(
       cfg: the model config (token ids, feature layout).
       add_special_tokens: default: as the processors do (BOS unless the text starts with it);
         ignored for `Convention.ORIGINAL` models, which take `tokenizer_image_token`'s ids.
+      layouts: `feature_plan.media_layouts(cfg, media)` when the caller has them.
 
     Returns:
       int32[L] ids with `media_token_counts(cfg, media)` image/video ids per placeholder.
     """
-    found, counts, tokens = _prepare(tokenizer, text, media, cfg)
+    found, counts, tokens = _prepare(tokenizer, text, media, cfg, layouts)
     if cfg.convention == Convention.ORIGINAL:
         # Models of the original repositories were trained, and are run there, on the ids of
         # `tokenizer_image_token`; imported here since masking builds on this module.

@@ -28,7 +28,7 @@ def prompt_length(pipeline: Any, sample: Sample, sizes: dict | None = None) -> i
         if key not in sizes:
             sizes[key] = image_hw(ref)
         media.append(Media.image(*sizes[key]))
-    ids, _ = pipeline.tokenize([{"role": "user", "content": sample.text}], media)
+    ids = pipeline.tokenize([{"role": "user", "content": sample.text}], media).input_ids
     return len(ids)
 
 

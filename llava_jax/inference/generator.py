@@ -27,7 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.media.feature_plan import Media, build_feature_plan, check_placeholders
+from llava_jax.media.feature_plan import (
+    Media,
+    MediaLayout,
+    build_feature_plan,
+    check_placeholders,
+)
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.llm import KVCache
 from llava_jax.nn.attention_kernels import FusedAttention, attention_kernel
@@ -70,11 +75,14 @@ class Prompt:
       views: float32[V, S, S, 3] all views of the prompt's media, images first then videos
         (None for text only).
       media: the media items in order of appearance.
+      layouts: the media's `feature_plan.media_layouts`, worked out once when the prompt was
+        tokenized (None: worked out when the prompt is batched).
     """
 
     input_ids: np.ndarray
     views: np.ndarray | None = None
     media: tuple[Media, ...] = ()
+    layouts: tuple[MediaLayout, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -218,7 +226,8 @@ class Generator:
             ids[row, t - n :], segment[row, t - n :] = p.input_ids, 1
         positions = np.maximum(np.cumsum(segment, axis=1) - 1, 0).astype(np.int32)
         pixels = taps = weights = None
-        plan = build_feature_plan(self.cfg, [p.media for p in prompts])
+        media, layouts = [p.media for p in prompts], [p.layouts for p in prompts]
+        plan = build_feature_plan(self.cfg, media, batch_layouts=layouts)
         check_placeholders(self.cfg, ids, plan)
         if any(p.media for p in prompts):
             size = self.cfg.vision.image_size

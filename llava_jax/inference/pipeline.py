@@ -22,7 +22,7 @@ from llava_jax.conversion import source
 from llava_jax.data import prompt, templates
 from llava_jax.errors import CheckpointError
 from llava_jax.inference.generator import Generator, Prompt, SamplingConfig
-from llava_jax.media import image_processing, video
+from llava_jax.media import feature_plan, image_processing, video
 from llava_jax.media.feature_plan import Media
 from llava_jax.media.processor_config import ImageProcessorConfig
 from llava_jax.models.llava import LlavaModel
@@ -103,21 +103,23 @@ class Pipeline:
           videos: decoded frames uint8[F, H, W, 3], one per `<video>` placeholder.
         """
         pil = [image_processing.load_image(i) if isinstance(i, str | Path) else i for i in images]
+        media = [Media.image(*image_processing.pixels_hw(i)) for i in pil]
+        media += [Media.video(len(v)) for v in videos]
+        text_only = self.tokenize(messages, media)
+        # Images take their placeholders in the order given, so their layouts are in that order.
+        tilings = [lo.anyres for lo in text_only.layouts if lo.media.kind == "image"]
         multi = len(pil) > 1 and self.cfg.family == Family.LLAVA_ONEVISION
-        processed = [image_processing.preprocess_image(i, self.image_config, multi) for i in pil]
-        frames = [video.preprocess_video(v, self.image_config) for v in videos]
-        media = [Media.image(*p.image_hw) for p in processed] + [
-            Media.video(len(v)) for v in frames
+        views = [
+            image_processing.preprocess_image(i, self.image_config, multi, tiling).views
+            for i, tiling in zip(pil, tilings, strict=True)
         ]
-        ids, ordered = self.tokenize(messages, media)
-        views = [p.views for p in processed] + frames
-        return Prompt(ids, np.concatenate(views) if views else None, ordered)
+        views += [video.preprocess_video(v, self.image_config) for v in videos]
+        return dataclasses.replace(text_only, views=np.concatenate(views) if views else None)
 
-    def tokenize(
-        self, messages: Sequence[dict[str, str]] | str, media: Sequence[Media]
-    ) -> tuple[np.ndarray, tuple[Media, ...]]:
-        """A prompt's token ids (media tokens expanded) and its media in text order, from the
-        media's geometry alone: a prompt's length before its pixels are loaded.
+    def tokenize(self, messages: Sequence[dict[str, str]] | str, media: Sequence[Media]) -> Prompt:
+        """The prompt without its pixels: token ids (media tokens expanded), its media in text
+        order and their layouts, from the media's geometry alone (a prompt's length before its
+        pixels are loaded).
 
         Args:
           messages: as `prompt`'s.
@@ -127,8 +129,10 @@ class Pipeline:
             text = messages
         else:
             text = templates.render(self.template, messages, add_generation_prompt=True)
-        ordered = _in_text_order(text, list(media))
-        return prompt.tokenize_prompt(self.tokenizer, text, ordered, self.cfg), tuple(ordered)
+        ordered = tuple(_in_text_order(text, list(media)))
+        layouts = feature_plan.media_layouts(self.cfg, ordered)
+        ids = prompt.tokenize_prompt(self.tokenizer, text, ordered, self.cfg, layouts=layouts)
+        return Prompt(ids, None, ordered, layouts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -264,6 +264,7 @@ def build_feature_plan(
     batch_media: Sequence[Sequence[Media]],
     max_views: int | None = None,
     max_tokens: int | None = None,
+    batch_layouts: Sequence[Sequence[MediaLayout] | None] | None = None,
 ) -> FeaturePlan:
     """The feature plan of a batch, padded to `max_tokens` image tokens per sample.
 
@@ -272,8 +273,17 @@ def build_feature_plan(
       batch_media: per sample, its media in order of appearance.
       max_views: the V of the pixel_values array float[B, V, S, S, C], checked if given.
       max_tokens: the I to pad to; defaults to the batch maximum.
+      batch_layouts: per sample, `media_layouts(cfg, media)` when the caller has them
+        (None for a sample whose layouts are to be worked out here).
     """
-    layouts = [media_layouts(cfg, media) for media in batch_media]
+    given = [None] * len(batch_media) if batch_layouts is None else batch_layouts
+    layouts = [
+        media_layouts(cfg, media) if lo is None else tuple(lo)
+        for media, lo in zip(batch_media, given, strict=True)
+    ]
+    for media, lo in zip(batch_media, layouts, strict=True):
+        if [x.media for x in lo] != list(media):
+            raise ValueError("layouts are not those of the media given")
     plans = [
         sample_plan(cfg, media, max_views, lo)
         for media, lo in zip(batch_media, layouts, strict=True)

@@ -213,13 +213,14 @@ def _as_rgb_image(image: Image.Image | np.ndarray, convert: bool) -> Image.Image
     return image
 
 
-def _hw(image: Image.Image | np.ndarray) -> HW:
+def pixels_hw(image: Image.Image | np.ndarray) -> HW:
+    """(height, width) of a PIL image or an array [H, W(, C)]."""
     return (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
 
 
 def _resize(image: Image.Image | np.ndarray, hw: HW, resample: int) -> Image.Image | np.ndarray:
     """PIL resize on uint8, as HF's PIL backend does; a same-size resize is PIL's identity."""
-    if _hw(image) == tuple(hw):
+    if pixels_hw(image) == tuple(hw):
         return image
     _check_pixels(hw, "resizing")
     if isinstance(image, np.ndarray):
@@ -255,7 +256,7 @@ def _center_crop(arr: np.ndarray, hw: HW) -> np.ndarray:
 def resize_and_crop(image: Image.Image | np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
     """HF's per-view tail: resize to `size` (or the shortest edge), then center crop."""
     if cfg.do_resize:
-        image = _resize(image, cfg.resize_hw(_hw(image)), cfg.resample)
+        image = _resize(image, cfg.resize_hw(pixels_hw(image)), cfg.resample)
     arr = np.asarray(image)
     return _center_crop(arr, cfg.crop_size) if cfg.do_center_crop else arr
 
