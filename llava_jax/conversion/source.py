@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from llava_jax import model_io, paths
 from llava_jax.config import LlavaConfig
@@ -32,6 +33,11 @@ def format_of(path: str | os.PathLike) -> Format:
     """The format of the model at `path`; a one-line `CheckpointError` for anything else."""
     if model_io.is_model_dir(path):
         return Format.LLAVA_JAX
+    if (epath.Path(path) / model_io.PARAMS_DIR).is_dir():
+        raise CheckpointError(
+            f"{path}: has {model_io.PARAMS_DIR}/ but no {model_io.CONFIG_FILE}: an unfinished "
+            "llava-jax model directory (write it again)"
+        )
     if paths.is_url(path):
         raise CheckpointError(
             f"{path}: not a llava-jax model directory (a remote path must be one; an HF "
