@@ -5,6 +5,28 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# One JAX persistent compilation cache for the run, shared by both xdist workers and every
+# CLI subprocess a test starts (they compile the same tiny programs again and again): made by
+# the controlling process before the workers start, removed when the run ends. Entries are
+# keyed by the program, the compile options and the JAX version, so a hit is the same
+# executable; the size cap turns on JAX's file lock, so concurrent writers are safe.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get(
+    "PYTEST_XDIST_WORKER"
+)
+if _OWN_CACHE:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llava-jax-tests-jit-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 # -- the serving tests' model and servers (test_serve*.py) -------------------------------------
 
