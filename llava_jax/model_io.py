@@ -223,12 +223,20 @@ def check_finite(params: Mapping[str, Any], where: str | os.PathLike) -> None:
 
     Damaged bytes in a weights file (same size, so nothing else notices) otherwise load
     silently, and the model answers with empty or garbage text. One fused reduction per
-    tensor on its own devices: a read of the weights, no copy. One program per tensor shape,
-    not one over the whole dict: on CPU that one program held 0.6x the checkpoint more at
-    peak (`benchmarks/convert_memory.py`, BENCHMARKS.md).
+    tensor on its own devices: a read of the weights. One program per group of tensors of up
+    to `_CHECK_GROUP_BYTES`, not one over the whole dict: on CPU a program held about 0.6x its
+    inputs more at peak (`benchmarks/convert_memory.py`, BENCHMARKS.md), and one program per
+    tensor compiles once per shape (twice the time for a tiny model).
     """
     floating = {k: v for k, v in params.items() if jnp.issubdtype(v.dtype, jnp.floating)}
-    counts = jax.device_get({k: _count_nonfinite(v) for k, v in floating.items()})
+    groups, size = [{}], 0
+    for k, v in floating.items():
+        if groups[-1] and size + v.nbytes > _CHECK_GROUP_BYTES:
+            groups, size = [*groups, {}], 0
+        groups[-1][k], size = v, size + v.nbytes
+    counts = {}
+    for group in groups:
+        counts |= jax.device_get(_count_nonfinite(group))
     bad = sorted(k for k, n in counts.items() if n)
     if bad:
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
@@ -238,9 +246,12 @@ def check_finite(params: Mapping[str, Any], where: str | os.PathLike) -> None:
         )
 
 
+_CHECK_GROUP_BYTES = 256 << 20
+
+
 @jax.jit
-def _count_nonfinite(x: jax.Array) -> jax.Array:
-    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+def _count_nonfinite(params: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32) for k, v in params.items()}
 
 
 # An adapter dir (`llava-jax export` of a LoRA run without --merge): the run's trained
