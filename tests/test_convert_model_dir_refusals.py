@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from convert_helpers import Case, _truncate, assert_same_tensors, raises_one_line
 
+from llava_jax import model_io
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
 from llava_jax.conversion.jax_to_hf import convert_jax_to_hf
 from llava_jax.conversion.source import load_model
@@ -115,7 +116,10 @@ def test_damaged_weights_in_a_model_dir_are_refused(case, tmp_path):
     raises_one_line(CheckpointError, match, load_model, d)
 
 
-def test_non_finite_parameter_is_named(case, tmp_path):
+@pytest.mark.parametrize("group_bytes", [256 << 20, 1], ids=["one-group", "a-group-per-tensor"])
+def test_non_finite_parameter_is_named(case, tmp_path, monkeypatch, group_bytes):
+    """The check runs over groups of tensors (bounded memory); every group is checked."""
+    monkeypatch.setattr(model_io, "_CHECK_GROUP_BYTES", group_bytes)
     c = case("llava")
     params = dict(c.params)
     name = "multi_modal_projector/linear_2/kernel"
