@@ -60,11 +60,7 @@ def media_token_counts(
     the caller has them), so the text always has the positions the model fills (for
     OneVision, a sample with several images is multi-image: one view each).
     """
-    if layouts is None:
-        layouts = feature_plan.media_layouts(cfg, media)
-    elif [layout.media for layout in layouts] != list(media):
-        raise ValueError("layouts are not those of the media given")
-    return [layout.num_tokens for layout in layouts]
+    return [layout.num_tokens for layout in feature_plan.given_layouts(cfg, media, layouts)]
 
 
 def _plural(n: int, word: str) -> str:

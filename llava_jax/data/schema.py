@@ -129,7 +129,7 @@ class Example:
         Raises:
           ValueError: the token or view counts disagree with the media (a transform bug).
         """
-        layouts = feature_plan.media_layouts(cfg, media) if layouts is None else layouts
+        layouts = feature_plan.given_layouts(cfg, media, layouts)
         taps, weights, n_image, n_video = feature_plan.sample_plan(cfg, media, None, layouts)
         ids = np.asarray(input_ids)
         found_image = int((ids == cfg.image_token_id).sum())

@@ -143,6 +143,18 @@ def media_layouts(cfg: LlavaConfig, media: Sequence[Media]) -> tuple[MediaLayout
     return tuple(media_layout(cfg, m, n_images) for m in media)
 
 
+def given_layouts(
+    cfg: LlavaConfig, media: Sequence[Media], layouts: Sequence[MediaLayout] | None
+) -> tuple[MediaLayout, ...]:
+    """`layouts` when a caller worked them out already (checked to be `media`'s), else
+    `media_layouts(cfg, media)`: the one place an optional `layouts` argument resolves."""
+    if layouts is None:
+        return media_layouts(cfg, media)
+    if [layout.media for layout in layouts] != list(media):
+        raise ValueError("layouts are not those of the media given")
+    return tuple(layouts)
+
+
 def num_views(cfg: LlavaConfig, media: Media, images_in_sample: int = 1) -> int:
     """How many views (crops or frames) the preprocessor produces for `media`."""
     return media_layout(cfg, media, images_in_sample).num_views
@@ -235,7 +247,7 @@ def sample_plan(
     """
     if any(m.kind == "video" for m in media) and cfg.family != Family.LLAVA_ONEVISION:
         raise ValueError(f"family {cfg.family} has no video support")
-    layouts = media_layouts(cfg, media) if layouts is None else layouts
+    layouts = given_layouts(cfg, media, layouts)
     k = num_taps(cfg)
     # All image tokens first, then all video tokens (as HF fills them).
     ordered = [lo for lo in layouts if lo.media.kind == "image"]
@@ -277,13 +289,7 @@ def build_feature_plan(
         (None for a sample whose layouts are to be worked out here).
     """
     given = [None] * len(batch_media) if batch_layouts is None else batch_layouts
-    layouts = [
-        media_layouts(cfg, media) if lo is None else tuple(lo)
-        for media, lo in zip(batch_media, given, strict=True)
-    ]
-    for media, lo in zip(batch_media, layouts, strict=True):
-        if [x.media for x in lo] != list(media):
-            raise ValueError("layouts are not those of the media given")
+    layouts = [given_layouts(cfg, media, lo) for media, lo in zip(batch_media, given, strict=True)]
     plans = [
         sample_plan(cfg, media, max_views, lo)
         for media, lo in zip(batch_media, layouts, strict=True)
