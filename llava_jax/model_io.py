@@ -229,13 +229,8 @@ def check_finite(params: Mapping[str, Any], where: str | os.PathLike) -> None:
     tensor compiles once per shape (twice the time for a tiny model).
     """
     floating = {k: v for k, v in params.items() if jnp.issubdtype(v.dtype, jnp.floating)}
-    groups, size = [{}], 0
-    for k, v in floating.items():
-        if groups[-1] and size + v.nbytes > _CHECK_GROUP_BYTES:
-            groups, size = [*groups, {}], 0
-        groups[-1][k], size = v, size + v.nbytes
     counts = {}
-    for group in groups:
+    for group in _groups(floating, _CHECK_GROUP_BYTES):
         counts |= jax.device_get(_count_nonfinite(group))
     bad = sorted(k for k, n in counts.items() if n)
     if bad:
@@ -247,6 +242,19 @@ def check_finite(params: Mapping[str, Any], where: str | os.PathLike) -> None:
 
 
 _CHECK_GROUP_BYTES = 256 << 20
+
+
+def _groups(arrays: Mapping[str, Any], limit: int):
+    """`arrays` in order, as dicts of at most `limit` bytes (an array over it alone)."""
+    group, size = {}, 0
+    for k, v in arrays.items():
+        if group and size + v.nbytes > limit:
+            yield group
+            group, size = {}, 0
+        group[k] = v
+        size += v.nbytes
+    if group:
+        yield group
 
 
 @jax.jit
