@@ -93,7 +93,19 @@ def sandbox(tmp_path):
     return tmp_path
 
 
-# -- the conversion tests' tiny models (test_convert_*.py) -------------------------------------
+# -- the conversion tests' tiny models (test_convert_*.py, test_convert_original_*.py) ---------
+
+
+def _once_per_name(tmp_path_factory, build):
+    """get(name) -> build(name, a fresh folder), built on the first call for that name."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -102,17 +114,7 @@ def case(tmp_path_factory):
     shared by the round-trip and refusal tests."""
     from convert_helpers import Case
 
-    built: dict[str, Case] = {}
-
-    def get(name: str) -> Case:
-        if name not in built:
-            built[name] = Case(name, tmp_path_factory.mktemp(name))
-        return built[name]
-
-    return get
-
-
-# -- the original-checkpoint tests' models (test_convert_original_*.py) ------------------------
+    return _once_per_name(tmp_path_factory, Case)
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +123,4 @@ def converted(tmp_path_factory):
     and converted by both routes once a session, shared by the parity and refusal tests."""
     from convert_original_helpers import Converted
 
-    built: dict[str, Converted] = {}
-
-    def get(name: str) -> Converted:
-        if name not in built:
-            built[name] = Converted(name, tmp_path_factory.mktemp(name))
-        return built[name]
-
-    return get
+    return _once_per_name(tmp_path_factory, Converted)

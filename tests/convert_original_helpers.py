@@ -18,6 +18,7 @@ from pathlib import Path
 import hf_tiny
 import pytest
 import torch
+from convert_helpers import original_spelling
 
 from llava_jax.checks.tiny_tokenizer import build_tiny_tokenizer
 from llava_jax.conversion.hf_to_jax import convert_hf_to_jax
@@ -34,20 +35,6 @@ CASES = {
     ),
     "onevision": (hf_tiny.llava_onevision, "LlavaQwenForCausalLM", "qwen_1_5"),
 }
-
-
-def original_key(key: str) -> str:
-    """transformers-5 module path -> the original repositories' state-dict key."""
-    for old, new in [
-        ("model.language_model.", "model."),
-        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    ]:
-        if key.startswith(old):
-            return new + key[len(old) :]
-    assert key in ("lm_head.weight", "model.image_newline"), key
-    return key
 
 
 def original_config(model, arch: str) -> dict:
@@ -95,7 +82,7 @@ def write_original(model, arch: str, root: Path, pickle: bool = False) -> tuple[
     build_tiny_tokenizer().save_pretrained(src)
     tied = model.config.tie_word_embeddings
     tensors = {
-        original_key(k): v.detach().numpy()
+        original_spelling(k): v.detach().numpy()
         for k, v in model.state_dict().items()
         if not (tied and k == "lm_head.weight")
     }

@@ -13,7 +13,8 @@ import shutil
 
 import numpy as np
 import pytest
-from convert_original_helpers import CASES, original_key
+from convert_helpers import original_spelling
+from convert_original_helpers import CASES
 from PIL import Image
 
 from llava_jax.cli.main import main
@@ -149,7 +150,7 @@ def test_siglip_tower_from_vision_dir(converted, tmp_path):
     with CheckpointWriter(src) as writer:
         for key, value in c.model.state_dict().items():
             if ".vision_tower." not in key and key != "lm_head.weight":  # tied
-                writer.add(original_key(key), value.detach().numpy())
+                writer.add(original_spelling(key), value.detach().numpy())
     convert_hf_to_jax(src, tmp_path / "jax", vision_dir=tmp_path / "tower", conv_mode="qwen_1_5")
     got, want = load_params(tmp_path / "jax"), load_params(c.hf_jax)
     assert sorted(got) == sorted(want)
